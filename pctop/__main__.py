@@ -1,0 +1,3 @@
+from pctop.cli import main
+
+main()

@@ -1,0 +1,65 @@
+"""The `pctop` command line.
+
+Subcommands are loaded lazily (click's documented LazyGroup pattern): the
+top-level group only knows "name -> module:attribute", so `pctop --help`,
+`pctop doctor` and every `--json` path start without importing Textual or
+bcc. Each subcommand module imports what it needs inside its own body.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import click
+
+from pctop import __version__
+
+# name -> (module, attribute, one-line help shown by `pctop --help`)
+SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
+    "doctor": ("pctop.doctor_cli", "doctor", "Check what pctop needs and say how to fix what is missing."),
+}
+
+
+class LazyGroup(click.Group):
+    """A click group that imports a subcommand's module only when it is run."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(set(super().list_commands(ctx)) | set(SUBCOMMANDS))
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in SUBCOMMANDS:
+            module, attr, _ = SUBCOMMANDS[name]
+            return getattr(importlib.import_module(module), attr)
+        return super().get_command(ctx, name)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        # Use the static help text so that `pctop --help` imports nothing.
+        rows = [(name, SUBCOMMANDS[name][2]) for name in sorted(SUBCOMMANDS)]
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+
+@click.group(cls=LazyGroup, invoke_without_command=True,
+             context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="pctop")
+@click.pass_context
+def cli(ctx: click.Context) -> None:
+    """pctop: live view of post-copy migration on Linux/KVM.
+
+    Shows per-vCPU fault rates, userfaultfd queue depth and fault-resolution
+    latency for any VMM, from tracepoint-only eBPF probes and /proc.
+    """
+    if ctx.invoked_subcommand is None:
+        # Bare `pctop` means "watch what is running"; until the TUI exists,
+        # the doctor is the most useful thing to show.
+        default = "monitor" if "monitor" in SUBCOMMANDS else "doctor"
+        ctx.invoke(cli.get_command(ctx, default))
+
+
+def main() -> None:
+    try:
+        cli.main(prog_name="pctop", standalone_mode=True)
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -1,0 +1,174 @@
+"""The one data model every view reads: an immutable, versioned Sample.
+
+Sources produce Readings (pctop.sources.readings); pctop.stats turns them
+into a Sample once per interval; the TUI, the NDJSON writer (--json, record)
+and, later, the Prometheus exporter render Samples; replay reads them back.
+Field names here are the NDJSON/record names, documented in docs/schema.md.
+Bump SCHEMA_VERSION on any incompatible change.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+SCHEMA_VERSION = 1
+HIST_BUCKETS = 24  # log2 us buckets, [2^N, 2^(N+1)), as QEMU's postcopy-latency-dist
+
+
+@dataclass(frozen=True)
+class StallParts:
+    """Where the stall time of one interval went (sums, ns)."""
+
+    queued_ns: int = 0  # fault -> a handler read its message
+    service_ns: int = 0  # handler read -> page installed, thread woken
+    runq_ns: int = 0  # woken -> running again
+
+
+@dataclass(frozen=True)
+class VcpuSample:
+    """One vCPU (or other faulting thread, vcpu=None) of one target, one interval."""
+
+    vcpu: int | None
+    tid: int
+    name: str = ""
+    identity: str = "unknown"  # how the vCPU index was learned
+    faults: int = 0  # stalled faults in the interval
+    faults_per_s: float = 0.0
+    stall_ns: int = 0
+    stalled_frac: float = 0.0  # share of the interval spent stalled, 0..1
+    p50_us: float | None = None
+    p90_us: float | None = None
+    p99_us: float | None = None
+    max_us: float | None = None
+    hist: tuple[int, ...] = (0,) * HIST_BUCKETS
+    parts: StallParts = StallParts()
+    faults_no_read: int = 0
+    exits: dict[str, int] = field(default_factory=dict)
+    exits_per_s: float = 0.0
+    memory_fault_exits: int = 0
+
+
+@dataclass(frozen=True)
+class UffdSample:
+    """One userfaultfd of one target, one interval."""
+
+    fd: int
+    pending_mean: float = 0.0
+    pending_max: int = 0
+    total_mean: float = 0.0
+    total_max: int = 0
+    msgs_read: int = 0
+    read_calls: int = 0
+    pages_installed: int = 0
+    bytes_installed: int = 0
+    copies: int = 0
+    zeropages: int = 0
+    continues: int = 0
+    wakes: int = 0
+    eexist: int = 0
+    reads_per_s: float = 0.0
+    installs_per_s: float = 0.0
+    bytes_per_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class Migration:
+    """Migration state and progress, when a source knows it (engine, QMP)."""
+
+    source: str
+    state: str
+    pages_total: int | None = None
+    pages_received: int | None = None
+    pages_demand: int | None = None
+    pages_background: int | None = None
+    bandwidth_bps: float | None = None
+    eta_s: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Target:
+    pid: int
+    comm: str
+    vcpus: tuple[VcpuSample, ...] = ()
+    uffds: tuple[UffdSample, ...] = ()
+    handler_cpu_pct: float | None = None
+    migration: Migration | None = None
+
+
+@dataclass(frozen=True)
+class Event:
+    time: float
+    kind: str  # "state", "target-gone", "target-new", "link", "error", "control", ...
+    text: str
+
+
+@dataclass(frozen=True)
+class Sample:
+    time: float  # unix seconds at the end of the interval
+    interval_s: float
+    seq: int
+    probe_tier: str  # "ebpf" | "procfs" | "replay"
+    sources: tuple[str, ...]
+    targets: tuple[Target, ...] = ()
+    events: tuple[Event, ...] = ()
+    type: str = "sample"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Sample":
+        return _build(cls, d)
+
+
+@dataclass(frozen=True)
+class Header:
+    """First line of every NDJSON stream and recording."""
+
+    host: str
+    kernel: str
+    probe_tier: str
+    sources: tuple[str, ...]
+    missing: tuple[str, ...] = ()  # what is unavailable, in words, when degraded
+    started: float = 0.0
+    pctop_version: str = ""
+    schema: int = SCHEMA_VERSION
+    type: str = "header"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Header":
+        return _build(cls, d)
+
+
+# Nested dataclass fields, for rebuilding from JSON.
+_NESTED: dict[tuple[type, str], type] = {
+    (Sample, "targets"): Target,
+    (Sample, "events"): Event,
+    (Target, "vcpus"): VcpuSample,
+    (Target, "uffds"): UffdSample,
+    (Target, "migration"): Migration,
+    (VcpuSample, "parts"): StallParts,
+}
+
+
+def _build(cls: type, d: dict[str, Any]) -> Any:
+    """Rebuild a dataclass from its dict, ignoring unknown keys (newer writers)."""
+    if not isinstance(d, dict):
+        raise ValueError(f"{cls.__name__}: expected an object, got {type(d).__name__}")
+    kwargs: dict[str, Any] = {}
+    for f in fields(cls):
+        if f.name not in d:
+            continue
+        v = d[f.name]
+        sub = _NESTED.get((cls, f.name))
+        if sub is not None and v is not None:
+            v = tuple(_build(sub, x) for x in v) if isinstance(v, list) else _build(sub, v)
+        elif isinstance(v, list):
+            v = tuple(v)
+        kwargs[f.name] = v
+    return cls(**kwargs)
