@@ -1,0 +1,1 @@
+"""The reference engine: a real post-copy migration between two processes."""
