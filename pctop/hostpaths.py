@@ -1,0 +1,34 @@
+"""Where pctop looks for the host's pseudo-filesystems and system folders.
+
+Every /proc, /sys, /dev, /lib/modules and /usr/src path pctop reads goes
+through one HostPaths object (psutil's PROCFS_PATH idea), so tests can point
+a check at a missing or fake tree without mocking anything that exists.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class HostPaths:
+    proc: str = "/proc"
+    sys: str = "/sys"
+    dev: str = "/dev"
+    lib_modules: str = "/lib/modules"
+    usr_src: str = "/usr/src"
+
+    @property
+    def tracefs(self) -> str:
+        return os.path.join(self.sys, "kernel", "tracing")
+
+    @property
+    def debugfs(self) -> str:
+        return os.path.join(self.sys, "kernel", "debug")
+
+    def proc_path(self, *parts: object) -> str:
+        return os.path.join(self.proc, *map(str, parts))
+
+
+DEFAULT = HostPaths(proc=os.environ.get("PCTOP_PROC", "/proc"))

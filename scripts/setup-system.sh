@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Install the system packages pctop needs on Debian 12 / Ubuntu, as root.
+# Idempotent: apt runs only when something is missing, so repeated
+# `make test` / `make demo` stay fast and work offline once set up.
+set -euo pipefail
+
+need=()
+have() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "ok installed"; }
+
+for p in python3 python3-venv python3-pip python3-bpfcc iproute2 gcc libc6-dev; do
+    have "$p" || need+=("$p")
+done
+
+# bcc compiles probes against kernel headers. Prefer the running kernel's
+# own package; otherwise the distribution's generic headers stand in (enough
+# for tracepoint-only programs; `pctop doctor --fix` links them).
+rel=$(uname -r)
+if [ ! -d "/lib/modules/$rel/build/include" ] && ! ls -d /usr/src/linux-headers-*-amd64 /usr/src/linux-headers-*-generic >/dev/null 2>&1; then
+    need+=("HEADERS")
+fi
+
+if [ ${#need[@]} -eq 0 ]; then
+    exit 0
+fi
+if [ "$(id -u)" -ne 0 ]; then
+    echo "setup: missing packages (${need[*]}); run as root or install them with sudo" >&2
+    exit 1
+fi
+echo "setup: installing ${need[*]}" >&2
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+pkgs=()
+for p in "${need[@]}"; do
+    if [ "$p" = HEADERS ]; then
+        for h in "linux-headers-$rel" linux-headers-amd64 linux-headers-generic; do
+            if apt-cache show "$h" >/dev/null 2>&1; then pkgs+=("$h"); break; fi
+        done
+    else
+        pkgs+=("$p")
+    fi
+done
+apt-get install -y -qq --no-install-recommends "${pkgs[@]}" >/dev/null

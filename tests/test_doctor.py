@@ -1,0 +1,152 @@
+"""`pctop doctor`: real checks on this machine, and each failure path made real.
+
+Failure paths point a check at an empty folder (a host without tracefs,
+headers or /dev/kvm) or really drop capabilities with capsh; nothing that
+exists here is mocked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from pctop import doctor as d
+from pctop.hostpaths import HostPaths
+from tests.conftest import ROOT, need_root, run_pctop
+
+
+@pytest.fixture
+def empty_host(tmp_path) -> HostPaths:
+    for sub in ("proc", "sys", "dev", "lib/modules", "usr/src"):
+        (tmp_path / sub).mkdir(parents=True)
+    return HostPaths(proc=str(tmp_path / "proc"), sys=str(tmp_path / "sys"), dev=str(tmp_path / "dev"),
+                     lib_modules=str(tmp_path / "lib/modules"), usr_src=str(tmp_path / "usr/src"))
+
+
+def test_real_host_is_ready_and_exit_zero():
+    need_root()
+    r = run_pctop("doctor", "--fix")
+    assert r.returncode == 0, r.stdout + r.stderr
+    lines = r.stdout.splitlines()
+    for name in ("privilege", "bcc", "kernel headers", "tracefs", "debugfs", "tracepoints", "/dev/kvm",
+                 "userfaultfd syscall"):
+        assert any(line.startswith("OK") and f" {name} " in f" {line} " for line in lines), (name, r.stdout)
+    assert not any(line.startswith("MISSING") for line in lines)
+
+
+def test_json_is_one_valid_object():
+    need_root()
+    r = run_pctop("doctor", "--json")
+    doc = json.loads(r.stdout)
+    assert set(doc) == {"ok", "fixed", "checks"}
+    assert doc["ok"] is (r.returncode == 0)
+    names = {c["name"] for c in doc["checks"]}
+    assert {"kernel", "privilege", "bcc", "tracepoints", "/dev/kvm", "QEMU"} <= names
+    assert all(c["status"] in ("OK", "MISSING", "INFO") for c in doc["checks"])
+
+
+def test_every_required_tracepoint_is_listed_by_name():
+    need_root()
+    from pctop.sources.tracepoints import REQUIRED
+
+    (tp,) = [r for r in d.check_tracepoints() if r.name == "tracepoints"]
+    assert tp.status == "OK"
+    for name in REQUIRED:
+        assert name in tp.detail
+
+
+def test_dropped_capabilities_give_the_fix_and_exit_1():
+    need_root()
+    if not shutil.which("capsh"):
+        pytest.skip("capsh (libcap2-bin) not installed")
+    cmd = f"{sys.executable} -m pctop doctor --json"
+    r = subprocess.run(["capsh", "--drop=cap_bpf,cap_perfmon,cap_sys_admin", "--", "-c", cmd],
+                       capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert r.returncode == 1, r.stdout + r.stderr
+    doc = json.loads(r.stdout)
+    (priv,) = [c for c in doc["checks"] if c["name"] == "privilege"]
+    assert priv["status"] == "MISSING" and priv["failed"]
+    assert "CAP_BPF" in priv["detail"] and "setcap" in priv["fix"]
+
+
+def test_missing_tracefs_and_debugfs(empty_host):
+    t = d.check_tracefs(empty_host)
+    assert t.status == "MISSING" and "mount -t tracefs" in t.fix
+    g = d.check_debugfs(empty_host)
+    assert g.status == "MISSING" and "mount -t debugfs" in g.fix
+    (tp,) = d.check_tracepoints(empty_host)
+    assert tp.status == "MISSING" and tp.failed
+
+
+def test_missing_tracepoint_is_named(empty_host, tmp_path):
+    from pctop.sources.tracepoints import REQUIRED
+
+    events = tmp_path / "sys/kernel/tracing/events"
+    for tp in REQUIRED[1:]:  # all but the first exist
+        cat, name = tp.split(":")
+        (events / cat / name).mkdir(parents=True)
+        (events / cat / name / "id").write_text("1\n")
+    (res, _opt) = d.check_tracepoints(empty_host)
+    assert res.status == "MISSING"
+    assert res.detail == "absent: " + REQUIRED[0]
+
+
+def test_missing_headers_without_any_to_link(empty_host):
+    r = d.check_headers(empty_host)
+    assert r.status == "MISSING" and "apt-get install linux-headers" in r.fix
+    assert any("none under /usr/src" in line for line in d.fix_host(empty_host) if line.startswith("headers"))
+
+
+def test_fallback_headers_are_linked_by_fix(empty_host, tmp_path):
+    build = tmp_path / "usr/src/linux-headers-6.1.0-99-amd64"
+    common = tmp_path / "usr/src/linux-headers-6.1.0-99-common"
+    (build / "include").mkdir(parents=True)
+    common.mkdir()
+    before = d.check_headers(empty_host)
+    assert before.status == "MISSING" and "pctop doctor --fix" in before.fix
+    # fix_host would also try to mount tracefs/debugfs on the empty tree; that is
+    # harmless (it reports failure) but we only assert on the headers part here.
+    actions = d.fix_host(empty_host)
+    rel = platform.release()
+    assert os.readlink(tmp_path / f"lib/modules/{rel}/build") == str(build)
+    assert os.readlink(tmp_path / f"lib/modules/{rel}/source") == str(common)
+    assert any("linked" in a for a in actions)
+    after = d.check_headers(empty_host)
+    assert after.status == "OK" and "fallback" in after.detail
+
+
+def test_missing_kvm_device(empty_host):
+    (r,) = d.check_kvm(empty_host)
+    assert r.status == "MISSING" and r.failed and "modprobe" in r.fix
+
+
+def test_real_kvm_reports_api_and_vendor():
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        pytest.skip("needs /dev/kvm")
+    res = {r.name: r for r in d.check_kvm()}
+    assert res["/dev/kvm"].status == "OK" and "API version 12" in res["/dev/kvm"].detail
+    assert res["KVM userfault"].status == "INFO"
+    assert "KVM_CAP_MEMORY_FAULT_INFO" in res
+
+
+def test_missing_dev_userfaultfd_is_info_when_syscall_works(empty_host):
+    res = {r.name: r for r in d.check_userfaultfd(empty_host)}
+    if res["userfaultfd syscall"].status != "OK":
+        pytest.skip("userfaultfd syscall not usable here")
+    assert res["/dev/userfaultfd"].status == "INFO" and not res["/dev/userfaultfd"].failed
+
+
+def test_bcc_not_on_path_says_where_it_is():
+    if not os.path.isdir("/usr/lib/python3/dist-packages/bcc"):
+        pytest.skip("Debian's python3-bpfcc is not installed")
+    code = ("import sys; sys.path = [p for p in sys.path if 'dist-packages' not in p]\n"
+            "from pctop.doctor import check_bcc; r = check_bcc(); print(r.status); print(r.fix)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=30)
+    status, fix = r.stdout.splitlines()[:2]
+    assert status == "MISSING" and "PYTHONPATH=/usr/lib/python3/dist-packages" in fix
