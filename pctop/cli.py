@@ -18,6 +18,9 @@ from pctop import __version__
 # name -> (module, attribute, one-line help shown by `pctop --help`)
 SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
     "doctor": ("pctop.doctor_cli", "doctor", "Check what pctop needs and say how to fix what is missing."),
+    "monitor": ("pctop.monitor_cli", "monitor", "Watch post-copy stalls live (--json: JSON Lines)."),
+    "record": ("pctop.monitor_cli", "record", "Record what monitor shows to a JSON Lines file."),
+    "replay": ("pctop.monitor_cli", "replay", "Play a recording back."),
 }
 
 

@@ -1,0 +1,161 @@
+"""`pctop monitor`, `pctop record`, `pctop replay`: the headless (JSON Lines) paths.
+
+Nothing here imports Textual or bcc: bcc is imported inside the eBPF source
+only when it is used, and the TUI branch (not yet written) will import
+Textual inside its own function.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import TextIO
+
+import click
+
+from pctop.sinks.ndjson import NdjsonWriter
+
+
+class _UsageError(click.ClickException):
+    """Bad input: one line on stderr, exit status 2."""
+
+    exit_code = 2
+
+    def __init__(self, command: str, message: str) -> None:
+        super().__init__(message)
+        self.command = command
+
+    def show(self, file=None) -> None:
+        click.echo(f"pctop {self.command}: error: {self.message}", err=True)
+
+
+class _Command(click.Command):
+    """A click command whose usage errors are one line (no usage block)."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.UsageError as e:
+            raise _UsageError(info_name or self.name, e.format_message()) from None
+
+
+def _live_options(f: Callable) -> Callable:
+    for opt in reversed([
+        click.option("-p", "--pid", "pids", multiple=True, type=click.IntRange(min=1),
+                     help="Watch this process (repeatable). Default: every process holding a "
+                          "userfaultfd or KVM vCPU fd."),
+        click.option("--comm", metavar="NAME", help="Watch processes whose command name is NAME."),
+        click.option("--interval", type=click.FloatRange(min=0.05, max=3600), default=1.0,
+                     show_default=True, help="Seconds between samples."),
+        click.option("--count", type=click.IntRange(min=1), help="Stop after N samples."),
+        click.option("--no-ebpf", is_flag=True, help="Use /proc only (no eBPF probes)."),
+        click.option("--engine", "engine_sockets", multiple=True, metavar="SOCKET",
+                     help="Also read this reference-engine control socket (repeatable; "
+                          "/run/pctop/engine-*.sock are found anyway)."),
+    ]):
+        f = opt(f)
+    return f
+
+
+def _install_stop_handlers(stop: threading.Event) -> None:
+    """SIGTERM and Ctrl-C end the loop at the next wait instead of mid-write."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+
+
+def run_live(command: str, out: TextIO, pids, comm, interval: float, count: int | None,
+             no_ebpf: bool, engine_sockets) -> None:
+    """Header, then one Sample per interval to `out`, until count, a signal or a closed pipe."""
+    from pctop.sources.engine import EngineError
+    from pctop.sources.procfs import TargetNotFound
+    from pctop.stats import open_live
+
+    stop = threading.Event()
+    _install_stop_handlers(stop)
+    try:
+        header, stats = open_live(pids, comm, interval, use_ebpf=not no_ebpf,
+                                  engine_sockets=engine_sockets)
+    except (TargetNotFound, EngineError) as e:
+        raise _UsageError(command, str(e)) from None
+    writer = NdjsonWriter(out)
+    try:
+        writer.write(header)
+        n = 0
+        due = time.monotonic() + interval
+        while not stop.wait(max(0.0, due - time.monotonic())):
+            writer.write(stats.collect())
+            n += 1
+            if count is not None and n >= count:
+                break
+            # Keep the cadence; after a stall (CPU starved) restart it rather than burst.
+            due = max(due + interval, time.monotonic())
+    except BrokenPipeError:
+        _quiet_stdout()
+    finally:
+        stats.close()
+
+
+def _quiet_stdout() -> None:
+    """The reader went away (e.g. `| head`): stop without a traceback at exit."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except OSError:
+        pass
+
+
+@click.command("monitor", cls=_Command)
+@_live_options
+@click.option("--json", "as_json", is_flag=True,
+              help="Print JSON Lines (a header, then one sample per interval) instead of the TUI.")
+def monitor(pids, comm, interval, count, no_ebpf, engine_sockets, as_json) -> None:
+    """Watch post-copy stalls live: per-vCPU faults and latency, uffd queue depth.
+
+    Fields are documented in docs/schema.md.
+    """
+    if not as_json:
+        raise _UsageError("monitor", "the TUI is not available yet; use --json")
+    run_live("monitor", sys.stdout, pids, comm, interval, count, no_ebpf, engine_sockets)
+
+
+@click.command("record", cls=_Command)
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, writable=True),
+              help="File to write (JSON Lines, flushed line by line).")
+@_live_options
+def record(output, pids, comm, interval, count, no_ebpf, engine_sockets) -> None:
+    """Record what `monitor --json` shows to a file, for `pctop replay`."""
+    try:
+        fh = open(output, "w", encoding="utf-8")
+    except OSError as e:
+        raise _UsageError("record", f"cannot write {output}: {e.strerror}") from None
+    with fh:
+        run_live("record", fh, pids, comm, interval, count, no_ebpf, engine_sockets)
+
+
+@click.command("replay", cls=_Command)
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the recording as JSON Lines.")
+def replay(file, as_json) -> None:
+    """Play a recording back (from `pctop record` or `monitor --json`).
+
+    A damaged recording is shown up to the bad line, then an error naming it (exit 2).
+    """
+    from pctop.sources.replay import Recording, RecordingError
+
+    if not as_json:
+        raise _UsageError("replay", "the TUI is not available yet; use --json")
+    writer = NdjsonWriter(sys.stdout)
+    try:
+        with Recording(file) as rec:
+            for record in rec.records(final=True):
+                writer.write(record)
+    except RecordingError as e:
+        raise _UsageError("replay", str(e)) from None
+    except BrokenPipeError:
+        _quiet_stdout()

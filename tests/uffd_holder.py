@@ -1,0 +1,65 @@
+"""A tiny real userfaultfd process for the monitor's tests.
+
+Run as `python tests/uffd_holder.py N HOLD_S`: opens a uffd (pctop.engine.uffd),
+registers N pages, starts N threads that each touch one missing page (so N
+faults block in the kernel), and a handler that waits HOLD_S seconds before
+it reads and resolves anything (a deliberately slow handler: the uffd queue
+holds N pending faults meanwhile). Then it serves faults until killed.
+Prints one line "READY <pid> <uffd fd>" once the threads are started.
+
+`holder(n, hold_s)` runs it and always kills it, even when the test fails.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+PAGE = 4096
+
+
+def main(n: int, hold_s: float) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from pctop.engine.uffd import AnonMemory, Uffd
+
+    uffd = Uffd(nonblock=True)
+    mem = AnonMemory(n * PAGE)
+    uffd.register(mem.addr, n * PAGE)
+    src = ctypes.create_string_buffer(b"\x5a" * PAGE)
+
+    def touch(i: int) -> None:
+        ctypes.memset(mem.addr + i * PAGE, 1, 1)  # a foreign call: faults without the GIL
+
+    for i in range(n):
+        threading.Thread(target=touch, args=(i,), daemon=True, name=f"worker{i}").start()
+    print(f"READY {os.getpid()} {uffd.fd}", flush=True)
+    time.sleep(hold_s)
+    while True:
+        if uffd.wait(0.5):
+            for msg in uffd.read_faults():
+                uffd.copy(msg.address & ~(PAGE - 1), ctypes.addressof(src), PAGE)
+
+
+@contextlib.contextmanager
+def holder(n: int = 1, hold_s: float = 3600.0):
+    """Yields (Popen, pid, uffd fd) of a running holder; kills it afterwards."""
+    p = subprocess.Popen([sys.executable, __file__, str(n), str(hold_s)], stdout=subprocess.PIPE,
+                         text=True)
+    try:
+        line = p.stdout.readline().split()
+        if len(line) != 3 or line[0] != "READY":
+            raise RuntimeError(f"uffd holder did not start: {line!r}, exit {p.poll()}")
+        yield p, int(line[1]), int(line[2])
+    finally:
+        p.kill()
+        p.wait(timeout=10)
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]), float(sys.argv[2]))
