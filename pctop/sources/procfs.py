@@ -269,7 +269,7 @@ class ProcfsSource:
         self.follow_all = not self.pids and comm is None
         self._mono = monotonic
         self._targets: dict[int, _Target] = {}
-        self._dead: set[_Target] = set()  # exited -p targets: never re-adopt a reused pid
+        self._dead: set[int] = set()  # named pids that exited: a reused pid is someone else
         self._uffds: dict[int, tuple[int, ...]] = {}
         self._ticks: dict[int, dict[int, int]] = {}  # pid -> tid -> cpu ticks at last collect
         self._last = monotonic()
@@ -297,15 +297,18 @@ class ProcfsSource:
         for pid, t in list(self._targets.items()):
             if read_start_ticks(self.paths, pid) != t.start_ticks:
                 gone.append(pid)
-                self._dead.add(t)
+                if pid in self.pids:
+                    self._dead.add(pid)
                 del self._targets[pid]
                 self._uffds.pop(pid, None)
                 self._ticks.pop(pid, None)
         for pid in self._wanted():
             if pid in self._targets:
                 continue
+            if pid in self._dead:
+                continue
             start = read_start_ticks(self.paths, pid)
-            if start is None or _Target(pid, start) in self._dead:
+            if start is None:
                 continue
             self._targets[pid] = _Target(pid, start)
         for pid in list(self._targets):
