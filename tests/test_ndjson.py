@@ -1,0 +1,177 @@
+"""NDJSON writer and recording reader: round trips, damaged files, incremental loading."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pctop.model import (
+    HIST_BUCKETS,
+    SCHEMA_VERSION,
+    Event,
+    Header,
+    Migration,
+    Sample,
+    StallParts,
+    Target,
+    UffdSample,
+    VcpuSample,
+)
+from pctop.sinks.ndjson import NdjsonWriter, dumps
+from pctop.sources.replay import Recording, RecordingError, load_recording, parse_record
+
+ints = st.integers(min_value=0, max_value=2**53)
+floats = st.floats(min_value=0, max_value=1e12, allow_nan=False)
+opt_floats = st.none() | floats
+names = st.text(max_size=12)
+
+vcpus = st.builds(
+    VcpuSample, vcpu=st.none() | st.integers(0, 512), tid=st.integers(1, 2**22), name=names,
+    identity=st.sampled_from(["unknown", "debugfs", "thread_name", "engine", "kvm_create_vcpu"]),
+    faults=ints, faults_per_s=floats, stall_ns=ints, stalled_frac=st.floats(0, 1),
+    p50_us=opt_floats, p90_us=opt_floats, p99_us=opt_floats, max_us=opt_floats,
+    hist=st.tuples(*[ints] * HIST_BUCKETS), parts=st.builds(StallParts, ints, ints, ints),
+    faults_no_read=ints, exits=st.dictionaries(st.sampled_from(["mmio", "io", "efault"]), ints),
+    exits_per_s=floats, memory_fault_exits=ints)
+uffds = st.builds(UffdSample, fd=st.integers(0, 65535), pending_mean=floats, pending_max=ints,
+                  total_mean=floats, total_max=ints, msgs_read=ints, pages_installed=ints,
+                  bytes_per_s=floats)
+migrations = st.builds(Migration, source=st.sampled_from(["engine", "qmp"]), state=names,
+                       pages_total=st.none() | ints, pages_received=st.none() | ints,
+                       bandwidth_bps=opt_floats, eta_s=opt_floats,
+                       extra=st.dictionaries(names, st.none() | ints | names, max_size=3))
+targets = st.builds(Target, pid=st.integers(1, 2**22), comm=names,
+                    vcpus=st.lists(vcpus, max_size=3).map(tuple),
+                    uffds=st.lists(uffds, max_size=2).map(tuple),
+                    handler_cpu_pct=opt_floats, migration=st.none() | migrations)
+samples = st.builds(Sample, time=floats, interval_s=floats, seq=ints,
+                    probe_tier=st.sampled_from(["ebpf", "procfs", "replay"]),
+                    sources=st.lists(names, max_size=3).map(tuple),
+                    targets=st.lists(targets, max_size=2).map(tuple),
+                    events=st.lists(st.builds(Event, floats, names, names), max_size=2).map(tuple))
+
+HEADER = Header(host="h", kernel="6.18", probe_tier="procfs", sources=("procfs",),
+                missing=("ebpf: disabled",), started=1.0, pctop_version="0.1.0")
+
+
+def sample(seq: int) -> Sample:
+    return Sample(time=float(seq), interval_s=1.0, seq=seq, probe_tier="procfs", sources=("procfs",),
+                  targets=(Target(pid=7, comm="q", uffds=(UffdSample(fd=3, pending_max=seq),)),))
+
+
+@settings(max_examples=60, deadline=None)
+@given(samples)
+def test_sample_round_trips_through_one_json_line(s):
+    line = dumps(s)
+    assert "\n" not in line
+    assert parse_record(line, "t") == s
+
+
+def test_header_round_trip_and_required_line_fields():
+    assert parse_record(dumps(HEADER), "t") == HEADER
+    d = json.loads(dumps(sample(1)))
+    assert d["type"] == "sample" and d["interval_s"] == 1.0
+    assert set(d["targets"][0]["uffds"][0]) >= {"fd", "pending_mean", "pending_max", "total_mean",
+                                                 "total_max", "msgs_read", "pages_installed"}
+
+
+def test_writer_flushes_every_line():
+    class Counting(io.StringIO):
+        flushes = 0
+
+        def flush(self):
+            self.flushes += 1
+
+    out = Counting()
+    w = NdjsonWriter(out)
+    w.write(HEADER)
+    w.write(sample(1))
+    assert out.flushes == 2 and w.lines == 2
+    assert out.getvalue().count("\n") == 2
+
+
+def test_writer_refuses_nan():
+    with pytest.raises(ValueError):
+        dumps(Sample(time=float("nan"), interval_s=1.0, seq=1, probe_tier="procfs", sources=()))
+
+
+def write_file(path, lines: list[str], newline_at_end: bool = True) -> None:
+    path.write_text("\n".join(lines) + ("\n" if newline_at_end else ""))
+
+
+def test_recording_loads_and_indexes(tmp_path):
+    f = tmp_path / "r.ndjson"
+    write_file(f, [dumps(HEADER), dumps(sample(1)), "", dumps(sample(2))])
+    rec = load_recording(f)
+    assert rec.header == HEADER and len(rec) == 2 and rec[1] == sample(2)
+
+
+def test_truncated_last_line_names_the_line_and_keeps_what_came_before(tmp_path):
+    f = tmp_path / "r.ndjson"
+    write_file(f, [dumps(HEADER), dumps(sample(1)), dumps(sample(2))[:40]], newline_at_end=False)
+    with Recording(f) as rec:
+        got = []
+        with pytest.raises(RecordingError, match=r"line 3.*truncated"):
+            for r in rec.records():
+                got.append(r)
+        assert got == [HEADER, sample(1)] and rec.samples == [sample(1)]
+
+
+@pytest.mark.parametrize("bad, why", [
+    ("{not json", "not valid JSON"),
+    ("[1, 2]", "expected a JSON object"),
+    ('{"type": "sample", "seq": 1}', "not a valid sample"),
+    (dumps(HEADER), "a second header"),
+])
+def test_corrupt_middle_line_is_named(tmp_path, bad, why):
+    f = tmp_path / "r.ndjson"
+    write_file(f, [dumps(HEADER), dumps(sample(1)), bad, dumps(sample(3))])
+    rec = Recording(f)
+    with pytest.raises(RecordingError, match=f"line 3: {why}"):
+        rec.load_more(final=True)
+    assert rec.samples == [sample(1)]
+    with pytest.raises(RecordingError):  # it stays broken: nothing after a bad line is trusted
+        rec.load_more(final=True)
+
+
+def test_newer_schema_empty_file_and_headerless_file_are_errors(tmp_path):
+    f = tmp_path / "r.ndjson"
+    write_file(f, [json.dumps({**HEADER.to_dict(), "schema": SCHEMA_VERSION + 1})])
+    with pytest.raises(RecordingError, match="line 1: schema"):
+        load_recording(f)
+    f.write_text("")
+    with pytest.raises(RecordingError, match="empty"):
+        load_recording(f)
+    write_file(f, [dumps(sample(1))])
+    with pytest.raises(RecordingError, match="line 1: a sample before the header"):
+        load_recording(f)
+    with pytest.raises(RecordingError, match="cannot open"):
+        Recording(tmp_path / "missing")
+
+
+def test_unknown_record_types_are_skipped(tmp_path):
+    f = tmp_path / "r.ndjson"
+    write_file(f, [dumps(HEADER), '{"type": "annotation", "text": "x"}', dumps(sample(1))])
+    assert load_recording(f).samples == [sample(1)]
+
+
+def test_incremental_loading_follows_a_growing_file(tmp_path):
+    f = tmp_path / "r.ndjson"
+    with open(f, "w") as out:
+        w = NdjsonWriter(out)
+        w.write(HEADER)
+        w.write(sample(1))
+        rec = Recording(f)
+        assert rec.load_more() == 1
+        half = dumps(sample(2))
+        out.write(half[:25])
+        out.flush()
+        assert rec.load_more() == 0  # a writer mid-line: wait for the rest
+        out.write(half[25:] + "\n")
+        out.flush()
+        assert rec.load_more() == 1 and rec[1] == sample(2)
+        rec.close()
