@@ -1,0 +1,137 @@
+"""`pctop monitor --json`, `record`, `replay` as a user runs them (fresh interpreters)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import ROOT, run_pctop
+from tests.uffd_holder import holder
+
+
+def lines_of(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def test_monitor_json_count_prints_a_header_and_that_many_samples_of_a_live_uffd_process():
+    with holder(3) as (_, pid, fd):
+        r = run_pctop("monitor", "--json", "--count", "2", "--interval", "0.2", "--no-ebpf", "-p", str(pid))
+    assert r.returncode == 0, r.stderr
+    header, *samples = lines_of(r.stdout)
+    assert header["type"] == "header" and header["probe_tier"] == "procfs"
+    assert header["schema"] >= 1 and header["host"] and header["kernel"] == os.uname().release
+    assert any(m.startswith("ebpf: disabled by --no-ebpf") for m in header["missing"])
+    assert len(samples) == 2
+    for s in samples:
+        assert s["type"] == "sample" and s["probe_tier"] == "procfs" and s["interval_s"] > 0
+        (t,) = s["targets"]
+        assert t["pid"] == pid and t["comm"]
+        (u,) = t["uffds"]
+        assert u["fd"] == fd and u["pending_max"] >= 3 and u["total_max"] >= 3
+    assert [s["seq"] for s in samples] == [1, 2]
+
+
+def test_json_path_imports_neither_textual_nor_bcc():
+    code = (
+        "import sys, json\n"
+        "from pctop.cli import cli\n"
+        "try:\n"
+        "    cli.main(['monitor', '--json', '--count', '1', '--interval', '0.1', '--no-ebpf'],"
+        " prog_name='pctop', standalone_mode=False)\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "print(json.dumps({m: any(x == m or x.startswith(m + '.') for x in sys.modules)"
+        " for m in ('textual', 'bcc', 'rich')}))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert r.returncode == 0, r.stderr
+    out = r.stdout.strip().splitlines()
+    assert json.loads(out[0])["type"] == "header" and json.loads(out[1])["type"] == "sample"
+    assert json.loads(out[-1]) == {"textual": False, "bcc": False, "rich": False}
+
+
+def _wait_lines(path, n: int, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and path.read_text().count("\n") >= n:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{path} never reached {n} lines")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_record_ends_cleanly_on_a_signal_and_replay_gives_it_back(tmp_path, sig):
+    out = tmp_path / "rec.ndjson"
+    with holder(2) as (_, pid, _fd):
+        p = subprocess.Popen([sys.executable, "-m", "pctop", "record", "-o", str(out), "--interval", "0.1",
+                              "--no-ebpf", "-p", str(pid)], cwd=ROOT, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+        try:
+            _wait_lines(out, 4)
+            p.send_signal(sig)
+            _, err = p.communicate(timeout=20)
+        finally:
+            p.kill()
+            p.wait()
+    assert p.returncode == 0 and "Traceback" not in err, err
+    text = out.read_text()
+    assert text.endswith("\n")
+    recorded = lines_of(text)
+    assert recorded[0]["type"] == "header" and len(recorded) >= 4
+    assert all(d["type"] == "sample" for d in recorded[1:])
+    r = run_pctop("replay", str(out), "--json")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == text  # the same bytes come back
+
+
+def test_replay_of_a_damaged_file_emits_what_came_before_and_names_the_line(tmp_path):
+    rec = tmp_path / "rec.ndjson"
+    r = run_pctop("record", "-o", str(rec), "--count", "2", "--interval", "0.1", "--no-ebpf")
+    assert r.returncode == 0, r.stderr
+    good = rec.read_text()
+    rec.write_text(good + good.splitlines()[1][:30])  # a cut-off fourth line
+    r = run_pctop("replay", str(rec), "--json")
+    assert r.returncode == 2
+    assert r.stdout == good
+    assert r.stderr.count("\n") == 1 and "line 4" in r.stderr and "truncated" in r.stderr
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["monitor", "--json", "--interval", "0"], "--interval"),
+    (["monitor", "--json", "--count", "0"], "--count"),
+    (["monitor", "--json", "-p", "999999999"], "no process with pid 999999999"),
+    (["monitor", "--json", "-p", "abc"], "-p"),
+    (["monitor", "--json", "--engine", "/nonexistent/engine.sock"], "cannot connect"),
+    (["record"], "-o"),
+    (["record", "-o", "/nonexistent-dir/x.ndjson", "--count", "1"], "cannot write"),
+    (["replay", "/nonexistent.ndjson", "--json"], "cannot open"),
+])
+def test_bad_input_is_a_one_line_error_with_exit_2(args, needle):
+    r = run_pctop(*args, timeout=30)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert r.stderr.count("\n") == 1 and needle in r.stderr and "Traceback" not in r.stderr
+    assert r.stdout == ""
+
+
+@pytest.mark.bpf
+def test_monitor_json_ebpf_tier_when_the_probes_load():
+    try:
+        from pctop.sources.ebpf import ebpf_unavailable_reason
+    except ImportError:
+        pytest.skip("the eBPF source (pctop/sources/ebpf.py) is not in this checkout yet")
+    reason = ebpf_unavailable_reason()
+    if reason:
+        pytest.skip(f"eBPF unavailable on this machine: {reason}")
+    with holder(2) as (_, pid, _fd):
+        r = run_pctop("monitor", "--json", "--count", "2", "--interval", "0.5", "-p", str(pid), timeout=120)
+    assert r.returncode == 0, r.stderr
+    header, *samples = lines_of(r.stdout)
+    assert header["probe_tier"] == "ebpf" and "ebpf" in header["sources"]
+    assert len(samples) == 2 and all(s["probe_tier"] == "ebpf" for s in samples)
+    assert [t["pid"] for t in samples[-1]["targets"]] == [pid]
