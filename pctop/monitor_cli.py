@@ -1,8 +1,8 @@
 """`pctop monitor`, `pctop record`, `pctop replay`: the headless (JSON Lines) paths.
 
 Nothing here imports Textual or bcc: bcc is imported inside the eBPF source
-only when it is used, and the TUI branch (not yet written) will import
-Textual inside its own function.
+only when it is used, and the TUI branches import pctop.ui, which loads
+Textual only inside its run_* functions.
 """
 
 from __future__ import annotations
@@ -120,8 +120,24 @@ def monitor(pids, comm, interval, count, no_ebpf, engine_sockets, as_json) -> No
     Fields are documented in docs/schema.md.
     """
     if not as_json:
-        raise _UsageError("monitor", "the TUI is not available yet; use --json")
+        _run_tui(pids, comm, interval, no_ebpf, engine_sockets)
+        return
     run_live("monitor", sys.stdout, pids, comm, interval, count, no_ebpf, engine_sockets)
+
+
+def _run_tui(pids, comm, interval: float, no_ebpf: bool, engine_sockets) -> None:
+    """The dashboard (pctop.ui); Textual is imported only on this path."""
+    from pctop import ui
+    from pctop.sources.engine import EngineError
+    from pctop.sources.procfs import TargetNotFound
+    from pctop.stats import open_live
+
+    try:
+        header, stats = open_live(pids, comm, interval, use_ebpf=not no_ebpf,
+                                  engine_sockets=engine_sockets)
+    except (TargetNotFound, EngineError) as e:
+        raise _UsageError("monitor", str(e)) from None
+    ui.run_live(header, stats, interval)
 
 
 @click.command("record", cls=_Command)
@@ -141,7 +157,9 @@ def record(output, pids, comm, interval, count, no_ebpf, engine_sockets) -> None
 @click.command("replay", cls=_Command)
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print the recording as JSON Lines.")
-def replay(file, as_json) -> None:
+@click.option("--speed", type=click.FloatRange(min=0.01, max=1000), default=1.0, show_default=True,
+              help="Playback speed in the TUI (2 = twice real time).")
+def replay(file, as_json, speed) -> None:
     """Play a recording back (from `pctop record` or `monitor --json`).
 
     A damaged recording is shown up to the bad line, then an error naming it (exit 2).
@@ -149,7 +167,12 @@ def replay(file, as_json) -> None:
     from pctop.sources.replay import Recording, RecordingError
 
     if not as_json:
-        raise _UsageError("replay", "the TUI is not available yet; use --json")
+        from pctop import ui
+        try:
+            ui.run_replay(file, speed=speed)
+        except RecordingError as e:
+            raise _UsageError("replay", str(e)) from None
+        return
     writer = NdjsonWriter(sys.stdout)
     try:
         with Recording(file) as rec:

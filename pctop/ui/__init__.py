@@ -1,0 +1,51 @@
+"""The pctop TUI. Entry points for the CLI commands.
+
+Importing this package does not import Textual (the app module is loaded
+inside the functions), so CLI modules can import these names at the top
+without slowing or breaking their --json paths.
+
+- run_feed(feed): the dashboard over any feed (see pctop.ui.feeds).
+- run_live(header, stats, interval, controls): over a live aggregator
+  (`pctop.stats.open_live(...)` returns the (header, stats) pair).
+- run_replay(path, speed, paused): over an NDJSON recording.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pctop.ui.feeds import LiveFeed, ReplayFeed
+
+
+def run_feed(feed: Any, interval: float | None = None) -> None:
+    from pctop.ui.app import PctopApp
+
+    try:
+        PctopApp(feed, interval=interval).run()
+    finally:
+        feed.close()
+
+
+def engine_controls(stats: Any) -> Any:
+    """The control client among a Stats' sources (the engine source), if any."""
+    for src in getattr(stats, "sources", ()):
+        if callable(getattr(src, "send", None)):
+            return src
+    return None
+
+
+def run_live(header: Any, stats: Any, interval: float = 1.0, controls: Any = None) -> None:
+    """`stats` is anything with `collect() -> Sample` (and optionally `close()`);
+    controls default to the engine source inside it (keys appear once an
+    engine's migration shows up in a Sample)."""
+    if controls is None:
+        controls = engine_controls(stats)
+    feed = LiveFeed(header, stats.collect, interval=interval, controls=controls,
+                    on_close=getattr(stats, "close", None))
+    run_feed(feed, interval)
+
+
+def run_replay(path: str | Path, speed: float = 1.0, paused: bool = False) -> None:
+    """Raises pctop.sources.replay.RecordingError (one-line message) for a bad file."""
+    run_feed(ReplayFeed.open(path, speed=speed, paused=paused))

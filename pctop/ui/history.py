@@ -1,0 +1,87 @@
+"""Recent history the views draw (sparklines, detail screen, cumulative histograms).
+
+Kept by the App from the Samples it has shown; pure data, no Textual. A gap
+in `seq` (a seek in a replay, a restart of the feed) clears it, so a
+sparkline never joins two unrelated stretches of time.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from pctop.model import HIST_BUCKETS, Sample, StallParts, VcpuSample
+
+HISTORY_LEN = 120  # samples kept per series (2 minutes at 1 Hz)
+
+VcpuKey = tuple[int, int]  # (pid, tid)
+UffdKey = tuple[int, int]  # (pid, fd)
+
+
+def vcpu_key(pid: int, v: VcpuSample) -> VcpuKey:
+    return (pid, v.tid)
+
+
+@dataclass
+class VcpuSeries:
+    faults_per_s: deque = field(default_factory=lambda: deque(maxlen=HISTORY_LEN))
+    stalled_frac: deque = field(default_factory=lambda: deque(maxlen=HISTORY_LEN))
+    p99_us: deque = field(default_factory=lambda: deque(maxlen=HISTORY_LEN))
+    times: deque = field(default_factory=lambda: deque(maxlen=HISTORY_LEN))
+    hist_total: list[int] = field(default_factory=lambda: [0] * HIST_BUCKETS)
+    parts_total: list[int] = field(default_factory=lambda: [0, 0, 0])
+    faults_total: int = 0
+
+
+@dataclass
+class UffdSeries:
+    pending: deque = field(default_factory=lambda: deque(maxlen=HISTORY_LEN))
+    in_service: deque = field(default_factory=lambda: deque(maxlen=HISTORY_LEN))
+    peak: float = 0.0  # largest total seen, the gauges' scale
+
+
+def add_parts(acc: list[int], p: StallParts) -> None:
+    acc[0] += p.queued_ns
+    acc[1] += p.service_ns
+    acc[2] += p.runq_ns
+
+
+class History:
+    def __init__(self) -> None:
+        self.vcpus: dict[VcpuKey, VcpuSeries] = {}
+        self.uffds: dict[UffdKey, UffdSeries] = {}
+        self.hist_total = [0] * HIST_BUCKETS  # all vCPUs, since watching
+        self.parts_total = [0, 0, 0]
+        self.last_seq: int | None = None
+        self.samples = 0
+
+    def clear(self) -> None:
+        self.__init__()
+
+    def add(self, s: Sample) -> None:
+        if self.last_seq is not None and s.seq != self.last_seq + 1:
+            self.clear()
+        self.last_seq = s.seq
+        self.samples += 1
+        for t in s.targets:
+            for v in t.vcpus:
+                ser = self.vcpus.get((t.pid, v.tid))
+                if ser is None:
+                    ser = self.vcpus[(t.pid, v.tid)] = VcpuSeries()
+                ser.faults_per_s.append(v.faults_per_s)
+                ser.stalled_frac.append(v.stalled_frac)
+                ser.p99_us.append(v.p99_us or 0.0)
+                ser.times.append(s.time)
+                ser.faults_total += v.faults
+                for i, c in enumerate(v.hist[:HIST_BUCKETS]):
+                    ser.hist_total[i] += c
+                    self.hist_total[i] += c
+                add_parts(ser.parts_total, v.parts)
+                add_parts(self.parts_total, v.parts)
+            for u in t.uffds:
+                us = self.uffds.get((t.pid, u.fd))
+                if us is None:
+                    us = self.uffds[(t.pid, u.fd)] = UffdSeries()
+                us.pending.append(u.pending_mean)
+                us.in_service.append(max(0.0, u.total_mean - u.pending_mean))
+                us.peak = max(us.peak, float(u.total_max), float(u.pending_max), u.total_mean)

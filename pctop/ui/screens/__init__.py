@@ -1,0 +1,1 @@
+"""Screens over the dashboard: vCPU detail, help, confirmation."""

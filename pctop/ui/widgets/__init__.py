@@ -1,0 +1,1 @@
+"""The dashboard's widgets; pure rendering lives in render.py."""

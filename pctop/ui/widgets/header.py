@@ -1,0 +1,99 @@
+"""The top lines: host, kernel, probe tier (and what is missing), targets,
+migration state and progress, and the feed's status (live/frozen/replay)."""
+
+from __future__ import annotations
+
+import time
+
+from rich.text import Text
+
+from pctop.model import Header, Migration, Sample, Target
+from pctop.ui.widgets.base import TextPanel
+from pctop.ui.widgets.render import bar, fmt_bytes, fmt_duration, fmt_rate
+
+STATE_STYLE = {
+    "precopy": "cyan",
+    "postcopy": "bold yellow",
+    "paused": "bold magenta",
+    "recovering": "bold magenta",
+    "completed": "bold green",
+    "failed": "bold red",
+}
+
+
+def clock(t: float) -> str:
+    """Local wall-clock time of a sample (from the data, never from 'now')."""
+    return time.strftime("%H:%M:%S", time.localtime(t))
+
+
+def migration_line(t: Target, m: Migration, width: int) -> Text:
+    line = Text()
+    line.append(f"{t.comm} {t.pid} ", style="dim")
+    line.append(f"{m.state.upper()}", style=STATE_STYLE.get(m.state, "bold"))
+    bg = m.extra.get("background") if isinstance(m.extra, dict) else None
+    if bg and bg != "running":
+        line.append(f" stream {bg.upper()}", style="bold magenta")
+    if m.pages_total:
+        got = m.pages_received or 0
+        frac = got / m.pages_total
+        line.append(" ")
+        line.append(bar(frac, max(4, min(30, width - 90))), style="green on grey23")
+        line.append(f" {frac * 100:.1f}%")
+    # Most useful first: a narrow terminal cuts the tail.
+    if m.eta_s is not None and m.state not in ("completed", "failed"):
+        line.append(f"  ETA {fmt_duration(m.eta_s)}", style="bold")
+    if m.bandwidth_bps is not None:
+        line.append(f"  {fmt_bytes(m.bandwidth_bps, per_s=True)}")
+    limit = m.extra.get("bandwidth_limit_bps") if isinstance(m.extra, dict) else None
+    if limit:
+        line.append(f" (limit {fmt_bytes(limit, per_s=True)})", style="dim")
+    if m.pages_total:
+        line.append(f"  {fmt_rate(m.pages_received or 0)}/{fmt_rate(m.pages_total)} pages")
+    if m.pages_demand is not None:
+        line.append(f"  demand {fmt_rate(m.pages_demand)}")
+    return line
+
+
+def header_text(header: Header, sample: Sample | None, status: str, width: int = 120) -> Text:
+    """Line 1: what changes (status, data time, tier), then what does not (host,
+    kernel); degraded tier gets its own line; then one line per migration."""
+    out = Text(no_wrap=True, overflow="ellipsis")
+    out.append(" pctop ", style="bold reverse")
+    out.append(f" {status}", style="bold")
+    if sample is not None:
+        out.append(f"  {clock(sample.time)}")
+        if header.started:
+            out.append(f" +{fmt_duration(sample.time - header.started)}", style="dim")
+    tier = sample.probe_tier if sample else header.probe_tier
+    degraded = tier == "procfs"
+    out.append("  probes ")
+    out.append(tier, style="bold yellow" if degraded else "bold green")
+    out.append(f"  {header.host}", style="bold")
+    out.append(f"  kernel {header.kernel}", style="dim")
+    if degraded:
+        missing = "; ".join(header.missing) if header.missing else "eBPF probes unavailable"
+        out.append("\n")
+        out.append(" ⚠ DEGRADED: procfs only ", style="bold black on yellow")
+        out.append(f" no per-fault latency or stall parts ({missing})", style="yellow")
+    if sample is None:
+        out.append("\n waiting for the first sample…", style="dim")
+        return out
+    plain = [t for t in sample.targets if t.migration is None]
+    for t in sample.targets:
+        if t.migration is not None:
+            out.append("\n ")
+            out.append_text(migration_line(t, t.migration, width))
+    if plain or not sample.targets:
+        out.append("\n ")
+        out.append(f"targets {len(sample.targets)}" if sample.targets else "no targets found yet",
+                   style="" if sample.targets else "yellow")
+        if plain:
+            out.append(": " + ", ".join(f"{t.comm} {t.pid}" for t in plain), style="dim")
+    return out
+
+
+class HeaderBar(TextPanel):
+    """show(header, sample, status)"""
+
+    def draw(self, width: int, height: int, header: Header, sample: Sample | None, status: str) -> Text:
+        return header_text(header, sample, status, width)

@@ -1,0 +1,88 @@
+"""Stall latency: the log2 histogram as bars, and where stall time went
+(queued / in service / run-queue) as one stacked bar."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from rich.text import Text
+
+from pctop.hist import bucket_index, percentile_us
+from pctop.model import StallParts
+from pctop.ui.widgets.base import TextPanel
+from pctop.ui.widgets.render import (Part, bar, bucket_label, fmt_rate, fmt_us,
+                                     latency_severity, stacked_bar)
+
+PART_STYLES = (("queued", "█", "red"), ("in service", "▓", "yellow"), ("run-queue", "░", "cyan"))
+
+
+def hist_text(hist: Sequence[int], width: int, max_rows: int, title: str) -> Text:
+    out = Text(no_wrap=True, overflow="ellipsis")
+    out.append(title, style="bold")
+    nz = [i for i, c in enumerate(hist) if c]
+    if not nz:
+        out.append("\n no stalls in this view", style="dim")
+        return out
+    lo, hi = nz[0], nz[-1]
+    group = max(1, -(-(hi - lo + 1) // max(1, max_rows)))  # merge buckets to fit the height
+    rows = []
+    for start in range(lo, hi + 1, group):
+        rows.append((start, sum(hist[start:start + group])))
+    peak = max(c for _, c in rows)
+    total = sum(hist)
+    p50, p99 = percentile_us(hist, 50), percentile_us(hist, 99)
+    stats = f"  n={fmt_rate(total)}  p50 {fmt_us(p50)}  p99 {fmt_us(p99)}"
+    if out.cell_len + len(stats) <= width:  # the ◄p50/◄p99 marks say it when there is no room
+        out.append(stats, style="dim")
+    bar_w = max(4, width - 20)
+    for start, c in rows:
+        marks = [name for name, p in (("p50", p50), ("p99", p99))
+                 if p is not None and start <= bucket_index(p) < start + group]
+        out.append(f"\n{bucket_label(start):>6} ")
+        out.append(bar(c / peak, bar_w), style=latency_severity(float(1 << start)).style)
+        out.append(f" {fmt_rate(c):>5}")
+        if marks:
+            out.append(" ◄" + ",".join(marks), style="bold")
+    return out
+
+
+def parts_text(parts: StallParts | Sequence[int], faults: int, width: int, title: str) -> Text:
+    vals = (parts.queued_ns, parts.service_ns, parts.runq_ns) if isinstance(parts, StallParts) else tuple(parts)
+    out = Text(no_wrap=True, overflow="ellipsis")
+    out.append(title, style="bold")
+    total = sum(vals)
+    if total <= 0:
+        note = "no stall time in this view" if faults == 0 else "stall parts need the eBPF probes"
+        out.append(f"\n {note}", style="dim")
+        return out
+    out.append("\n ")
+    out.append_text(stacked_bar([Part(n, v, ch, st) for (n, ch, st), v in zip(PART_STYLES, vals)],
+                                max(10, width - 2)))
+    legend = Text()
+    for (name, ch, st), v in zip(PART_STYLES, vals):
+        mean = f" {fmt_us(v / faults / 1000)}" if faults else ""
+        legend.append(f" {ch}", style=st)
+        legend.append(f" {name} {v / total * 100:.0f}%{mean}")
+    if legend.cell_len > width:  # short names, no means, so all three parts stay visible
+        legend = Text()
+        for (name, ch, st), v in zip(PART_STYLES, vals):
+            legend.append(f" {ch}", style=st)
+            legend.append(f"{name.split()[-1][:5]} {v / total * 100:.0f}%")
+    out.append("\n")
+    out.append_text(legend)
+    return out
+
+
+class LatencyHistogram(TextPanel):
+    """show(hist, title)"""
+
+    def draw(self, width: int, height: int, hist: Sequence[int], title: str) -> Text:
+        return hist_text(hist, width, max(2, height - 1), title)
+
+
+class StallBreakdown(TextPanel):
+    """show(parts, faults, title)"""
+
+    def draw(self, width: int, height: int, parts: StallParts | Sequence[int], faults: int,
+             title: str) -> Text:
+        return parts_text(parts, faults, width, title)
