@@ -1,0 +1,183 @@
+"""The engine control-socket client (pctop.sources.engine).
+
+The peer here is a tiny in-test unix-socket server speaking the documented
+contract (/work/helpers/ENGINE_STATUS.md, docs/engine-control.md): a legit
+stand-in for the protocol peer while the reference engine is being written.
+It serves cumulative counters that the test advances, so the client's
+diffing, identities, controls and lost-engine handling are checked exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+
+import pytest
+
+from pctop.sources.engine import EngineError, EngineSource, find_engine_sockets
+from pctop.stats import Stats
+
+
+class ContractServer:
+    """Answers one JSON line per request line, as the engine's control socket does."""
+
+    def __init__(self, path: str, pid: int = 4321):
+        self.path = path
+        self.status = {
+            "type": "status", "ok": True, "pid": pid, "state": "postcopy", "strategy": "uffd",
+            "readers": 1, "vcpus": 2, "workload": "kvm", "address_source": "uffd", "elapsed_s": 1.0,
+            "pages_total": 1000, "pages_received": 100, "pages_demand": 10, "pages_background": 90,
+            "bytes_received": 100 * 4096, "bandwidth_bps": 2e8, "bandwidth_limit_bps": 0,
+            "background": "running", "eexist": 0,
+            "per_vcpu": [{"vcpu": 0, "tid": 5001, "faults": 10, "stall_ns": 1_000_000, "hist": [0] * 24},
+                         {"vcpu": 1, "tid": 5002, "faults": 0, "stall_ns": 0, "hist": [0] * 24}],
+            "reader_threads": [{"tid": 5003, "busy_ns": 5000, "msgs": 10}],
+            "uffds": [{"fd": 7, "pending": 1, "total": 2}]}
+        self.requests: list[dict] = []
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.bind(path)
+        self.sock.listen(4)
+        self.conns: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.conns.append(conn)
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn):
+        with conn, conn.makefile("rb") as rf:
+            for line in rf:
+                req = json.loads(line)
+                self.requests.append(req)
+                if req["cmd"] == "status":
+                    reply = self.status
+                elif req["cmd"] in ("pause", "resume", "bandwidth"):
+                    reply = {"type": "reply", "ok": True, "cmd": req["cmd"]}
+                else:
+                    reply = {"type": "reply", "ok": False, "cmd": req["cmd"],
+                             "error": f"unknown command {req['cmd']}"}
+                try:
+                    conn.sendall(json.dumps(reply).encode() + b"\n")
+                except OSError:
+                    return
+
+    def advance(self, vcpu0_faults: int, stall_ns: int, bucket: int, pages: int):
+        v = self.status["per_vcpu"][0]
+        v["faults"] += vcpu0_faults
+        v["stall_ns"] += stall_ns
+        v["hist"][bucket] += vcpu0_faults
+        self.status["pages_received"] += pages
+        self.status["bytes_received"] += pages * 4096
+        self.status["reader_threads"][0]["msgs"] += vcpu0_faults
+
+    def close(self):
+        for c in self.conns:
+            try:
+                c.shutdown(socket.SHUT_RDWR)  # really end it: the serving thread holds a makefile
+            except OSError:
+                pass
+        self.sock.close()
+        os.unlink(self.path)
+
+
+@pytest.fixture
+def server(tmp_path):
+    s = ContractServer(str(tmp_path / "engine-4321.sock"))
+    yield s
+    try:
+        s.close()
+    except OSError:
+        pass
+
+
+def test_first_status_is_a_baseline_then_counters_are_diffed(server):
+    src = EngineSource([server.path], discover=False)
+    src.start()
+    try:
+        r = src.collect()
+        assert [t.faults for t in r.threads] == [0, 0]  # 10 faults happened before we looked
+        server.advance(vcpu0_faults=5, stall_ns=500_000, bucket=6, pages=50)
+        r = src.collect()
+    finally:
+        src.close()
+    t0 = {t.tid: t for t in r.threads}[5001]
+    assert (t0.faults, t0.stall_ns, t0.hist[6], sum(t0.hist)) == (5, 500_000, 5, 5)
+    assert {(i.tid, i.vcpu, i.how) for i in r.identities} == {(5001, 0, "engine"), (5002, 1, "engine")}
+    (c,) = r.uffds
+    assert (c.fd, c.msgs_read, c.pages_installed, c.bytes_installed) == (7, 5, 50, 50 * 4096)
+    (m,) = r.migrations
+    assert (m.state, m.pages_received, m.extra["strategy"], m.extra["address_source"]) == \
+        ("postcopy", 150, "uffd", "uffd")
+
+
+def test_stats_over_the_engine_gives_rates_identities_and_migration(server):
+    src = EngineSource([server.path], discover=False)
+    src.start()
+    st = Stats([src], "procfs")
+    try:
+        st.collect()
+        server.advance(vcpu0_faults=100, stall_ns=200_000_000, bucket=10, pages=400)
+        s = st.collect()
+    finally:
+        st.close()
+    (t,) = s.targets
+    assert t.pid == 4321
+    v0 = t.vcpus[0]
+    assert (v0.vcpu, v0.identity, v0.faults) == (0, "engine", 100)
+    assert v0.faults_per_s == pytest.approx(100 / s.interval_s)
+    assert 1024 <= v0.p50_us < 2048 and v0.max_us is None  # the engine publishes no maximum
+    assert t.migration.pages_received == 500 and t.migration.eta_s is not None
+
+
+def test_controls_go_through_send(server):
+    src = EngineSource([server.path], discover=False)
+    src.start()
+    try:
+        src.collect()
+        assert src.send("pause")["ok"] is True
+        assert src.send("bandwidth", 1_000_000, pid=4321)["ok"] is True
+        bad = src.send("explode")
+        assert bad["ok"] is False and "explode" in bad["error"]
+        with pytest.raises(EngineError, match="no single engine"):
+            src.send("pause", pid=1)
+    finally:
+        src.close()
+    assert {"cmd": "bandwidth", "arg": 1_000_000} in server.requests
+
+
+def test_an_engine_that_goes_away_is_reported_gone(server):
+    src = EngineSource([server.path], discover=False)
+    src.start()
+    try:
+        src.collect()
+        server.close()
+        r = src.collect()
+        assert r.gone == (4321,) and "lost engine" in r.events[0]
+        assert src.collect().gone == ()
+    finally:
+        src.close()
+
+
+def test_discovery_by_socket_name(server, tmp_path):
+    run_dir = str(tmp_path)
+    assert find_engine_sockets(run_dir) == [server.path]
+    assert find_engine_sockets(run_dir, pids=[1]) == []
+    src = EngineSource(run_dir=run_dir)
+    src.start()
+    try:
+        r = src.collect()
+        assert [m.pid for m in r.migrations] == [4321]
+    finally:
+        src.close()
+
+
+def test_a_named_socket_that_does_not_answer_is_an_error(tmp_path):
+    with pytest.raises(EngineError, match="cannot connect"):
+        EngineSource([str(tmp_path / "nope.sock")], discover=False).start()
