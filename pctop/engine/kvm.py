@@ -45,10 +45,12 @@ KVM_GET_MSRS = 0xC008AE88
 KVM_SET_MSRS = 0x4008AE89
 KVM_SET_SIGNAL_MASK = 0x4004AE8B
 KVM_SET_CPUID2 = 0x4008AE90
+KVM_GET_STATS_FD = 0xAECE
 
 # Capabilities.
 KVM_CAP_USER_MEMORY = 3
 KVM_CAP_IMMEDIATE_EXIT = 136
+KVM_CAP_BINARY_STATS_FD = 203
 KVM_CAP_MEMORY_FAULT_INFO = 232
 
 # Exit reasons.
@@ -175,6 +177,33 @@ def _ioctl(fd: int, request: int, arg) -> int:
     return fcntl.ioctl(fd, request, arg, True)
 
 
+_STATS_HEADER = struct.Struct("<IIIIII")   # flags, name_size, num_desc, id/desc/data offsets
+_STATS_DESC = struct.Struct("<IhHII")      # flags, exponent, size, offset, bucket_size
+
+
+def read_binary_stats(stats_fd: int) -> dict[str, int]:
+    """Scalar counters from a KVM_GET_STATS_FD fd (Documentation/virt/kvm/api.rst 4.133).
+
+    The same numbers debugfs shows, but readable where debugfs is not (it refuses
+    reads on some hosts, this one included). Histogram stats keep only bucket 0.
+    """
+    head = os.pread(stats_fd, _STATS_HEADER.size, 0)
+    _, name_size, count, _, desc_offset, data_offset = _STATS_HEADER.unpack(head)
+    desc_size = _STATS_DESC.size + name_size
+    descs = os.pread(stats_fd, desc_size * count, desc_offset)
+    stats, data_len = {}, 0
+    layout = []
+    for i in range(count):
+        _, _, size, offset, _ = _STATS_DESC.unpack_from(descs, i * desc_size)
+        raw = descs[i * desc_size + _STATS_DESC.size:(i + 1) * desc_size]
+        layout.append((raw.split(b"\0", 1)[0].decode(), offset))
+        data_len = max(data_len, offset + 8 * size)
+    data = os.pread(stats_fd, data_len, data_offset)
+    for name, offset in layout:
+        stats[name] = struct.unpack_from("<Q", data, offset)[0]
+    return stats
+
+
 class Capabilities(NamedTuple):
     vendor: str             # "vmx", "svm", "pvm" or "none"
     api_version: int
@@ -274,6 +303,7 @@ class Vcpu:
                                   mmap.PROT_READ | mmap.PROT_WRITE)
         self.run_struct = KvmRun.from_buffer(self._run_map)
         self.thread_ident: int | None = None   # pthread id of the thread that runs it
+        self._stats_fd = -1
 
     # --- state -------------------------------------------------------------
     def get_regs(self) -> KvmRegs:
@@ -307,6 +337,17 @@ class Vcpu:
 
     def set_cpuid(self, cpuid) -> None:
         _ioctl(self.fd, KVM_SET_CPUID2, cpuid)
+
+    def open_stats(self) -> None:
+        """Open the stats fd now: every vCPU ioctl waits for the vCPU mutex, which
+        KVM_RUN holds, so it cannot be opened from another thread while the guest runs."""
+        if self._stats_fd < 0 and self.vm.kvm.check_extension(KVM_CAP_BINARY_STATS_FD):
+            self._stats_fd = _ioctl(self.fd, KVM_GET_STATS_FD, 0)
+
+    def stats(self) -> dict[str, int]:
+        """This vCPU's KVM counters (exits, insn_emulation, pf_taken, ...); any thread
+        may call it once open_stats() was called. {} where KVM has no binary stats."""
+        return read_binary_stats(self._stats_fd) if self._stats_fd >= 0 else {}
 
     # --- running -------------------------------------------------------------
     def prepare_kick(self) -> None:
@@ -352,5 +393,8 @@ class Vcpu:
         if self.fd >= 0:
             del self.run_struct
             self._run_map.close()
+            if self._stats_fd >= 0:
+                os.close(self._stats_fd)
+                self._stats_fd = -1
             os.close(self.fd)
             self.fd = -1

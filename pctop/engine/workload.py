@@ -212,6 +212,7 @@ class KvmWorkload(_WorkloadBase):
             setattr(regs, name, value)
         regs.rip, regs.rflags = g.CODE_GPA, g.RFLAGS
         vcpu.set_regs(regs)
+        vcpu.open_stats()
         vcpu.prepare_kick()
         return vcpu
 
@@ -254,6 +255,10 @@ class KvmWorkload(_WorkloadBase):
             host = self.data_addr + target - g.DATA_GPA if target else 0
             out.append(VcpuProgress(touched, passes, host, bool(done)))
         return out
+
+    def kvm_stats(self) -> list[dict[str, int]]:
+        """Per-vCPU KVM counters (KVM_GET_STATS_FD): exits, insn_emulation, pf_taken, ..."""
+        return [vcpu.stats() if vcpu is not None else {} for vcpu in self._vcpus]
 
     def dirty_pages(self) -> set[int]:
         """Indices (from the start of the data region) of the pages the guest wrote."""
