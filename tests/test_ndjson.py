@@ -175,3 +175,14 @@ def test_incremental_loading_follows_a_growing_file(tmp_path):
         out.flush()
         assert rec.load_more() == 1 and rec[1] == sample(2)
         rec.close()
+
+
+def test_schema_doc_names_every_model_field():
+    import dataclasses
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "schema.md").read_text()
+    assert f"(version {SCHEMA_VERSION})" in doc
+    for cls in (Header, Sample, Target, VcpuSample, UffdSample, Migration, Event, StallParts):
+        for f in dataclasses.fields(cls):
+            assert f"`{f.name}`" in doc, f"docs/schema.md does not document {cls.__name__}.{f.name}"
