@@ -163,6 +163,10 @@ def build_sample(merged: Merged, memory: Memory, *, now: float, interval_s: floa
     for ident in merged.identities:
         remember_identity(memory.identities, ident)
     for pid, ti in merged.targets.items():
+        if ti.thread_names:  # the source lists every thread: forget those that exited
+            for d in (memory.identities, memory.thread_names):
+                for key in [k for k in d if k[0] == pid and k[1] not in ti.thread_names]:
+                    del d[key]
         for tid, name in ti.thread_names.items():
             memory.thread_names[(pid, tid)] = name
 

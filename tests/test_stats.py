@@ -193,3 +193,13 @@ def test_stats_over_real_procfs_drops_an_exiting_target_and_goes_on():
             assert s.seq == 3 and s.targets == () and s.events == ()
         finally:
             st.close()
+
+
+def test_a_vcpu_thread_that_exits_is_no_longer_listed():
+    m = Memory()
+    ti = TargetInfo(10, "qemu", thread_names={10: "qemu", 11: "CPU 0/KVM", 12: "CPU 1/KVM"})
+    s, _ = build([Reading("procfs", targets=(ti,), identities=(VcpuIdentity(10, 11, 0, "thread_name"),
+                                                               VcpuIdentity(10, 12, 1, "thread_name")))], m)
+    assert [v.tid for v in s.targets[0].vcpus] == [11, 12]
+    s, _ = build([Reading("procfs", targets=(ti._replace(thread_names={10: "qemu", 11: "CPU 0/KVM"}),))], m)
+    assert [(v.tid, v.name) for v in s.targets[0].vcpus] == [(11, "CPU 0/KVM")]

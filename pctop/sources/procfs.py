@@ -271,6 +271,7 @@ class ProcfsSource:
         self._targets: dict[int, _Target] = {}
         self._dead: set[int] = set()  # named pids that exited: a reused pid is someone else
         self._uffds: dict[int, tuple[int, ...]] = {}
+        self._vcpu_fds: dict[int, int] = {}  # pid -> kvm-vcpu fds held, at the last refresh
         self._ticks: dict[int, dict[int, int]] = {}  # pid -> tid -> cpu ticks at last collect
         self._last = monotonic()
         self._sampler = DepthSampler(paths, sample_hz)
@@ -301,6 +302,7 @@ class ProcfsSource:
                     self._dead.add(pid)
                 del self._targets[pid]
                 self._uffds.pop(pid, None)
+                self._vcpu_fds.pop(pid, None)
                 self._ticks.pop(pid, None)
         for pid in self._wanted():
             if pid in self._targets:
@@ -322,6 +324,7 @@ class ProcfsSource:
                 if closed:
                     notes.append(f"pid {pid} closed userfaultfd fd {', '.join(map(str, closed))}")
             self._uffds[pid] = now
+            self._vcpu_fds[pid] = fds.vcpu_fds if fds else 0
         self._sampler.watch((pid, fd) for pid, fds in self._uffds.items() for fd in fds)
         return gone, notes
 
@@ -346,8 +349,7 @@ class ProcfsSource:
                 continue  # exited this instant; the next refresh reports it gone
             threads = read_threads(self.paths, pid)
             vcpus = self._identify(pid, threads, identities)
-            fds = scan_fds(self.paths, pid)
-            cpu = self._handler_cpu(pid, threads, vcpus, fds.vcpu_fds if fds else 0, interval)
+            cpu = self._handler_cpu(pid, threads, vcpus, self._vcpu_fds.get(pid, 0), interval)
             infos.append(TargetInfo(pid, comm, cpu, {tid: ts.name for tid, ts in threads.items()}))
         return Reading(source=self.name, depths=tuple(self._sampler.take()),
                        identities=tuple(identities), targets=tuple(infos), gone=tuple(gone),
