@@ -1,0 +1,209 @@
+"""The migration source: a separate process that owns the memory image.
+
+It answers demand requests first: each demand channel has its own thread
+that does nothing but turn a REQ frame into PAGES frames, so a demand reply
+never waits behind a background chunk (the same reason QEMU has a separate
+"postcopy preempt" channel). The background stream runs on its own channel
+and thread: it walks the image in chunks, skips pages already sent on
+demand, paces itself to a bandwidth limit (0 = unlimited), and optionally
+prefetches the pages after recent demand faults first. Control frames from
+the destination arrive on the background channel (pause, resume, bandwidth,
+finish = stream everything left now, unlimited).
+
+Run as `python -m pctop.engine.source --npages N --demand-fd FD... --bg-fd FD`;
+pctop.engine.run starts it with the socket ends inherited.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import ctypes
+import select
+import signal
+import sys
+import threading
+import time
+
+from pctop.engine.image import PageImage
+from pctop.engine.transport import (KIND_BACKGROUND, KIND_DEMAND, KIND_PREFETCH, T_CTRL, T_REQ,
+                                    Channel, ProtocolError)
+
+MAX_CHUNK_PAGES = 512  # 2 MiB of 4 KiB pages: the size raw UFFDIO_COPY is fastest at
+PACE_SLICE_S = 0.01  # with a limit, send about 10 ms worth per chunk
+
+
+class Source:
+    def __init__(self, image_buf, npages: int, page_size: int, demand: list[Channel], bg: Channel,
+                 bandwidth: int = 0, background: bool = True, prefetch: int = 0):
+        self.buf = memoryview(image_buf).cast("B")
+        self.npages = npages
+        self.page_size = page_size
+        self.demand = demand
+        self.bg = bg
+        self.bandwidth = bandwidth
+        self.background = background
+        self.paused = False
+        self.prefetch = prefetch
+        self.sent = bytearray(npages)  # 1 = sent once (demand or stream)
+        self._prefetch_q: collections.deque[int] = collections.deque(maxlen=4096)
+        self._cursor = 0
+        self._done = threading.Event()
+        self.stats = {"demand_pages": 0, "background_pages": 0, "prefetch_pages": 0, "requests": 0}
+
+    # --- demand ---
+    def serve_demand(self, ch: Channel) -> None:
+        ps = self.page_size
+        while True:
+            f = ch.recv_frame()
+            if f is None:
+                return
+            if f.type != T_REQ:
+                raise ProtocolError(f"demand channel got frame type {f.type}")
+            pages = ch.recv_request(f)
+            self.stats["requests"] += 1
+            runs = []
+            for p in pages:
+                self.sent[p] = 1
+                runs.append((p, 1, self.buf[p * ps:(p + 1) * ps]))
+                if self.prefetch:
+                    self._prefetch_q.append(p)
+            ch.send_page_list(KIND_DEMAND, runs)
+            self.stats["demand_pages"] += len(runs)
+
+    # --- background ---
+    def _apply_ctrl(self, msg: dict) -> None:
+        cmd = msg.get("cmd")
+        if cmd == "pause":
+            self.paused = True
+        elif cmd == "resume":
+            self.paused = False
+        elif cmd == "bandwidth":
+            self.bandwidth = max(0, int(msg.get("arg", 0)))
+        elif cmd == "finish":  # the destination wants everything left, now
+            self.background, self.paused, self.bandwidth = True, False, 0
+        elif cmd == "stop":
+            self._done.set()
+
+    def _poll_ctrl(self, timeout_s: float) -> bool:
+        """Apply control frames that arrive within timeout_s; False when the link closed."""
+        r, _, _ = select.select([self.bg.sock], [], [], timeout_s)
+        while r:
+            f = self.bg.recv_frame()
+            if f is None:
+                return False
+            if f.type != T_CTRL:
+                raise ProtocolError(f"background channel got frame type {f.type}")
+            self._apply_ctrl(self.bg.recv_ctrl(f))
+            r, _, _ = select.select([self.bg.sock], [], [], 0)
+        return True
+
+    def _unsent_runs(self, lo: int, hi: int):
+        """Runs (start, count) of pages in [lo, hi) not yet sent."""
+        sent = self.sent
+        p = lo
+        while p < hi:
+            s = sent.find(0, p, hi)
+            if s < 0:
+                return
+            e = sent.find(1, s, hi)
+            e = hi if e < 0 else e
+            yield s, e - s
+            p = e
+
+    def _next_runs(self) -> tuple[int, list[tuple[int, int]]]:
+        """The next runs to stream: prefetch around recent faults first, then the cursor."""
+        while self._prefetch_q:
+            p = self._prefetch_q.popleft() + 1
+            runs = list(self._unsent_runs(p, min(self.npages, p + self.prefetch)))
+            if runs:
+                return KIND_PREFETCH, runs
+        chunk = MAX_CHUNK_PAGES
+        if self.bandwidth:
+            chunk = max(1, min(MAX_CHUNK_PAGES, int(self.bandwidth * PACE_SLICE_S) // self.page_size))
+        while self._cursor < self.npages:
+            lo, hi = self._cursor, min(self.npages, self._cursor + chunk)
+            self._cursor = hi
+            runs = list(self._unsent_runs(lo, hi))
+            if runs:
+                return KIND_BACKGROUND, runs
+        return 0, []
+
+    def stream(self) -> None:
+        ps = self.page_size
+        window_t, window_bytes, window_bw = time.monotonic(), 0, self.bandwidth
+        ended = False
+        while not self._done.is_set():
+            if not self._poll_ctrl(0):
+                return
+            if window_bw != self.bandwidth:
+                window_t, window_bytes, window_bw = time.monotonic(), 0, self.bandwidth
+            if not self.background or self.paused or ended:
+                if not self._poll_ctrl(0.1):
+                    return
+                if ended and self.background and not self.paused and self.sent.find(0) >= 0:
+                    ended, self._cursor = False, 0  # "finish" after the end: resend what demand never took
+                continue
+            if self.bandwidth:
+                due = window_t + window_bytes / self.bandwidth - time.monotonic()
+                if due > 0:
+                    if not self._poll_ctrl(min(due, 0.05)):
+                        return
+                    continue
+            kind, runs = self._next_runs()
+            if not runs:
+                self.bg.send_end()
+                ended = True
+                continue
+            for s, n in runs:
+                self.sent[s:s + n] = b"\x01" * n
+            self.bg.send_page_list(kind, [(s, n, self.buf[s * ps:(s + n) * ps]) for s, n in runs])
+            moved = sum(n for _, n in runs)
+            window_bytes += moved * ps
+            self.stats["prefetch_pages" if kind == KIND_PREFETCH else "background_pages"] += moved
+
+    def run(self) -> None:
+        threads = [threading.Thread(target=self._guard, args=(self.serve_demand, ch), daemon=True,
+                                    name=f"demand{i}") for i, ch in enumerate(self.demand)]
+        for t in threads:
+            t.start()
+        self._guard(self.stream)
+
+    def _guard(self, fn, *args) -> None:
+        try:
+            fn(*args)
+        except (ProtocolError, OSError) as e:
+            if not self._done.is_set():
+                print(f"pctop engine source: {type(e).__name__}: {e}", file=sys.stderr)
+            self._done.set()
+
+
+def _die_with_parent() -> None:
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m pctop.engine.source")
+    ap.add_argument("--npages", type=int, required=True)
+    ap.add_argument("--page-size", type=int, default=4096)
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--generation", type=int, default=1)
+    ap.add_argument("--demand-fd", type=int, action="append", required=True)
+    ap.add_argument("--bg-fd", type=int, required=True)
+    ap.add_argument("--bandwidth", type=int, default=0)
+    ap.add_argument("--prefetch", type=int, default=0)
+    ap.add_argument("--no-background", action="store_true")
+    a = ap.parse_args(argv)
+    _die_with_parent()
+    image = PageImage(a.npages, a.page_size, a.seed, a.generation)
+    buf = image.build()
+    demand = [Channel.from_fd(fd, a.npages, a.page_size) for fd in a.demand_fd]
+    bg = Channel.from_fd(a.bg_fd, a.npages, a.page_size)
+    bg.send_ctrl({"ready": True})  # the image is built: the destination may start the guest
+    Source(buf, a.npages, a.page_size, demand, bg, a.bandwidth, not a.no_background, a.prefetch).run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,190 @@
+"""The link between source and destination: length-prefixed frames over a stream socket.
+
+One interface for any stream socket (a unix socketpair between two local
+processes now, TCP across hosts later). Each frame is a fixed 24-byte header
+
+    type u8 | kind u8 | reserved u16 | count u32 | start u64 | payload length u64
+
+followed by `payload length` bytes:
+  REQ   dest -> source   count u32 page numbers the destination needs now
+  PAGES source -> dest   `count` pages starting at page `start`, raw page bytes;
+                         kind says why they were sent (demand, background, prefetch)
+  CTRL  dest -> source   a JSON object (pause, resume, bandwidth, finish)
+  END   source -> dest   the background stream has sent every page
+
+Page numbers are checked against the region before anything is written:
+a frame that names a page outside it is a ProtocolError, never a write.
+
+Payloads are received straight into a caller's buffer (recv_into with
+MSG_WAITALL), so the destination can UFFDIO_COPY from that buffer without a
+Python object per page.
+"""
+
+from __future__ import annotations
+
+import array
+import json
+import socket
+import struct
+import threading
+from typing import Any, NamedTuple
+
+FRAME = struct.Struct("<BBHIQQ")
+FRAME_SIZE = FRAME.size  # 24
+
+T_REQ, T_PAGES, T_CTRL, T_END = 1, 2, 3, 4
+KIND_DEMAND, KIND_BACKGROUND, KIND_PREFETCH = 1, 2, 3
+KIND_NAMES = {KIND_DEMAND: "demand", KIND_BACKGROUND: "background", KIND_PREFETCH: "prefetch"}
+MAX_REQ_PAGES = 1 << 16
+SOCK_BUF = 4 << 20
+
+
+class ProtocolError(Exception):
+    """The peer sent something this end must not act on."""
+
+
+class Frame(NamedTuple):
+    type: int
+    kind: int
+    count: int
+    start: int
+    length: int
+
+
+class Channel:
+    """One framed, bidirectional stream. Sends are serialised by a lock (several
+    reader threads may request on one channel); receiving is for one thread."""
+
+    def __init__(self, sock: socket.socket, npages: int, page_size: int):
+        self.sock = sock
+        self.npages = npages
+        self.page_size = page_size
+        self._send_lock = threading.Lock()
+        for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, opt, SOCK_BUF)
+            except OSError:
+                pass  # a smaller buffer only costs throughput
+        self._hdr = bytearray(FRAME_SIZE)
+
+    @classmethod
+    def from_fd(cls, fd: int, npages: int, page_size: int) -> "Channel":
+        return cls(socket.socket(fileno=fd), npages, page_size)
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def close(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+
+    # --- sending ---
+    def _send(self, parts: list) -> None:
+        with self._send_lock:
+            if len(parts) == 1:
+                self.sock.sendall(parts[0])
+            else:
+                _sendmsg_all(self.sock, parts)
+
+    def send_request(self, pages) -> None:
+        body = array.array("I", pages).tobytes()
+        self._send([FRAME.pack(T_REQ, 0, 0, len(body) // 4, 0, len(body)) + body])
+
+    def send_pages(self, kind: int, start: int, count: int, data) -> None:
+        self._send([FRAME.pack(T_PAGES, kind, 0, count, start, count * self.page_size), data])
+
+    def send_page_list(self, kind: int, runs: list[tuple[int, int, Any]]) -> None:
+        """Several (start, count, data) runs in one sendmsg."""
+        parts: list = []
+        for start, count, data in runs:
+            parts.append(FRAME.pack(T_PAGES, kind, 0, count, start, count * self.page_size))
+            parts.append(data)
+        self._send(parts)
+
+    def send_ctrl(self, obj: dict) -> None:
+        body = json.dumps(obj).encode()
+        self._send([FRAME.pack(T_CTRL, 0, 0, 0, 0, len(body)) + body])
+
+    def send_end(self) -> None:
+        self._send([FRAME.pack(T_END, 0, 0, 0, 0, 0)])
+
+    # --- receiving ---
+    def recv_frame(self) -> Frame | None:
+        """The next frame header, checked; None when the peer closed the link."""
+        if not self._recv_exact(memoryview(self._hdr), FRAME_SIZE):
+            return None
+        f = Frame(*(FRAME.unpack(self._hdr)[i] for i in (0, 1, 3, 4, 5)))
+        if f.type == T_PAGES:
+            if f.kind not in KIND_NAMES:
+                raise ProtocolError(f"PAGES frame of unknown kind {f.kind}")
+            self.check_pages(f.start, f.count)
+            if f.length != f.count * self.page_size:
+                raise ProtocolError(f"PAGES frame: {f.count} pages but {f.length} bytes")
+        elif f.type == T_REQ:
+            if f.length != 4 * f.count or f.count > MAX_REQ_PAGES:
+                raise ProtocolError(f"REQ frame: {f.count} pages in {f.length} bytes")
+        elif f.type == T_CTRL:
+            if f.length > 1 << 16:
+                raise ProtocolError(f"CTRL frame of {f.length} bytes")
+        elif f.type != T_END or f.length:
+            raise ProtocolError(f"unknown frame type {f.type} ({f.length} bytes)")
+        return f
+
+    def recv_payload_into(self, buf: memoryview, length: int) -> None:
+        if not self._recv_exact(buf, length):
+            raise ProtocolError("link closed inside a frame")
+
+    def recv_request(self, f: Frame) -> array.array:
+        pages = array.array("I")
+        raw = bytearray(f.length)
+        self.recv_payload_into(memoryview(raw), f.length)
+        pages.frombytes(raw)
+        for p in pages:
+            if p >= self.npages:
+                raise ProtocolError(f"request for page {p} outside the region of {self.npages} pages")
+        return pages
+
+    def recv_ctrl(self, f: Frame) -> dict:
+        raw = bytearray(f.length)
+        self.recv_payload_into(memoryview(raw), f.length)
+        try:
+            obj = json.loads(raw)
+        except ValueError as e:
+            raise ProtocolError(f"CTRL frame is not JSON: {e}") from None
+        if not isinstance(obj, dict):
+            raise ProtocolError("CTRL frame is not a JSON object")
+        return obj
+
+    def check_pages(self, start: int, count: int) -> None:
+        if count <= 0 or start + count > self.npages:
+            raise ProtocolError(f"pages {start}+{count} outside the region of {self.npages} pages")
+
+    def _recv_exact(self, buf: memoryview, length: int) -> bool:
+        got = 0
+        while got < length:
+            n = self.sock.recv_into(buf[got:length], length - got, socket.MSG_WAITALL)
+            if n == 0:
+                if got:
+                    raise ProtocolError("link closed inside a frame")
+                return False
+            got += n
+        return True
+
+
+def _sendmsg_all(sock: socket.socket, parts: list) -> None:
+    views = [memoryview(p).cast("B") for p in parts]
+    while views:
+        sent = sock.sendmsg(views)
+        while views and sent >= len(views[0]):
+            sent -= len(views[0])
+            views.pop(0)
+        if sent:
+            views[0] = views[0][sent:]
+
+
+def channel_pair(npages: int, page_size: int) -> tuple[socket.socket, socket.socket]:
+    """A connected local pair (destination end, source end)."""
+    return socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
