@@ -1,0 +1,288 @@
+"""The destination's moving parts: installing pages, reading faults, receiving frames.
+
+Demand path for the uffd strategies (the fastest honest design measured, see
+bench/RESULTS.md): a reader thread reads a batch of uffd messages in one
+read(), notes each fault (time seen, vCPU from uffd_msg.ptid) and sends ONE
+request frame for the batch; it never waits for the reply. A receiver thread
+per channel receives each PAGES frame straight into a fixed buffer
+(recv_into) and UFFDIO_COPYs from that buffer's address into guest memory,
+which wakes the faulting vCPU. No Python object is made per page on the
+background path; a demand page costs one small tuple for its waiter.
+
+The stall a fault reports is "fault seen -> page installed": seen is when a
+reader read the message (uffd strategies) or when KVM_RUN returned to the
+vCPU thread (vcpu-exit). A fault whose page the stream installed before any
+reader got to its message counts as a fault with a zero stall and in
+`faults_no_read`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import threading
+import time
+from collections.abc import Callable
+
+from pctop.engine.telemetry import Telemetry
+from pctop.engine.transport import (KIND_BACKGROUND, KIND_DEMAND, KIND_PREFETCH, T_CTRL, T_END,
+                                    T_PAGES, Channel, ProtocolError)
+from pctop.engine.uffd import UFFD_EVENT_PAGEFAULT, UFFD_MSG, AnonMemory, Uffd, UffdError
+
+_monotonic_ns = time.monotonic_ns
+
+
+class Installer:
+    """Installs pages into guest memory through the uffd covering them, tracks
+    which pages are present and which faults wait for which page."""
+
+    def __init__(self, base: int, npages: int, page_size: int, shards: list[tuple[Uffd, int, int]],
+                 telemetry: Telemetry):
+        self.base = base
+        self.npages = npages
+        self.page_size = page_size
+        self.shards = shards
+        self.tel = telemetry
+        self.present = bytearray(npages)
+        self.present_count = 0
+        self.installs = 0  # pages UFFDIO_COPY reported as copied (each page must be exactly once)
+        self.faults_no_read = 0
+        self._waiters: dict[int, list[tuple[int, int]]] = {}
+        self._lock = threading.Lock()
+        self.all_present = threading.Event()
+
+    def note_fault(self, page: int, vcpu: int, seen_ns: int) -> bool:
+        """Record a fault; True if its page must be requested (first waiter, not present)."""
+        with self._lock:
+            if self.present[page]:
+                self.faults_no_read += 1
+                resolved = True
+            else:
+                w = self._waiters.get(page)
+                if w is None:
+                    self._waiters[page] = [(seen_ns, vcpu)]
+                    return True
+                w.append((seen_ns, vcpu))
+                return False
+        if resolved:
+            self.tel.stall(vcpu, 0)
+        return False
+
+    def install(self, kind: int, start: int, count: int, src: int) -> tuple[int, int]:
+        """Copy pages [start, start+count) from address src; returns (installed, eexist)."""
+        ps = self.page_size
+        installed = eexist = 0
+        p = start
+        end = start + count
+        for uf, lo, hi in self.shards:
+            if p >= end:
+                break
+            if p >= hi or lo >= end:
+                continue
+            n = min(end, hi) - p
+            dst, s = self.base + p * ps, src + (p - start) * ps
+            if n == 1:
+                r = uf.copy(dst, s, ps)
+                if r == ps:
+                    installed += 1
+                elif r == -errno.EEXIST:
+                    eexist += 1
+                else:
+                    raise UffdError(-r, f"UFFDIO_COPY page {p}: {os.strerror(-r)}")
+            else:
+                done, skipped = uf.copy_range(dst, s, n * ps, ps)
+                installed += done // ps
+                eexist += skipped
+            p += n
+        resolved = None
+        with self._lock:
+            fresh = count - self.present[start:end].count(1)
+            self.present[start:end] = b"\x01" * count
+            self.present_count += fresh
+            self.installs += installed
+            if self._waiters:
+                if count == 1:
+                    w = self._waiters.pop(start, None)
+                    resolved = w
+                else:
+                    resolved = []
+                    for q in [q for q in self._waiters if start <= q < end]:
+                        resolved += self._waiters.pop(q)
+        if resolved:
+            now = _monotonic_ns()
+            for seen, vcpu in resolved:
+                self.tel.stall(vcpu, now - seen)
+        self.tel.installed(installed if kind == KIND_DEMAND else 0,
+                           installed if kind == KIND_BACKGROUND else 0,
+                           installed if kind == KIND_PREFETCH else 0, eexist)
+        if self.present_count >= self.npages:
+            self.all_present.set()
+        return installed, eexist
+
+
+class FrameBuffer:
+    """A page-aligned receive buffer known by address (UFFDIO_COPY's source)."""
+
+    def __init__(self, size: int):
+        self.mem = AnonMemory(size)
+        ctypes.memset(self.mem.addr, 0, size)  # fault it in now, not during a copy
+        self.addr = self.mem.addr
+        self.size = size
+        self.view = memoryview((ctypes.c_char * size).from_address(self.addr)).cast("B")
+
+    def close(self) -> None:
+        self.view.release()
+        self.mem.close()
+
+
+class Receiver(threading.Thread):
+    """Receives frames on one channel and installs the pages they carry."""
+
+    def __init__(self, name: str, ch: Channel, installer: Installer, max_pages: int,
+                 on_ctrl: Callable[[dict], None] | None = None, on_end: Callable[[], None] | None = None,
+                 on_error: Callable[[BaseException], None] | None = None):
+        super().__init__(name=name, daemon=True)
+        self.ch = ch
+        self.installer = installer
+        self.buf = FrameBuffer(max_pages * installer.page_size)
+        self.on_ctrl = on_ctrl
+        self.on_end = on_end
+        self.on_error = on_error
+
+    def run(self) -> None:
+        ch, buf, inst = self.ch, self.buf, self.installer
+        try:
+            while True:
+                f = ch.recv_frame()
+                if f is None:
+                    return
+                if f.type == T_PAGES:
+                    if f.length > buf.size:
+                        raise ProtocolError(f"PAGES frame of {f.length} bytes exceeds {buf.size}")
+                    ch.recv_payload_into(buf.view, f.length)
+                    inst.install(f.kind, f.start, f.count, buf.addr)
+                elif f.type == T_END:
+                    if self.on_end:
+                        self.on_end()
+                elif f.type == T_CTRL:
+                    msg = ch.recv_ctrl(f)
+                    if self.on_ctrl:
+                        self.on_ctrl(msg)
+                else:
+                    raise ProtocolError(f"destination got frame type {f.type}")
+        except (OSError, ProtocolError) as e:
+            if self.on_error:
+                self.on_error(e)
+
+
+class VcpuMap:
+    """uffd_msg.ptid -> vCPU index, from the workload's vcpu_tids(). A tid not
+    known yet triggers a refresh (vCPU threads start while faults arrive); once
+    every vCPU has a tid, an unknown tid is remembered as not a vCPU."""
+
+    def __init__(self, vcpu_tids: Callable[[], list[int]], telemetry: Telemetry):
+        self._source = vcpu_tids
+        self._tel = telemetry
+        self._map: dict[int, int] = {}
+        self._complete = False
+
+    def refresh(self) -> None:
+        tids = list(self._source() or [])
+        self._map = {tid: i for i, tid in enumerate(tids) if tid}
+        self._complete = bool(tids) and all(tids)
+        for i, tid in enumerate(tids[:len(self._tel.vcpus)]):
+            self._tel.vcpus[i].tid = tid or 0
+
+    def get(self, tid: int) -> int:
+        v = self._map.get(tid)
+        if v is None:
+            if self._complete:
+                return -1
+            self.refresh()
+            v = self._map.get(tid)
+            if v is None:
+                if self._complete:
+                    self._map[tid] = -1  # not a vCPU: do not refresh for it again
+                return -1
+        return v
+
+
+class UffdReader(threading.Thread):
+    """Reads fault messages from one uffd in batches and requests their pages."""
+
+    def __init__(self, name: str, uf: Uffd, installer: Installer, ch: Channel, vcpus: VcpuMap,
+                 stop_fd: int, on_error: Callable[[BaseException], None] | None = None):
+        super().__init__(name=name, daemon=True)
+        self.uf, self.installer, self.ch, self.vcpus, self.stop_fd = uf, installer, ch, vcpus, stop_fd
+        self.stats = installer.tel.add_reader(name)
+        self.on_error = on_error
+        self.stopping = False
+
+    def run(self) -> None:
+        st = self.stats
+        st.tid = threading.get_native_id()
+        uf, inst, ch, vmap = self.uf, self.installer, self.ch, self.vcpus
+        base, shift = inst.base, inst.page_size.bit_length() - 1
+        note, unpack = inst.note_fault, UFFD_MSG.iter_unpack
+        try:
+            while not self.stopping:
+                raw = uf.read_raw(64)
+                if not raw:
+                    uf.wait(None, self.stop_fd)
+                    continue
+                t = _monotonic_ns()
+                need = []
+                n = 0
+                for event, _flags, addr, ptid in unpack(raw):
+                    if event != UFFD_EVENT_PAGEFAULT:
+                        continue
+                    n += 1
+                    page = (addr - base) >> shift
+                    if note(page, vmap.get(ptid), t):
+                        need.append(page)
+                if need:
+                    ch.send_request(need)
+                    inst.tel.requests += 1
+                st.msgs += n
+                st.reads += 1
+                st.busy_ns += _monotonic_ns() - t
+        except (OSError, ProtocolError) as e:
+            if self.on_error and not self.stopping:
+                self.on_error(e)
+
+
+class VcpuExitHandler:
+    """vcpu-exit strategy: the vCPU thread that got the memory-fault exit fetches
+    its own page on its own channel, installs it, and goes back into the guest."""
+
+    def __init__(self, installer: Installer, channels: list[Channel]):
+        self.installer = installer
+        self.channels = channels
+        self.bufs = [FrameBuffer(installer.page_size) for _ in channels]
+        self.address_sources: set[str] = set()
+        self.outside = 0  # exits for addresses outside guest data memory (not ours to fix)
+
+    def on_memory_fault(self, vcpu: int, host_addr: int, address_source: str) -> bool:
+        t0 = _monotonic_ns()
+        inst = self.installer
+        self.address_sources.add(address_source)
+        page = (host_addr - inst.base) // inst.page_size
+        if not 0 <= page < inst.npages or not 0 <= vcpu < len(self.channels):
+            self.outside += 1
+            return False
+        if not inst.present[page]:
+            ch, buf = self.channels[vcpu], self.bufs[vcpu]
+            ch.send_request((page,))
+            inst.tel.requests += 1
+            f = ch.recv_frame()
+            if f is None or f.type != T_PAGES or f.length > buf.size:
+                raise ProtocolError(f"vCPU {vcpu}: expected one demand page, got {f}")
+            ch.recv_payload_into(buf.view, f.length)
+            inst.install(f.kind, f.start, f.count, buf.addr)
+        inst.tel.stall(vcpu, _monotonic_ns() - t0)
+        return True
+
+    def close(self) -> None:
+        for b in self.bufs:
+            b.close()
