@@ -37,9 +37,10 @@ from pctop.sources.readings import (
     VcpuIdentity,
 )
 
-# Higher wins. KVM_CREATE_VCPU + KVM_RUN seen by the probes is exact; the
-# engine and debugfs are exact too; thread names are a convention.
-IDENTITY_TRUST = {"kvm_create_vcpu": 4, "engine": 3, "debugfs": 3, "thread_name": 1}
+# Higher wins. KVM_CREATE_VCPU + KVM_RUN seen by the probes is exact; a vCPU
+# fd's index (from /proc) plus KVM_RUN on it, the engine's own word and debugfs
+# are exact too; thread names are a convention.
+IDENTITY_TRUST = {"kvm_create_vcpu": 5, "kvm_vcpu_fd": 4, "engine": 4, "debugfs": 3, "thread_name": 1}
 
 
 @dataclass
@@ -97,10 +98,19 @@ def merge_readings(readings: Iterable[Reading]) -> Merged:
 
 
 def remember_identity(known: dict[tuple[int, int], VcpuIdentity], ident: VcpuIdentity) -> None:
-    key = (ident.pid, ident.tid)
-    old = known.get(key)
-    if old is None or IDENTITY_TRUST.get(ident.how, 0) >= IDENTITY_TRUST.get(old.how, 0):
-        known[key] = ident
+    """Keep the most trusted identity per thread. A less trusted source never
+    overrides a more trusted one, neither for the thread nor for a vCPU index
+    the more trusted one placed on another thread (that claim is dropped)."""
+    rank = IDENTITY_TRUST.get(ident.how, 0)
+    old = known.get((ident.pid, ident.tid))
+    if old is not None and IDENTITY_TRUST.get(old.how, 0) > rank:
+        return
+    rivals = [k for k, v in known.items() if k[0] == ident.pid and k[1] != ident.tid and v.vcpu == ident.vcpu]
+    if any(IDENTITY_TRUST.get(known[k].how, 0) > rank for k in rivals):
+        return
+    for k in rivals:
+        del known[k]
+    known[(ident.pid, ident.tid)] = ident
 
 
 def vcpu_sample(tf: ThreadFaults | None, ident: VcpuIdentity | None, tid: int, name: str,

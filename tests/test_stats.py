@@ -203,3 +203,13 @@ def test_a_vcpu_thread_that_exits_is_no_longer_listed():
     assert [v.tid for v in s.targets[0].vcpus] == [11, 12]
     s, _ = build([Reading("procfs", targets=(ti._replace(thread_names={10: "qemu", 11: "CPU 0/KVM"}),))], m)
     assert [(v.tid, v.name) for v in s.targets[0].vcpus] == [(11, "CPU 0/KVM")]
+
+
+def test_a_vcpu_index_is_owned_by_the_most_trusted_claim():
+    m = Memory()
+    # thread names say tid 11 is vCPU 0; the probes know tid 12 is vCPU 0.
+    build([Reading("procfs", identities=(VcpuIdentity(10, 11, 0, "thread_name"),))], m)
+    build([Reading("ebpf", identities=(VcpuIdentity(10, 12, 0, "kvm_create_vcpu"),))], m)
+    assert {k: v.how for k, v in m.identities.items()} == {(10, 12): "kvm_create_vcpu"}
+    build([Reading("procfs", identities=(VcpuIdentity(10, 11, 0, "thread_name"),))], m)
+    assert {k: v.how for k, v in m.identities.items()} == {(10, 12): "kvm_create_vcpu"}
