@@ -138,3 +138,19 @@ def test_kick_interrupts_kvm_run_from_another_thread(immediate_exit):
     finally:
         vm.close()
         kvm.close()
+
+
+@pytest.mark.kvm
+@needs_kvm
+def test_msrs_round_trip():
+    kvm = k.Kvm()
+    vm = kvm.create_vm()
+    try:
+        vcpu = vm.create_vcpu(0)
+        vcpu.set_cpuid(kvm.supported_cpuid())
+        kernel_gs_base = 0xC0000102
+        assert vcpu.set_msrs({kernel_gs_base: 0x1234_5000}) == 1
+        assert vcpu.get_msr(kernel_gs_base) == 0x1234_5000
+    finally:
+        vm.close()
+        kvm.close()

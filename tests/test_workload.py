@@ -180,9 +180,10 @@ def test_guest_runs_natively_and_stop_returns_while_it_spins(prefilled):
     w.start()
     try:
         tids = w.vcpu_tids()
-        for i, tid in enumerate(tids):
+        for i, (tid, fd) in enumerate(zip(tids, w.vcpu_fds())):
             with open(f"/proc/self/task/{tid}/comm") as f:
                 assert f.read().strip() == f"CPU {i}/KVM"
+            assert os.readlink(f"/proc/self/fd/{fd}") == f"anon_inode:kvm-vcpu:{i}"
         while min(p.touched for p in w.progress()) < 50_000:
             time.sleep(0.01)
         stats = w.kvm_stats()
@@ -212,17 +213,33 @@ def source():
     src.close()
 
 
+@pytest.fixture
+def registered(source):
+    """make(sigbus) -> (dest, uffd): an empty destination region registered with a new uffd."""
+    made = []
+
+    def make(sigbus: bool) -> tuple[AnonMemory, Uffd]:
+        dest, uffd = AnonMemory(source.size), Uffd(sigbus=sigbus)
+        made.append((dest, uffd))
+        uffd.register(dest.addr, dest.size)
+        return dest, uffd
+    yield make
+    for dest, uffd in made:
+        uffd.close()       # wakes any thread still waiting in a fault
+        dest.close()
+
+
 @needs_uffd
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("cls", BOTH)
-def test_missing_mode_blocks_until_the_page_is_copied(cls, source):
-    dest = AnonMemory(source.size)
-    uffd = Uffd(nonblock=True)
-    uffd.register(dest.addr, dest.size)
+def test_missing_mode_blocks_until_the_page_is_copied(cls, source, registered):
+    dest, uffd = registered(sigbus=False)
     w = cls(dest.addr, dest.size, 1, pattern="seq", write_ratio=0.0, passes=1)
     try:
         w.start()
         tid = w.vcpu_tids()[0]
+        with open(f"/proc/self/task/{tid}/comm") as f:
+            assert f.read().strip() == ("CPU 0/KVM" if cls is KvmWorkload else "vcpu 0")
         for expected_page in range(3):
             assert uffd.wait(10)
             faults = uffd.read_faults()
@@ -237,9 +254,10 @@ def test_missing_mode_blocks_until_the_page_is_copied(cls, source):
         assert w.wait(30)
         assert w.progress()[0].touched == dest.size // PAGE
     finally:
-        w.stop() if cls is KvmWorkload else _stop_threads(w, uffd, dest, source)
-        uffd.close()
-        dest.close()
+        if cls is KvmWorkload:
+            w.stop()
+        else:
+            _stop_threads(w, uffd, dest, source)
 
 
 def _stop_threads(w, uffd, dest, source) -> None:
@@ -255,28 +273,20 @@ def _stop_threads(w, uffd, dest, source) -> None:
 @pytest.mark.kvm
 @pytest.mark.skipif(not HAVE_KVM, reason="/dev/kvm is missing or not accessible")
 @pytest.mark.timeout(30)
-def test_kvm_stop_interrupts_a_vcpu_blocked_in_a_fault(source):
-    dest = AnonMemory(source.size)
-    uffd = Uffd()
-    uffd.register(dest.addr, dest.size)
+def test_kvm_stop_interrupts_a_vcpu_blocked_in_a_fault(registered):
+    dest, uffd = registered(sigbus=False)
     w = KvmWorkload(dest.addr, dest.size, 1, pattern="seq", passes=1)
-    try:
-        w.start()
-        assert uffd.wait(10)                 # the vCPU sleeps in handle_userfault
-        w.stop()                             # the kick wakes it (interruptible wait)
-        assert w.errors == [] and not w.progress()[0].done
-    finally:
-        uffd.close()
-        dest.close()
+    w.start()
+    assert uffd.wait(10)                 # the vCPU sleeps in handle_userfault
+    w.stop()                             # the kick wakes it (interruptible wait)
+    assert w.errors == [] and not w.progress()[0].done
 
 
 @needs_uffd
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("cls", BOTH)
-def test_vcpu_exit_callback_gets_the_address_and_the_guest_proceeds(cls, source):
-    dest = AnonMemory(source.size)
-    uffd = Uffd(sigbus=True)
-    uffd.register(dest.addr, dest.size)
+def test_vcpu_exit_callback_gets_the_address_and_the_guest_proceeds(cls, source, registered):
+    dest, uffd = registered(sigbus=True)
     calls = []
 
     def on_memory_fault(vcpu: int, addr: int, address_source: str) -> None:
@@ -290,7 +300,6 @@ def test_vcpu_exit_callback_gets_the_address_and_the_guest_proceeds(cls, source)
         assert w.wait(60)
     finally:
         w.stop()
-        uffd.close()
     tids = w.vcpu_tids()
     npages = dest.size // PAGE
     # seq: each vCPU faults once on each page of its shard, in order, on its own thread
@@ -306,7 +315,6 @@ def test_vcpu_exit_callback_gets_the_address_and_the_guest_proceeds(cls, source)
     assert w.dirty_pages() == want_dirty
     data = read_data(dest)
     assert all(data[i * PAGE:i * PAGE + 64] == header(i) for i in range(npages))
-    dest.close()
 
 
 def _fault_rate(vcpus: int, npages: int) -> tuple[float, float]:

@@ -63,6 +63,7 @@ SEL_KERNEL_CS, SEL_KERNEL_DS, SEL_USER_DS, SEL_USER_CS, SEL_TSS = 0x10, 0x18, 0x
 # Control registers for 64-bit paging (platform.md: what PVM runs natively).
 CR0 = 0x80050033    # PG | AM | WP | NE | ET | MP | PE
 CR4 = 0x10620       # FSGSBASE | OSXMMEXCPT | OSFXSR | PAE
+CR4_FSGSBASE = 0x10000
 EFER = 0xD01        # NXE | LMA | LME | SCE
 RFLAGS = 0x2        # reserved bit 1; interrupts off
 
@@ -339,8 +340,11 @@ class AccessModel:
         return index, PAGE_HEADER + (r & WRITE_OFFSET_MASK)
 
 
-def set_long_mode_sregs(sregs) -> None:
-    """Fill a kvm.KvmSregs for the CPL3 long-mode guest (flat segments, busy TSS, paging on)."""
+def set_long_mode_sregs(sregs, fsgsbase: bool = True) -> None:
+    """Fill a kvm.KvmSregs for the CPL3 long-mode guest (flat segments, busy TSS, paging on).
+
+    CR4.FSGSBASE only where the guest CPUID offers it (KVM refuses it otherwise);
+    PVM offers it, and its measured native set-up has it."""
     def flat(seg, selector: int, seg_type: int, long_mode: int) -> None:
         seg.base, seg.limit, seg.selector, seg.type = 0, 0xFFFFFFFF, selector, seg_type
         seg.present, seg.dpl, seg.s, seg.g, seg.avl, seg.unusable = 1, 3, 1, 1, 0, 0
@@ -354,4 +358,5 @@ def set_long_mode_sregs(sregs) -> None:
     sregs.ldt.unusable = 1
     sregs.gdt.base, sregs.gdt.limit = GDT_GPA, gdt_limit()
     sregs.idt.base, sregs.idt.limit = 0, 0                   # no IDT: any exception ends the guest
-    sregs.cr0, sregs.cr3, sregs.cr4, sregs.efer = CR0, PML4_GPA, CR4, EFER
+    sregs.cr0, sregs.cr3, sregs.efer = CR0, PML4_GPA, EFER
+    sregs.cr4 = CR4 if fsgsbase else CR4 & ~CR4_FSGSBASE

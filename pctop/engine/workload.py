@@ -153,6 +153,7 @@ class _WorkloadBase:
             ready.set()
 
     def vcpu_tids(self) -> list[int]:
+        """OS thread id of each vCPU's thread (index = vCPU), known once start() returned."""
         return list(self._tids)
 
     def wait(self, timeout: float) -> bool:
@@ -184,6 +185,8 @@ class KvmWorkload(_WorkloadBase):
         self._kvm = k.Kvm()
         self.capabilities = self._kvm.capabilities()
         self._cpuid = self._kvm.supported_cpuid()
+        self._has_fsgsbase = any(e.function == 7 and e.index == 0 and e.ebx & 1
+                                 for e in self._cpuid.entries[:self._cpuid.nent])
         self._vm = self._kvm.create_vm()
         self._vm.set_tss_addr(0xFFFBD000)
         system_addr = ctypes.addressof(ctypes.c_char.from_buffer(self._system))
@@ -202,7 +205,7 @@ class KvmWorkload(_WorkloadBase):
         self._vcpus[i] = vcpu
         vcpu.set_cpuid(self._cpuid)            # before sregs: long mode needs CPUID.LM
         sregs = vcpu.get_sregs()
-        g.set_long_mode_sregs(sregs)
+        g.set_long_mode_sregs(sregs, fsgsbase=self._has_fsgsbase)
         vcpu.set_sregs(sregs)
         regs = k.KvmRegs()
         entry = g.entry_registers(self.plans[i], i, self.params, self.hot_npages[i],
@@ -256,6 +259,10 @@ class KvmWorkload(_WorkloadBase):
             out.append(VcpuProgress(touched, passes, host, bool(done)))
         return out
 
+    def vcpu_fds(self) -> list[int]:
+        """The KVM_CREATE_VCPU fd of each vCPU (index = vCPU id), -1 once stopped."""
+        return [vcpu.fd if vcpu is not None else -1 for vcpu in self._vcpus]
+
     def kvm_stats(self) -> list[dict[str, int]]:
         """Per-vCPU KVM counters (KVM_GET_STATS_FD): exits, insn_emulation, pf_taken, ..."""
         return [vcpu.stats() if vcpu is not None else {} for vcpu in self._vcpus]
@@ -308,7 +315,7 @@ class ThreadWorkload(_WorkloadBase):
         max_passes = self.params.max_passes
         scratch = ctypes.c_uint64()
         scratch_addr = ctypes.addressof(scratch)
-        present = ctypes.create_string_buffer(1)
+        present = (ctypes.c_ubyte * (page_size // 4096))()   # mincore: a byte per 4 KiB
         memmove, mincore = ctypes.memmove, _libc.mincore
         while not self._stopping:
             index, write_offset = model.next()
@@ -317,7 +324,7 @@ class ThreadWorkload(_WorkloadBase):
             if on_fault is not None:
                 if mincore(page, page_size, present) != 0:
                     raise OSError(ctypes.get_errno(), "mincore on the data region")
-                if not present.raw[0] & 1:
+                if not present[0] & 1:
                     on_fault(i, page, "guest-assisted")
             if write_offset >= 0:
                 dirty[first_page + index] = 1                # before the store, like the guest
