@@ -87,6 +87,33 @@ def test_a_real_target_that_exits_is_reported_gone():
             src.close()
 
 
+@pytest.mark.kvm
+def test_a_real_kvm_process_is_discovered_by_its_vcpu_fds_and_its_vcpus_identified():
+    from tests.conftest import need_kvm
+
+    need_kvm()
+    with holder(2, kvm=True) as (_, pid, _vmfd):
+        paths = HostPaths()
+        assert pid in find_uffd_holders(paths)  # no uffd: found by its vCPU fds
+        assert scan_fds(paths, pid).vcpu_ids == (0, 1)  # fds dup'ed by mmap count once
+        src = ProcfsSource()
+        src.start()
+        try:
+            time.sleep(0.05)
+            r = src.collect()
+        finally:
+            src.close()
+    idents = sorted((i.vcpu, i.how) for i in r.identities if i.pid == pid)
+    names = {t.pid: t.thread_names for t in r.targets}[pid]
+    if os.path.isdir(os.path.join(paths.debugfs, "kvm")):
+        assert idents == [(0, "debugfs"), (1, "debugfs")]
+    else:
+        assert idents == [(0, "thread_name"), (1, "thread_name")]
+    assert sorted(n for n in names.values() if n.endswith("/KVM")) == ["CPU 0/KVM", "CPU 1/KVM"]
+    # Both vCPU threads are known, so the rest of the process is the handler side.
+    assert {t.pid: t.handler_cpu_pct for t in r.targets}[pid] is not None
+
+
 def test_unknown_pid_is_target_not_found():
     with pytest.raises(TargetNotFound, match="999999999"):
         ProcfsSource([999999999]).check_pids()

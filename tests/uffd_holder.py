@@ -7,6 +7,11 @@ it reads and resolves anything (a deliberately slow handler: the uffd queue
 holds N pending faults meanwhile). Then it serves faults until killed.
 Prints one line "READY <pid> <uffd fd>" once the threads are started.
 
+`python tests/uffd_holder.py kvm N`: a KVM VM with N vCPUs instead (no uffd),
+each vCPU on its own thread named like QEMU's ("CPU i/KVM") that enters
+KVM_RUN once with immediate_exit set (KVM then records the thread in
+debugfs vcpuN/pid, and returns at once). Prints "READY <pid> <vm fd>".
+
 `holder(n, hold_s)` runs it and always kills it, even when the test fails.
 """
 
@@ -46,11 +51,37 @@ def main(n: int, hold_s: float) -> None:
                 uffd.copy(msg.address & ~(PAGE - 1), ctypes.addressof(src), PAGE)
 
 
+def main_kvm(n: int) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from pctop.engine.kvm import Kvm
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    vm = Kvm().create_vm()
+    vcpus = [vm.create_vcpu(i) for i in range(n)]
+    entered = threading.Barrier(n + 1)
+
+    def vcpu_thread(i: int) -> None:
+        libc.prctl(15, f"CPU {i}/KVM".encode(), 0, 0, 0)  # PR_SET_NAME
+        vcpus[i].run_struct.immediate_exit = 1
+        try:
+            vcpus[i].run()
+        except OSError:
+            pass  # EINTR: immediate_exit did its job
+        entered.wait()
+        threading.Event().wait()
+
+    for i in range(n):
+        threading.Thread(target=vcpu_thread, args=(i,), daemon=True).start()
+    entered.wait()
+    print(f"READY {os.getpid()} {vm.fd}", flush=True)
+    threading.Event().wait()
+
+
 @contextlib.contextmanager
-def holder(n: int = 1, hold_s: float = 3600.0):
-    """Yields (Popen, pid, uffd fd) of a running holder; kills it afterwards."""
-    p = subprocess.Popen([sys.executable, __file__, str(n), str(hold_s)], stdout=subprocess.PIPE,
-                         text=True)
+def holder(n: int = 1, hold_s: float = 3600.0, kvm: bool = False):
+    """Yields (Popen, pid, uffd fd or VM fd) of a running holder; kills it afterwards."""
+    args = ["kvm", str(n)] if kvm else [str(n), str(hold_s)]
+    p = subprocess.Popen([sys.executable, __file__, *args], stdout=subprocess.PIPE, text=True)
     try:
         line = p.stdout.readline().split()
         if len(line) != 3 or line[0] != "READY":
@@ -62,4 +93,7 @@ def holder(n: int = 1, hold_s: float = 3600.0):
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), float(sys.argv[2]))
+    if sys.argv[1] == "kvm":
+        main_kvm(int(sys.argv[2]))
+    else:
+        main(int(sys.argv[1]), float(sys.argv[2]))

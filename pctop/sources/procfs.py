@@ -10,8 +10,8 @@
 - vCPU identity: debugfs `kvm/<pid>-<vmfd>/vcpuN/pid`, else thread names.
 - Handler CPU%: CPU time of the target's threads that are not vCPUs (without
   eBPF nobody can tell which threads read the uffd). When the process has
-  more vCPU fds than identified vCPU threads it is unknown (None), because a
-  busy vCPU would be counted as the handler.
+  fds of more vCPUs than there are identified vCPU threads it is unknown
+  (None), because a busy vCPU would be counted as the handler.
 
 Every path goes through one HostPaths (pctop.hostpaths) so tests can point
 the source at a fake /proc. Thread CPU times are read from
@@ -48,7 +48,7 @@ class TargetNotFound(LookupError):
 
 class ProcFds(NamedTuple):
     uffds: tuple[int, ...]  # fd numbers of userfaultfds
-    vcpu_fds: int  # how many kvm-vcpu fds the process holds
+    vcpu_ids: tuple[int, ...]  # vCPU indexes of the kvm-vcpu fds (one fd may be dup'ed, e.g. by mmap)
 
 
 class ThreadStat(NamedTuple):
@@ -97,7 +97,7 @@ def scan_fds(paths: HostPaths, pid: int) -> ProcFds | None:
         names = os.listdir(fd_dir)
     except (FileNotFoundError, ProcessLookupError, PermissionError, NotADirectoryError):
         return None
-    uffds, vcpus = [], 0
+    uffds, vcpus = [], set()
     for name in names:
         try:
             link = os.readlink(os.path.join(fd_dir, name))
@@ -105,9 +105,9 @@ def scan_fds(paths: HostPaths, pid: int) -> ProcFds | None:
             continue  # closed meanwhile
         if link == UFFD_LINK:
             uffds.append(int(name))
-        elif link.startswith(VCPU_LINK_PREFIX):
-            vcpus += 1
-    return ProcFds(tuple(sorted(uffds)), vcpus)
+        elif link.startswith(VCPU_LINK_PREFIX) and link[len(VCPU_LINK_PREFIX):].isdigit():
+            vcpus.add(int(link[len(VCPU_LINK_PREFIX):]))
+    return ProcFds(tuple(sorted(uffds)), tuple(sorted(vcpus)))
 
 
 def read_threads(paths: HostPaths, pid: int) -> dict[int, ThreadStat]:
@@ -170,7 +170,7 @@ def find_uffd_holders(paths: HostPaths, exclude: Iterable[int] = ()) -> list[int
         if pid in skip:
             continue
         fds = scan_fds(paths, pid)
-        if fds and (fds.uffds or fds.vcpu_fds):
+        if fds and (fds.uffds or fds.vcpu_ids):
             out.append(pid)
     return sorted(out)
 
@@ -271,7 +271,7 @@ class ProcfsSource:
         self._targets: dict[int, _Target] = {}
         self._dead: set[int] = set()  # named pids that exited: a reused pid is someone else
         self._uffds: dict[int, tuple[int, ...]] = {}
-        self._vcpu_fds: dict[int, int] = {}  # pid -> kvm-vcpu fds held, at the last refresh
+        self._vcpus: dict[int, int] = {}  # pid -> how many vCPUs it has fds of, at the last refresh
         self._ticks: dict[int, dict[int, int]] = {}  # pid -> tid -> cpu ticks at last collect
         self._last = monotonic()
         self._sampler = DepthSampler(paths, sample_hz)
@@ -302,7 +302,7 @@ class ProcfsSource:
                     self._dead.add(pid)
                 del self._targets[pid]
                 self._uffds.pop(pid, None)
-                self._vcpu_fds.pop(pid, None)
+                self._vcpus.pop(pid, None)
                 self._ticks.pop(pid, None)
         for pid in self._wanted():
             if pid in self._targets:
@@ -324,7 +324,7 @@ class ProcfsSource:
                 if closed:
                     notes.append(f"pid {pid} closed userfaultfd fd {', '.join(map(str, closed))}")
             self._uffds[pid] = now
-            self._vcpu_fds[pid] = fds.vcpu_fds if fds else 0
+            self._vcpus[pid] = len(fds.vcpu_ids) if fds else 0
         self._sampler.watch((pid, fd) for pid, fds in self._uffds.items() for fd in fds)
         return gone, notes
 
@@ -349,7 +349,7 @@ class ProcfsSource:
                 continue  # exited this instant; the next refresh reports it gone
             threads = read_threads(self.paths, pid)
             vcpus = self._identify(pid, threads, identities)
-            cpu = self._handler_cpu(pid, threads, vcpus, self._vcpu_fds.get(pid, 0), interval)
+            cpu = self._handler_cpu(pid, threads, vcpus, self._vcpus.get(pid, 0), interval)
             infos.append(TargetInfo(pid, comm, cpu, {tid: ts.name for tid, ts in threads.items()}))
         return Reading(source=self.name, depths=tuple(self._sampler.take()),
                        identities=tuple(identities), targets=tuple(infos), gone=tuple(gone),
@@ -378,10 +378,10 @@ class ProcfsSource:
         return vcpu_tids
 
     def _handler_cpu(self, pid: int, threads: dict[int, ThreadStat], vcpu_tids: set[int],
-                     vcpu_fds: int, interval_s: float) -> float | None:
+                     n_vcpus: int, interval_s: float) -> float | None:
         prev = self._ticks.get(pid)
         self._ticks[pid] = {tid: ts.cpu_ticks for tid, ts in threads.items()}
-        if prev is None or len(vcpu_tids) < vcpu_fds:
+        if prev is None or len(vcpu_tids) < n_vcpus:
             return None  # no baseline yet, or vCPU threads we cannot tell apart
         ticks = sum(rates.counter_delta(ts.cpu_ticks, prev.get(tid, 0))
                     for tid, ts in threads.items() if tid not in vcpu_tids)
