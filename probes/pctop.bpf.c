@@ -88,10 +88,14 @@
 #define DBG_EXIT_STALLS 6     /* vCPU-exit mode stalls (EFAULT return -> KVM_RUN again) */
 #define DBG_SLOTS 8
 
+struct uffd_range {
+    u64 start, end;
+};
+
 struct range_set {
     u32 n;        /* slots in use (may contain holes start == end) */
     u32 overflow; /* more than MAX_RANGES registrations: match everything */
-    struct { u64 start, end; } r[MAX_RANGES];
+    struct uffd_range r[MAX_RANGES];
 };
 
 struct fd_key {
@@ -876,7 +880,9 @@ TRACEPOINT_PROBE(kvm, kvm_userspace_exit)
     if (t->phase == PH_FAULTED && t->addr == 0)
         clear_fault(t); /* a weak candidate that never slept */
     u32 reason = args->reason;
-    u32 err = args->errno;
+    /* the field holds KVM_RUN's return value: 0 or -errno */
+    int ret = args->errno;
+    u32 err = ret < 0 ? -ret : 0;
     struct exit_key k = {.tid = tid, .tgid = tgid, .epoch = (u32)cfg(CFG_EPOCH),
                          .code = (err << 16) | (reason & 0xffff)};
     u64 *c = exits.lookup(&k);

@@ -1,0 +1,324 @@
+"""The eBPF source: per-thread uffd stalls and KVM_RUN exits, per-uffd handler
+activity, from the tracepoint-only probes in probes/pctop.bpf.c.
+
+The probes aggregate in the kernel, keyed by an epoch number that user space
+flips once per interval: `collect()` flips it, then reads and deletes every
+entry of the previous epoch, so each Reading holds exactly one interval's
+deltas and no event is lost between the read and the clear (an event that
+races the flip lands in the next interval instead).
+
+Which processes are followed is a kernel map: the pids given (and add_pid),
+plus, in follow_all mode, any process that calls userfaultfd(),
+USERFAULTFD_IOC_NEW or a uffd/KVM ioctl, adopted in the kernel from that very
+call; and any process whose uffd ioctl woke a followed thread (a separate
+handler, Firecracker-style), so its per-uffd counters are shown too.
+For a process that set things up before pctop started, its uffd fds, vCPU fds
+and uffd-registered ranges are read from /proc and written into the maps.
+
+Importing this module does not import bcc; start() does.
+"""
+
+from __future__ import annotations
+
+import ctypes as ct
+import os
+import time
+from pathlib import Path
+
+from pctop import doctor
+from pctop.hostpaths import DEFAULT, HostPaths
+from pctop.sources import identity
+from pctop.sources.procfs import read_comm
+from pctop.sources.readings import (HIST_BUCKETS, Reading, TargetInfo, ThreadFaults,
+                                    UffdCounters, VcpuIdentity)
+from pctop.sources.tracepoints import OPTIONAL_MACROS
+
+PROBE_FILE = Path(os.environ.get("PCTOP_PROBES", Path(__file__).resolve().parents[2] / "probes")) / "pctop.bpf.c"
+
+# Must match probes/pctop.bpf.c.
+CFG_FOLLOW_ALL, CFG_EPOCH = 0, 1
+TARGET_GIVEN, TARGET_AUTO, TARGET_HANDLER = 1, 2, 4
+HOW_CREATE_VCPU, HOW_VCPU_FD = 1, 2
+HOW_NAMES = {HOW_CREATE_VCPU: "kvm_create_vcpu", HOW_VCPU_FD: "kvm_vcpu_fd"}
+MAX_RANGES = 64
+DEBUG_COUNTERS = ("not_uffd_wake", "missed_wake", "msg_unmatched", "msg_by_ptid", "msg_by_addr",
+                  "read_via_copy", "exit_stalls")
+FALLBACK_IDENTITY_TTL_S = 5.0
+
+# include/uapi/linux/kvm.h KVM_EXIT_*; index = exit_reason.
+KVM_EXIT_NAMES = (
+    "unknown", "exception", "io", "hypercall", "debug", "hlt", "mmio", "irq_window_open",
+    "shutdown", "fail_entry", "intr", "set_tpr", "tpr_access", "s390_sieic", "s390_reset", "dcr",
+    "nmi", "internal_error", "osi", "papr_hcall", "s390_ucontrol", "watchdog", "s390_tsch", "epr",
+    "system_event", "s390_stsi", "ioapic_eoi", "hyperv", "arm_nisv", "x86_rdmsr", "x86_wrmsr",
+    "dirty_ring_full", "ap_reset_hold", "x86_bus_lock", "xen", "riscv_sbi", "riscv_csr", "notify",
+    "loongarch_iocsr", "memory_fault", "tdx", "arm_sea",
+)
+ERRNO_NAMES = {4: "eintr", 11: "eagain", 14: "efault", 7: "e2big", 22: "einval", 5: "eio"}
+
+
+class EbpfUnavailable(RuntimeError):
+    """The probes cannot run here; the message says why, in one line."""
+
+
+def exit_name(code: int) -> str:
+    """A KVM_RUN return as the probes encode it (errno << 16 | exit_reason) -> "mmio", "efault", ..."""
+    err, reason = code >> 16, code & 0xFFFF
+    if err:
+        return ERRNO_NAMES.get(err, f"errno_{err}")
+    return KVM_EXIT_NAMES[reason] if reason < len(KVM_EXIT_NAMES) else f"exit_{reason}"
+
+
+def tracepoint_exists(tp: str, paths: HostPaths = DEFAULT) -> bool:
+    cat, name = tp.split(":", 1)
+    return os.path.exists(os.path.join(paths.tracefs, "events", cat, name, "id"))
+
+
+def ebpf_unavailable_reason(paths: HostPaths = DEFAULT) -> str | None:
+    """Why the probes cannot run here (one line with the fix), or None. Cheap: no bcc import."""
+    checks = (doctor.check_privilege, doctor.check_bcc, doctor.check_tracefs, doctor.check_headers)
+    for check in checks:
+        r = check(paths)
+        if r.failed:
+            return f"{r.name}: {r.detail}" + (f" (fix: {r.fix})" if r.fix else "")
+    for r in doctor.check_tracepoints(paths):
+        if r.failed:
+            return f"{r.name}: {r.detail}"
+    if not PROBE_FILE.is_file():
+        return f"probe source {PROBE_FILE} is missing (set PCTOP_PROBES to its folder)"
+    return None
+
+
+def probe_cflags(paths: HostPaths = DEFAULT) -> list[str]:
+    """-D flags enabling the optional probes whose tracepoints exist on this kernel."""
+    return [f"-D{macro}" for tp, macro in OPTIONAL_MACROS.items() if tracepoint_exists(tp, paths)]
+
+
+class EbpfSource:
+    """Source protocol (pctop.sources.readings.Source) over the eBPF probes."""
+
+    name = "ebpf"
+
+    def __init__(self, pids: list[int] | None = None, follow_all: bool = False, *,
+                 paths: HostPaths = DEFAULT) -> None:
+        self.paths = paths
+        self.follow_all = follow_all
+        self._initial = list(pids or ())
+        self._bpf = None
+        self._epoch = 0
+        self._known: dict[int, int] = {}  # followed pid -> flags, as of the last collect
+        self._vcpus_seen: set[tuple[int, int]] = set()
+        self._fallback: dict[int, tuple[float, dict[int, tuple[int, str]]]] = {}
+        self._events: list[str] = []
+        self.startup_s: float | None = None  # compile + load + attach, measured by start()
+        self.attached: tuple[str, ...] = ()
+
+    # ---- life cycle -----------------------------------------------------------------------
+
+    def start(self) -> None:
+        reason = ebpf_unavailable_reason(self.paths)
+        if reason:
+            raise EbpfUnavailable(reason)
+        from bcc import BPF  # the one place bcc is imported
+
+        t0 = time.monotonic()
+        cflags = probe_cflags(self.paths)
+        self._bpf = BPF(src_file=str(PROBE_FILE).encode(), cflags=cflags)
+        parser = self._bpf.load_func(b"parse_uffd_msgs", BPF.TRACEPOINT)
+        self._bpf[b"msg_parser"][ct.c_int(0)] = ct.c_int(parser.fd)
+        self.startup_s = time.monotonic() - t0
+        self.attached = tuple(sorted(f.decode() if isinstance(f, bytes) else f
+                                     for f in self._bpf.tracepoint_fds))
+        self._set_config(CFG_FOLLOW_ALL, int(self.follow_all))
+        self._set_config(CFG_EPOCH, self._epoch)
+        for pid in self._initial:
+            self.add_pid(pid)
+
+    def close(self) -> None:
+        if self._bpf is not None:
+            self._bpf.cleanup()
+            self._bpf = None
+
+    def add_pid(self, pid: int) -> None:
+        """Follow one more process; what it set up already is read from /proc."""
+        targets = self._table("targets")
+        k = targets.Key(pid)
+        flags = (targets[k].value if k in targets else 0) | TARGET_GIVEN
+        targets[k] = targets.Leaf(flags)
+        if pid not in self._known:
+            self._seed(pid)
+            self._known[pid] = flags
+
+    # ---- one interval -----------------------------------------------------------------------
+
+    def collect(self) -> Reading:
+        old = self._epoch
+        self._epoch ^= 1
+        self._set_config(CFG_EPOCH, self._epoch)
+        stats = self._take("stats", old)
+        exits = self._take("exits", old)
+        ufs = self._take("ufstats", old)
+
+        exit_counts: dict[tuple[int, int], dict[str, int]] = {}
+        for k, v in exits:
+            per = exit_counts.setdefault((k.tgid, k.tid), {})
+            name = exit_name(k.code)
+            per[name] = per.get(name, 0) + v.value
+        threads = []
+        for k, s in stats:
+            threads.append(ThreadFaults(
+                pid=s.tgid, tid=k.tid, faults=s.faults, stall_ns=s.stall_ns, queued_ns=s.queued_ns,
+                service_ns=s.service_ns, runq_ns=s.runq_ns, faults_no_read=s.faults_no_read,
+                max_ns=s.max_ns, hist=tuple(s.hist[i] for i in range(HIST_BUCKETS)),
+                exits=exit_counts.pop((s.tgid, k.tid), {}), memory_fault_exits=s.memory_fault_exits))
+        for (pid, tid), ex in exit_counts.items():  # exits but no stall this interval
+            threads.append(ThreadFaults(pid, tid, 0, 0, 0, 0, 0, 0, 0, (0,) * HIST_BUCKETS, exits=ex))
+        uffds = tuple(UffdCounters(pid=k.tgid, fd=k.fd, msgs_read=v.msgs_read, read_calls=v.read_calls,
+                                   copies=v.copies, zeropages=v.zeropages, continues=v.continues,
+                                   wakes=v.wakes, pages_installed=v.pages_installed,
+                                   bytes_installed=v.bytes_installed, eexist=v.eexist)
+                      for k, v in ufs)
+
+        gone = self._refresh_targets()
+        targets = tuple(TargetInfo(pid=pid, comm=read_comm(self.paths, pid) or "")
+                        for pid in sorted(self._known))
+        idents = self._identities()
+        events, self._events = tuple(self._events), []
+        return Reading(source=self.name, threads=tuple(sorted(threads, key=lambda t: (t.pid, t.tid))),
+                       uffds=uffds, identities=idents, targets=targets, gone=tuple(gone),
+                       events=events)
+
+    # ---- diagnostics ------------------------------------------------------------------------
+
+    def debug_counters(self) -> dict[str, int]:
+        """Cumulative counts of the probes' own judgement calls (see DBG_* in the C)."""
+        t = self._table("dbg")
+        return {name: t[t.Key(i)].value for i, name in enumerate(DEBUG_COUNTERS)}
+
+    def prog_stats(self) -> dict[str, tuple[int, int]]:
+        """program name -> (run_cnt, run_time_ns), from /proc/self/fdinfo of each program fd.
+        The kernel counts only while sysctl kernel.bpf_stats_enabled=1."""
+        out = {}
+        for name, fn in self._bpf.funcs.items():
+            info = {}
+            try:
+                with open(f"/proc/self/fdinfo/{fn.fd}") as f:
+                    for line in f:
+                        key, _, val = line.partition(":")
+                        info[key.strip()] = val.strip()
+            except OSError:
+                continue
+            label = name.decode() if isinstance(name, bytes) else name
+            out[label] = (int(info.get("run_cnt", 0)), int(info.get("run_time_ns", 0)))
+        return out
+
+    # ---- internals --------------------------------------------------------------------------
+
+    def _table(self, name: str):
+        if self._bpf is None:
+            raise EbpfUnavailable("EbpfSource used before start()")
+        return self._bpf[name.encode()]
+
+    def _set_config(self, slot: int, value: int) -> None:
+        t = self._table("config")
+        t[t.Key(slot)] = t.Leaf(value)
+
+    def _take(self, name: str, epoch: int) -> list:
+        """Read and delete every entry of `epoch` (the other epoch is being written)."""
+        t = self._table(name)
+        out = []
+        for k, v in t.items():
+            if k.epoch == epoch:
+                out.append((k, v))
+                try:
+                    del t[k]
+                except KeyError:
+                    pass
+        return out
+
+    def _seed(self, pid: int) -> None:
+        """Write what a running process set up before we watched into the maps."""
+        uffds, vcpu_fds = identity.target_fds(self.paths, pid)
+        t = self._table("uffd_fds")
+        for fd in uffds:
+            t[t.Key(pid, fd)] = t.Leaf(1)
+        t = self._table("vcpu_fds")
+        for fd, vcpu in vcpu_fds.items():
+            k = t.Key(pid, fd)
+            if k not in t:  # a KVM_CREATE_VCPU the probes saw is worth more
+                t[k] = t.Leaf(vcpu, HOW_VCPU_FD)
+        spans = identity.uffd_ranges(self.paths, pid)
+        if spans:
+            self._merge_ranges(pid, spans)
+
+    def _merge_ranges(self, pid: int, spans: list[tuple[int, int]]) -> None:
+        t = self._table("ranges")
+        k = t.Key(pid)
+        have: list[tuple[int, int]] = []
+        overflow = 0
+        if k in t:
+            cur = t[k]
+            overflow = cur.overflow
+            have = [(cur.r[i].start, cur.r[i].end) for i in range(min(cur.n, MAX_RANGES))
+                    if cur.r[i].start != cur.r[i].end]
+        merged = sorted(set(have) | set(spans))
+        leaf = t.Leaf()
+        if len(merged) > MAX_RANGES:
+            overflow = 1
+        for i, (lo, hi) in enumerate(merged[:MAX_RANGES]):
+            leaf.r[i].start, leaf.r[i].end = lo, hi
+        leaf.n = min(len(merged), MAX_RANGES)
+        leaf.overflow = overflow
+        t[k] = leaf
+
+    def _refresh_targets(self) -> list[int]:
+        """Learn pids the kernel adopted; forget (and report) those that exited."""
+        now_known = {k.value: v.value for k, v in self._table("targets").items()}
+        for pid, flags in now_known.items():
+            if pid not in self._known:
+                why = ("resolved a followed thread's fault (a uffd handler)" if flags & TARGET_HANDLER
+                       else "uses userfaultfd or KVM")
+                self._events.append(f"following pid {pid} ({read_comm(self.paths, pid) or '?'}): {why}")
+                self._seed(pid)
+        self._known = now_known
+        gone = [pid for pid in self._known if not os.path.exists(self.paths.proc_path(pid))]
+        for pid in gone:
+            self._forget(pid)
+        return gone
+
+    def _forget(self, pid: int) -> None:
+        self._known.pop(pid, None)
+        self._fallback.pop(pid, None)
+        for name in ("targets", "ranges"):
+            t = self._table(name)
+            try:
+                del t[t.Key(pid)]
+            except KeyError:
+                pass
+        for name in ("uffd_fds", "vcpu_fds", "vcpus"):
+            t = self._table(name)
+            for k, v in t.items():
+                if (getattr(k, "tgid", None) if name != "vcpus" else v.tgid) == pid:
+                    try:
+                        del t[k]
+                    except KeyError:
+                        pass
+        self._vcpus_seen = {x for x in self._vcpus_seen if x[0] != pid}
+
+    def _identities(self) -> tuple[VcpuIdentity, ...]:
+        kernel: dict[int, dict[int, tuple[int, str]]] = {}
+        for k, v in self._table("vcpus").items():
+            how = HOW_NAMES.get(v.how, "kvm_create_vcpu")
+            kernel.setdefault(v.tgid, {})[k.value] = (v.vcpu, how)
+            if (v.tgid, k.value) not in self._vcpus_seen:
+                self._vcpus_seen.add((v.tgid, k.value))
+                self._events.append(f"pid {v.tgid}: vCPU {v.vcpu} is thread {k.value} ({how})")
+        out: list[VcpuIdentity] = []
+        now = time.monotonic()
+        for pid in sorted(self._known):
+            cached = self._fallback.get(pid)
+            if cached is None or now - cached[0] > FALLBACK_IDENTITY_TTL_S:
+                cached = (now, identity.fallback_vcpus(self.paths, pid))
+                self._fallback[pid] = cached
+            out.extend(identity.merge_identities(pid, kernel.get(pid, {}), cached[1]))
+        return tuple(out)
