@@ -64,9 +64,18 @@ def test_vendor_from_loaded_module(tmp_path, monkeypatch):
     assert k.kvm_vendor(str(tmp_path)) == "svm"
 
 
+def test_unavailable_reason_names_the_missing_device(tmp_path):
+    reason = k.kvm_unavailable_reason(str(tmp_path / "kvm"))
+    assert reason is not None and "does not exist" in reason
+    (tmp_path / "kvm").write_text("")
+    reason = k.kvm_unavailable_reason(str(tmp_path / "kvm"))   # a file, not the KVM device
+    assert reason is not None and "cannot use" in reason
+
+
 @pytest.mark.kvm
 @needs_kvm
 def test_capabilities_and_cpuid():
+    assert k.kvm_unavailable_reason() is None
     kvm = k.Kvm()
     try:
         caps = kvm.capabilities()

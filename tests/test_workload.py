@@ -87,6 +87,16 @@ def test_listing_matches_objdump(pattern, write_ratio, tmp_path):
         assert theirs == mine, f"{insn.offset:#x}: {insn.data.hex(' ')} is {theirs!r}, not {insn.asm!r}"
 
 
+def test_shards_split_like_the_engine_does():
+    from pctop.engine.workload import plan_vcpus
+    plans = plan_vcpus(10, 3, "sharded", 1)
+    assert [(p.first_page, p.npages) for p in plans] == [(0, 3), (3, 3), (6, 4)]
+    assert len({p.seed for p in plans}) == 3 and all(p.seed for p in plans)
+    shared = plan_vcpus(10, 3, "shared", 1)
+    assert [(p.first_page, p.npages, p.start_index) for p in shared] == [(0, 10, 0), (0, 10, 3),
+                                                                          (0, 10, 6)]
+
+
 def test_model_index_ranges():
     plan = g.VcpuPlan(0, 1000, 0, 12345)
     for pattern in ("random", "hotset"):

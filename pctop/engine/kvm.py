@@ -221,6 +221,23 @@ def kvm_vendor(sys_module: str = "/sys/module") -> str:
     return "none"
 
 
+def kvm_unavailable_reason(path: str = DEV_KVM) -> str | None:
+    """None if a VM can be created here, else a one-line reason (for "falling back to threads")."""
+    if not os.path.exists(path):
+        return f"{path} does not exist (no KVM module loaded, or not exposed to this machine)"
+    try:
+        kvm = Kvm(path)
+    except OSError as e:
+        return f"cannot use {path}: {e.strerror or e}"
+    try:
+        os.close(_ioctl(kvm.fd, KVM_CREATE_VM, 0))
+    except OSError as e:
+        return f"KVM_CREATE_VM failed: {e.strerror or e}"
+    finally:
+        kvm.close()
+    return None
+
+
 class Kvm:
     """The /dev/kvm system fd."""
 

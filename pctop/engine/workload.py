@@ -70,18 +70,17 @@ def _splitmix64(x: int) -> int:
 
 
 def plan_vcpus(data_pages: int, vcpus: int, layout: str, seed: int) -> list[g.VcpuPlan]:
-    """sharded: vCPU i owns the i-th contiguous slice (the last takes the remainder);
-    shared: every vCPU roams the whole region, seq cursors start spread out."""
+    """sharded: vCPU i owns pages [data_pages*i//vcpus, data_pages*(i+1)//vcpus) (the
+    engine's per-shard uffds split the same way); shared: every vCPU roams the whole
+    region, seq cursors start spread out."""
     plans = []
     for i in range(vcpus):
         state = _splitmix64(seed * 0x100000001B3 + i) or 1     # xorshift64 needs != 0
+        lo, hi = data_pages * i // vcpus, data_pages * (i + 1) // vcpus
         if layout == "sharded":
-            share = data_pages // vcpus
-            first = i * share
-            npages = share if i < vcpus - 1 else data_pages - first
-            plans.append(g.VcpuPlan(first, npages, 0, state))
+            plans.append(g.VcpuPlan(lo, hi - lo, 0, state))
         else:
-            plans.append(g.VcpuPlan(0, data_pages, i * data_pages // vcpus, state))
+            plans.append(g.VcpuPlan(0, data_pages, lo, state))
     return plans
 
 
