@@ -14,6 +14,7 @@ from pctop.ui.widgets.render import (Part, bar, bucket_label, fmt_rate, fmt_us,
                                      latency_severity, stacked_bar)
 
 PART_STYLES = (("queued", "█", "red"), ("in service", "▓", "yellow"), ("run-queue", "░", "cyan"))
+SHORT_NAMES = ("queue ", "serve ", "runq ")
 
 
 def hist_text(hist: Sequence[int], width: int, max_rows: int, title: str) -> Text:
@@ -58,16 +59,16 @@ def parts_text(parts: StallParts | Sequence[int], faults: int, width: int, title
     out.append("\n ")
     out.append_text(stacked_bar([Part(n, v, ch, st) for (n, ch, st), v in zip(PART_STYLES, vals)],
                                 max(10, width - 2)))
-    legend = Text()
-    for (name, ch, st), v in zip(PART_STYLES, vals):
-        mean = f" {fmt_us(v / faults / 1000)}" if faults else ""
-        legend.append(f" {ch}", style=st)
-        legend.append(f" {name} {v / total * 100:.0f}%{mean}")
-    if legend.cell_len > width:  # short names, no means, so all three parts stay visible
+    # Full legend, else short names, else shares only: all three parts stay visible.
+    for names, means in ((None, True), (SHORT_NAMES, False), (("", "", ""), False)):
         legend = Text()
-        for (name, ch, st), v in zip(PART_STYLES, vals):
+        for i, ((name, ch, st), v) in enumerate(zip(PART_STYLES, vals)):
+            mean = f" {fmt_us(v / faults / 1000)}" if faults and means else ""
+            label = name + " " if names is None else names[i]
             legend.append(f" {ch}", style=st)
-            legend.append(f"{name.split()[-1][:5]} {v / total * 100:.0f}%")
+            legend.append(f"{' ' if names is None else ''}{label}{v / total * 100:.0f}%{mean}")
+        if legend.cell_len <= width:
+            break
     out.append("\n")
     out.append_text(legend)
     return out

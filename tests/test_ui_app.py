@@ -1,0 +1,220 @@
+"""Pilot tests: every view and replay key, and the command palette, driven on
+the real App with its real worker thread, over a ReplayFeed or a LiveFeed of
+synthetic Samples (the engine-control keys are tested against a real engine
+in test_ui_engine.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from pctop.model import Header
+from pctop.ui.app import PctopApp
+from pctop.ui.feeds import LiveFeed, ReplayFeed
+from pctop.ui.screens.confirm import ConfirmScreen
+from pctop.ui.screens.detail import VcpuDetailScreen
+from pctop.ui.screens.help import HelpScreen
+from pctop.ui.synthetic import synthetic_sample
+from pctop.ui.widgets.event_log import EventLog
+from pctop.ui.widgets.latency import LatencyHistogram
+from pctop.ui.widgets.vcpu_table import VcpuTable
+
+HEADER = Header(host="h", kernel="k", probe_tier="ebpf", sources=("engine",), started=1.7e9)
+VCPUS = 6
+
+
+async def until(pilot, cond, what: str, tries: int = 100) -> None:
+    for _ in range(tries):
+        if cond():
+            return
+        await pilot.pause(0.05)
+    raise AssertionError(f"never happened: {what}")
+
+
+def replay_app(position: int = 10) -> PctopApp:
+    samples = [synthetic_sample(seq=i, vcpus=VCPUS) for i in range(1, 41)]
+    return PctopApp(ReplayFeed(HEADER, samples, paused=True, position=position))
+
+
+def live_app() -> tuple[PctopApp, list]:
+    made: list = []
+
+    def collect():
+        made.append(synthetic_sample(seq=len(made) + 1, vcpus=VCPUS))
+        return made[-1]
+
+    return PctopApp(LiveFeed(HEADER, collect, interval=0.05)), made
+
+
+def table_rows(app: PctopApp) -> list[tuple[int, int]]:
+    return list(app.query_one(VcpuTable)._keys)
+
+
+async def test_replay_shows_a_row_per_vcpu_and_steps_and_seeks():
+    app = replay_app()
+    async with app.run_test(size=(100, 30)) as pilot:
+        await until(pilot, lambda: app.sample is not None, "first sample")
+        assert app.sample.seq == 11
+        assert len(table_rows(app)) == VCPUS
+        assert app.history.samples == 11  # history rebuilt from the recording up to here
+        await pilot.press("n")
+        await until(pilot, lambda: app.sample.seq == 12, "step")
+        await pilot.press("right_square_bracket")
+        await until(pilot, lambda: app.sample.seq == 22, "seek +10 s")
+        await pilot.press("left_square_bracket")
+        await until(pilot, lambda: app.sample.seq == 12, "seek -10 s")
+        await pilot.press("space")
+        assert not app.feed.paused
+        await pilot.press("space")
+        assert app.feed.paused
+        speed = app.feed.speed
+        await pilot.press("plus")
+        assert app.feed.speed > speed
+        await pilot.press("minus", "minus")
+        assert app.feed.speed < speed
+        # Replay has no engine: its keys are hidden and do nothing.
+        assert app.check_action("stream", ()) is False
+        await pilot.press("p", "x")
+        assert not isinstance(app.screen, ConfirmScreen)
+
+
+async def test_sort_keys_reorder_rows():
+    app = replay_app()
+    async with app.run_test(size=(100, 30)) as pilot:
+        await until(pilot, lambda: app.sample is not None, "first sample")
+        table = app.query_one(VcpuTable)
+        assert table_rows(app) == sorted(table_rows(app))  # by vCPU index
+        await pilot.press("s")
+        assert table.sort_key == "faults"
+        rates = {(app.sample.targets[0].pid, v.tid): v.faults_per_s for v in app.sample.targets[0].vcpus}
+        shown = [rates[k] for k in table_rows(app)]
+        assert shown == sorted(shown, reverse=True)
+        await pilot.press("S")
+        shown = [rates[k] for k in table_rows(app)]
+        assert shown == sorted(shown)
+        await pilot.press("s")
+        assert table.sort_key == "stall"
+
+
+async def test_enter_opens_the_selected_vcpu_detail_and_escape_returns():
+    app = replay_app()
+    async with app.run_test(size=(100, 30)) as pilot:
+        await until(pilot, lambda: app.sample is not None, "first sample")
+        await pilot.press("down", "down")
+        want = app.query_one(VcpuTable).selected_key
+        await pilot.press("enter")
+        await until(pilot, lambda: isinstance(app.screen, VcpuDetailScreen), "detail screen")
+        assert app.screen.key == want
+        hist = app.screen.query_one(LatencyHistogram)
+        await until(pilot, lambda: bool(hist._args), "detail histogram drawn")
+        assert "since watching" in hist._args[1]
+        await pilot.press("c")
+        assert "last interval" in hist._args[1]
+        await pilot.press("escape")
+        await until(pilot, lambda: not isinstance(app.screen, VcpuDetailScreen), "back")
+
+
+async def test_histogram_scope_and_span_keys():
+    app = replay_app()
+    async with app.run_test(size=(100, 30)) as pilot:
+        await until(pilot, lambda: app.sample is not None, "first sample")
+        hist = app.query_one("#hist", LatencyHistogram)
+        assert hist._args[1] == "all vCPUs, last interval"
+        await pilot.press("down", "h")
+        assert hist._args[1].startswith("vCPU 1 of ")
+        await pilot.press("c")
+        assert hist._args[1].endswith("since watching")
+        await pilot.press("h")
+        assert hist._args[1] == "all vCPUs, since watching"
+
+
+async def test_help_lists_every_key_and_closes():
+    app = replay_app()
+    async with app.run_test(size=(100, 30)) as pilot:
+        await pilot.press("question_mark")
+        await until(pilot, lambda: isinstance(app.screen, HelpScreen), "help")
+        keys = {r.keys for r in app.screen.rows}
+        for b in app.BINDINGS:
+            assert (b.key_display or b.key) in keys
+        await pilot.press("escape")
+        await until(pilot, lambda: not isinstance(app.screen, HelpScreen), "help closed")
+        await pilot.press("q")
+    assert app.return_code == 0
+
+
+async def test_live_freeze_keeps_the_display_while_collection_goes_on():
+    app, made = live_app()
+    async with app.run_test(size=(100, 30)) as pilot:
+        await until(pilot, lambda: app.sample is not None, "first sample")
+        assert len(table_rows(app)) == VCPUS
+        await pilot.press("space")
+        frozen_seq = app.query_one(VcpuTable)._last[0].seq
+        n = len(made)
+        await until(pilot, lambda: len(made) > n + 2, "collection continues while frozen")
+        assert app.query_one(VcpuTable)._last[0].seq == frozen_seq
+        assert app.sample.seq > frozen_seq
+        await pilot.press("space")
+        assert app.query_one(VcpuTable)._last[0].seq == app.sample.seq
+        interval = app.feed.interval
+        await pilot.press("minus", "minus")  # slower: a longer interval
+        assert app.feed.interval > interval
+        slow = app.feed.interval
+        await pilot.press("plus")
+        assert app.feed.interval < slow
+        # Live has no playback: n / [ ] are hidden.
+        assert app.check_action("step", ()) is False
+
+
+async def test_events_from_samples_reach_the_log_with_their_time():
+    from pctop.model import Event
+
+    samples = [synthetic_sample(seq=i, events=(Event(1.7e9 + i, "state", f"s{i}"),)) for i in range(1, 6)]
+    app = PctopApp(ReplayFeed(HEADER, samples, paused=True, position=4))
+    async with app.run_test(size=(100, 30)) as pilot:
+        await until(pilot, lambda: app.sample is not None, "first sample")
+        log = app.query_one(EventLog)
+        assert log.count == 5  # the four before the start position, rebuilt, and this one
+        await pilot.press("left_square_bracket")
+        await until(pilot, lambda: app.sample.seq == 1, "seek to start")
+        assert log.count == 5 + 1  # cleared and rebuilt: only the first sample's event
+
+
+PALETTE = {
+    "Sort by the next column": lambda app: app.query_one(VcpuTable).sort_key == "faults",
+    "Reverse the sort order": lambda app: app.query_one(VcpuTable).sort_reverse is True,
+    "Open the selected vCPU's detail": lambda app: isinstance(app.screen, VcpuDetailScreen),
+    "Histogram: all vCPUs / the selected one": lambda app: app.hist_selected,
+    "Histogram: last interval / since watching": lambda app: app.hist_cumulative,
+    "Freeze the display (replay: pause playback)": lambda app: app.feed.paused is False,
+    "Faster refresh": lambda app: app.feed.speed == 2.0,
+    "Slower refresh": lambda app: app.feed.speed == 0.5,
+    "Replay: step one sample": lambda app: app.sample.seq == 12,
+    "Replay: seek forward 10 s": lambda app: app.sample.seq == 21,
+    "Replay: seek back 10 s": lambda app: app.sample.seq == 1,
+}
+
+
+async def test_palette_offers_every_view_and_replay_action():
+    from pctop.ui.app import KEYS
+
+    app = replay_app()
+    async with app.run_test(size=(100, 30)) as pilot:
+        await until(pilot, lambda: app.sample is not None, "first sample")
+        offered = {c.title for c in app.get_system_commands(app.screen)}
+    expected = {title for section, _, title in KEYS if section in ("View", "Replay")}
+    expected -= {"Quit pctop", "Show all keys"}  # the palette has its own Quit and Keys
+    assert expected <= offered
+    assert set(PALETTE) == expected
+    assert not any(t.startswith("Engine:") for t in offered)  # no engine attached
+
+
+@pytest.mark.parametrize("title", sorted(PALETTE))
+async def test_palette_action_has_its_effect(title):
+    app = replay_app()
+    async with app.run_test(size=(100, 30)) as pilot:
+        await until(pilot, lambda: app.sample is not None, "first sample")
+        await pilot.press("ctrl+p")
+        await pilot.pause(0.1)
+        await pilot.press(*title)
+        await pilot.pause(0.3)
+        await pilot.press("enter")
+        await until(pilot, lambda: PALETTE[title](app), f"palette {title!r}")

@@ -1,0 +1,142 @@
+"""Pure rendering of the TUI's widgets: numbers, bars, sparklines, severity,
+histogram rows, stall parts, header lines. No App needed."""
+
+from __future__ import annotations
+
+from pctop.hist import bucket_index
+from pctop.model import HIST_BUCKETS, Header, Migration, StallParts
+from pctop.ui.history import History
+from pctop.ui.synthetic import synthetic_sample
+from pctop.ui.widgets.header import header_text
+from pctop.ui.widgets.latency import hist_text, parts_text
+from pctop.ui.widgets.render import (CRIT, IDLE, OK, WARN, Part, bar, bucket_label, fmt_bytes,
+                                     fmt_duration, fmt_rate, fmt_us, latency_severity, sparkline,
+                                     stacked_bar, stall_severity)
+from pctop.ui.widgets.uffd_panel import uffd_text
+
+
+def test_numbers_fit_their_columns():
+    assert fmt_rate(0) == "0"
+    assert fmt_rate(3.25) == "3.2"
+    assert fmt_rate(999) == "999"
+    assert fmt_rate(12_345) == "12.3k"
+    assert fmt_rate(4_500_000) == "4.5M"
+    assert fmt_rate(None) == "-"
+    assert fmt_us(42) == "42µs"
+    assert fmt_us(1500) == "1.5ms"
+    assert fmt_us(2_500_000) == "2.5s"
+    assert fmt_bytes(2 * 1024 * 1024, per_s=True) == "2.0 MiB/s"
+    assert fmt_duration(75) == "1m15s"
+    assert all(len(fmt_rate(x)) <= 6 for x in (0.1, 9.99, 99.9, 999.9, 99_999, 9e8, 5e11))
+
+
+def test_bucket_labels_are_lower_bounds():
+    assert [bucket_label(n) for n in (0, 9, 10, 20)] == ["1µs", "512µs", "1ms", "1s"]
+
+
+def test_severity_has_symbol_and_word_not_only_colour():
+    assert stall_severity(0, 0.0) is IDLE
+    assert stall_severity(10, 0.01) is OK
+    assert stall_severity(10, 0.10) is WARN
+    assert stall_severity(10, 0.50) is CRIT
+    assert latency_severity(None) is IDLE
+    assert latency_severity(100) is OK and latency_severity(1000) is WARN and latency_severity(9000) is CRIT
+    symbols = {s.symbol for s in (OK, WARN, CRIT)}
+    assert len(symbols) == 3 and " " not in symbols
+
+
+def test_sparkline_scales_to_max_and_keeps_width():
+    s = sparkline([0, 5, 10], 6)
+    assert s == "   ▁▅█"
+    assert sparkline([1, 2, 3, 4, 5, 6, 7, 8], 4) == sparkline([5, 6, 7, 8], 4, top=8)
+    assert sparkline([], 5) == "     "
+    assert sparkline([0, 0], 2) == "▁▁"
+
+
+def test_bar_uses_eighths():
+    assert bar(0.5, 4) == "██  "
+    assert bar(1 / 16, 2) == "▏ "
+    assert bar(2.0, 3) == "███"
+    assert bar(-1, 3) == "   "
+
+
+def test_stacked_bar_fills_width_exactly_with_distinct_chars():
+    t = stacked_bar([Part("a", 1, "█", ""), Part("b", 1, "▓", ""), Part("c", 1, "░", "")], 10)
+    assert len(t.plain) == 10
+    assert t.plain.count("█") + t.plain.count("▓") + t.plain.count("░") == 10
+    assert {t.plain.count(c) for c in "█▓░"} <= {3, 4}
+    assert stacked_bar([Part("a", 0, "█", "")], 5).plain == "·····"
+
+
+def test_histogram_rows_mark_percentiles_in_their_buckets():
+    hist = [0] * HIST_BUCKETS
+    hist[5] = 90  # 32..64 us
+    hist[12] = 10  # 4..8 ms
+    text = hist_text(hist, 60, 20, "all").plain
+    rows = text.splitlines()[1:]
+    assert rows[0].strip().startswith("32µs") and "◄p50" in rows[0]
+    p99_row = next(r for r in rows if "◄p99" in r)
+    assert p99_row.strip().startswith("4ms")
+    assert len(rows) == 12 - 5 + 1  # every bucket from the first to the last used
+    # Too little height: buckets are merged, never dropped.
+    merged = hist_text(hist, 60, 3, "all").plain.splitlines()[1:]
+    assert len(merged) <= 3 and "◄p99" in "".join(merged)
+    assert "no stalls" in hist_text([0] * HIST_BUCKETS, 60, 5, "x").plain
+
+
+def test_parts_say_what_is_missing_when_degraded():
+    assert "need the eBPF probes" in parts_text(StallParts(), 10, 40, "t").plain
+    assert "no stall time" in parts_text(StallParts(), 0, 40, "t").plain
+    t = parts_text(StallParts(2000, 1000, 1000), 2, 70, "t").plain
+    assert "queued 50%" in t and "in service 25%" in t and "run-queue 25%" in t
+    narrow = parts_text(StallParts(2000, 1000, 1000), 2, 30, "t").plain
+    assert all(len(line) <= 30 for line in narrow.splitlines()[1:])
+
+
+def test_header_says_degraded_and_what_is_missing():
+    h = Header(host="hostA", kernel="6.18", probe_tier="procfs", sources=("procfs",),
+               missing=("ebpf: no kernel headers",), started=100.0)
+    s = synthetic_sample(seq=1, tier="procfs")
+    text = header_text(h, s, "▶ live", 200).plain
+    assert "DEGRADED" in text and "no kernel headers" in text and "hostA" in text
+    assert "POSTCOPY" in text and "ETA" in text and "pages" in text
+    ok = header_text(h._replace(probe_tier="ebpf") if hasattr(h, "_replace") else
+                     Header(host="hostA", kernel="6.18", probe_tier="ebpf", sources=()),
+                     synthetic_sample(seq=1), "▶ live", 200).plain
+    assert "DEGRADED" not in ok
+
+
+def test_header_shows_stream_paused_and_limit():
+    s = synthetic_sample(seq=2)
+    t = s.targets[0]
+    m = Migration(source="engine", state="postcopy", pages_total=100, pages_received=25,
+                  extra={"background": "paused", "bandwidth_limit_bps": 4 << 20})
+    s2 = s.__class__(**{**s.__dict__, "targets": (t.__class__(**{**t.__dict__, "migration": m}),)})
+    text = header_text(Header("h", "k", "ebpf", ()), s2, "x", 200).plain
+    assert "stream PAUSED" in text and "limit 4.0 MiB/s" in text and "25.0%" in text
+
+
+def test_uffd_panel_gauges_and_history():
+    h = History()
+    for i in range(1, 6):
+        h.add(synthetic_sample(seq=i, uffds=2))
+    s = synthetic_sample(seq=6, uffds=2)
+    h.add(s)
+    text = uffd_text(s, h, 70).plain
+    assert text.count("pending") == 2 and text.count("in service") == 2
+    assert "handler CPU 35%" in text and "reads 1.0k/s" in text
+    assert all(len(line) <= 70 for line in text.splitlines())
+
+
+def test_history_clears_on_a_gap_in_seq():
+    h = History()
+    h.add(synthetic_sample(seq=1))
+    h.add(synthetic_sample(seq=2))
+    key = next(iter(h.vcpus))
+    assert len(h.vcpus[key].faults_per_s) == 2
+    h.add(synthetic_sample(seq=9))
+    assert len(h.vcpus[key].faults_per_s) == 1 and h.samples == 1
+    total = sum(v.faults for t in synthetic_sample(seq=9).targets for v in t.vcpus)
+    assert sum(s.faults_total for s in h.vcpus.values()) == total
+    assert sum(h.hist_total) == sum(sum(v.hist) for v in synthetic_sample(seq=9).targets[0].vcpus)
+    assert bucket_index(1.0) == 0  # the shared histogram module is the one used
