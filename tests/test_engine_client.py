@@ -1,10 +1,9 @@
 """The engine control-socket client (pctop.sources.engine).
 
-The peer here is a tiny in-test unix-socket server speaking the documented
-contract (/work/helpers/ENGINE_STATUS.md, docs/engine-control.md): a legit
-stand-in for the protocol peer while the reference engine is being written.
-It serves cumulative counters that the test advances, so the client's
-diffing, identities, controls and lost-engine handling are checked exactly.
+Most tests talk to a tiny in-test unix-socket server speaking the documented
+contract (docs/engine-control.md): a stand-in protocol peer whose cumulative
+counters the test advances, so diffing, identities, controls and lost-engine
+handling are checked exactly. The last test watches the real reference engine.
 """
 
 from __future__ import annotations
@@ -181,3 +180,75 @@ def test_discovery_by_socket_name(server, tmp_path):
 def test_a_named_socket_that_does_not_answer_is_an_error(tmp_path):
     with pytest.raises(EngineError, match="cannot connect"):
         EngineSource([str(tmp_path / "nope.sock")], discover=False).start()
+
+
+ENGINE_RUN = """
+import json, sys
+from pctop.engine.run import Engine, EngineConfig
+from pctop.engine.workload import ThreadWorkload
+cfg = EngineConfig(memory=64 << 20, vcpus=2, strategy="uffd", bandwidth=8 << 20, pattern="hotset",
+                   control=sys.argv[1], duration=60)
+print(json.dumps(Engine(cfg, ThreadWorkload).run()), flush=True)
+"""
+
+
+def test_against_the_real_engine_counts_controls_and_exit(tmp_path):
+    """The reference engine (pctop.engine, thread workload: needs only userfaultfd)
+    watched from outside by the engine client and the procfs source together."""
+    import subprocess
+    import sys
+    import time
+
+    from pctop.engine.uffd import Uffd
+    from pctop.sources.procfs import ProcfsSource
+    from tests.conftest import ROOT
+
+    try:
+        Uffd().close()
+    except OSError as e:
+        pytest.skip(f"userfaultfd unavailable: {e}")
+    path = str(tmp_path / "engine.sock")
+    eng = subprocess.Popen([sys.executable, "-c", ENGINE_RUN, path], cwd=ROOT, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    st = None
+    try:
+        deadline = time.monotonic() + 30
+        while not os.path.exists(path) and time.monotonic() < deadline and eng.poll() is None:
+            time.sleep(0.05)
+        assert os.path.exists(path), eng.stderr.read() if eng.poll() is not None else "no socket"
+        engine = EngineSource([path], discover=False)
+        procfs = ProcfsSource([eng.pid])
+        engine.start()
+        procfs.start()
+        st = Stats([engine, procfs], "procfs")
+        samples = []
+        for _ in range(3):
+            time.sleep(0.3)
+            samples.append(st.collect())
+        (t,) = samples[-1].targets
+        assert t.pid == eng.pid and t.comm and t.migration.source == "engine"
+        assert sorted(v.vcpu for v in t.vcpus if v.identity == "engine") == [0, 1]
+        assert t.uffds and all(u.fd >= 0 for u in t.uffds)
+        assert engine.send("pause")["ok"] is True
+        time.sleep(0.3)
+        assert st.collect().targets[0].migration.state == "paused"
+        assert engine.send("resume")["ok"] and engine.send("bandwidth", 0)["ok"]
+        while time.monotonic() < deadline:  # the run completes and the engine exits
+            time.sleep(0.3)
+            s = st.collect()
+            samples.append(s)
+            if any(e.kind == "target-gone" for e in s.events):
+                break
+        out, err = eng.communicate(timeout=30)
+    finally:
+        if st is not None:
+            st.close()
+        eng.kill()
+        eng.wait()
+    assert any(e.kind == "target-gone" for e in samples[-1].events), err
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["ok"], summary
+    seen = sum(v.faults for s in samples for t in s.targets for v in t.vcpus)
+    assert 0 < seen <= summary["faults_total"]  # counted from our first look on
+    received = [t.migration.pages_received for s in samples for t in s.targets]
+    assert received == sorted(received) and received[-1] <= summary["pages_total"]
