@@ -30,9 +30,10 @@ class ContractServer:
             "pages_total": 1000, "pages_received": 100, "pages_demand": 10, "pages_background": 90,
             "bytes_received": 100 * 4096, "bandwidth_bps": 2e8, "bandwidth_limit_bps": 0,
             "background": "running", "eexist": 0,
-            "per_vcpu": [{"vcpu": 0, "tid": 5001, "faults": 10, "stall_ns": 1_000_000, "hist": [0] * 24},
-                         {"vcpu": 1, "tid": 5002, "faults": 0, "stall_ns": 0, "hist": [0] * 24}],
-            "reader_threads": [{"tid": 5003, "busy_ns": 5000, "msgs": 10}],
+            "per_vcpu": [{"vcpu": 0, "tid": 5001, "faults": 10, "stall_ns": 1_000_000, "max_ns": 300_000,
+                          "hist": [0] * 24},
+                         {"vcpu": 1, "tid": 5002, "faults": 0, "stall_ns": 0, "max_ns": 0, "hist": [0] * 24}],
+            "reader_threads": [{"tid": 5003, "busy_ns": 5000, "msgs": 10, "reads": 4}],
             "uffds": [{"fd": 7, "pending": 1, "total": 2}]}
         self.requests: list[dict] = []
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -67,8 +68,10 @@ class ContractServer:
                 except OSError:
                     return
 
-    def advance(self, vcpu0_faults: int, stall_ns: int, bucket: int, pages: int):
+    def advance(self, vcpu0_faults: int, stall_ns: int, bucket: int, pages: int, max_ns: int = 0):
         v = self.status["per_vcpu"][0]
+        v["max_ns"] = max(v["max_ns"], max_ns)
+        self.status["reader_threads"][0]["reads"] += 1
         v["faults"] += vcpu0_faults
         v["stall_ns"] += stall_ns
         v["hist"][bucket] += vcpu0_faults
@@ -102,18 +105,22 @@ def test_first_status_is_a_baseline_then_counters_are_diffed(server):
     try:
         r = src.collect()
         assert [t.faults for t in r.threads] == [0, 0]  # 10 faults happened before we looked
-        server.advance(vcpu0_faults=5, stall_ns=500_000, bucket=6, pages=50)
+        server.advance(vcpu0_faults=5, stall_ns=500_000, bucket=6, pages=50, max_ns=200_000)
+        r = src.collect()
+        t0 = {t.tid: t for t in r.threads}[5001]
+        assert t0.max_ns == 0  # below the run's record (300 us): this interval's max is unknown
+        server.advance(vcpu0_faults=5, stall_ns=500_000, bucket=6, pages=50, max_ns=400_000)
         r = src.collect()
     finally:
         src.close()
     t0 = {t.tid: t for t in r.threads}[5001]
-    assert (t0.faults, t0.stall_ns, t0.hist[6], sum(t0.hist)) == (5, 500_000, 5, 5)
+    assert (t0.faults, t0.stall_ns, t0.hist[6], sum(t0.hist), t0.max_ns) == (5, 500_000, 5, 5, 400_000)
     assert {(i.tid, i.vcpu, i.how) for i in r.identities} == {(5001, 0, "engine"), (5002, 1, "engine")}
     (c,) = r.uffds
-    assert (c.fd, c.msgs_read, c.pages_installed, c.bytes_installed) == (7, 5, 50, 50 * 4096)
+    assert (c.fd, c.msgs_read, c.read_calls, c.pages_installed, c.bytes_installed) == (7, 5, 1, 50, 50 * 4096)
     (m,) = r.migrations
     assert (m.state, m.pages_received, m.extra["strategy"], m.extra["address_source"]) == \
-        ("postcopy", 150, "uffd", "uffd")
+        ("postcopy", 200, "uffd", "uffd")
 
 
 def test_stats_over_the_engine_gives_rates_identities_and_migration(server):

@@ -121,15 +121,20 @@ def status_to_reading(status: dict[str, Any], prev: _Prev, source: str = "engine
         faults = delta(int(v.get("faults", 0)), old.get("faults"))
         stall = delta(int(v.get("stall_ns", 0)), old.get("stall_ns"))
         hist = (0,) * 24 if first else rates.hist_delta(tuple(v.get("hist", ())), old.get("hist"))
+        cum_max = int(v.get("max_ns", 0))
+        # The engine's max_ns is the longest stall since the run began: when it grew,
+        # the new record fell in this interval; otherwise this interval's longest is
+        # unknown (max_ns 0), not the old record.
+        max_ns = cum_max if faults and cum_max > old.get("max_ns", 0) and not first else 0
         prev.vcpu[tid] = {"faults": int(v.get("faults", 0)), "stall_ns": int(v.get("stall_ns", 0)),
-                          "hist": tuple(v.get("hist", ()))}
-        # The engine does not publish single-stall maxima: max_ns 0 means unknown.
+                          "hist": tuple(v.get("hist", ())), "max_ns": cum_max}
         threads.append(ThreadFaults(pid=pid, tid=tid, faults=faults, stall_ns=stall, queued_ns=0,
-                                    service_ns=0, runq_ns=0, faults_no_read=0, max_ns=0,
+                                    service_ns=0, runq_ns=0, faults_no_read=0, max_ns=max_ns,
                                     hist=hist if len(hist) == 24 else (0,) * 24))
         identities.append(VcpuIdentity(pid, tid, int(v["vcpu"]), "engine"))
 
     cum = {"msgs": sum(int(r.get("msgs", 0)) for r in status.get("reader_threads", ())),
+           "reads": sum(int(r.get("reads", 0)) for r in status.get("reader_threads", ())),
            "busy_ns": sum(int(r.get("busy_ns", 0)) for r in status.get("reader_threads", ())),
            "pages": int(status.get("pages_received", 0)),
            "bytes": int(status.get("bytes_received", 0)),
@@ -145,6 +150,7 @@ def status_to_reading(status: dict[str, Any], prev: _Prev, source: str = "engine
         depths.append(UffdDepth(pid, int(u["fd"]), float(p), p, float(t), t, 1))
     if len(uffds) == 1:
         counters.append(UffdCounters(pid, int(uffds[0]["fd"]), msgs_read=diff["msgs"],
+                                     read_calls=diff["reads"],
                                      pages_installed=diff["pages"], bytes_installed=diff["bytes"],
                                      eexist=diff["eexist"]))
     extra = {k: status[k] for k in _EXTRA_KEYS if k in status}
