@@ -1,0 +1,110 @@
+"""The dashboard on a real reference-engine run: a row per vCPU, and the
+engine keys change the engine's own state (asked of the engine directly)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from pctop.sources.engine import EngineConnection
+from tests.conftest import ROOT
+
+ENGINE_RUN = """
+import sys
+from pctop.engine.run import Engine, EngineConfig
+cfg = EngineConfig(memory=64 << 20, vcpus=2, strategy="uffd", bandwidth=8 << 20, pattern="hotset",
+                   control=sys.argv[1], duration=60)
+Engine(cfg).run()
+"""
+MiB = 1 << 20
+
+
+@pytest.fixture
+def engine(tmp_path):
+    from pctop.engine.uffd import Uffd
+
+    try:
+        Uffd().close()
+    except OSError as e:
+        pytest.skip(f"userfaultfd unavailable: {e}")
+    path = str(tmp_path / "engine.sock")
+    proc = subprocess.Popen([sys.executable, "-c", ENGINE_RUN, path], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not os.path.exists(path) and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        if not os.path.exists(path):
+            pytest.fail(f"engine did not start: {proc.stderr.read() if proc.poll() is not None else 'no socket'}")
+        yield proc, path
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+async def until(pilot, cond, what: str, tries: int = 200) -> None:
+    for _ in range(tries):
+        if cond():
+            return
+        await pilot.pause(0.05)
+    raise AssertionError(f"never happened: {what}")
+
+
+async def test_engine_keys_drive_the_real_engine(engine):
+    from pctop.stats import open_live
+    from pctop.ui import engine_controls
+    from pctop.ui.app import PctopApp
+    from pctop.ui.feeds import LiveFeed
+    from pctop.ui.widgets.vcpu_table import VcpuTable
+
+    proc, path = engine
+    header, stats = open_live([proc.pid], None, 0.25, use_ebpf=False, engine_sockets=[path])
+    controls = engine_controls(stats)
+    assert controls is not None
+    app = PctopApp(LiveFeed(header, stats.collect, interval=0.25, controls=controls,
+                            on_close=stats.close))
+    probe = EngineConnection(path)
+
+    def status() -> dict:
+        return probe.request({"cmd": "status"})
+
+    try:
+        async with app.run_test(size=(120, 36)) as pilot:
+            table = app.query_one(VcpuTable)
+            await until(pilot, lambda: len(table._keys) == 2, "a row per engine vCPU")
+            assert {k[0] for k in table._keys} == {proc.pid}
+            assert app.check_action("stream", ()) is True
+            # The engine lacks the later commands: their keys stay hidden.
+            for action in ("latency", "drop_link", "recover"):
+                assert app.check_action(action, ()) is False
+
+            await pilot.press("p")
+            await until(pilot, lambda: status()["background"] == "paused", "engine stream paused")
+            assert status()["state"] == "paused"
+            await until(pilot, lambda: app.sample.targets[0].migration.state == "paused",
+                        "the dashboard sees the pause")
+            await pilot.press("p")
+            await until(pilot, lambda: status()["background"] == "running", "engine stream resumed")
+
+            await pilot.press("b")
+            await until(pilot, lambda: status()["bandwidth_limit_bps"] == 4 * MiB, "bandwidth halved")
+            await pilot.press("B", "B")
+            await until(pilot, lambda: status()["bandwidth_limit_bps"] == 16 * MiB, "bandwidth raised")
+            # The command palette offers the same control and it works the same.
+            title = "Engine: pause / resume the background stream"
+            assert title in {c.title for c in app.get_system_commands(app.screen)}
+            await pilot.press("ctrl+p")
+            await pilot.pause(0.1)
+            await pilot.press(*title)
+            await pilot.pause(0.3)
+            await pilot.press("enter")
+            await until(pilot, lambda: status()["background"] == "paused", "paused from the palette")
+            assert all(r.get("ok") for r in app.control_log), app.control_log
+            # Degraded tier (no eBPF asked for) is said on screen.
+            assert "DEGRADED" in app.query_one("#header").render().plain
+    finally:
+        probe.close()
