@@ -8,6 +8,9 @@ PY     := $(VENV)/bin/python
 PCTOP  := $(VENV)/bin/pctop
 STAMP  := $(VENV)/.installed
 
+SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
+
 .PHONY: setup system demo test bench clean
 
 setup: system $(STAMP)
@@ -19,7 +22,7 @@ system:
 # Debian's python3 with --system-site-packages, so Debian's bcc (python3-bpfcc) imports.
 $(STAMP): pyproject.toml
 	@test -x $(PY) || /usr/bin/python3 -m venv --system-site-packages $(VENV)
-	@$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
+	@$(PY) -m pip install -q --disable-pip-version-check -e '.[test]' 2>&1 | { grep -v '^WARNING: Location' || true; }
 	@touch $@
 
 demo: setup
