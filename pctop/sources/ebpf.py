@@ -179,10 +179,11 @@ class EbpfSource:
                                    bytes_installed=v.bytes_installed, eexist=v.eexist)
                       for k, v in ufs)
 
+        kernel_ids = self._kernel_identities()  # before a gone pid's entries are dropped
         gone = self._refresh_targets()
         targets = tuple(TargetInfo(pid=pid, comm=read_comm(self.paths, pid) or "")
                         for pid in sorted(self._known))
-        idents = self._identities()
+        idents = self._identities(kernel_ids, gone)
         events, self._events = tuple(self._events), []
         return Reading(source=self.name, threads=tuple(sorted(threads, key=lambda t: (t.pid, t.tid))),
                        uffds=uffds, identities=idents, targets=targets, gone=tuple(gone),
@@ -305,7 +306,8 @@ class EbpfSource:
                         pass
         self._vcpus_seen = {x for x in self._vcpus_seen if x[0] != pid}
 
-    def _identities(self) -> tuple[VcpuIdentity, ...]:
+    def _kernel_identities(self) -> dict[int, dict[int, tuple[int, str]]]:
+        """pid -> {tid: (vCPU index, how)} as the probes learned them (KVM_CREATE_VCPU/fd + KVM_RUN)."""
         kernel: dict[int, dict[int, tuple[int, str]]] = {}
         for k, v in self._table("vcpus").items():
             how = HOW_NAMES.get(v.how, "kvm_create_vcpu")
@@ -313,6 +315,13 @@ class EbpfSource:
             if (v.tgid, k.value) not in self._vcpus_seen:
                 self._vcpus_seen.add((v.tgid, k.value))
                 self._events.append(f"pid {v.tgid}: vCPU {v.vcpu} is thread {k.value} ({how})")
+        return kernel
+
+    def _identities(self, kernel: dict[int, dict[int, tuple[int, str]]],
+                    gone: list[int]) -> tuple[VcpuIdentity, ...]:
+        """Every followed process's vCPU threads; debugfs/names complete what the probes
+        did not see (re-read every FALLBACK_IDENTITY_TTL_S). A pid that exited this
+        interval keeps what the probes knew, for its last faults."""
         out: list[VcpuIdentity] = []
         now = time.monotonic()
         for pid in sorted(self._known):
@@ -321,4 +330,6 @@ class EbpfSource:
                 cached = (now, identity.fallback_vcpus(self.paths, pid))
                 self._fallback[pid] = cached
             out.extend(identity.merge_identities(pid, kernel.get(pid, {}), cached[1]))
+        for pid in gone:
+            out.extend(identity.merge_identities(pid, kernel.get(pid, {})))
         return tuple(out)
