@@ -17,6 +17,7 @@ from pctop import __version__
 
 # name -> (module, attribute, one-line help shown by `pctop --help`)
 SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
+    "demo": ("pctop.engine.demo_cli", "demo", "Run the reference engine: a real post-copy migration of a KVM guest."),
     "doctor": ("pctop.doctor_cli", "doctor", "Check what pctop needs and say how to fix what is missing."),
     "monitor": ("pctop.monitor_cli", "monitor", "Watch post-copy stalls live (--json: JSON Lines)."),
     "record": ("pctop.monitor_cli", "record", "Record what monitor shows to a JSON Lines file."),
