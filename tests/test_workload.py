@@ -40,6 +40,20 @@ def prefilled():
     mem.close()
 
 
+def read_wchan(tid: int) -> str:
+    with open(f"/proc/self/task/{tid}/wchan") as f:
+        return f.read()
+
+
+def wait_for(condition, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.001)
+    return True
+
+
 def read_data(mem: AnonMemory) -> bytes:
     return ctypes.string_at(mem.addr, mem.size)
 
@@ -194,8 +208,7 @@ def test_guest_runs_natively_and_stop_returns_while_it_spins(prefilled):
             with open(f"/proc/self/task/{tid}/comm") as f:
                 assert f.read().strip() == f"CPU {i}/KVM"
             assert os.readlink(f"/proc/self/fd/{fd}") == f"anon_inode:kvm-vcpu:{i}"
-        while min(p.touched for p in w.progress()) < 50_000:
-            time.sleep(0.01)
+        assert wait_for(lambda: min(p.touched for p in w.progress()) >= 50_000, 30)
         stats = w.kvm_stats()
         touched = sum(p.touched for p in w.progress())
     finally:
@@ -254,8 +267,8 @@ def test_missing_mode_blocks_until_the_page_is_copied(cls, source, registered):
             assert uffd.wait(10)
             faults = uffd.read_faults()
             assert [(f.address, f.ptid) for f in faults] == [(dest.addr + expected_page * PAGE, tid)]
-            with open(f"/proc/self/task/{tid}/wchan") as f:
-                assert f.read() == "handle_userfault"
+            # the message is queued just before the thread sleeps: wait for the sleep
+            assert wait_for(lambda: read_wchan(tid) == "handle_userfault"), read_wchan(tid)
             assert w.progress()[0].touched == expected_page     # blocked on that page
             assert uffd.copy(dest.addr + expected_page * PAGE,
                              source.addr + expected_page * PAGE, PAGE) == PAGE
