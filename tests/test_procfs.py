@@ -72,6 +72,19 @@ def test_queue_depth_shows_the_faults_a_slow_handler_holds_back():
             src.close()
 
 
+def test_comm_selects_processes_by_command_name():
+    with holder(1) as (_, pid, fd), holder(1) as (_, other, _fd):
+        src = ProcfsSource(comm=f"uffdhold{pid}")
+        assert not src.follow_all
+        src.start()
+        try:
+            r = src.collect()
+        finally:
+            src.close()
+    assert [t.pid for t in r.targets] == [pid] and other != pid
+    assert r.targets[0].comm == f"uffdhold{pid}" and [d.fd for d in r.depths] == [fd]
+
+
 def test_a_real_target_that_exits_is_reported_gone():
     with holder(1) as (proc, pid, _):
         src = ProcfsSource([pid])

@@ -6,6 +6,7 @@ faults block in the kernel), and a handler that waits HOLD_S seconds before
 it reads and resolves anything (a deliberately slow handler: the uffd queue
 holds N pending faults meanwhile). Then it serves faults until killed.
 Prints one line "READY <pid> <uffd fd>" once the threads are started.
+Its command name is "uffdhold<pid>" (unique, for --comm).
 
 `python tests/uffd_holder.py kvm N`: a KVM VM with N vCPUs instead (no uffd),
 each vCPU on its own thread named like QEMU's ("CPU i/KVM") that enters
@@ -33,6 +34,8 @@ def main(n: int, hold_s: float) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from pctop.engine.uffd import AnonMemory, Uffd
 
+    # A command name no other process has, so --comm can be tested: "uffdhold<pid>".
+    ctypes.CDLL(None).prctl(15, f"uffdhold{os.getpid()}".encode()[:15], 0, 0, 0)  # PR_SET_NAME
     uffd = Uffd(nonblock=True)
     mem = AnonMemory(n * PAGE)
     uffd.register(mem.addr, n * PAGE)
