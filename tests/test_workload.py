@@ -394,3 +394,17 @@ def test_fault_throughput_is_measured(record_property):
         record_property(f"faults_per_s_{vcpus}vcpu_sigbus", round(sigbus))
         print(f"\n{vcpus} vCPU: MISSING+reader {missing:.0f}/s, SIGBUS+vCPU-resolves {sigbus:.0f}/s")
         assert missing > 0 and sigbus > 0
+
+
+@needs_uffd
+@pytest.mark.kvm
+@pytest.mark.skipif(not HAVE_KVM, reason="/dev/kvm is missing or not accessible")
+@pytest.mark.timeout(30)
+def test_efault_without_a_handler_is_reported_by_wait(registered):
+    """A SIGBUS-mode uffd but no on_memory_fault: the vCPU fails, wait() says why."""
+    dest, _uffd = registered(sigbus=True)
+    w = KvmWorkload(dest.addr, dest.size, 1, pattern="seq", passes=1)
+    with w:
+        w.start()
+        with pytest.raises(WorkloadError, match="EFAULT"):
+            w.wait(20)

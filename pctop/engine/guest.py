@@ -222,7 +222,7 @@ def scale53(probability: float) -> int:
 
 
 def entry_registers(plan: VcpuPlan, vcpu: int, params: GuestParams, hot_npages: int,
-                    hot_access: float) -> dict[str, int]:
+                    hot_access: float, bitmap_gpa: int) -> dict[str, int]:
     """The guest's register contract at entry (it reads no parameters from memory)."""
     return {
         "r15": MAILBOX_GPA + vcpu * MAILBOX_SIZE,               # mailbox
@@ -230,7 +230,7 @@ def entry_registers(plan: VcpuPlan, vcpu: int, params: GuestParams, hot_npages: 
         "r13": plan.npages,
         "r12": plan.seed,
         "r11": plan.start_index,                                # seq cursor
-        "r10": 0,                                               # dirty bitmap GPA (set by layout)
+        "r10": bitmap_gpa,                                      # dirty bitmap
         "r9": plan.first_page,                                  # dirty bit of region page 0
         "r8": scale53(params.write_ratio),
         "rsi": max(1, hot_npages),
@@ -284,6 +284,8 @@ def fill_system(mem, layout: GuestLayout, data_size: int, code: bytes) -> None:
            | (TSS_GPA >> 24 & 0xFF) << 56)
     struct.pack_into("<QQ", mem, GDT_GPA + SEL_TSS, low, TSS_GPA >> 32)
     struct.pack_into("<H", mem, TSS_GPA + 0x66, 0x68)            # no I/O permission bitmap
+    if len(code) > STACK_GPA - CODE_GPA:
+        raise ValueError(f"guest code ({len(code)} bytes) does not fit its page")
     mem[CODE_GPA:CODE_GPA + len(code)] = code
 
 

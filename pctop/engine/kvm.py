@@ -25,6 +25,7 @@ import mmap
 import os
 import signal
 import struct
+import threading
 from typing import NamedTuple
 
 # ioctl numbers (x86-64, _IO/_IOR/_IOW/_IOWR on KVMIO = 0xAE).
@@ -369,7 +370,6 @@ class Vcpu:
     # --- running -------------------------------------------------------------
     def prepare_kick(self) -> None:
         """Call on the thread that will run this vCPU, before the first run()."""
-        import threading
         signal.pthread_sigmask(signal.SIG_BLOCK, {KICK_SIGNAL})
         # KVM's run mask = this thread's mask without KICK_SIGNAL.
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, set()) - {KICK_SIGNAL}
@@ -409,7 +409,10 @@ class Vcpu:
     def close(self) -> None:
         if self.fd >= 0:
             del self.run_struct
-            self._run_map.close()
+            try:
+                self._run_map.close()
+            except BufferError:
+                pass   # a ctypes view (e.g. in a stored traceback) still uses it: GC unmaps it
             if self._stats_fd >= 0:
                 os.close(self._stats_fd)
                 self._stats_fd = -1

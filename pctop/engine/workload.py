@@ -18,6 +18,12 @@ vCPU exits on missing pages (the "vcpu-exit" strategy, uffd with UFFD_FEATURE_SI
 on_memory_fault(vcpu, host_addr, address_source) runs on the vCPU thread, must make
 the page present (UFFDIO_COPY, EEXIST is fine) and return; the access is then retried.
 
+The GIL: a vCPU thread needs it for a few microseconds per exit (KVM_RUN itself and
+the fault wait run without it). Another Python thread that stays busy keeps it for a
+whole switch interval (5 ms by default): measured here, vCPU-exit faults fell from
+25k/s to 1.1k/s next to one busy thread (8.2k/s with sys.setswitchinterval(0.0002)).
+Keep the engine's other threads blocking, or lower the switch interval.
+
 Thread names: KVM vCPU threads are "CPU N/KVM" (QEMU's naming), worker threads "vcpu N";
 each vCPU is created (KVM_CREATE_VCPU) on the thread that then runs it, as QEMU does.
 """
@@ -208,8 +214,7 @@ class KvmWorkload(_WorkloadBase):
         vcpu.set_sregs(sregs)
         regs = k.KvmRegs()
         entry = g.entry_registers(self.plans[i], i, self.params, self.hot_npages[i],
-                                  self.hot_access)
-        entry["r10"] = self.layout_info.bitmap_gpa
+                                  self.hot_access, self.layout_info.bitmap_gpa)
         for name, value in entry.items():
             setattr(regs, name, value)
         regs.rip, regs.rflags = g.CODE_GPA, g.RFLAGS
