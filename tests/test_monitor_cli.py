@@ -128,10 +128,17 @@ def test_monitor_json_ebpf_tier_when_the_probes_load():
     reason = ebpf_unavailable_reason()
     if reason:
         pytest.skip(f"eBPF unavailable on this machine: {reason}")
-    with holder(2) as (_, pid, _fd):
-        r = run_pctop("monitor", "--json", "--count", "2", "--interval", "0.5", "-p", str(pid), timeout=120)
+    with holder(2, stream=True) as (_, pid, fd):
+        r = run_pctop("monitor", "--json", "--count", "3", "--interval", "0.5", "-p", str(pid), timeout=120)
     assert r.returncode == 0, r.stderr
     header, *samples = lines_of(r.stdout)
     assert header["probe_tier"] == "ebpf" and "ebpf" in header["sources"]
-    assert len(samples) == 2 and all(s["probe_tier"] == "ebpf" for s in samples)
-    assert [t["pid"] for t in samples[-1]["targets"]] == [pid]
+    assert not any(m.startswith("ebpf") for m in header["missing"])
+    assert len(samples) == 3 and all(s["probe_tier"] == "ebpf" for s in samples)
+    (t,) = samples[-1]["targets"]
+    assert t["pid"] == pid
+    # Two threads fault steadily: the probes see their stalls and the handler's work.
+    faulting = [v for v in t["vcpus"] if v["faults"] > 0]
+    assert faulting and all(v["stall_ns"] > 0 and v["p50_us"] is not None and v["max_us"] for v in faulting)
+    (u,) = t["uffds"]
+    assert u["fd"] == fd and u["msgs_read"] > 0 and u["pages_installed"] > 0

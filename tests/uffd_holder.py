@@ -8,6 +8,9 @@ holds N pending faults meanwhile). Then it serves faults until killed.
 Prints one line "READY <pid> <uffd fd>" once the threads are started.
 Its command name is "uffdhold<pid>" (unique, for --comm).
 
+`python tests/uffd_holder.py stream N`: N threads fault continuously and a
+prompt handler resolves each fault (a steady stream for the eBPF tier).
+
 `python tests/uffd_holder.py kvm N`: a KVM VM with N vCPUs instead (no uffd),
 each vCPU on its own thread named like QEMU's ("CPU i/KVM") that enters
 KVM_RUN once with immediate_exit set (KVM then records the thread in
@@ -54,6 +57,36 @@ def main(n: int, hold_s: float) -> None:
                 uffd.copy(msg.address & ~(PAGE - 1), ctypes.addressof(src), PAGE)
 
 
+def main_stream(n: int, period_s: float = 0.005) -> None:
+    """N threads fault forever (one new page every period_s each; pages are
+    dropped and fault again), a prompt handler resolves them: a steady fault
+    stream that any monitoring window sees."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from pctop.engine.uffd import AnonMemory, Uffd
+
+    pages = 64
+    uffd = Uffd(nonblock=True)
+    mem = AnonMemory(n * pages * PAGE)
+    uffd.register(mem.addr, n * pages * PAGE)
+    src = ctypes.create_string_buffer(b"\x5a" * PAGE)
+
+    def touch(k: int) -> None:
+        base = mem.addr + k * pages * PAGE
+        while True:
+            for i in range(pages):
+                ctypes.memset(base + i * PAGE, 1, 1)
+                time.sleep(period_s)
+            mem.drop(k * pages * PAGE, pages * PAGE)
+
+    for k in range(n):
+        threading.Thread(target=touch, args=(k,), daemon=True).start()
+    print(f"READY {os.getpid()} {uffd.fd}", flush=True)
+    while True:
+        if uffd.wait(0.5):
+            for msg in uffd.read_faults():
+                uffd.copy(msg.address & ~(PAGE - 1), ctypes.addressof(src), PAGE)
+
+
 def main_kvm(n: int) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from pctop.engine.kvm import Kvm
@@ -81,9 +114,9 @@ def main_kvm(n: int) -> None:
 
 
 @contextlib.contextmanager
-def holder(n: int = 1, hold_s: float = 3600.0, kvm: bool = False):
+def holder(n: int = 1, hold_s: float = 3600.0, kvm: bool = False, stream: bool = False):
     """Yields (Popen, pid, uffd fd or VM fd) of a running holder; kills it afterwards."""
-    args = ["kvm", str(n)] if kvm else [str(n), str(hold_s)]
+    args = ["kvm", str(n)] if kvm else ["stream", str(n)] if stream else [str(n), str(hold_s)]
     p = subprocess.Popen([sys.executable, __file__, *args], stdout=subprocess.PIPE, text=True)
     try:
         line = p.stdout.readline().split()
@@ -98,5 +131,7 @@ def holder(n: int = 1, hold_s: float = 3600.0, kvm: bool = False):
 if __name__ == "__main__":
     if sys.argv[1] == "kvm":
         main_kvm(int(sys.argv[2]))
+    elif sys.argv[1] == "stream":
+        main_stream(int(sys.argv[2]))
     else:
         main(int(sys.argv[1]), float(sys.argv[2]))
