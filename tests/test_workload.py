@@ -21,8 +21,15 @@ PAGE = 4096
 HAVE_KVM = os.access("/dev/kvm", os.R_OK | os.W_OK)
 HAVE_UFFD = os.path.exists("/dev/userfaultfd") or os.path.exists("/proc/sys/vm/unprivileged_userfaultfd")
 
-kvm_only = pytest.param(KvmWorkload, marks=[pytest.mark.kvm, pytest.mark.skipif(
-    not HAVE_KVM, reason="/dev/kvm is missing or not accessible")], id="kvm")
+KVM_MARKS = [pytest.mark.kvm,
+             pytest.mark.skipif(not HAVE_KVM, reason="/dev/kvm is missing or not accessible")]
+kvm_only = pytest.param(KvmWorkload, marks=KVM_MARKS, id="kvm")
+
+
+def on_kvm(test):
+    for mark in KVM_MARKS:
+        test = mark(test)
+    return test
 BOTH = [kvm_only, pytest.param(ThreadWorkload, id="threads")]
 
 
@@ -193,8 +200,7 @@ def test_random_is_deterministic_per_seed(cls, prefilled):
     assert first != dirty(12)
 
 
-@pytest.mark.kvm
-@pytest.mark.skipif(not HAVE_KVM, reason="/dev/kvm is missing or not accessible")
+@on_kvm
 @pytest.mark.timeout(60)
 def test_guest_runs_natively_and_stop_returns_while_it_spins(prefilled):
     """The mailbox advances; KVM emulated (almost) no instructions for it (the
@@ -293,8 +299,7 @@ def _stop_threads(w, uffd, dest, source) -> None:
 
 
 @needs_uffd
-@pytest.mark.kvm
-@pytest.mark.skipif(not HAVE_KVM, reason="/dev/kvm is missing or not accessible")
+@on_kvm
 @pytest.mark.timeout(30)
 def test_kvm_stop_interrupts_a_vcpu_blocked_in_a_fault(registered):
     dest, uffd = registered(sigbus=False)
@@ -383,8 +388,7 @@ def _fault_rate(vcpus: int, npages: int) -> tuple[float, float]:
 
 
 @needs_uffd
-@pytest.mark.kvm
-@pytest.mark.skipif(not HAVE_KVM, reason="/dev/kvm is missing or not accessible")
+@on_kvm
 @pytest.mark.timeout(120)
 def test_fault_throughput_is_measured(record_property):
     """Measured, not asserted (speed targets belong in bench/): every page faults once."""
@@ -397,8 +401,7 @@ def test_fault_throughput_is_measured(record_property):
 
 
 @needs_uffd
-@pytest.mark.kvm
-@pytest.mark.skipif(not HAVE_KVM, reason="/dev/kvm is missing or not accessible")
+@on_kvm
 @pytest.mark.timeout(30)
 def test_efault_without_a_handler_is_reported_by_wait(registered):
     """A SIGBUS-mode uffd but no on_memory_fault: the vCPU fails, wait() says why."""
