@@ -235,35 +235,31 @@ def run_engine(src: EbpfSource, strategy: str) -> tuple[dict, Reading]:
     return truth, src.collect()
 
 
-def engine_threads(truth: dict, r: Reading) -> tuple[int, dict[int, ThreadFaults]]:
+def engine_vcpus(truth: dict, r: Reading) -> tuple[int, list[tuple[dict, ThreadFaults]]]:
+    """(engine pid, [(engine's vCPU record, probes' ThreadFaults)]); identities checked on the way."""
     tids = {v["tid"] for v in truth["per_vcpu"]}
     pids = {t.pid for t in r.threads if t.tid in tids}
     assert len(pids) == 1, f"vCPU threads {tids} not seen"
     pid = pids.pop()
-    return pid, threads_of(r, pid)
-
-
-def check_engine_identities(truth: dict, r: Reading, pid: int) -> None:
+    got = threads_of(r, pid)
     ids = {i.tid: i for i in r.identities if i.pid == pid}
     for v in truth["per_vcpu"]:
-        assert ids[v["tid"]].vcpu == v["vcpu"]
-        assert ids[v["tid"]].how == "kvm_create_vcpu"
+        assert (ids[v["tid"]].vcpu, ids[v["tid"]].how) == (v["vcpu"], "kvm_create_vcpu")
+    return pid, [(v, got[v["tid"]]) for v in truth["per_vcpu"]]
 
 
 @pytest.mark.bpf
 @pytest.mark.kvm
 def test_engine_uffd_strategy_faults_per_vcpu(follow_all):
     truth, r = run_engine(follow_all, "uffd")
-    pid, got = engine_threads(truth, r)
-    check_engine_identities(truth, r, pid)
+    pid, vcpus = engine_vcpus(truth, r)
     assert sum(v["faults"] for v in truth["per_vcpu"]) > 0
-    for v in truth["per_vcpu"]:
-        tf = got[v["tid"]]
+    for v, tf in vcpus:
         assert tf.faults == v["faults"]  # background off: the engine read every fault
         assert tf.faults_no_read == 0 and tf.memory_fault_exits == 0
         assert tf.queued_ns + tf.service_ns + tf.runq_ns == tf.stall_ns
     reader_tids = {t["tid"] for t in truth["reader_threads"]}
-    assert not reader_tids & set(got), "the uffd reader never stalls on a fault"
+    assert not reader_tids & set(threads_of(r, pid)), "the uffd reader never stalls on a fault"
     assert sum(u.msgs_read for u in r.uffds if u.pid == pid) == sum(v["faults"] for v in truth["per_vcpu"])
 
 
@@ -271,10 +267,8 @@ def test_engine_uffd_strategy_faults_per_vcpu(follow_all):
 @pytest.mark.kvm
 def test_engine_vcpu_exit_strategy_counts_memory_fault_exits(follow_all):
     truth, r = run_engine(follow_all, "vcpu-exit")
-    pid, got = engine_threads(truth, r)
-    check_engine_identities(truth, r, pid)
-    for v in truth["per_vcpu"]:
-        tf = got[v["tid"]]
+    _, vcpus = engine_vcpus(truth, r)
+    for v, tf in vcpus:
         # every fault is one KVM_RUN return with EFAULT and one re-entry
         assert tf.memory_fault_exits == tf.faults == tf.exits.get("efault", 0) == v["faults"]
         assert tf.faults_no_read == 0 and tf.queued_ns == tf.service_ns == 0  # not uffd stalls
