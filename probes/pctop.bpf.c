@@ -224,6 +224,38 @@ BPF_PERCPU_ARRAY(stats_zero, struct tstats, 1);
 BPF_HASH(exits, struct exit_key, u64, 65536);
 BPF_HASH(ufstats, struct uf_key, struct uf_stats, 16384);
 
+/* The per-thread maps (tstate, inflight, readstash) are consulted on events
+ * that fire for every thread of the host: each context switch, wake-up, ioctl
+ * and read() exit. A count of their entries per tid slot, in an array (lookup
+ * inlined, no hashing), lets the common untracked case skip the hash lookups.
+ * Every successful insert adds one, every successful delete takes one away;
+ * all of them happen in the thread's own context, so they never race. */
+#define HINT_SLOTS 65536
+BPF_ARRAY(tid_hint, u32, HINT_SLOTS);
+
+static __always_inline int maybe_tracked(u32 tid)
+{
+    u32 slot = tid & (HINT_SLOTS - 1);
+    u32 *c = tid_hint.lookup(&slot);
+    return c && *c;
+}
+
+static __always_inline void hint_add(u32 tid, u32 delta)
+{
+    u32 slot = tid & (HINT_SLOTS - 1);
+    u32 *c = tid_hint.lookup(&slot);
+    if (c)
+        __sync_fetch_and_add(c, delta);
+}
+
+/* Processes that ever held a known uffd, by tgid slot: read() is the most
+ * frequent syscall on a host and only reads of a uffd matter. Set, never
+ * cleared (a stale slot only costs the hash lookup it would have cost anyway). */
+BPF_ARRAY(uffd_tgid_hint, u32, HINT_SLOTS);
+
+#define HINT_INC 1u
+#define HINT_DEC ((u32)-1)
+
 static __always_inline u64 cfg(u32 slot)
 {
     u64 *v = config.lookup(&slot);
@@ -273,7 +305,8 @@ static __always_inline struct tstate *get_tstate(u32 tid, u32 tgid)
     struct tstate z = {};
     z.tgid = tgid;
     z.vcpu = -1;
-    tstate.insert(&tid, &z);
+    if (tstate.insert(&tid, &z) == 0)
+        hint_add(tid, HINT_INC);
     return tstate.lookup(&tid);
 }
 
@@ -401,6 +434,8 @@ static __always_inline int on_page_fault(u64 addr)
     if (!uffd_range_hit(tgid, addr)) {
         /* a thread handles one fault at a time: a fault elsewhere means the
          * previous candidate finished without stalling */
+        if (!maybe_tracked(tid))
+            return 0;
         struct tstate *t = tstate.lookup(&tid);
         if (t && t->phase == PH_FAULTED)
             clear_fault(t);
@@ -474,7 +509,7 @@ TRACEPOINT_PROBE(sched, sched_switch)
     u32 prev = args->prev_pid, next = args->next_pid;
     /* prev_state: 1 = S, 2 = D (handle_userfault sleeps in either);
      * 0 or TASK_REPORT_MAX = preempted, still runnable */
-    if (prev && (args->prev_state & 3)) {
+    if (prev && (args->prev_state & 3) && maybe_tracked(prev)) {
         struct tstate *t = tstate.lookup(&prev);
         if (t) {
             if (t->phase == PH_FAULTED) {
@@ -488,7 +523,7 @@ TRACEPOINT_PROBE(sched, sched_switch)
             }
         }
     }
-    if (next) {
+    if (next && maybe_tracked(next)) {
         struct tstate *t = tstate.lookup(&next);
         if (!t)
             return 0;
@@ -522,6 +557,8 @@ TRACEPOINT_PROBE(sched, sched_switch)
 TRACEPOINT_PROBE(sched, sched_waking)
 {
     u32 wakee = args->pid;
+    if (!maybe_tracked(wakee))
+        return 0;
     struct tstate *t = tstate.lookup(&wakee);
     if (!t || t->phase != PH_SLEEPING)
         return 0;
@@ -551,10 +588,6 @@ TRACEPOINT_PROBE(sched, sched_waking)
         t->read_ts = io->read_ts;
         dbg_inc(DBG_READ_VIA_COPY);
     }
-    if (t->addr) {
-        u64 page = t->addr;
-        pending_addr.delete(&page);
-    }
     /* a separate handler process (Firecracker-style) becomes visible */
     if (!targets.lookup(&waker_tgid)) {
         u32 flag = TARGET_HANDLER;
@@ -566,9 +599,14 @@ TRACEPOINT_PROBE(sched, sched_waking)
 TRACEPOINT_PROBE(sched, sched_process_exit)
 {
     u32 tid = args->pid;
-    tstate.delete(&tid);
-    inflight.delete(&tid);
-    readstash.delete(&tid);
+    if (!maybe_tracked(tid))
+        return 0;
+    if (tstate.delete(&tid) == 0)
+        hint_add(tid, HINT_DEC);
+    if (inflight.delete(&tid) == 0)
+        hint_add(tid, HINT_DEC);
+    if (readstash.delete(&tid) == 0)
+        hint_add(tid, HINT_DEC);
     return 0;
 }
 
@@ -591,6 +629,10 @@ static __always_inline void remember_uffd(u32 tgid, s32 fd)
     if (!uffd_fds.lookup(&k)) {
         u32 one = 1;
         uffd_fds.update(&k, &one);
+        u32 slot = tgid & (HINT_SLOTS - 1);
+        u32 *h = uffd_tgid_hint.lookup(&slot);
+        if (h)
+            *h = 1;
     }
 }
 
@@ -607,12 +649,19 @@ TRACEPOINT_PROBE(syscalls, sys_exit_userfaultfd)
 TRACEPOINT_PROBE(syscalls, sys_enter_read)
 {
     u64 id = bpf_get_current_pid_tgid();
+    u32 slot = (id >> 32) & (HINT_SLOTS - 1);
+    u32 *h = uffd_tgid_hint.lookup(&slot);
+    if (!h || !*h)
+        return 0;
     struct fd_key k = {.tgid = id >> 32, .fd = (s32)args->fd};
     if (!uffd_fds.lookup(&k))
         return 0;
     u32 tid = (u32)id;
     struct read_stash rs = {.buf = (u64)args->buf, .fd = k.fd, .tgid = k.tgid};
-    readstash.update(&tid, &rs);
+    if (readstash.insert(&tid, &rs) == 0)
+        hint_add(tid, HINT_INC);
+    else
+        readstash.update(&tid, &rs);
     return 0;
 }
 
@@ -685,11 +734,14 @@ int parse_uffd_msgs(void *ctx)
 TRACEPOINT_PROBE(syscalls, sys_exit_read)
 {
     u32 tid = (u32)bpf_get_current_pid_tgid();
+    if (!maybe_tracked(tid))
+        return 0;
     struct read_stash *rsp = readstash.lookup(&tid);
     if (!rsp)
         return 0;
     struct read_stash rs = *rsp;
-    readstash.delete(&tid);
+    if (readstash.delete(&tid) == 0)
+        hint_add(tid, HINT_DEC);
     long ret = args->ret;
     if (targets.lookup(&rs.tgid)) {
         struct uf_stats *s = get_ufstats(rs.tgid, rs.fd);
@@ -721,6 +773,14 @@ static __always_inline u64 read_u64(u64 uaddr)
     u64 v = 0;
     bpf_probe_read_user(&v, sizeof(v), (void *)uaddr);
     return v;
+}
+
+static __always_inline void stash_inflight(u32 tid, struct inflight *io)
+{
+    if (inflight.insert(&tid, io) == 0)
+        hint_add(tid, HINT_INC);
+    else
+        inflight.update(&tid, io); /* an entry left by an ioctl whose exit we missed */
 }
 
 TRACEPOINT_PROBE(syscalls, sys_enter_ioctl)
@@ -767,7 +827,7 @@ TRACEPOINT_PROBE(syscalls, sys_enter_ioctl)
         if (cmd != KVM_CREATE_VCPU || !followed(tgid, 1))
             return 0;
         io.kind = IO_KVM_CREATE_VCPU;
-        inflight.update(&tid, &io);
+        stash_inflight(tid, &io);
         return 0;
     }
 
@@ -798,18 +858,21 @@ TRACEPOINT_PROBE(syscalls, sys_enter_ioctl)
     }
     /* kept for every process: the wake-up test needs to know that the waker
      * is inside a resolving ioctl, whoever the waker is */
-    inflight.update(&tid, &io);
+    stash_inflight(tid, &io);
     return 0;
 }
 
 TRACEPOINT_PROBE(syscalls, sys_exit_ioctl)
 {
     u32 tid = (u32)bpf_get_current_pid_tgid();
+    if (!maybe_tracked(tid))
+        return 0;
     struct inflight *iop = inflight.lookup(&tid);
     if (!iop)
         return 0;
     struct inflight io = *iop;
-    inflight.delete(&tid);
+    if (inflight.delete(&tid) == 0)
+        hint_add(tid, HINT_DEC);
     long ret = args->ret;
 
     if (io.kind == IO_KVM_CREATE_VCPU) {

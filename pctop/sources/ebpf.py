@@ -28,7 +28,7 @@ from pathlib import Path
 from pctop import doctor
 from pctop.hostpaths import DEFAULT, HostPaths
 from pctop.sources import identity
-from pctop.sources.procfs import read_comm
+from pctop.sources.procfs import UFFD_LINK, read_comm
 from pctop.sources.readings import (HIST_BUCKETS, Reading, TargetInfo, ThreadFaults,
                                     UffdCounters, VcpuIdentity)
 from pctop.sources.tracepoints import OPTIONAL_MACROS
@@ -41,6 +41,7 @@ TARGET_GIVEN, TARGET_AUTO, TARGET_HANDLER = 1, 2, 4
 HOW_CREATE_VCPU, HOW_VCPU_FD = 1, 2
 HOW_NAMES = {HOW_CREATE_VCPU: "kvm_create_vcpu", HOW_VCPU_FD: "kvm_vcpu_fd"}
 MAX_RANGES = 64
+HINT_SLOTS = 65536
 DEBUG_COUNTERS = ("not_uffd_wake", "missed_wake", "msg_unmatched", "msg_by_ptid", "msg_by_addr",
                   "read_via_copy", "exit_stalls")
 FALLBACK_IDENTITY_TTL_S = 5.0
@@ -181,6 +182,7 @@ class EbpfSource:
 
         kernel_ids = self._kernel_identities()  # before a gone pid's entries are dropped
         gone = self._refresh_targets()
+        self._prune_uffd_fds()
         targets = tuple(TargetInfo(pid=pid, comm=read_comm(self.paths, pid) or "")
                         for pid in sorted(self._known))
         idents = self._identities(kernel_ids, gone)
@@ -243,6 +245,9 @@ class EbpfSource:
         t = self._table("uffd_fds")
         for fd in uffds:
             t[t.Key(pid, fd)] = t.Leaf(1)
+        if uffds:
+            hint = self._table("uffd_tgid_hint")
+            hint[hint.Key(pid & (HINT_SLOTS - 1))] = hint.Leaf(1)
         t = self._table("vcpu_fds")
         for fd, vcpu in vcpu_fds.items():
             k = t.Key(pid, fd)
@@ -287,6 +292,21 @@ class EbpfSource:
             self._forget(pid)
         return gone
 
+    def _prune_uffd_fds(self) -> None:
+        """Drop fds that are no longer a uffd (closed, or the number reused): reads on a
+        reused number would otherwise be parsed as uffd messages."""
+        t = self._table("uffd_fds")
+        for k, _ in t.items():
+            try:
+                link = os.readlink(self.paths.proc_path(k.tgid, "fd", k.fd))
+            except OSError:
+                link = None
+            if link != UFFD_LINK:
+                try:
+                    del t[k]
+                except KeyError:
+                    pass
+
     def _forget(self, pid: int) -> None:
         self._known.pop(pid, None)
         self._fallback.pop(pid, None)
@@ -296,7 +316,7 @@ class EbpfSource:
                 del t[t.Key(pid)]
             except KeyError:
                 pass
-        for name in ("uffd_fds", "vcpu_fds", "vcpus"):
+        for name in ("vcpu_fds", "vcpus"):  # uffd_fds: _prune_uffd_fds
             t = self._table(name)
             for k, v in t.items():
                 if (getattr(k, "tgid", None) if name != "vcpus" else v.tgid) == pid:
