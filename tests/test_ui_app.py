@@ -16,7 +16,7 @@ from pctop.ui.screens.help import HelpScreen
 from pctop.ui.synthetic import synthetic_sample
 from pctop.ui.widgets.event_log import EventLog
 from pctop.ui.widgets.latency import LatencyHistogram
-from pctop.ui.widgets.vcpu_table import VcpuTable
+from pctop.ui.widgets.vcpu_table import COLUMNS, VcpuTable
 
 HEADER = Header(host="h", kernel="k", probe_tier="ebpf", sources=("engine",), started=1.7e9)
 VCPUS = 6
@@ -218,3 +218,30 @@ async def test_palette_action_has_its_effect(title):
         await pilot.pause(0.3)
         await pilot.press("enter")
         await until(pilot, lambda: PALETTE[title](app), f"palette {title!r}")
+
+
+async def test_table_mouse_and_paging():
+    samples = [synthetic_sample(seq=i, vcpus=64) for i in range(1, 4)]
+    app = PctopApp(ReplayFeed(HEADER, samples, paused=True, position=2))
+    async with app.run_test(size=(100, 30)) as pilot:
+        await until(pilot, lambda: app.sample is not None, "first sample")
+        table = app.query_one(VcpuTable)
+        await pilot.press("end")
+        await pilot.pause()
+        assert table.cursor_row == 63 and table.scroll_offset.y > 0  # scrolled to keep it visible
+        await pilot.press("home", "pagedown")
+        assert table.cursor_row > 1
+        await pilot.press("home")
+        # A click on the "faults/s" header sorts by it; a second click reverses.
+        x = sum(c.width + 1 for c in COLUMNS[:2]) + 2
+        await pilot.click(VcpuTable, offset=(x, 0))
+        assert table.sort_key == "faults" and table.sort_reverse
+        await pilot.click(VcpuTable, offset=(x, 0))
+        assert table.sort_key == "faults" and not table.sort_reverse
+        # Click a row to select it, click it again to open its detail.
+        await pilot.click(VcpuTable, offset=(3, 3))
+        assert table.cursor_row == 2
+        want = table.selected_key
+        await pilot.click(VcpuTable, offset=(3, 3))
+        await until(pilot, lambda: isinstance(app.screen, VcpuDetailScreen), "detail by click")
+        assert app.screen.key == want

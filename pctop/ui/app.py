@@ -18,7 +18,7 @@ from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
-from textual.widgets import DataTable, Footer
+from textual.widgets import Footer
 from textual.worker import get_current_worker
 
 from pctop.model import HIST_BUCKETS, Event, Sample, StallParts
@@ -232,11 +232,11 @@ class PctopApp(App[None]):
     def _log_event(self, e: Event) -> None:
         self.query_one(EventLog).add(e)
 
-    def on_data_table_row_highlighted(self, _: DataTable.RowHighlighted) -> None:
+    def on_vcpu_table_highlighted(self, _: VcpuTable.Highlighted) -> None:
         if self.hist_selected:
             self._render_latency()
 
-    def on_data_table_row_selected(self, _: DataTable.RowSelected) -> None:
+    def on_vcpu_table_selected(self, _: VcpuTable.Selected) -> None:
         self.action_detail()
 
     # -- view actions ------------------------------------------------------
