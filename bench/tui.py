@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import fcntl
+import json
 import os
 import platform
 import pty
@@ -108,7 +109,8 @@ def cpu_at_1hz(seconds: float, warmup: float = 8.0) -> dict:
                 time.sleep(0.1)
             args = ["-m", "pctop", "monitor", "-p", str(engine.pid), "--engine", sock, "--interval", "1"]
             tui = spawn_in_pty([py, *args], 120, 40)
-            js = subprocess.Popen([py, *args, "--json"], cwd=ROOT, stdout=subprocess.DEVNULL,
+            js_out = open(os.path.join(tmp, "json.ndjson"), "w")
+            js = subprocess.Popen([py, *args, "--json"], cwd=ROOT, stdout=js_out,
                                   stderr=subprocess.DEVNULL)
             procs = [tui, js]
             time.sleep(warmup)  # probe compilation and start-up are not the steady state
@@ -121,8 +123,12 @@ def cpu_at_1hz(seconds: float, warmup: float = 8.0) -> dict:
             c1 = [cpu_seconds(p.pid) for p in procs]
             eng1, t1 = cpu_seconds(engine.pid), time.monotonic()
             wall = t1 - t0
+            alive = engine.poll() is None
+            with open(os.path.join(tmp, "json.ndjson")) as f:
+                header = json.loads(f.readline())
             return {"wall": wall, "tui": (c1[0] - c0[0]) / wall, "json": (c1[1] - c0[1]) / wall,
-                    "engine": (eng1 - eng0) / wall}
+                    "engine": (eng1 - eng0) / wall, "tier": header.get("probe_tier"),
+                    "engine_alive": alive}
         finally:
             for p in procs + [engine]:
                 if p.poll() is None:
@@ -156,7 +162,9 @@ def main() -> None:
               f"| {r['tui'] * 100:.1f}% of one core | <= 5% |")
         print(f"| pctop monitor --json, same engine, same window (side by side) "
               f"| {r['json'] * 100:.1f}% of one core | - |")
-        print(f"| the engine itself in that window | {r['engine'] * 100:.0f}% of one core | - |")
+        print(f"| the engine itself in that window (still migrating at the end: {r['engine_alive']}) "
+              f"| {r['engine'] * 100:.0f}% of one core | - |")
+        print(f"\nProbe tier of both monitors: {r['tier']}.")
 
 
 if __name__ == "__main__":
