@@ -47,6 +47,7 @@ class VcpuSample:
     exits: dict[str, int] = field(default_factory=dict)
     exits_per_s: float = 0.0
     memory_fault_exits: int = 0
+    vmm_blocktime_ms: float | None = None  # the VMM's own count of this vCPU's blocked time (QEMU)
 
 
 @dataclass(frozen=True)

@@ -38,9 +38,10 @@ from pctop.sources.readings import (
 )
 
 # Higher wins. KVM_CREATE_VCPU + KVM_RUN seen by the probes is exact; a vCPU
-# fd's index (from /proc) plus KVM_RUN on it, the engine's own word and debugfs
-# are exact too; thread names are a convention.
-IDENTITY_TRUST = {"kvm_create_vcpu": 5, "kvm_vcpu_fd": 4, "engine": 4, "debugfs": 3, "thread_name": 1}
+# fd's index (from /proc) plus KVM_RUN on it, the engine's own word, QEMU's
+# query-cpus-fast (qmp) and debugfs are exact too; thread names are a convention.
+IDENTITY_TRUST = {"kvm_create_vcpu": 5, "kvm_vcpu_fd": 4, "engine": 4, "qmp": 4, "debugfs": 3,
+                  "thread_name": 1}
 
 
 @dataclass
@@ -207,6 +208,9 @@ def build_sample(merged: Merged, memory: Memory, *, now: float, interval_s: floa
         mig = None
         if pid in merged.migrations:
             mi = merged.migrations[pid]
+            vmm = mi.extra.get("vcpu_blocktime_ms") or ()  # QMP: QEMU's blocktime, by vCPU index
+            vcpus = [replace(v, vmm_blocktime_ms=vmm[v.vcpu]) if v.vcpu is not None and v.vcpu < len(vmm)
+                     else v for v in vcpus]
             mig = migration_sample(mi, memory.pages_received.get(pid), interval_s)
             if mi.pages_received is not None:
                 memory.pages_received[pid] = mi.pages_received
