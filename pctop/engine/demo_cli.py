@@ -1,9 +1,9 @@
 """`pctop demo`: run the reference engine, a real post-copy migration of a real KVM guest.
 
-Until the TUI exists, `pctop demo` and `pctop demo --headless` do the same:
-a progress line on stderr (only on a terminal), then a summary; with --json,
-JSON Lines on stdout: a "start" line, a "progress" line per second and a
-final "summary" line.
+`pctop demo` opens the dashboard on the run (the engine then runs as a
+`--headless` child process). `--headless`: a progress line on stderr (only on
+a terminal), then a summary; with --json, JSON Lines on stdout: a "start"
+line, a "progress" line per second and a final "summary" line.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def _raise_interrupt(*_):
 
 
 @click.command("demo", cls=_Command, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--headless", is_flag=True, help="No TUI (the only mode until the TUI exists).")
+@click.option("--headless", is_flag=True, help="No TUI: a progress line, then the summary.")
 @click.option("--json", "as_json", is_flag=True, help="JSON Lines on stdout: start, progress each second, summary last.")
 @click.option("--memory", type=SIZE, default=DEFAULTS["memory"], show_default=True,
               help="Guest memory to migrate (K/M/G = powers of 1024).")
@@ -80,6 +80,8 @@ def demo(headless, as_json, memory, vcpus, strategy, readers, pattern, write_rat
         raise _UsageError("demo", f"--memory must be a multiple of 4K with at least 4K per vCPU, got {memory}")
     if workload == "kvm" and not os.path.exists("/dev/kvm"):
         raise _UsageError("demo", "--workload kvm needs /dev/kvm, which is missing")
+    if not headless and not as_json:
+        _run_with_tui(click.get_current_context(), control)
     cfg = EngineConfig(memory=memory, vcpus=vcpus, strategy=strategy, readers=readers, pattern=pattern,
                        write_ratio=write_ratio, bandwidth=bandwidth, background=not no_background,
                        prefetch=prefetch, duration=duration, seed=seed, control=control, workload=workload,
@@ -129,6 +131,30 @@ def demo(headless, as_json, memory, vcpus, strategy, readers, pattern, write_rat
     else:
         _print_summary(s)
     sys.exit(0 if s["ok"] else 1)
+
+
+def _run_with_tui(ctx: click.Context, control: str | None) -> None:
+    """The dashboard (pctop.ui) on this run: the engine is this same command,
+    --headless, in a child process, so it never shares a GIL with the UI."""
+    import tempfile
+
+    from pctop import ui
+    from pctop.sources.engine import EngineError
+
+    argv = [sys.executable, "-m", "pctop", "demo", "--headless"]
+    for p in ctx.command.params:  # the options given, passed on as given
+        v = ctx.params.get(p.name)
+        if isinstance(p, click.Option) and p.name not in ("headless", "as_json", "control") \
+                and v is not None and v != p.default and not (p.is_flag and not v):
+            argv += [p.opts[0]] if p.is_flag else [p.opts[0], str(v)]
+    with tempfile.TemporaryDirectory(prefix="pctop-demo-") as tmp:
+        path = control or os.path.join(tmp, "engine.sock")
+        try:
+            rc = ui.run_demo(argv + ["--control", path], path)
+        except EngineError as e:
+            click.echo(f"pctop demo: error: {e}", err=True)
+            sys.exit(1)
+    sys.exit(0 if rc is None else rc)
 
 
 def threading_main() -> bool:

@@ -8,10 +8,14 @@ without slowing or breaking their --json paths.
 - run_live(header, stats, interval, controls): over a live aggregator
   (`pctop.stats.open_live(...)` returns the (header, stats) pair).
 - run_replay(path, speed, paused): over an NDJSON recording.
+- run_demo(engine_argv, control_path): starts a reference-engine run as a
+  child process and shows it, controls live (`pctop demo`).
 """
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -49,3 +53,48 @@ def run_live(header: Any, stats: Any, interval: float = 1.0, controls: Any = Non
 def run_replay(path: str | Path, speed: float = 1.0, paused: bool = False) -> None:
     """Raises pctop.sources.replay.RecordingError (one-line message) for a bad file."""
     run_feed(ReplayFeed.open(path, speed=speed, paused=paused))
+
+
+def run_demo(engine_argv: list[str], control_path: str, interval: float = 1.0,
+             use_ebpf: bool = True) -> int:
+    """`pctop demo` without --headless: the engine runs as a child process
+    (`engine_argv`, a headless demo command line serving `control_path`) so
+    that it never shares a GIL with the dashboard; the dashboard watches it
+    with its controls live. Quitting the dashboard stops the engine. Prints
+    the engine's own output (its verification summary) afterwards and returns
+    its exit status, or None when the dashboard quit first and stopped it. Raises pctop.sources.engine.EngineError if it never
+    opens its socket (the message quotes the end of its stderr).
+    """
+    import subprocess
+    import tempfile
+    import time
+
+    from pctop.sources.engine import EngineError
+    from pctop.stats import open_live
+
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(engine_argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err)
+        try:
+            deadline = time.monotonic() + 60
+            while not os.path.exists(control_path):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    err.seek(0)
+                    tail = err.read().strip().splitlines()[-1:] or ["no output"]
+                    raise EngineError(f"the engine did not open {control_path}: {tail[0]}")
+                time.sleep(0.05)
+            header, stats = open_live([proc.pid], None, interval, use_ebpf=use_ebpf,
+                                      engine_sockets=[control_path])
+            run_live(header, stats, interval)
+        finally:
+            stopped = proc.poll() is None
+            if stopped:
+                proc.terminate()
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        for fh, stream in ((out, sys.stdout), (err, sys.stderr)):
+            fh.seek(0)
+            stream.write(fh.read())
+        return None if stopped else proc.returncode

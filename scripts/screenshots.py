@@ -1,0 +1,151 @@
+"""Screenshots of the dashboard on a real reference-engine run, and the
+recordings the snapshot tests render.
+
+    .venv/bin/python scripts/screenshots.py              # screenshots/*.svg and *.png
+    .venv/bin/python scripts/screenshots.py --record tests/data
+
+Screenshots: one engine run (`pctop demo --headless` when that command exists,
+else the engine module directly) is watched live by the App, headless, at
+fixed terminal sizes; after a few samples the dashboard, the vCPU detail and
+the help screen are exported as SVG (Textual) and converted to PNG with
+rsvg-convert (package librsvg2-bin).
+
+--record: `pctop record` against such a run writes small NDJSON recordings
+(eBPF tier and, with --no-ebpf, the degraded procfs tier).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+# KVM guest, 2 vCPUs, hotset access pattern: demand faults and a background
+# stream limited to 4 MiB/s, so a run lasts while it is being watched.
+ENGINE = """
+import sys
+from pctop.engine.run import Engine, EngineConfig
+cfg = EngineConfig(memory=1 << 30, vcpus=2, strategy=sys.argv[3], bandwidth=4 << 20,
+                   pattern="hotset", hot_fraction=0.02, control=sys.argv[1],
+                   duration=float(sys.argv[2]))
+Engine(cfg).run()
+"""
+SIZES = ((120, 36), (80, 24), (200, 60))
+
+
+def start_engine(sock: str, seconds: float, strategy: str = "uffd") -> subprocess.Popen:
+    from pctop.cli import SUBCOMMANDS
+
+    if "demo" in SUBCOMMANDS:
+        argv = [sys.executable, "-m", "pctop", "demo", "--headless", "--control", sock,
+                "--duration", str(seconds), "--strategy", strategy]
+    else:
+        argv = [sys.executable, "-c", ENGINE, sock, str(seconds), strategy]
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while not os.path.exists(sock):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise SystemExit(f"engine did not start: {proc.stderr.read().decode()[-500:]}")
+        time.sleep(0.1)
+    return proc
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+async def shoot(sock: str, pid: int, out: Path, samples: int, w: int, h: int) -> list[Path]:
+    from pctop.stats import open_live
+    from pctop.ui.app import PctopApp
+    from pctop.ui.feeds import LiveFeed
+
+    made = []
+    if True:
+        header, stats = open_live([pid], None, 1.0, engine_sockets=[sock])
+        app = PctopApp(LiveFeed(header, stats.collect, 1.0, on_close=stats.close,
+                                controls=next((s for s in stats.sources if s.name == "engine"), None)))
+        async with app.run_test(size=(w, h)) as pilot:
+            while app.history.samples < samples:
+                await pilot.pause(0.2)
+            await pilot.press("s", "s")  # sorted by % of time stalled: the worst first
+            await pilot.pause(0.3)
+            shots = [("dashboard", ())]
+            if (w, h) == SIZES[0]:
+                shots += [("detail", ("enter",)), ("help", ("escape", "question_mark"))]
+            for name, keys in shots:
+                for k in keys:
+                    await pilot.press(k)
+                await pilot.pause(0.5)
+                svg = out / f"{name}-{w}x{h}.svg"
+                app.save_screenshot(str(svg.name), path=str(out))
+                made.append(svg)
+    return made
+
+
+def record(sock: str, pid: int, path: Path, count: int, ebpf: bool) -> None:
+    argv = [sys.executable, "-m", "pctop", "record", "-o", str(path), "-p", str(pid),
+            "--engine", sock, "--count", str(count), "--interval", "1"]
+    if not ebpf:
+        argv.append("--no-ebpf")
+    subprocess.run(argv, cwd=ROOT, check=True, timeout=count * 3 + 60)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=str(ROOT / "screenshots"))
+    ap.add_argument("--samples", type=int, default=6, help="samples to wait for before a shot")
+    ap.add_argument("--record", metavar="DIR", help="write NDJSON recordings for tests instead")
+    a = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        sock = os.path.join(tmp, "engine.sock")
+        if a.record:
+            d = Path(a.record)
+            d.mkdir(parents=True, exist_ok=True)
+            for name, strategy, ebpf in (("engine-uffd-ebpf", "uffd", True),
+                                         ("engine-uffd-procfs", "uffd", False)):
+                eng = start_engine(sock, 40, strategy)
+                try:
+                    time.sleep(1)
+                    record(sock, eng.pid, d / f"{name}.ndjson", 10, ebpf)
+                finally:
+                    stop(eng)
+                    if os.path.exists(sock):
+                        os.unlink(sock)
+                print(d / f"{name}.ndjson")
+            return
+        out = Path(a.out)
+        out.mkdir(parents=True, exist_ok=True)
+        svgs = []
+        for w, h in SIZES:  # a fresh run per size: each shows the same phase of a migration
+            eng = start_engine(sock, 60)
+            try:
+                svgs += asyncio.run(shoot(sock, eng.pid, out, a.samples, w, h))
+            finally:
+                stop(eng)
+                if os.path.exists(sock):
+                    os.unlink(sock)
+    rsvg = shutil.which("rsvg-convert")
+    for svg in svgs:
+        if rsvg:
+            subprocess.run([rsvg, str(svg), "-o", str(svg.with_suffix(".png"))], check=True)
+        print(svg, "+ png" if rsvg else "(rsvg-convert missing: no png)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""`pctop demo` with its dashboard, as a user runs it: in a terminal (a pty),
+the engine as a child process, `q` quits and the engine is stopped."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import pty
+import select
+import signal
+import struct
+import subprocess
+import sys
+import termios
+import time
+
+import pytest
+
+from tests.conftest import ROOT
+
+
+def children_of(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(x) for x in f.read().split()]
+    except OSError:
+        return []
+
+
+def read_until(fd: int, needle: bytes, timeout: float) -> bytes:
+    buf = b""
+    deadline = time.monotonic() + timeout
+    while needle not in buf and time.monotonic() < deadline:
+        r, _, _ = select.select([fd], [], [], 0.2)
+        if r:
+            try:
+                buf += os.read(fd, 65536)
+            except OSError:
+                break
+    return buf
+
+
+def test_demo_opens_the_dashboard_and_q_stops_the_engine():
+    from pctop.engine.uffd import Uffd
+
+    try:
+        Uffd().close()
+    except OSError as e:
+        pytest.skip(f"userfaultfd unavailable: {e}")
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 100, 0, 0))
+    # Threads and a slow stream: the run outlasts the test.
+    argv = [sys.executable, "-m", "pctop", "demo", "--workload", "threads", "--memory", "256M",
+            "--bandwidth", "2M", "--pattern", "hotset", "--duration", "60"]
+    proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, cwd=ROOT,
+                            env=dict(os.environ, TERM="xterm-256color"), start_new_session=True)
+    os.close(slave)
+    engine_pids: list[int] = []
+    try:
+        out = read_until(master, b"POSTCOPY", 90)
+        assert b"POSTCOPY" in out, out[-2000:]
+        engine_pids = children_of(proc.pid)
+        assert engine_pids, "the engine runs as a child process"
+        os.write(master, b"q")
+        read_until(master, b"\x00never", 1)  # keep draining while it exits
+        assert proc.wait(30) == 0
+        for pid in engine_pids:
+            assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        for pid in engine_pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        os.close(master)
