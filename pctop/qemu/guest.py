@@ -1,0 +1,149 @@
+"""The tiny QEMU guest: a boot sector that keeps writing to its memory.
+
+SeaBIOS loads the 512-byte sector at 0x7C00 and jumps to it in real mode. The
+sector switches to 32-bit protected mode (flat 4 GiB segments, paging off, so
+no page tables are needed) and then loops forever:
+
+    pass = 0
+    mailbox.magic = "PCTG"
+    forever:
+        pass += 1
+        mailbox.passes = pass
+        for page in region:             # [region_base, region_base + region_size)
+            page[0..3] = pass           # one dword per 4 KiB page: the page is dirty
+
+So the pages it dirties are exactly the region plus the mailbox page, and the
+dword at the start of every region page says in which pass it was last written.
+Interrupts stay off (`cli`), there is no stack use and no BIOS call after the
+boot, so nothing else in guest memory changes. The region is written in order,
+one page after another, which under post-copy makes the guest fault on every
+page that has not arrived yet.
+
+Guest physical layout:
+    0x6000          mailbox: +0 passes (u32), +4 magic b"PCTG"
+    0x7C00          this sector: code, then the GDT and its descriptor
+    region_base ..  the written region (default 1 MiB .. 17 MiB)
+
+Under PVM (platform.md) real mode and 32-bit flat code are emulated by KVM,
+every instruction; under VMX/SVM or TCG it runs at full speed. Either way the
+guest's memory accesses go through the host mapping QEMU registers with
+userfaultfd on the destination.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import NamedTuple
+
+from pctop.engine.guest import Assembler
+
+LOAD_ADDR = 0x7C00
+MAILBOX_GPA = 0x6000
+MB_PASSES, MB_MAGIC = 0, 4
+MAGIC = b"PCTG"
+PAGE = 4096
+SECTOR = 512
+DEFAULT_REGION_BASE = 1 << 20
+DEFAULT_REGION_SIZE = 16 << 20
+
+SEL_CODE32, SEL_DATA32 = 0x08, 0x10
+# Flat 4 GiB segments: base 0, limit 0xFFFFF with 4 KiB granularity, 32-bit (D=1).
+GDT = (0, 0x00CF9A000000FFFF, 0x00CF92000000FFFF)   # null, code (exec/read), data (read/write)
+
+
+class GuestImage(NamedTuple):
+    sector: bytes          # the 512-byte boot sector (ends with 55 AA)
+    listing: str           # offset, bytes and assembly of every instruction
+    region_base: int
+    region_size: int
+
+    @property
+    def region_pages(self) -> int:
+        return self.region_size // PAGE
+
+    def dirtied_pages(self) -> frozenset[int]:
+        """Guest page frame numbers the running guest keeps writing."""
+        first = self.region_base // PAGE
+        return frozenset(range(first, first + self.region_pages)) | {MAILBOX_GPA // PAGE}
+
+
+def _u16(v: int) -> bytes:
+    return struct.pack("<H", v)
+
+
+def _u32(v: int) -> bytes:
+    return struct.pack("<I", v)
+
+
+def build_boot_sector(region_base: int = DEFAULT_REGION_BASE,
+                      region_size: int = DEFAULT_REGION_SIZE) -> GuestImage:
+    """Assemble the sector; region_base/size must be 4 KiB multiples above 1 MiB."""
+    if region_base % PAGE or region_size % PAGE or region_size <= 0:
+        raise ValueError("region base and size must be positive multiples of 4 KiB")
+    if region_base < 1 << 20 or region_base + region_size > 0xE0000000:
+        raise ValueError("the region must start at or above 1 MiB and stay in low RAM")
+    a = Assembler()
+    # ---- 16-bit real mode, at 0x7C00 ----
+    a.emit(b"\xfa", "cli")
+    a.emit(b"\x31\xc0", "xor ax, ax")
+    a.emit(b"\x8e\xd8", "mov ds, ax")
+    gdt_desc_fixup = len(a.insns)
+    a.emit(b"\x0f\x01\x16" + _u16(0), "lgdt [gdt_desc]")
+    a.emit(b"\xe4\x92", "in al, 0x92")                    # fast A20 gate: reach above 1 MiB
+    a.emit(b"\x0c\x02", "or al, 2")
+    a.emit(b"\xe6\x92", "out 0x92, al")
+    a.emit(b"\x0f\x20\xc0", "mov eax, cr0")
+    a.emit(b"\x0c\x01", "or al, 1")                       # CR0.PE
+    a.emit(b"\x0f\x22\xc0", "mov cr0, eax")
+    far_jmp_fixup = len(a.insns)
+    a.emit(b"\xea" + _u16(0) + _u16(SEL_CODE32), f"jmp {SEL_CODE32:#x}:pm32")
+    # ---- 32-bit protected mode ----
+    a.label("pm32")
+    a.emit(b"\x66\xb8" + _u16(SEL_DATA32), f"mov ax, {SEL_DATA32:#x}")
+    a.emit(b"\x8e\xd8", "mov ds, ax")
+    a.emit(b"\x8e\xc0", "mov es, ax")
+    a.emit(b"\x8e\xd0", "mov ss, ax")
+    a.emit(b"\xc7\x05" + _u32(MAILBOX_GPA + MB_MAGIC) + MAGIC,
+           f"mov dword [{MAILBOX_GPA + MB_MAGIC:#x}], '{MAGIC.decode()}'")
+    a.emit(b"\x31\xdb", "xor ebx, ebx")                   # ebx = pass
+    a.label("outer")
+    a.emit(b"\x43", "inc ebx")
+    a.emit(b"\x89\x1d" + _u32(MAILBOX_GPA + MB_PASSES), f"mov [{MAILBOX_GPA + MB_PASSES:#x}], ebx")
+    a.emit(b"\xbf" + _u32(region_base), f"mov edi, {region_base:#x}")
+    a.label("inner")
+    a.emit(b"\x89\x1f", "mov [edi], ebx")                 # dirty this page
+    a.emit(b"\x81\xc7" + _u32(PAGE), f"add edi, {PAGE:#x}")
+    a.emit(b"\x81\xff" + _u32(region_base + region_size), f"cmp edi, {region_base + region_size:#x}")
+    a.jump(b"\x0f\x82", "inner", "jb inner")
+    a.jump(b"\xe9", "outer", "jmp outer")
+    # ---- data: GDT (8-byte aligned) and its descriptor ----
+    while a.size % 8:
+        a.emit(b"\x90", "nop (align)")
+    a.label("gdt")
+    for i, d in enumerate(GDT):
+        a.emit(struct.pack("<Q", d), f"gdt[{i}] = {d:#018x}")
+    a.label("gdt_desc")
+    gdt_linear = LOAD_ADDR + a.labels["gdt"]
+    a.emit(_u16(len(GDT) * 8 - 1) + _u32(gdt_linear), f"gdt_desc: limit {len(GDT) * 8 - 1}, base {gdt_linear:#x}")
+    code = bytearray(a.assemble())
+    # Absolute addresses the 16-bit code needs (the Assembler resolves only rel32 jumps).
+    _patch(a, code, gdt_desc_fixup, 3, _u16(LOAD_ADDR + a.labels["gdt_desc"]))
+    _patch(a, code, far_jmp_fixup, 1, _u16(LOAD_ADDR + a.labels["pm32"]))
+    if len(code) > SECTOR - 2:
+        raise ValueError(f"boot sector code is {len(code)} bytes, more than {SECTOR - 2}")
+    sector = bytes(code) + b"\0" * (SECTOR - 2 - len(code)) + b"\x55\xaa"
+    return GuestImage(sector, a.listing(), region_base, region_size)
+
+
+def _patch(a: Assembler, code: bytearray, index: int, pos: int, value: bytes) -> None:
+    insn = a.insns[index]
+    data = insn.data[:pos] + value + insn.data[pos + len(value):]
+    a.insns[index] = insn._replace(data=data)
+    code[insn.offset:insn.offset + len(data)] = data
+
+
+def write_disk_image(path: str, image: GuestImage) -> None:
+    """A raw 1 MiB disk image whose first sector is the guest (SeaBIOS boots it)."""
+    with open(path, "wb") as f:
+        f.write(image.sector)
+        f.truncate(1 << 20)
