@@ -56,6 +56,9 @@ def _live_options(f: Callable) -> Callable:
         click.option("--engine", "engine_sockets", multiple=True, metavar="SOCKET",
                      help="Also read this reference-engine control socket (repeatable; "
                           "/run/pctop/engine-*.sock are found anyway)."),
+        click.option("--qmp", "qmp_sockets", multiple=True, metavar="SOCKET",
+                     help="QEMU's QMP socket: the migration destination's, then optionally the "
+                          "source's (docs/qemu.md)."),
     ]):
         f = opt(f)
     return f
@@ -70,19 +73,11 @@ def _install_stop_handlers(stop: threading.Event) -> None:
 
 
 def run_live(command: str, out: TextIO, pids, comm, interval: float, count: int | None,
-             no_ebpf: bool, engine_sockets) -> None:
+             no_ebpf: bool, engine_sockets, qmp_sockets=()) -> None:
     """Header, then one Sample per interval to `out`, until count, a signal or a closed pipe."""
-    from pctop.sources.engine import EngineError
-    from pctop.sources.procfs import TargetNotFound
-    from pctop.stats import open_live
-
     stop = threading.Event()
     _install_stop_handlers(stop)
-    try:
-        header, stats = open_live(pids, comm, interval, use_ebpf=not no_ebpf,
-                                  engine_sockets=engine_sockets)
-    except (TargetNotFound, EngineError) as e:
-        raise _UsageError(command, str(e)) from None
+    header, stats, _ = _open(command, pids, comm, interval, no_ebpf, engine_sockets, qmp_sockets)
     writer = NdjsonWriter(out)
     try:
         writer.write(header)
@@ -101,6 +96,30 @@ def run_live(command: str, out: TextIO, pids, comm, interval: float, count: int 
         stats.close()
 
 
+def _open(command: str, pids, comm, interval: float, no_ebpf: bool, engine_sockets, qmp_sockets):
+    """open_live plus, with --qmp, QEMU's own view -> (header, stats, qmp source or None)."""
+    from pctop.sources.engine import EngineError
+    from pctop.sources.procfs import TargetNotFound
+    from pctop.stats import open_live
+
+    try:
+        header, stats = open_live(pids, comm, interval, use_ebpf=not no_ebpf,
+                                  engine_sockets=engine_sockets)
+    except (TargetNotFound, EngineError) as e:
+        raise _UsageError(command, str(e)) from None
+    if not qmp_sockets:
+        return header, stats, None
+    from pctop.qemu.qmp import QmpError
+    from pctop.sources.qmp import attach
+
+    try:
+        header, qmp = attach(header, stats, qmp_sockets)
+    except QmpError as e:
+        stats.close()
+        raise _UsageError(command, str(e)) from None
+    return header, stats, qmp
+
+
 def _quiet_stdout() -> None:
     """The reader went away (e.g. `| head`): stop without a traceback at exit."""
     try:
@@ -114,44 +133,37 @@ def _quiet_stdout() -> None:
 @_live_options
 @click.option("--json", "as_json", is_flag=True,
               help="Print JSON Lines (a header, then one sample per interval) instead of the TUI.")
-def monitor(pids, comm, interval, count, no_ebpf, engine_sockets, as_json) -> None:
+def monitor(pids, comm, interval, count, no_ebpf, engine_sockets, qmp_sockets, as_json) -> None:
     """Watch post-copy stalls live: per-vCPU faults and latency, uffd queue depth.
 
     Fields are documented in docs/schema.md.
     """
     if not as_json:
-        _run_tui(pids, comm, interval, no_ebpf, engine_sockets)
+        _run_tui(pids, comm, interval, no_ebpf, engine_sockets, qmp_sockets)
         return
-    run_live("monitor", sys.stdout, pids, comm, interval, count, no_ebpf, engine_sockets)
+    run_live("monitor", sys.stdout, pids, comm, interval, count, no_ebpf, engine_sockets, qmp_sockets)
 
 
-def _run_tui(pids, comm, interval: float, no_ebpf: bool, engine_sockets) -> None:
+def _run_tui(pids, comm, interval: float, no_ebpf: bool, engine_sockets, qmp_sockets=()) -> None:
     """The dashboard (pctop.ui); Textual is imported only on this path."""
     from pctop import ui
-    from pctop.sources.engine import EngineError
-    from pctop.sources.procfs import TargetNotFound
-    from pctop.stats import open_live
 
-    try:
-        header, stats = open_live(pids, comm, interval, use_ebpf=not no_ebpf,
-                                  engine_sockets=engine_sockets)
-    except (TargetNotFound, EngineError) as e:
-        raise _UsageError("monitor", str(e)) from None
-    ui.run_live(header, stats, interval)
+    header, stats, qmp = _open("monitor", pids, comm, interval, no_ebpf, engine_sockets, qmp_sockets)
+    ui.run_live(header, stats, interval, controls=qmp)  # None: the engine's controls, if any
 
 
 @click.command("record", cls=_Command)
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, writable=True),
               help="File to write (JSON Lines, flushed line by line).")
 @_live_options
-def record(output, pids, comm, interval, count, no_ebpf, engine_sockets) -> None:
+def record(output, pids, comm, interval, count, no_ebpf, engine_sockets, qmp_sockets) -> None:
     """Record what `monitor --json` shows to a file, for `pctop replay`."""
     try:
         fh = open(output, "w", encoding="utf-8")
     except OSError as e:
         raise _UsageError("record", f"cannot write {output}: {e.strerror}") from None
     with fh:
-        run_live("record", fh, pids, comm, interval, count, no_ebpf, engine_sockets)
+        run_live("record", fh, pids, comm, interval, count, no_ebpf, engine_sockets, qmp_sockets)
 
 
 @click.command("replay", cls=_Command)
