@@ -1,6 +1,7 @@
 /* pctop probes: post-copy (userfaultfd) stalls and KVM_RUN exits, from
  * tracepoints only (no kprobes/fentry, which many kernels lack).
  *
+ * Part 3 of 3 (after pctop_defs.h and pctop_state.c): the programs.
  * Compiled by bcc at run time (pctop/sources/ebpf.py). Optional tracepoints
  * are guarded by HAVE_* macros that the loader defines when tracefs has them.
  *
@@ -23,405 +24,6 @@
  * user space flips the epoch, then reads and deletes the old epoch's entries.
  * Nothing is sent to user space per event.
  */
-#include <uapi/linux/ptrace.h>
-
-#define HIST_BUCKETS 24
-#define MAX_RANGES 64 /* registered ranges tracked per process; more => every fault is a candidate */
-#define MAX_MSGS 32   /* uffd_msg records matched per read() (tail-call chain); msgs_read is always exact */
-#define PAGE_MASK_4K (~0xfffULL)
-#define UFFD_MSG_SIZE 32
-#define UFFD_EVENT_PAGEFAULT 0x12
-
-/* ioctl numbers (x86-64 encodings; the type byte is (cmd >> 8) & 0xff). */
-#define IOC_TYPE_UFFD 0xAA
-#define IOC_TYPE_KVM 0xAE
-#define USERFAULTFD_IOC_NEW 0xaa00
-#define UFFDIO_REGISTER 0xc020aa00
-#define UFFDIO_UNREGISTER 0x8010aa01
-#define UFFDIO_NR_WAKE 0x02
-#define UFFDIO_NR_COPY 0x03
-#define UFFDIO_NR_ZEROPAGE 0x04
-#define UFFDIO_NR_MOVE 0x05
-#define UFFDIO_NR_WRITEPROTECT 0x06
-#define UFFDIO_NR_CONTINUE 0x07
-#define UFFDIO_NR_POISON 0x08
-#define KVM_CREATE_VCPU 0xae41
-#define KVM_RUN 0xae80
-#define KVM_EXIT_UNKNOWN 0
-#define KVM_EXIT_MEMORY_FAULT 39
-#define ERR_EFAULT 14
-#define ERR_EEXIST 17
-
-/* config array slots, written by user space */
-#define CFG_FOLLOW_ALL 0
-#define CFG_EPOCH 1
-
-/* targets map flags */
-#define TARGET_GIVEN 1    /* pid given by the user */
-#define TARGET_AUTO 2     /* follow_all: it called userfaultfd()/a uffd or KVM ioctl */
-#define TARGET_HANDLER 4  /* it resolved a fault of a followed thread (e.g. a separate uffd handler) */
-
-/* per-thread fault phase */
-#define PH_NONE 0
-#define PH_FAULTED 1  /* candidate fault seen, thread still running */
-#define PH_SLEEPING 2 /* it went to sleep after the candidate */
-#define PH_WOKEN 3    /* a uffd ioctl woke it; waiting for a CPU */
-
-/* inflight ioctl kinds */
-#define IO_UFFD_RESOLVE 1
-#define IO_UFFD_REGISTER 2
-#define IO_UFFD_UNREGISTER 3
-#define IO_UFFD_NEW 4
-#define IO_KVM_CREATE_VCPU 5
-
-/* how a vCPU fd's index was learned */
-#define HOW_CREATE_VCPU 1 /* saw KVM_CREATE_VCPU return this fd */
-#define HOW_VCPU_FD 2     /* seeded by user space from /proc/<pid>/fd (anon_inode:kvm-vcpu:N) */
-
-/* debug counters (dbg array), reported by EbpfSource.debug_counters() */
-#define DBG_NOT_UFFD_WAKE 0   /* a candidate's sleep ended by something else than a uffd ioctl */
-#define DBG_MISSED_WAKE 1     /* switched in while still "sleeping": wake-up not seen */
-#define DBG_MSG_UNMATCHED 2   /* a page-fault message matched no tracked thread */
-#define DBG_MSG_BY_PTID 3
-#define DBG_MSG_BY_ADDR 4
-#define DBG_READ_VIA_COPY 5   /* read matched to a weak fault through the COPY's first page */
-#define DBG_EXIT_STALLS 6     /* vCPU-exit mode stalls (EFAULT return -> KVM_RUN again) */
-#define DBG_SLOTS 8
-
-struct uffd_range {
-    u64 start, end;
-};
-
-struct range_set {
-    u32 n;        /* slots in use (may contain holes start == end) */
-    u32 overflow; /* more than MAX_RANGES registrations: match everything */
-    struct uffd_range r[MAX_RANGES];
-};
-
-struct fd_key {
-    u32 tgid;
-    s32 fd;
-};
-
-struct vcpu_fd_val {
-    s32 vcpu;
-    u32 how;
-};
-
-struct vcpu_info {
-    u32 tgid;
-    s32 vcpu;
-    u32 how;
-};
-
-struct tstate {
-    u64 fault_ts;  /* candidate fault start, 0 = only the sleep is known */
-    u64 addr;      /* page of the faulting host address, 0 = unknown (weak) */
-    u64 sleep_ts;
-    u64 read_ts;   /* when a handler read its message, 0 = not (yet) read */
-    u64 wake_ts;
-    u64 efault_ts; /* KVM_RUN returned EFAULT (vCPU-exit mode), waiting for re-entry */
-    u32 tgid;
-    s32 vcpu;      /* -1 unknown */
-    u8 phase;
-    u8 in_run;     /* inside KVM_RUN (a sleep there may be a GUP-path uffd fault) */
-    u8 pad[6];
-};
-
-struct pending_fault {
-    u32 tid;
-    u32 tgid;
-};
-
-struct inflight {
-    u64 start;   /* range of a uffd ioctl (user address) */
-    u64 len;
-    u64 arg;
-    u64 read_ts; /* read time of a message for the first page of the range (weak matching) */
-    u32 cmd;
-    s32 fd;
-    u32 kind;
-    u32 tgid;
-};
-
-struct read_stash {
-    u64 buf;
-    s32 fd;
-    u32 tgid;
-};
-
-struct tkey {
-    u32 tid;
-    u32 epoch;
-};
-
-struct tstats {
-    u32 tgid;
-    u32 pad;
-    u64 faults;
-    u64 stall_ns;
-    u64 queued_ns;
-    u64 service_ns;
-    u64 runq_ns;
-    u64 faults_no_read;
-    u64 max_ns;
-    u64 memory_fault_exits;
-    u64 hist[HIST_BUCKETS];
-};
-
-struct exit_key {
-    u32 tid;
-    u32 tgid;
-    u32 epoch;
-    u32 code; /* errno << 16 | exit_reason */
-};
-
-struct uf_key {
-    u32 tgid;
-    s32 fd;
-    u32 epoch;
-    u32 pad;
-};
-
-struct uf_stats {
-    u64 msgs_read;
-    u64 read_calls;
-    u64 copies;
-    u64 zeropages;
-    u64 continues;
-    u64 wakes;
-    u64 pages_installed;
-    u64 bytes_installed;
-    u64 eexist;
-};
-
-struct uffd_msg_head {
-    u8 event;
-    u8 reserved1;
-    u16 reserved2;
-    u32 reserved3;
-    u64 flags;
-    u64 address;
-    u32 ptid;
-    u32 pad;
-};
-
-BPF_ARRAY(config, u64, 2);
-BPF_ARRAY(dbg, u64, DBG_SLOTS);
-BPF_HASH(targets, u32, u32, 4096);
-BPF_HASH(ranges, u32, struct range_set, 1024);
-BPF_PERCPU_ARRAY(range_zero, struct range_set, 1);
-BPF_HASH(uffd_fds, struct fd_key, u32, 16384);
-BPF_HASH(vcpu_fds, struct fd_key, struct vcpu_fd_val, 16384);
-BPF_HASH(vcpus, u32, struct vcpu_info, 16384);
-BPF_HASH(tstate, u32, struct tstate, 65536);
-BPF_TABLE("lru_hash", u64, struct pending_fault, pending_addr, 65536);
-BPF_TABLE("lru_hash", u64, u64, read_pages, 16384);
-BPF_HASH(inflight, u32, struct inflight, 16384);
-BPF_HASH(readstash, u32, struct read_stash, 16384);
-BPF_HASH(stats, struct tkey, struct tstats, 65536);
-BPF_PERCPU_ARRAY(stats_zero, struct tstats, 1);
-BPF_HASH(exits, struct exit_key, u64, 65536);
-BPF_HASH(ufstats, struct uf_key, struct uf_stats, 16384);
-
-/* The per-thread maps (tstate, inflight, readstash) are consulted on events
- * that fire for every thread of the host: each context switch, wake-up, ioctl
- * and read() exit. A count of their entries per tid slot, in an array (lookup
- * inlined, no hashing), lets the common untracked case skip the hash lookups.
- * Every successful insert adds one, every successful delete takes one away;
- * all of them happen in the thread's own context, so they never race. */
-#define HINT_SLOTS 65536
-BPF_ARRAY(tid_hint, u32, HINT_SLOTS);
-
-static __always_inline int maybe_tracked(u32 tid)
-{
-    u32 slot = tid & (HINT_SLOTS - 1);
-    u32 *c = tid_hint.lookup(&slot);
-    return c && *c;
-}
-
-static __always_inline void hint_add(u32 tid, u32 delta)
-{
-    u32 slot = tid & (HINT_SLOTS - 1);
-    u32 *c = tid_hint.lookup(&slot);
-    if (c)
-        __sync_fetch_and_add(c, delta);
-}
-
-/* Processes that ever held a known uffd, by tgid slot: read() is the most
- * frequent syscall on a host and only reads of a uffd matter. Set, never
- * cleared (a stale slot only costs the hash lookup it would have cost anyway). */
-BPF_ARRAY(uffd_tgid_hint, u32, HINT_SLOTS);
-
-#define HINT_INC 1u
-#define HINT_DEC ((u32)-1)
-
-static __always_inline u64 cfg(u32 slot)
-{
-    u64 *v = config.lookup(&slot);
-    return v ? *v : 0;
-}
-
-static __always_inline void dbg_inc(u32 slot)
-{
-    u64 *v = dbg.lookup(&slot);
-    if (v)
-        __sync_fetch_and_add(v, 1);
-}
-
-/* floor(log2(us)), bucket 0 also takes < 2 us; clamped to the last bucket. */
-static __always_inline u32 hist_bucket(u64 ns)
-{
-    u64 v = ns / 1000;
-    u32 r = 0;
-    if (v >> 32) { v >>= 32; r += 32; }
-    if (v >> 16) { v >>= 16; r += 16; }
-    if (v >> 8) { v >>= 8; r += 8; }
-    if (v >> 4) { v >>= 4; r += 4; }
-    if (v >> 2) { v >>= 2; r += 2; }
-    if (v >> 1) { r += 1; }
-    return r < HIST_BUCKETS ? r : HIST_BUCKETS - 1;
-}
-
-/* Is this process followed? In follow_all mode, `adopt` adds it (the caller
- * saw it use userfaultfd or KVM, so none of its later faults is missed). */
-static __always_inline int followed(u32 tgid, int adopt)
-{
-    if (targets.lookup(&tgid))
-        return 1;
-    if (adopt && cfg(CFG_FOLLOW_ALL)) {
-        u32 flag = TARGET_AUTO;
-        targets.update(&tgid, &flag);
-        return 1;
-    }
-    return 0;
-}
-
-static __always_inline struct tstate *get_tstate(u32 tid, u32 tgid)
-{
-    struct tstate *t = tstate.lookup(&tid);
-    if (t)
-        return t;
-    struct tstate z = {};
-    z.tgid = tgid;
-    z.vcpu = -1;
-    if (tstate.insert(&tid, &z) == 0)
-        hint_add(tid, HINT_INC);
-    return tstate.lookup(&tid);
-}
-
-static __always_inline struct tstats *get_stats(u32 tid, u32 tgid)
-{
-    struct tkey k = {.tid = tid, .epoch = (u32)cfg(CFG_EPOCH)};
-    struct tstats *s = stats.lookup(&k);
-    if (s)
-        return s;
-    u32 zero = 0;
-    struct tstats *z = stats_zero.lookup(&zero);
-    if (!z)
-        return 0;
-    stats.insert(&k, z);
-    s = stats.lookup(&k);
-    if (s)
-        s->tgid = tgid;
-    return s;
-}
-
-static __always_inline void account_stall(struct tstats *s, u64 stall)
-{
-    __sync_fetch_and_add(&s->faults, 1);
-    __sync_fetch_and_add(&s->stall_ns, stall);
-    if (stall > s->max_ns)
-        s->max_ns = stall; /* racy max: only this thread's events update it */
-    u32 b = hist_bucket(stall);
-    if (b < HIST_BUCKETS)
-        __sync_fetch_and_add(&s->hist[b], 1);
-}
-
-static __always_inline void clear_fault(struct tstate *t)
-{
-    t->phase = PH_NONE;
-    t->fault_ts = 0;
-    t->addr = 0;
-    t->sleep_ts = 0;
-    t->read_ts = 0;
-    t->wake_ts = 0;
-}
-
-/* ---------------------------------------------------------------- ranges */
-
-static __always_inline int uffd_range_hit(u32 tgid, u64 addr)
-{
-    struct range_set *rs = ranges.lookup(&tgid);
-    if (!rs)
-        return 0;
-    if (rs->overflow)
-        return 1;
-    u32 n = rs->n;
-    /* indices masked and unrolling off: keeps the verifier's bounds simple */
-#pragma clang loop unroll(disable)
-    for (u32 i = 0; i < MAX_RANGES; i++) {
-        if (i >= n)
-            break;
-        if (addr >= rs->r[i & (MAX_RANGES - 1)].start && addr < rs->r[i & (MAX_RANGES - 1)].end)
-            return 1;
-    }
-    return 0;
-}
-
-static __always_inline void uffd_range_add(u32 tgid, u64 start, u64 len)
-{
-    struct range_set *rs = ranges.lookup(&tgid);
-    if (!rs) {
-        u32 zero = 0;
-        struct range_set *z = range_zero.lookup(&zero);
-        if (!z)
-            return;
-        ranges.insert(&tgid, z);
-        rs = ranges.lookup(&tgid);
-        if (!rs)
-            return;
-    }
-    u32 n = rs->n;
-    /* reuse a hole left by UFFDIO_UNREGISTER first */
-    /* indices masked and unrolling off: keeps the verifier's bounds simple */
-#pragma clang loop unroll(disable)
-    for (u32 i = 0; i < MAX_RANGES; i++) {
-        if (i >= n)
-            break;
-        if (rs->r[i & (MAX_RANGES - 1)].start == rs->r[i & (MAX_RANGES - 1)].end) {
-            rs->r[i & (MAX_RANGES - 1)].start = start;
-            rs->r[i & (MAX_RANGES - 1)].end = start + len;
-            return;
-        }
-    }
-    if (n >= MAX_RANGES) {
-        rs->overflow = 1;
-        return;
-    }
-    rs->r[n & (MAX_RANGES - 1)].start = start;
-    rs->r[n & (MAX_RANGES - 1)].end = start + len;
-    rs->n = n + 1;
-}
-
-static __always_inline void uffd_range_remove(u32 tgid, u64 start, u64 len)
-{
-    struct range_set *rs = ranges.lookup(&tgid);
-    if (!rs)
-        return;
-    u32 n = rs->n;
-    /* indices masked and unrolling off: keeps the verifier's bounds simple */
-#pragma clang loop unroll(disable)
-    for (u32 i = 0; i < MAX_RANGES; i++) {
-        if (i >= n)
-            break;
-        /* only whole registrations inside the unregistered span go; a partial
-         * unregister keeps the range (a stale range only makes candidates,
-         * which still need a uffd wake-up to count) */
-        if (rs->r[i & (MAX_RANGES - 1)].start >= start && rs->r[i & (MAX_RANGES - 1)].end <= start + len)
-            rs->r[i & (MAX_RANGES - 1)].start = rs->r[i & (MAX_RANGES - 1)].end = 0;
-    }
-}
 
 /* ---------------------------------------------------------------- faults */
 
@@ -437,14 +39,18 @@ static __always_inline int on_page_fault(u64 addr)
         if (!maybe_tracked(tid))
             return 0;
         struct tstate *t = tstate.lookup(&tid);
-        if (t && t->phase == PH_FAULTED)
-            clear_fault(t);
+        if (t) {
+            running_now(tid, t);
+            if (t->phase == PH_FAULTED)
+                clear_fault(t);
+        }
         return 0;
     }
     struct tstate *t = get_tstate(tid, tgid);
     if (!t)
         return 0;
     u64 page = addr & PAGE_MASK_4K;
+    running_now(tid, t);
     clear_fault(t);
     t->phase = PH_FAULTED;
     t->fault_ts = bpf_ktime_get_ns();
@@ -479,6 +85,8 @@ static __always_inline int on_kvm_fault(void)
             return 0;
     }
     t->in_run = 1; /* these fire only inside KVM_RUN */
+    running_now(tid, t);
+    t->early_wake_ts = 0;
     if (t->phase == PH_NONE || (t->phase == PH_FAULTED && t->addr == 0)) {
         t->phase = PH_FAULTED;
         t->fault_ts = bpf_ktime_get_ns();
@@ -507,12 +115,30 @@ TRACEPOINT_PROBE(kvm, kvm_page_fault)
 TRACEPOINT_PROBE(sched, sched_switch)
 {
     u32 prev = args->prev_pid, next = args->next_pid;
+    u32 cpu = bpf_get_smp_processor_id();
+    u32 *cur = cpu_cur.lookup(&cpu);
+    if (cur)
+        *cur = next;
     /* prev_state: 1 = S, 2 = D (handle_userfault sleeps in either);
      * 0 or TASK_REPORT_MAX = preempted, still runnable */
-    if (prev && (args->prev_state & 3) && maybe_tracked(prev)) {
+    if (prev && maybe_tracked(prev)) {
         struct tstate *t = tstate.lookup(&prev);
-        if (t) {
+        if (t)
+            running_now(prev, t);
+        if (t && !(args->prev_state & 3)) {
             if (t->phase == PH_FAULTED) {
+                t->phase = PH_PREEMPTED;
+                t->sleep_ts = bpf_ktime_get_ns();
+            }
+        } else if (t) {
+            if (t->phase == PH_FAULTED && t->early_wake_ts) {
+                /* the uffd wake-up overtook this switch-out's tracepoint: it
+                 * left its CPU and is runnable again */
+                dbg_inc(DBG_EARLY_WAKE);
+                t->phase = PH_WOKEN;
+                t->sleep_ts = t->wake_ts = bpf_ktime_get_ns();
+                t->early_wake_ts = 0;
+            } else if (t->phase == PH_FAULTED) {
                 t->phase = PH_SLEEPING;
                 t->sleep_ts = bpf_ktime_get_ns();
             } else if (t->phase == PH_NONE && t->in_run) {
@@ -527,28 +153,12 @@ TRACEPOINT_PROBE(sched, sched_switch)
         struct tstate *t = tstate.lookup(&next);
         if (!t)
             return 0;
-        if (t->phase == PH_WOKEN) {
-            u64 now = bpf_ktime_get_ns();
-            u64 start = t->fault_ts ? t->fault_ts : t->sleep_ts;
-            u64 stall = now > start ? now - start : 0;
-            u64 runq = now > t->wake_ts ? now - t->wake_ts : 0;
-            struct tstats *s = get_stats(next, t->tgid);
-            if (s) {
-                account_stall(s, stall);
-                __sync_fetch_and_add(&s->runq_ns, runq);
-                if (t->read_ts) {
-                    u64 rd = t->read_ts > start ? t->read_ts : start;
-                    __sync_fetch_and_add(&s->queued_ns, rd - start);
-                    if (t->wake_ts > rd)
-                        __sync_fetch_and_add(&s->service_ns, t->wake_ts - rd);
-                } else {
-                    __sync_fetch_and_add(&s->faults_no_read, 1);
-                }
-            }
-            clear_fault(t);
-        } else if (t->phase == PH_SLEEPING) {
+        t->cpu = cpu + 1;
+        if (t->phase == PH_SLEEPING) {
             dbg_inc(DBG_MISSED_WAKE);
             clear_fault(t);
+        } else {
+            back_on_cpu(next, t, bpf_ktime_get_ns());
         }
     }
     return 0;
@@ -560,7 +170,7 @@ TRACEPOINT_PROBE(sched, sched_waking)
     if (!maybe_tracked(wakee))
         return 0;
     struct tstate *t = tstate.lookup(&wakee);
-    if (!t || t->phase != PH_SLEEPING)
+    if (!t || (t->phase != PH_SLEEPING && t->phase != PH_PREEMPTED && t->phase != PH_FAULTED))
         return 0;
     u64 id = bpf_get_current_pid_tgid();
     u32 waker = (u32)id, waker_tgid = id >> 32;
@@ -572,6 +182,23 @@ TRACEPOINT_PROBE(sched, sched_waking)
     if (by_uffd && t->addr && io->len &&
         !(t->addr + 4096 > io->start && t->addr < io->start + io->len))
         by_uffd = 0;
+    if (t->phase == PH_FAULTED) {
+        if (!by_uffd)
+            return 0;
+        /* We think it is on CPU. If its CPU switched to another thread since,
+         * it left in a switch we did not see: it did stall. Otherwise it is
+         * on its way to sleep (the wake-up may overtake the switch-out's
+         * tracepoint) or it never sleeps: the next switch-out decides. */
+        u32 c = t->cpu - 1;
+        u32 *cur = t->cpu ? cpu_cur.lookup(&c) : 0;
+        if (!cur || *cur == wakee) {
+            t->early_wake_ts = bpf_ktime_get_ns();
+            dbg_inc(DBG_WOKEN_ON_CPU);
+            return 0;
+        }
+        dbg_inc(DBG_LOST_SWITCH_OUT);
+        t->sleep_ts = t->fault_ts;
+    }
     if (!by_uffd) {
         dbg_inc(DBG_NOT_UFFD_WAKE);
         if (t->addr) {
@@ -801,6 +428,8 @@ TRACEPOINT_PROBE(syscalls, sys_enter_ioctl)
         if (!t)
             return 0;
         t->in_run = 1;
+        running_now(tid, t);
+        t->early_wake_ts = 0;
         if (t->efault_ts) {
             /* vCPU-exit mode: the thread resolved its own fault and re-enters */
             u64 now = bpf_ktime_get_ns();
@@ -939,6 +568,7 @@ TRACEPOINT_PROBE(kvm, kvm_userspace_exit)
     struct tstate *t = tstate.lookup(&tid);
     if (!t)
         return 0; /* KVM_RUN entry not seen: not followed */
+    running_now(tid, t);
     t->in_run = 0;
     if (t->phase == PH_FAULTED && t->addr == 0)
         clear_fault(t); /* a weak candidate that never slept */

@@ -33,7 +33,9 @@ from pctop.sources.readings import (HIST_BUCKETS, Reading, TargetInfo, ThreadFau
                                     UffdCounters, VcpuIdentity)
 from pctop.sources.tracepoints import OPTIONAL_MACROS
 
-PROBE_FILE = Path(os.environ.get("PCTOP_PROBES", Path(__file__).resolve().parents[2] / "probes")) / "pctop.bpf.c"
+PROBE_DIR = Path(os.environ.get("PCTOP_PROBES", Path(__file__).resolve().parents[2] / "probes"))
+# Joined in this order into one program text (bcc rewrites map calls only in its main file).
+PROBE_PARTS = ("pctop_defs.h", "pctop_state.c", "pctop.bpf.c")
 
 # Must match probes/pctop.bpf.c.
 CFG_FOLLOW_ALL, CFG_EPOCH = 0, 1
@@ -43,7 +45,8 @@ HOW_NAMES = {HOW_CREATE_VCPU: "kvm_create_vcpu", HOW_VCPU_FD: "kvm_vcpu_fd"}
 MAX_RANGES = 64
 HINT_SLOTS = 65536
 DEBUG_COUNTERS = ("not_uffd_wake", "missed_wake", "msg_unmatched", "msg_by_ptid", "msg_by_addr",
-                  "read_via_copy", "exit_stalls")
+                  "read_via_copy", "exit_stalls", "woken_on_cpu",
+                  "lost_switch_in", "lost_switch_out", "early_wake")
 FALLBACK_IDENTITY_TTL_S = 5.0
 
 # include/uapi/linux/kvm.h KVM_EXIT_*; index = exit_reason.
@@ -85,9 +88,15 @@ def ebpf_unavailable_reason(paths: HostPaths = DEFAULT) -> str | None:
     for r in doctor.check_tracepoints(paths):
         if r.failed:
             return f"{r.name}: {r.detail}"
-    if not PROBE_FILE.is_file():
-        return f"probe source {PROBE_FILE} is missing (set PCTOP_PROBES to its folder)"
+    missing = [p for p in PROBE_PARTS if not (PROBE_DIR / p).is_file()]
+    if missing:
+        return f"probe source {PROBE_DIR / missing[0]} is missing (set PCTOP_PROBES to its folder)"
     return None
+
+
+def probe_text() -> str:
+    """The probe program as one text; #line keeps compiler messages pointing at the real files."""
+    return "".join(f'#line 1 "{PROBE_DIR / p}"\n' + (PROBE_DIR / p).read_text() for p in PROBE_PARTS)
 
 
 def probe_cflags(paths: HostPaths = DEFAULT) -> list[str]:
@@ -124,7 +133,7 @@ class EbpfSource:
 
         t0 = time.monotonic()
         cflags = probe_cflags(self.paths)
-        self._bpf = BPF(src_file=str(PROBE_FILE).encode(), cflags=cflags)
+        self._bpf = BPF(text=probe_text().encode(), cflags=cflags)
         parser = self._bpf.load_func(b"parse_uffd_msgs", BPF.TRACEPOINT)
         self._bpf[b"msg_parser"][ct.c_int(0)] = ct.c_int(parser.fd)
         self.startup_s = time.monotonic() - t0

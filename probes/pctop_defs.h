@@ -1,0 +1,196 @@
+/* pctop probes, part 1 of 3: constants and the structs kept in maps.
+ * ebpf.py joins pctop_defs.h, pctop_state.c and pctop.bpf.c into one text for
+ * bcc (its rewriter only turns map.lookup() etc. into helper calls in the main
+ * file, so the parts cannot #include each other). Struct layouts here are read
+ * back by user space through bcc's generated ctypes. */
+#include <uapi/linux/ptrace.h>
+
+#define HIST_BUCKETS 24
+#define MAX_RANGES 64 /* registered ranges tracked per process; more => every fault is a candidate */
+#define MAX_MSGS 32   /* uffd_msg records matched per read() (tail-call chain); msgs_read is always exact */
+#define PAGE_MASK_4K (~0xfffULL)
+#define UFFD_MSG_SIZE 32
+#define UFFD_EVENT_PAGEFAULT 0x12
+
+/* ioctl numbers (x86-64 encodings; the type byte is (cmd >> 8) & 0xff). */
+#define IOC_TYPE_UFFD 0xAA
+#define IOC_TYPE_KVM 0xAE
+#define USERFAULTFD_IOC_NEW 0xaa00
+#define UFFDIO_REGISTER 0xc020aa00
+#define UFFDIO_UNREGISTER 0x8010aa01
+#define UFFDIO_NR_WAKE 0x02
+#define UFFDIO_NR_COPY 0x03
+#define UFFDIO_NR_ZEROPAGE 0x04
+#define UFFDIO_NR_MOVE 0x05
+#define UFFDIO_NR_WRITEPROTECT 0x06
+#define UFFDIO_NR_CONTINUE 0x07
+#define UFFDIO_NR_POISON 0x08
+#define KVM_CREATE_VCPU 0xae41
+#define KVM_RUN 0xae80
+#define KVM_EXIT_UNKNOWN 0
+#define KVM_EXIT_MEMORY_FAULT 39
+#define ERR_EFAULT 14
+#define ERR_EEXIST 17
+
+/* config array slots, written by user space */
+#define CFG_FOLLOW_ALL 0
+#define CFG_EPOCH 1
+
+/* targets map flags */
+#define TARGET_GIVEN 1    /* pid given by the user */
+#define TARGET_AUTO 2     /* follow_all: it called userfaultfd()/a uffd or KVM ioctl */
+#define TARGET_HANDLER 4  /* it resolved a fault of a followed thread (e.g. a separate uffd handler) */
+
+/* per-thread fault phase */
+#define PH_NONE 0
+#define PH_FAULTED 1  /* candidate fault seen, thread still running */
+#define PH_SLEEPING 2 /* it went to sleep after the candidate */
+#define PH_WOKEN 3    /* a uffd ioctl woke it; waiting for a CPU */
+#define PH_PREEMPTED 4 /* switched out while in the fault, still runnable: preempted
+                        * (e.g. by the handler it just woke) between queuing its
+                        * uffd message and sleeping; a uffd wake-up makes it a stall */
+
+/* inflight ioctl kinds */
+#define IO_UFFD_RESOLVE 1
+#define IO_UFFD_REGISTER 2
+#define IO_UFFD_UNREGISTER 3
+#define IO_UFFD_NEW 4
+#define IO_KVM_CREATE_VCPU 5
+
+/* how a vCPU fd's index was learned */
+#define HOW_CREATE_VCPU 1 /* saw KVM_CREATE_VCPU return this fd */
+#define HOW_VCPU_FD 2     /* seeded by user space from /proc/<pid>/fd (anon_inode:kvm-vcpu:N) */
+
+/* debug counters (dbg array), reported by EbpfSource.debug_counters() */
+#define DBG_NOT_UFFD_WAKE 0   /* a candidate's sleep ended by something else than a uffd ioctl */
+#define DBG_MISSED_WAKE 1     /* switched in while still "sleeping": wake-up not seen */
+#define DBG_MSG_UNMATCHED 2   /* a page-fault message matched no tracked thread */
+#define DBG_MSG_BY_PTID 3
+#define DBG_MSG_BY_ADDR 4
+#define DBG_READ_VIA_COPY 5   /* read matched to a weak fault through the COPY's first page */
+#define DBG_EXIT_STALLS 6     /* vCPU-exit mode stalls (EFAULT return -> KVM_RUN again) */
+#define DBG_WOKEN_ON_CPU 7    /* a uffd wake-up reached a candidate still on its CPU: no stall */
+#define DBG_LOST_SWITCH_IN 8  /* a woken/preempted thread seen running with no switch-in traced */
+#define DBG_LOST_SWITCH_OUT 9 /* woken by a uffd ioctl after leaving its CPU untraced */
+#define DBG_EARLY_WAKE 10     /* woken by a uffd ioctl just before its traced switch-out */
+#define DBG_SLOTS 11
+
+struct uffd_range {
+    u64 start, end;
+};
+
+struct range_set {
+    u32 n;        /* slots in use (may contain holes start == end) */
+    u32 overflow; /* more than MAX_RANGES registrations: match everything */
+    struct uffd_range r[MAX_RANGES];
+};
+
+struct fd_key {
+    u32 tgid;
+    s32 fd;
+};
+
+struct vcpu_fd_val {
+    s32 vcpu;
+    u32 how;
+};
+
+struct vcpu_info {
+    u32 tgid;
+    s32 vcpu;
+    u32 how;
+};
+
+struct tstate {
+    u64 fault_ts;  /* candidate fault start, 0 = only the sleep is known */
+    u64 addr;      /* page of the faulting host address, 0 = unknown (weak) */
+    u64 sleep_ts;
+    u64 read_ts;   /* when a handler read its message, 0 = not (yet) read */
+    u64 wake_ts;
+    u64 efault_ts; /* KVM_RUN returned EFAULT (vCPU-exit mode), waiting for re-entry */
+    u64 early_wake_ts; /* a uffd wake-up came while it still looked on CPU */
+    u32 tgid;
+    s32 vcpu;      /* -1 unknown */
+    u32 cpu;       /* 1 + the CPU it last ran on, 0 = unknown */
+    u8 phase;
+    u8 in_run;     /* inside KVM_RUN (a sleep there may be a GUP-path uffd fault) */
+    u8 pad[2];
+};
+
+struct pending_fault {
+    u32 tid;
+    u32 tgid;
+};
+
+struct inflight {
+    u64 start;   /* range of a uffd ioctl (user address) */
+    u64 len;
+    u64 arg;
+    u64 read_ts; /* read time of a message for the first page of the range (weak matching) */
+    u32 cmd;
+    s32 fd;
+    u32 kind;
+    u32 tgid;
+};
+
+struct read_stash {
+    u64 buf;
+    s32 fd;
+    u32 tgid;
+};
+
+struct tkey {
+    u32 tid;
+    u32 epoch;
+};
+
+struct tstats {
+    u32 tgid;
+    u32 pad;
+    u64 faults;
+    u64 stall_ns;
+    u64 queued_ns;
+    u64 service_ns;
+    u64 runq_ns;
+    u64 faults_no_read;
+    u64 max_ns;
+    u64 memory_fault_exits;
+    u64 hist[HIST_BUCKETS];
+};
+
+struct exit_key {
+    u32 tid;
+    u32 tgid;
+    u32 epoch;
+    u32 code; /* errno << 16 | exit_reason */
+};
+
+struct uf_key {
+    u32 tgid;
+    s32 fd;
+    u32 epoch;
+    u32 pad;
+};
+
+struct uf_stats {
+    u64 msgs_read;
+    u64 read_calls;
+    u64 copies;
+    u64 zeropages;
+    u64 continues;
+    u64 wakes;
+    u64 pages_installed;
+    u64 bytes_installed;
+    u64 eexist;
+};
+
+struct uffd_msg_head {
+    u8 event;
+    u8 reserved1;
+    u16 reserved2;
+    u32 reserved3;
+    u64 flags;
+    u64 address;
+    u32 ptid;
+    u32 pad;
+};

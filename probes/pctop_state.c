@@ -1,0 +1,270 @@
+/* pctop probes, part 2 of 3: the maps and the helpers every program uses
+ * (configuration, per-thread state, per-interval statistics, uffd ranges).
+ * See pctop.bpf.c for the life of a fault these serve. */
+
+BPF_ARRAY(config, u64, 2);
+/* The thread each CPU switched to last: tells whether a thread that looks on
+ * CPU has left it in a switch perf did not deliver (see back_on_cpu). */
+#define MAX_CPUS 4096
+BPF_ARRAY(cpu_cur, u32, MAX_CPUS);
+BPF_ARRAY(dbg, u64, DBG_SLOTS);
+BPF_HASH(targets, u32, u32, 4096);
+BPF_HASH(ranges, u32, struct range_set, 1024);
+BPF_PERCPU_ARRAY(range_zero, struct range_set, 1);
+BPF_HASH(uffd_fds, struct fd_key, u32, 16384);
+BPF_HASH(vcpu_fds, struct fd_key, struct vcpu_fd_val, 16384);
+BPF_HASH(vcpus, u32, struct vcpu_info, 16384);
+BPF_HASH(tstate, u32, struct tstate, 65536);
+BPF_TABLE("lru_hash", u64, struct pending_fault, pending_addr, 65536);
+BPF_TABLE("lru_hash", u64, u64, read_pages, 16384);
+BPF_HASH(inflight, u32, struct inflight, 16384);
+BPF_HASH(readstash, u32, struct read_stash, 16384);
+BPF_HASH(stats, struct tkey, struct tstats, 65536);
+BPF_PERCPU_ARRAY(stats_zero, struct tstats, 1);
+BPF_HASH(exits, struct exit_key, u64, 65536);
+BPF_HASH(ufstats, struct uf_key, struct uf_stats, 16384);
+
+/* The per-thread maps (tstate, inflight, readstash) are consulted on events
+ * that fire for every thread of the host: each context switch, wake-up, ioctl
+ * and read() exit. A count of their entries per tid slot, in an array (lookup
+ * inlined, no hashing), lets the common untracked case skip the hash lookups.
+ * Every successful insert adds one, every successful delete takes one away;
+ * all of them happen in the thread's own context, so they never race. */
+#define HINT_SLOTS 65536
+BPF_ARRAY(tid_hint, u32, HINT_SLOTS);
+
+static __always_inline int maybe_tracked(u32 tid)
+{
+    u32 slot = tid & (HINT_SLOTS - 1);
+    u32 *c = tid_hint.lookup(&slot);
+    return c && *c;
+}
+
+static __always_inline void hint_add(u32 tid, u32 delta)
+{
+    u32 slot = tid & (HINT_SLOTS - 1);
+    u32 *c = tid_hint.lookup(&slot);
+    if (c)
+        __sync_fetch_and_add(c, delta);
+}
+
+/* Processes that ever held a known uffd, by tgid slot: read() is the most
+ * frequent syscall on a host and only reads of a uffd matter. Set, never
+ * cleared (a stale slot only costs the hash lookup it would have cost anyway). */
+BPF_ARRAY(uffd_tgid_hint, u32, HINT_SLOTS);
+
+#define HINT_INC 1u
+#define HINT_DEC ((u32)-1)
+
+static __always_inline u64 cfg(u32 slot)
+{
+    u64 *v = config.lookup(&slot);
+    return v ? *v : 0;
+}
+
+static __always_inline void dbg_inc(u32 slot)
+{
+    u64 *v = dbg.lookup(&slot);
+    if (v)
+        __sync_fetch_and_add(v, 1);
+}
+
+/* floor(log2(us)), bucket 0 also takes < 2 us; clamped to the last bucket. */
+static __always_inline u32 hist_bucket(u64 ns)
+{
+    u64 v = ns / 1000;
+    u32 r = 0;
+    if (v >> 32) { v >>= 32; r += 32; }
+    if (v >> 16) { v >>= 16; r += 16; }
+    if (v >> 8) { v >>= 8; r += 8; }
+    if (v >> 4) { v >>= 4; r += 4; }
+    if (v >> 2) { v >>= 2; r += 2; }
+    if (v >> 1) { r += 1; }
+    return r < HIST_BUCKETS ? r : HIST_BUCKETS - 1;
+}
+
+/* Is this process followed? In follow_all mode, `adopt` adds it (the caller
+ * saw it use userfaultfd or KVM, so none of its later faults is missed). */
+static __always_inline int followed(u32 tgid, int adopt)
+{
+    if (targets.lookup(&tgid))
+        return 1;
+    if (adopt && cfg(CFG_FOLLOW_ALL)) {
+        u32 flag = TARGET_AUTO;
+        targets.update(&tgid, &flag);
+        return 1;
+    }
+    return 0;
+}
+
+static __always_inline struct tstate *get_tstate(u32 tid, u32 tgid)
+{
+    struct tstate *t = tstate.lookup(&tid);
+    if (t)
+        return t;
+    struct tstate z = {};
+    z.tgid = tgid;
+    z.vcpu = -1;
+    z.cpu = bpf_get_smp_processor_id() + 1; /* created in its own context */
+    if (tstate.insert(&tid, &z) == 0)
+        hint_add(tid, HINT_INC);
+    return tstate.lookup(&tid);
+}
+
+static __always_inline struct tstats *get_stats(u32 tid, u32 tgid)
+{
+    struct tkey k = {.tid = tid, .epoch = (u32)cfg(CFG_EPOCH)};
+    struct tstats *s = stats.lookup(&k);
+    if (s)
+        return s;
+    u32 zero = 0;
+    struct tstats *z = stats_zero.lookup(&zero);
+    if (!z)
+        return 0;
+    stats.insert(&k, z);
+    s = stats.lookup(&k);
+    if (s)
+        s->tgid = tgid;
+    return s;
+}
+
+static __always_inline void account_stall(struct tstats *s, u64 stall)
+{
+    __sync_fetch_and_add(&s->faults, 1);
+    __sync_fetch_and_add(&s->stall_ns, stall);
+    if (stall > s->max_ns)
+        s->max_ns = stall; /* racy max: only this thread's events update it */
+    u32 b = hist_bucket(stall);
+    if (b < HIST_BUCKETS)
+        __sync_fetch_and_add(&s->hist[b], 1);
+}
+
+static __always_inline void clear_fault(struct tstate *t)
+{
+    t->early_wake_ts = 0;
+    t->phase = PH_NONE;
+    t->fault_ts = 0;
+    t->addr = 0;
+    t->sleep_ts = 0;
+    t->read_ts = 0;
+    t->wake_ts = 0;
+}
+
+/* ---------------------------------------------------------------- ranges */
+
+static __always_inline int uffd_range_hit(u32 tgid, u64 addr)
+{
+    struct range_set *rs = ranges.lookup(&tgid);
+    if (!rs)
+        return 0;
+    if (rs->overflow)
+        return 1;
+    u32 n = rs->n;
+    /* indices masked and unrolling off: keeps the verifier's bounds simple */
+#pragma clang loop unroll(disable)
+    for (u32 i = 0; i < MAX_RANGES; i++) {
+        if (i >= n)
+            break;
+        if (addr >= rs->r[i & (MAX_RANGES - 1)].start && addr < rs->r[i & (MAX_RANGES - 1)].end)
+            return 1;
+    }
+    return 0;
+}
+
+static __always_inline void uffd_range_add(u32 tgid, u64 start, u64 len)
+{
+    struct range_set *rs = ranges.lookup(&tgid);
+    if (!rs) {
+        u32 zero = 0;
+        struct range_set *z = range_zero.lookup(&zero);
+        if (!z)
+            return;
+        ranges.insert(&tgid, z);
+        rs = ranges.lookup(&tgid);
+        if (!rs)
+            return;
+    }
+    u32 n = rs->n;
+    /* reuse a hole left by UFFDIO_UNREGISTER first */
+    /* indices masked and unrolling off: keeps the verifier's bounds simple */
+#pragma clang loop unroll(disable)
+    for (u32 i = 0; i < MAX_RANGES; i++) {
+        if (i >= n)
+            break;
+        if (rs->r[i & (MAX_RANGES - 1)].start == rs->r[i & (MAX_RANGES - 1)].end) {
+            rs->r[i & (MAX_RANGES - 1)].start = start;
+            rs->r[i & (MAX_RANGES - 1)].end = start + len;
+            return;
+        }
+    }
+    if (n >= MAX_RANGES) {
+        rs->overflow = 1;
+        return;
+    }
+    rs->r[n & (MAX_RANGES - 1)].start = start;
+    rs->r[n & (MAX_RANGES - 1)].end = start + len;
+    rs->n = n + 1;
+}
+
+static __always_inline void uffd_range_remove(u32 tgid, u64 start, u64 len)
+{
+    struct range_set *rs = ranges.lookup(&tgid);
+    if (!rs)
+        return;
+    u32 n = rs->n;
+    /* indices masked and unrolling off: keeps the verifier's bounds simple */
+#pragma clang loop unroll(disable)
+    for (u32 i = 0; i < MAX_RANGES; i++) {
+        if (i >= n)
+            break;
+        /* only whole registrations inside the unregistered span go; a partial
+         * unregister keeps the range (a stale range only makes candidates,
+         * which still need a uffd wake-up to count) */
+        if (rs->r[i & (MAX_RANGES - 1)].start >= start && rs->r[i & (MAX_RANGES - 1)].end <= start + len)
+            rs->r[i & (MAX_RANGES - 1)].start = rs->r[i & (MAX_RANGES - 1)].end = 0;
+    }
+}
+
+/* ---------------------------------------------------------------- end of a stall */
+
+/* The thread runs again: a woken stall ends here (stall and its parts are
+ * accounted), a preempted fault goes on. Called at its switch-in and, because
+ * perf drops a tracepoint event that fires while another one is being handled
+ * on the same CPU (seen for sched_switch here: a vCPU faulting again with no
+ * switch-in traced), from every event that shows the thread running. */
+static __always_inline void back_on_cpu(u32 tid, struct tstate *t, u64 now)
+{
+    if (t->phase == PH_PREEMPTED) {
+        t->phase = PH_FAULTED; /* still in its fault: it may sleep next */
+        t->sleep_ts = 0;
+        return;
+    }
+    if (t->phase != PH_WOKEN)
+        return;
+    u64 start = t->fault_ts ? t->fault_ts : t->sleep_ts;
+    u64 stall = now > start ? now - start : 0;
+    u64 runq = now > t->wake_ts ? now - t->wake_ts : 0;
+    struct tstats *s = get_stats(tid, t->tgid);
+    if (s) {
+        account_stall(s, stall);
+        __sync_fetch_and_add(&s->runq_ns, runq);
+        if (t->read_ts) {
+            u64 rd = t->read_ts > start ? t->read_ts : start;
+            __sync_fetch_and_add(&s->queued_ns, rd - start);
+            if (t->wake_ts > rd)
+                __sync_fetch_and_add(&s->service_ns, t->wake_ts - rd);
+        } else {
+            __sync_fetch_and_add(&s->faults_no_read, 1);
+        }
+    }
+    clear_fault(t);
+}
+
+/* An event in the thread's own context while we still think it is off CPU. */
+static __always_inline void running_now(u32 tid, struct tstate *t)
+{
+    if (t->phase == PH_WOKEN || t->phase == PH_PREEMPTED) {
+        dbg_inc(DBG_LOST_SWITCH_IN);
+        back_on_cpu(tid, t, bpf_ktime_get_ns());
+    }
+}
