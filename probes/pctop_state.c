@@ -152,6 +152,15 @@ static __always_inline void clear_fault(struct tstate *t)
 
 /* ---------------------------------------------------------------- ranges */
 
+/* Slots 0..n-1 of a range_set. Unrolling off and the index masked keep the
+ * verifier's bounds simple (an unrolled loop defeated it). */
+#define FOR_EACH_RANGE(i, n) \
+    _Pragma("clang loop unroll(disable)") \
+    for (u32 i = 0; i < MAX_RANGES; i++) \
+        if (i >= (n)) \
+            break; \
+        else
+
 static __always_inline int uffd_range_hit(u32 tgid, u64 addr)
 {
     struct range_set *rs = ranges.lookup(&tgid);
@@ -160,12 +169,9 @@ static __always_inline int uffd_range_hit(u32 tgid, u64 addr)
     if (rs->overflow)
         return 1;
     u32 n = rs->n;
-    /* indices masked and unrolling off: keeps the verifier's bounds simple */
-#pragma clang loop unroll(disable)
-    for (u32 i = 0; i < MAX_RANGES; i++) {
-        if (i >= n)
-            break;
-        if (addr >= rs->r[i & (MAX_RANGES - 1)].start && addr < rs->r[i & (MAX_RANGES - 1)].end)
+    FOR_EACH_RANGE(i, n) {
+        struct uffd_range *r = &rs->r[i & (MAX_RANGES - 1)];
+        if (addr >= r->start && addr < r->end)
             return 1;
     }
     return 0;
@@ -186,14 +192,11 @@ static __always_inline void uffd_range_add(u32 tgid, u64 start, u64 len)
     }
     u32 n = rs->n;
     /* reuse a hole left by UFFDIO_UNREGISTER first */
-    /* indices masked and unrolling off: keeps the verifier's bounds simple */
-#pragma clang loop unroll(disable)
-    for (u32 i = 0; i < MAX_RANGES; i++) {
-        if (i >= n)
-            break;
-        if (rs->r[i & (MAX_RANGES - 1)].start == rs->r[i & (MAX_RANGES - 1)].end) {
-            rs->r[i & (MAX_RANGES - 1)].start = start;
-            rs->r[i & (MAX_RANGES - 1)].end = start + len;
+    FOR_EACH_RANGE(i, n) {
+        struct uffd_range *r = &rs->r[i & (MAX_RANGES - 1)];
+        if (r->start == r->end) {
+            r->start = start;
+            r->end = start + len;
             return;
         }
     }
@@ -212,16 +215,13 @@ static __always_inline void uffd_range_remove(u32 tgid, u64 start, u64 len)
     if (!rs)
         return;
     u32 n = rs->n;
-    /* indices masked and unrolling off: keeps the verifier's bounds simple */
-#pragma clang loop unroll(disable)
-    for (u32 i = 0; i < MAX_RANGES; i++) {
-        if (i >= n)
-            break;
+    FOR_EACH_RANGE(i, n) {
+        struct uffd_range *r = &rs->r[i & (MAX_RANGES - 1)];
         /* only whole registrations inside the unregistered span go; a partial
          * unregister keeps the range (a stale range only makes candidates,
          * which still need a uffd wake-up to count) */
-        if (rs->r[i & (MAX_RANGES - 1)].start >= start && rs->r[i & (MAX_RANGES - 1)].end <= start + len)
-            rs->r[i & (MAX_RANGES - 1)].start = rs->r[i & (MAX_RANGES - 1)].end = 0;
+        if (r->start >= start && r->end <= start + len)
+            r->start = r->end = 0;
     }
 }
 
