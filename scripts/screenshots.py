@@ -47,7 +47,8 @@ def start_engine(sock: str, seconds: float, strategy: str = "uffd") -> subproces
 
     if "demo" in SUBCOMMANDS:
         argv = [sys.executable, "-m", "pctop", "demo", "--headless", "--control", sock,
-                "--duration", str(seconds), "--strategy", strategy]
+                "--duration", str(seconds), "--strategy", strategy, "--memory", "1G",
+                "--bandwidth", "4M", "--pattern", "hotset"]
     else:
         argv = [sys.executable, "-c", ENGINE, sock, str(seconds), strategy]
     proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -99,11 +100,29 @@ async def shoot(sock: str, pid: int, out: Path, samples: int, w: int, h: int) ->
 
 
 def record(sock: str, pid: int, path: Path, count: int, ebpf: bool) -> None:
+    """`pctop record` for `count` samples; midway the background stream is
+    paused for 3 s and its bandwidth changed, so the log has state changes."""
+    from pctop.sources.engine import EngineConnection
+
     argv = [sys.executable, "-m", "pctop", "record", "-o", str(path), "-p", str(pid),
             "--engine", sock, "--count", str(count), "--interval", "1"]
     if not ebpf:
         argv.append("--no-ebpf")
-    subprocess.run(argv, cwd=ROOT, check=True, timeout=count * 3 + 60)
+    rec = subprocess.Popen(argv, cwd=ROOT)
+    conn = EngineConnection(sock)
+    try:
+        while not path.exists() or path.stat().st_size == 0:  # header written: sources started
+            time.sleep(0.1)
+        time.sleep(4)
+        conn.request({"cmd": "pause"})
+        time.sleep(3)
+        conn.request({"cmd": "resume"})
+        conn.request({"cmd": "bandwidth", "arg": 8 << 20})
+        if rec.wait(count * 3 + 60) != 0:
+            raise SystemExit(f"pctop record failed ({rec.returncode})")
+    finally:
+        conn.close()
+        stop(rec)
 
 
 def main() -> None:
@@ -119,10 +138,10 @@ def main() -> None:
             d.mkdir(parents=True, exist_ok=True)
             for name, strategy, ebpf in (("engine-uffd-ebpf", "uffd", True),
                                          ("engine-uffd-procfs", "uffd", False)):
-                eng = start_engine(sock, 40, strategy)
+                eng = start_engine(sock, 60, strategy)
                 try:
                     time.sleep(1)
-                    record(sock, eng.pid, d / f"{name}.ndjson", 10, ebpf)
+                    record(sock, eng.pid, d / f"{name}.ndjson", 12, ebpf)
                 finally:
                     stop(eng)
                     if os.path.exists(sock):
@@ -143,8 +162,15 @@ def main() -> None:
     rsvg = shutil.which("rsvg-convert")
     for svg in svgs:
         if rsvg:
-            subprocess.run([rsvg, str(svg), "-o", str(svg.with_suffix(".png"))], check=True)
+            to_png(rsvg, svg)
         print(svg, "+ png" if rsvg else "(rsvg-convert missing: no png)")
+
+
+def to_png(rsvg: str, svg: Path) -> None:
+    """rsvg-convert draws Textual's no-break spaces narrower than a cell, which
+    shifts right-aligned text; plain spaces kept by xml:space draw true."""
+    text = svg.read_text(encoding="utf-8").replace("&#160;", " ").replace("<svg ", '<svg xml:space="preserve" ', 1)
+    subprocess.run([rsvg, "-o", str(svg.with_suffix(".png"))], input=text.encode(), check=True)
 
 
 if __name__ == "__main__":

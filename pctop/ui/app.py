@@ -23,7 +23,7 @@ from textual.worker import get_current_worker
 
 from pctop.model import HIST_BUCKETS, Event, Sample, StallParts
 from pctop.ui.feeds import INTERVAL_STEPS, SPEED_STEPS, step_in
-from pctop.ui.history import HISTORY_LEN, History
+from pctop.ui.history import HISTORY_LEN, History, state_events
 from pctop.ui.screens.confirm import ConfirmScreen
 from pctop.ui.screens.detail import VcpuDetailScreen, find_vcpu
 from pctop.ui.screens.help import HelpScreen, KeyHelp
@@ -59,8 +59,8 @@ KEYS: tuple[tuple[str, Binding, str], ...] = (
     ("View", Binding("s", "sort", "next column", group=SORT), "Sort by the next column"),
     ("View", Binding("S", "reverse_sort", "reverse", group=SORT), "Reverse the sort order"),
     ("View", Binding("enter", "detail", "Detail", key_display="⏎"), "Open the selected vCPU's detail"),
-    ("View", Binding("h", "hist_scope", "All/sel"), "Histogram: all vCPUs / the selected one"),
-    ("View", Binding("c", "hist_span", "Intvl/total"), "Histogram: last interval / since watching"),
+    ("View", Binding("h", "hist_scope", "Scope"), "Histogram: all vCPUs / the selected one"),
+    ("View", Binding("c", "hist_span", "Span"), "Histogram: last interval / since watching"),
     ("Replay", Binding("n", "step", "Step"), "Replay: step one sample"),
     ("Replay", Binding("left_square_bracket", "seek(-10)", "-10s", key_display="[", group=SEEK),
      "Replay: seek back 10 s"),
@@ -157,24 +157,27 @@ class PctopApp(App[None]):
     # -- samples -----------------------------------------------------------
     def apply_sample(self, s: Sample) -> None:
         h = self.history
+        prev = self.sample
         fresh = h.last_seq is None or s.seq != h.last_seq + 1
         if fresh and hasattr(self.feed, "window"):
             # After a seek (or at the start of a replay) rebuild the history and
             # the event log from the recording, so sparklines stay truthful.
             h.clear()
-            log = self.query_one(EventLog)
-            log.clear()
-            for prev in self.feed.window(HISTORY_LEN)[:-1]:
-                h.add(prev)
-                for e in prev.events:
-                    log.add(e)
-        h.add(s)
-        for e in s.events:
-            self._log_event(e)
+            self.query_one(EventLog).clear()
+            prev = None
+            for earlier in self.feed.window(HISTORY_LEN)[:-1]:
+                self._take(prev, earlier)
+                prev = earlier
+        self._take(prev, s)
         self.sample = s
         self._learn_controls(s)
         if not self.frozen:
             self.render_all()
+
+    def _take(self, prev: Sample | None, s: Sample) -> None:
+        self.history.add(s)
+        for e in (*s.events, *state_events(prev, s)):
+            self._log_event(e)
 
     def render_all(self) -> None:
         s = self.sample

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from pctop.model import HIST_BUCKETS, Sample, StallParts, VcpuSample
+from pctop.model import HIST_BUCKETS, Event, Sample, StallParts, VcpuSample
 
 HISTORY_LEN = 120  # samples kept per series (2 minutes at 1 Hz)
 
@@ -85,3 +85,28 @@ class History:
                 us.pending.append(u.pending_mean)
                 us.in_service.append(max(0.0, u.total_mean - u.pending_mean))
                 us.peak = max(us.peak, float(u.total_max), float(u.pending_max), u.total_mean)
+
+
+def state_events(prev: Sample | None, s: Sample) -> list[Event]:
+    """Migration state and background-stream changes between two Samples, as
+    events for the log (sources report levels; the log wants the edges). A
+    source that reports its own "state" event for a pid is trusted instead."""
+    if prev is None:
+        return []
+    own = {e.text.split(":", 1)[0] for e in s.events if e.kind == "state"}
+    before = {t.pid: t.migration for t in prev.targets if t.migration is not None}
+    out = []
+    for t in s.targets:
+        m, old = t.migration, before.get(t.pid)
+        if m is None or old is None or str(t.pid) in own:
+            continue
+        if m.state != old.state:
+            out.append(Event(s.time, "state", f"{t.pid}: migration {old.state} → {m.state}"))
+        bg, old_bg = m.extra.get("background"), old.extra.get("background")
+        if bg and old_bg and bg != old_bg:
+            out.append(Event(s.time, "state", f"{t.pid}: background stream {old_bg} → {bg}"))
+        lim, old_lim = m.extra.get("bandwidth_limit_bps"), old.extra.get("bandwidth_limit_bps")
+        if lim is not None and old_lim is not None and lim != old_lim:
+            fmt = lambda b: f"{b / (1 << 20):g} MiB/s" if b else "unlimited"  # noqa: E731
+            out.append(Event(s.time, "state", f"{t.pid}: bandwidth limit {fmt(old_lim)} → {fmt(lim)}"))
+    return out

@@ -39,6 +39,7 @@ def legend() -> Text:
     t.append("░ run-queue", style="cyan")
     t.append(" (woken → running)\n")
     t.append(" uffd pending = faults queued, unread; in service = read but not yet woken\n")
+    t.append(" (interval means; max = peak pending, tot≤ = peak of both together)\n")
     return t
 
 

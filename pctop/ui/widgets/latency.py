@@ -10,7 +10,7 @@ from rich.text import Text
 from pctop.hist import bucket_index, percentile_us
 from pctop.model import StallParts
 from pctop.ui.widgets.base import TextPanel
-from pctop.ui.widgets.render import (Part, bar, bucket_label, fmt_rate, fmt_us,
+from pctop.ui.widgets.render import (Part, bar, bucket_label, fmt_count, fmt_us,
                                      latency_severity, stacked_bar)
 
 PART_STYLES = (("queued", "█", "red"), ("in service", "▓", "yellow"), ("run-queue", "░", "cyan"))
@@ -32,7 +32,7 @@ def hist_text(hist: Sequence[int], width: int, max_rows: int, title: str) -> Tex
     peak = max(c for _, c in rows)
     total = sum(hist)
     p50, p99 = percentile_us(hist, 50), percentile_us(hist, 99)
-    stats = f"  n={fmt_rate(total)}  p50 {fmt_us(p50)}  p99 {fmt_us(p99)}"
+    stats = f"  n={fmt_count(total)}  p50 {fmt_us(p50)}  p99 {fmt_us(p99)}"
     if out.cell_len + len(stats) <= width:  # the ◄p50/◄p99 marks say it when there is no room
         out.append(stats, style="dim")
     bar_w = max(4, width - 20)
@@ -41,7 +41,7 @@ def hist_text(hist: Sequence[int], width: int, max_rows: int, title: str) -> Tex
                  if p is not None and start <= bucket_index(p) < start + group]
         out.append(f"\n{bucket_label(start):>6} ")
         out.append(bar(c / peak, bar_w), style=latency_severity(float(1 << start)).style)
-        out.append(f" {fmt_rate(c):>5}")
+        out.append(f" {fmt_count(c):>5}")
         if marks:
             out.append(" ◄" + ",".join(marks), style="bold")
     return out

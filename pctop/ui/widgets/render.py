@@ -68,6 +68,11 @@ def fmt_rate(x: float | None) -> str:
     return f"{x:.1f}" if x < 10 else f"{x:.0f}"
 
 
+def fmt_count(n: int) -> str:
+    """A whole count: exact below 1000, then like a rate (12.3k)."""
+    return str(int(n)) if n < 1000 else fmt_rate(n)
+
+
 def fmt_us(us: float | None) -> str:
     """A duration given in microseconds, in at most 6 characters."""
     if us is None:

@@ -40,15 +40,15 @@ def uffd_text(sample: Sample | None, history: History, width: int) -> Text:
             ser = history.uffds.get((t.pid, u.fd))
             scale = max(1.0, ser.peak if ser else 0.0, float(len(t.vcpus)))
             in_service = max(0.0, u.total_mean - u.pending_mean)
+            # fdinfo gives peaks of pending and of total; in service has no peak of its own.
             rows = (
-                ("pending", u.pending_mean, u.pending_max, ser.pending if ser else ()),
-                ("in service", in_service, max(0, u.total_max - u.pending_max) if u.total_max else 0,
-                 ser.in_service if ser else ()),
+                ("pending", u.pending_mean, f"max {u.pending_max:<3d}", ser.pending if ser else ()),
+                ("in service", in_service, f"tot≤{u.total_max:<3d}", ser.in_service if ser else ()),
             )
             for label, now, peak, hist in rows:
                 out.append(f"\n {label:<10} ")
                 out.append(bar(now / scale, gauge_w), style=depth_style(now))
-                out.append(f" {now:4.1f} max {peak:<3d}", style="bold" if now >= 1 else "")
+                out.append(f" {now:4.1f} {peak}", style="bold" if now >= 1 else "")
                 if spark_w > 2:
                     out.append(" " + sparkline(hist, spark_w - 1, top=scale), style="cyan")
     if first:

@@ -102,8 +102,8 @@ class VcpuTable(ScrollView, can_focus=True):
     DEFAULT_CSS = """
     VcpuTable { height: 1fr; }
     VcpuTable > .vcpu-table--header { text-style: bold; background: $panel; }
-    VcpuTable > .vcpu-table--cursor { background: $accent 40%; text-style: bold; }
-    VcpuTable:focus > .vcpu-table--cursor { background: $accent; }
+    VcpuTable > .vcpu-table--cursor { background: $accent 15%; text-style: bold; }
+    VcpuTable:focus > .vcpu-table--cursor { background: $accent 30%; }
     VcpuTable > .vcpu-table--stripe { background: $boost; }
     """
 
