@@ -394,6 +394,8 @@ class Vcpu:
 
     def kick(self) -> None:
         """Make the running (or next) KVM_RUN of this vCPU return EINTR promptly."""
+        if self.fd < 0:
+            return   # already closed by its thread: nothing left to stop
         self.run_struct.immediate_exit = 1
         if self.thread_ident is not None:
             try:

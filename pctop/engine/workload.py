@@ -122,6 +122,7 @@ class _WorkloadBase:
         self.hot_access = hot_access
         self.hot_npages = [max(1, round(p.npages * hot_fraction)) for p in self.plans]
         self.errors: list[BaseException] = []
+        self._setup_errors: list[BaseException] = []  # the subset raised before a vCPU was ready
         self._threads: list[threading.Thread] = []
         self._tids = [0] * vcpus
         self._stopping = False
@@ -143,9 +144,11 @@ class _WorkloadBase:
             t.start()
         for event in ready:
             event.wait()
-        if self.errors:
+        # Only set-up failures belong here: a vCPU that is ready may already have
+        # run and failed (e.g. EFAULT), which wait() reports.
+        if self._setup_errors:
             self.stop()
-            raise WorkloadError(f"vCPU set-up failed: {self.errors[0]}")
+            raise WorkloadError(f"vCPU set-up failed: {self._setup_errors[0]}")
 
     def _thread_main(self, i: int, ready: threading.Event) -> None:
         set_thread_name(threading.current_thread().name)
@@ -153,6 +156,8 @@ class _WorkloadBase:
         try:
             self._run_vcpu(i, ready)
         except BaseException as e:   # reported through wait()/errors, never lost
+            if not ready.is_set():
+                self._setup_errors.append(e)
             self.errors.append(e)
         finally:
             ready.set()
