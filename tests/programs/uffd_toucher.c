@@ -12,6 +12,9 @@
  * (those touches must not fault). -i asks for UFFD_FEATURE_THREAD_ID,
  * -D creates the uffd through /dev/userfaultfd (USERFAULTFD_IOC_NEW).
  * -w prints "ready <pid>" after registering and waits for a line on stdin.
+ * -f runs the read handler in a forked child process (it inherits the uffd;
+ * its COPYs go to the parent's memory), as Firecracker's handler is a
+ * separate process; counts are shared through a MAP_SHARED page.
  *
  * At the end it prints one JSON object with, per toucher, the faults the
  * handler resolved for it, the summed service time (read return to COPY
@@ -30,6 +33,7 @@
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/syscall.h>
+#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -37,12 +41,10 @@
 #define PAGE 4096UL
 
 static int n_touchers = 2, n_pages = 64, delay_us = 0, batch = 1, prefill = 0;
-static int want_thread_id = 0, use_dev = 0, wait_go = 0, stream_mode = 0;
+static int want_thread_id = 0, use_dev = 0, wait_go = 0, stream_mode = 0, fork_handler = 0;
 static int uffd;
 static char *region;
 static char *src_page;
-static volatile int started = 0;
-
 struct toucher {
     pthread_t th;
     int idx;
@@ -52,8 +54,13 @@ struct toucher {
     long long service_ns;
     long long touch_ns;
 };
-static struct toucher touchers[MAX_TOUCHERS];
-static long reads, msgs, copies;
+/* shared with a forked handler (-f) */
+static struct shared {
+    volatile int started;
+    long reads, msgs, copies;
+    struct toucher t[MAX_TOUCHERS];
+} *sh;
+#define touchers (sh->t)
 
 static long long now_ns(void)
 {
@@ -73,7 +80,7 @@ static int copy_page(unsigned long addr)
     struct uffdio_copy c = {.dst = addr, .src = (unsigned long)src_page, .len = PAGE, .mode = 0};
     if (ioctl(uffd, UFFDIO_COPY, &c) < 0 && errno != EEXIST)
         die("UFFDIO_COPY");
-    copies++;
+    sh->copies++;
     return 0;
 }
 
@@ -81,7 +88,7 @@ static void *toucher_main(void *arg)
 {
     struct toucher *t = arg;
     t->tid = (pid_t)syscall(SYS_gettid);
-    while (!started)
+    while (!sh->started)
         usleep(100);
     volatile char *base = region + (size_t)t->idx * n_pages * PAGE;
     for (int i = 0; i < n_pages; i++) {
@@ -108,12 +115,14 @@ static void *handler_main(void *arg)
     long expected = (long)n_touchers * (n_pages - prefill);
     struct uffd_msg buf[64];
     long done = 0;
+    while (!sh->started)
+        usleep(100);
     while (done < expected) {
         struct pollfd p = {.fd = uffd, .events = POLLIN};
         if (poll(&p, 1, 2000) <= 0)
             break; /* nothing for 2 s: give up, the JSON shows it */
         ssize_t r = read(uffd, buf, sizeof(buf[0]) * batch);
-        reads++;
+        sh->reads++;
         if (r < 0) {
             if (errno == EAGAIN)
                 continue;
@@ -121,7 +130,7 @@ static void *handler_main(void *arg)
         }
         long long t_read = now_ns();
         int n = (int)(r / sizeof(buf[0]));
-        msgs += n;
+        sh->msgs += n;
         for (int i = 0; i < n; i++) {
             if (buf[i].event != UFFD_EVENT_PAGEFAULT)
                 continue;
@@ -197,7 +206,7 @@ static int open_uffd(void)
 int main(int argc, char **argv)
 {
     int opt;
-    while ((opt = getopt(argc, argv, "t:p:d:b:P:m:iDw")) != -1) {
+    while ((opt = getopt(argc, argv, "t:p:d:b:P:m:iDwf")) != -1) {
         switch (opt) {
         case 't': n_touchers = atoi(optarg); break;
         case 'p': n_pages = atoi(optarg); break;
@@ -208,17 +217,21 @@ int main(int argc, char **argv)
         case 'i': want_thread_id = 1; break;
         case 'D': use_dev = 1; break;
         case 'w': wait_go = 1; break;
+        case 'f': fork_handler = 1; break;
         default:
             fprintf(stderr, "usage: %s [-t touchers] [-p pages] [-d delay_us] [-b batch] "
-                            "[-P prefill] [-m read|stream] [-i] [-D] [-w]\n", argv[0]);
+                            "[-P prefill] [-m read|stream] [-i] [-D] [-w] [-f]\n", argv[0]);
             return 2;
         }
     }
     if (n_touchers < 1 || n_touchers > MAX_TOUCHERS || n_pages < 1 || batch < 1 || batch > 64 ||
-        prefill < 0 || prefill > n_pages) {
+        prefill < 0 || prefill > n_pages || (fork_handler && stream_mode)) {
         fprintf(stderr, "uffd_toucher: bad arguments\n");
         return 2;
     }
+    sh = mmap(NULL, sizeof(*sh), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    if (sh == MAP_FAILED)
+        die("mmap shared");
     size_t len = (size_t)n_touchers * n_pages * PAGE;
     region = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     src_page = mmap(NULL, PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
@@ -235,6 +248,16 @@ int main(int argc, char **argv)
     if (ioctl(uffd, UFFDIO_REGISTER, &reg) < 0)
         die("UFFDIO_REGISTER");
 
+    pid_t handler_pid = 0;
+    if (fork_handler) { /* before any thread exists: the child is a clean copy */
+        handler_pid = fork();
+        if (handler_pid < 0)
+            die("fork");
+        if (handler_pid == 0) {
+            handler_main(NULL);
+            _exit(0);
+        }
+    }
     for (int k = 0; k < n_touchers; k++) {
         touchers[k].idx = k;
         if (pthread_create(&touchers[k].th, NULL, toucher_main, &touchers[k]))
@@ -246,7 +269,7 @@ int main(int argc, char **argv)
     for (int k = 0; k < n_touchers; k++)
         for (int i = 0; i < prefill; i++)
             copy_page((unsigned long)region + ((size_t)k * n_pages + i) * PAGE);
-    copies = 0; /* prefill copies are not fault resolutions */
+    sh->copies = 0; /* prefill copies are not fault resolutions */
 
     if (wait_go) {
         printf("ready %d\n", getpid());
@@ -256,17 +279,21 @@ int main(int argc, char **argv)
             return 1;
     }
     pthread_t helper;
-    if (pthread_create(&helper, NULL, stream_mode ? stream_main : handler_main, NULL))
+    if (!fork_handler && pthread_create(&helper, NULL, stream_mode ? stream_main : handler_main, NULL))
         die("pthread_create");
     long long t0 = now_ns();
-    started = 1;
+    sh->started = 1;
     for (int k = 0; k < n_touchers; k++)
         pthread_join(touchers[k].th, NULL);
     long long wall = now_ns() - t0;
-    pthread_join(helper, NULL);
+    if (fork_handler)
+        waitpid(handler_pid, NULL, 0);
+    else
+        pthread_join(helper, NULL);
 
-    printf("{\"pid\": %d, \"uffd\": %d, \"reads\": %ld, \"msgs\": %ld, \"copies\": %ld, "
-           "\"wall_ns\": %lld, \"touchers\": [", getpid(), uffd, reads, msgs, copies, wall);
+    printf("{\"pid\": %d, \"handler_pid\": %d, \"uffd\": %d, \"reads\": %ld, \"msgs\": %ld, "
+           "\"copies\": %ld, \"wall_ns\": %lld, \"touchers\": [", getpid(),
+           fork_handler ? handler_pid : getpid(), uffd, sh->reads, sh->msgs, sh->copies, wall);
     for (int k = 0; k < n_touchers; k++)
         printf("%s{\"tid\": %d, \"faults\": %ld, \"service_ns\": %lld, \"touch_ns\": %lld}",
                k ? ", " : "", touchers[k].tid, touchers[k].faults, touchers[k].service_ns,
