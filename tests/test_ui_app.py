@@ -245,3 +245,22 @@ async def test_table_mouse_and_paging():
         await pilot.click(VcpuTable, offset=(3, 3))
         await until(pilot, lambda: isinstance(app.screen, VcpuDetailScreen), "detail by click")
         assert app.screen.key == want
+
+
+async def test_confirm_screen_answers():
+    app = replay_app()
+    answers: list = []
+    async with app.run_test(size=(100, 30)) as pilot:
+        await until(pilot, lambda: app.sample is not None, "first sample")
+        for key, want in (("n", False), ("escape", False), ("y", True)):
+            app.push_screen(ConfirmScreen("Drop the link?"), answers.append)
+            await until(pilot, lambda: isinstance(app.screen, ConfirmScreen), "confirm shown")
+            await pilot.press(key)
+            await until(pilot, lambda: not isinstance(app.screen, ConfirmScreen), "confirm closed")
+            assert answers[-1] is want
+        # The safe answer has the focus: Enter says no.
+        app.push_screen(ConfirmScreen("Drop the link?"), answers.append)
+        await until(pilot, lambda: isinstance(app.screen, ConfirmScreen), "confirm shown")
+        await pilot.press("enter")
+        await until(pilot, lambda: len(answers) == 4, "answered")
+        assert answers[-1] is False

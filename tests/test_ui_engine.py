@@ -107,6 +107,14 @@ async def test_engine_keys_drive_the_real_engine(engine):
             await pilot.press("enter")
             await until(pilot, lambda: status()["background"] == "paused", "paused from the palette")
             assert all(r.get("ok") for r in app.control_log), app.control_log
+            # A command this engine does not have (from a later engine issue):
+            # its refusal is logged and the key stays hidden.
+            if "latency" not in status().get("commands", ()):
+                sent = len(app.control_log)
+                app.send_control("latency", 1000)
+                await until(pilot, lambda: len(app.control_log) == sent + 1, "the engine's answer")
+                assert app.control_log[-1]["ok"] is False and "latency" in app.refused
+                assert app.check_action("latency", ()) is False
             # Degraded tier (no eBPF asked for) is said on screen.
             assert "DEGRADED" in app.query_one("#header").render().plain
     finally:
