@@ -97,6 +97,25 @@ def run_toucher(src: EbpfSource, toucher: Path, *args: str) -> tuple[dict, Readi
     return json.loads(p.stdout), src.collect()
 
 
+def run_toucher_named(src: EbpfSource, toucher: Path, *args: str) -> tuple[dict, Reading]:
+    """Start the program (-w: it registers its uffd, then waits), name its pid to
+    `src` (what it set up is read from /proc), then let it run to completion."""
+    p = subprocess.Popen([str(toucher), *args, "-w"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        ready = p.stdout.readline().split()
+        assert ready and ready[0] == "ready", ready
+        src.add_pid(int(ready[1]))
+        src.collect()
+        p.stdin.write("go\n")
+        p.stdin.flush()
+        out, _ = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    return json.loads(out), src.collect()
+
+
 def threads_of(r: Reading, pid: int) -> dict[int, ThreadFaults]:
     return {t.tid: t for t in r.threads if t.pid == pid}
 
@@ -183,23 +202,8 @@ def test_a_process_followed_after_it_registered(by_pid, toucher):
     assert threads_of(r_other, truth_other["pid"]) == {}
     assert not [u for u in r_other.uffds if u.pid == truth_other["pid"]]
 
-    p = subprocess.Popen([str(toucher), "-t", "2", "-p", "16", "-d", "100", "-w"],
-                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        ready = p.stdout.readline().split()
-        assert ready[0] == "ready", ready
-        pid = int(ready[1])
-        by_pid.add_pid(pid)
-        by_pid.collect()
-        p.stdin.write("go\n")
-        p.stdin.flush()
-        out, _ = p.communicate(timeout=60)
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
-    truth = json.loads(out)
-    r = by_pid.collect()
+    truth, r = run_toucher_named(by_pid, toucher, "-t", "2", "-p", "16", "-d", "100")
+    pid = truth["pid"]
     check_read_faults(truth, r, 100)
     assert uffd_of(r, pid, truth["uffd"]).msgs_read == 32  # the seeded uffd fd
     assert pid in r.gone
@@ -212,23 +216,9 @@ def test_a_separate_handler_process_is_adopted(by_pid, toucher):
     time it wakes one of its threads. Its first read() comes before any uffd ioctl
     of its own, so that one message cannot be parsed (a known limit): at most one
     fault may count as resolved without a read."""
-    p = subprocess.Popen([str(toucher), "-t", "2", "-p", "16", "-d", "100", "-f", "-w"],
-                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        pid = int(p.stdout.readline().split()[1])
-        by_pid.add_pid(pid)
-        by_pid.collect()
-        p.stdin.write("go\n")
-        p.stdin.flush()
-        out, _ = p.communicate(timeout=60)
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
-    truth = json.loads(out)
-    handler = truth["handler_pid"]
+    truth, r = run_toucher_named(by_pid, toucher, "-t", "2", "-p", "16", "-d", "100", "-f")
+    pid, handler = truth["pid"], truth["handler_pid"]
     assert handler != pid
-    r = by_pid.collect()
     got = threads_of(r, pid)
     assert {tid: tf.faults for tid, tf in got.items()} == {t["tid"]: t["faults"] for t in truth["touchers"]}
     assert sum(tf.faults_no_read for tf in got.values()) <= 1
