@@ -70,11 +70,11 @@ def pause(conn: QmpConnection) -> None:
     conn.execute("migrate-pause")
 
 
-def recover(dest: QmpConnection, src: QmpConnection, uri: str, timeout: float = 10.0) -> None:
+def recover(dest: QmpConnection, src: QmpConnection, uri: str) -> None:
     """Resume a paused post-copy on a new channel: the destination listens on
-    `uri`, then the source reconnects to it."""
+    `uri` (it is listening when migrate-recover returns, but stays
+    postcopy-paused until the source connects), then the source reconnects."""
     dest.execute("migrate-recover", {"uri": uri})
-    wait_status(dest, ("postcopy-recover", "postcopy-active", "completed"), timeout)
     src.execute("migrate", {"uri": uri, "resume": True})
 
 
