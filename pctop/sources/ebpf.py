@@ -15,7 +15,30 @@ handler, Firecracker-style), so its per-uffd counters are shown too.
 For a process that set things up before pctop started, its uffd fds, vCPU fds
 and uffd-registered ranges are read from /proc and written into the maps.
 
+What the numbers mean (ThreadFaults, one interval, one thread):
+- faults: uffd stalls (the thread left its CPU inside a fault and a uffd ioctl
+  woke it), plus vCPU-exit faults (KVM_RUN returned EFAULT with exit_reason
+  39, or 0 where the kernel fills no memory_fault data, and was re-entered).
+- stall_ns: fault start (or the sleep, when no fault event is visible) to
+  running again; vCPU-exit faults: KVM_RUN return to re-entry.
+- queued_ns / service_ns: fault to handler read / read to wake-up, for faults
+  whose message was read; runq_ns: wake-up to running, for every uffd stall.
+  So stall - queued - service - runq is the wait of faults never read
+  (faults_no_read: the background stream installed the page first).
+- exits: KVM_RUN returns by name ("io", "mmio", "shutdown", ...; an errno
+  wins: "efault", "eintr"); memory_fault_exits is the subset above.
+Identities (how): "kvm_create_vcpu", "kvm_vcpu_fd" (vCPU fd seeded from /proc,
+thread from its KVM_RUN), "debugfs", "thread_name" (see identity.py). Every
+reading lists all known identities of the followed processes.
+
+Known limits: a handler process's reads before its first uffd ioctl are not
+parsed when it got the uffd from another process (fork, SCM_RIGHTS) and was
+not followed yet; without UFFD_FEATURE_THREAD_ID a read is matched to its
+fault by page address, and for vCPU faults with no host address (VMX,
+PVM native guests) by the first page of the COPY that resolves it.
+
 Importing this module does not import bcc; start() does.
+Smoke tool: `python -m pctop.sources.ebpf --help`.
 """
 
 from __future__ import annotations
@@ -37,7 +60,7 @@ PROBE_DIR = Path(os.environ.get("PCTOP_PROBES", Path(__file__).resolve().parents
 # Joined in this order into one program text (bcc rewrites map calls only in its main file).
 PROBE_PARTS = ("pctop_defs.h", "pctop_state.c", "pctop.bpf.c")
 
-# Must match probes/pctop.bpf.c.
+# Must match probes/pctop_defs.h.
 CFG_FOLLOW_ALL, CFG_EPOCH = 0, 1
 TARGET_GIVEN, TARGET_AUTO, TARGET_HANDLER = 1, 2, 4
 HOW_CREATE_VCPU, HOW_VCPU_FD = 1, 2
@@ -362,3 +385,87 @@ class EbpfSource:
         for pid in gone:
             out.extend(identity.merge_identities(pid, kernel.get(pid, {})))
         return tuple(out)
+
+
+# ---- a smoke tool for the probes (the public command is `pctop monitor --json`) -------------
+
+BPF_STATS_SYSCTL = "/proc/sys/kernel/bpf_stats_enabled"
+
+
+def _reading_json(r: Reading, debug: dict[str, int]) -> dict:
+    return {"threads": [t._asdict() for t in r.threads], "uffds": [u._asdict() for u in r.uffds],
+            "identities": [i._asdict() for i in r.identities], "gone": list(r.gone),
+            "events": list(r.events), "debug": debug}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """python -m pctop.sources.ebpf [-p PID]... [-i S] [-n N] [--prog-stats] [-- COMMAND...]
+
+    One JSON line per interval with what the probes saw. With a COMMAND, runs
+    it and stops after the interval in which it exits. --prog-stats turns on
+    kernel.bpf_stats_enabled meanwhile and prints each probe's runs and ns/run.
+    """
+    import argparse
+    import json
+    import subprocess
+    import sys
+
+    ap = argparse.ArgumentParser(prog="python -m pctop.sources.ebpf", description=main.__doc__.split("\n")[2])
+    ap.add_argument("-p", "--pid", type=int, action="append", default=[], help="follow this pid (default: all)")
+    ap.add_argument("-i", "--interval", type=float, default=1.0, help="seconds per reading")
+    ap.add_argument("-n", "--count", type=int, default=0, help="stop after N readings (0: never)")
+    ap.add_argument("--prog-stats", action="store_true", help="measure each probe's cost")
+    ap.add_argument("command", nargs="*", help="run this (after --) and stop when it exits")
+    a = ap.parse_args(argv)
+    if a.interval <= 0 or a.count < 0:
+        ap.error("--interval must be > 0 and --count >= 0")
+    why = ebpf_unavailable_reason()
+    if why:
+        print(f"ebpf: {why}", file=sys.stderr)
+        return 1
+    src = EbpfSource(a.pid or None, follow_all=not a.pid)
+    child = None
+    stats_before = None
+    try:
+        src.start()
+        print(json.dumps({"startup_s": round(src.startup_s or 0, 3), "attached": src.attached}), flush=True)
+        if a.prog_stats:
+            stats_before = Path(BPF_STATS_SYSCTL).read_text().strip()
+            Path(BPF_STATS_SYSCTL).write_text("1")
+        base = src.prog_stats()
+        child = subprocess.Popen(a.command) if a.command else None
+        n = 0
+        while True:
+            try:
+                done = child is not None and child.wait(timeout=a.interval) is not None
+            except subprocess.TimeoutExpired:
+                done = False
+            if child is None:
+                time.sleep(a.interval)
+            print(json.dumps(_reading_json(src.collect(), src.debug_counters())), flush=True)
+            n += 1
+            if done or (a.count and n >= a.count):
+                break
+        if a.prog_stats:
+            for name, (runs, ns) in sorted(src.prog_stats().items()):
+                runs -= base.get(name, (0, 0))[0]
+                ns -= base.get(name, (0, 0))[1]
+                if runs:
+                    print(json.dumps({"prog": name, "runs": runs, "ns_per_run": round(ns / runs)}))
+    except KeyboardInterrupt:
+        pass
+    except Exception as e:  # compile/attach failure: one line, not a traceback
+        print(f"ebpf: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", file=sys.stderr)
+        return 1
+    finally:
+        if child is not None and child.poll() is None:
+            child.terminate()
+            child.wait()
+        if stats_before is not None:
+            Path(BPF_STATS_SYSCTL).write_text(stats_before)
+        src.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
