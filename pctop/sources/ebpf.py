@@ -361,12 +361,21 @@ class EbpfSource:
     def _kernel_identities(self) -> dict[int, dict[int, tuple[int, str]]]:
         """pid -> {tid: (vCPU index, how)} as the probes learned them (KVM_CREATE_VCPU/fd + KVM_RUN)."""
         kernel: dict[int, dict[int, tuple[int, str]]] = {}
-        for k, v in self._table("vcpus").items():
+        t = self._table("vcpus")
+        for k, v in t.items():
             how = HOW_NAMES.get(v.how, "kvm_create_vcpu")
             kernel.setdefault(v.tgid, {})[k.value] = (v.vcpu, how)
             if (v.tgid, k.value) not in self._vcpus_seen:
                 self._vcpus_seen.add((v.tgid, k.value))
                 self._events.append(f"pid {v.tgid}: vCPU {v.vcpu} is thread {k.value} ({how})")
+            if not os.path.exists(self.paths.proc_path(v.tgid, "task", k.value)):
+                # reported this once more for its last faults; now free its vCPU
+                # index for a new thread (vCPU re-creation, pid reuse)
+                self._vcpus_seen.discard((v.tgid, k.value))
+                try:
+                    del t[k]
+                except KeyError:
+                    pass
         return kernel
 
     def _identities(self, kernel: dict[int, dict[int, tuple[int, str]]],
