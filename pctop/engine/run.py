@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from pctop.engine import strategies
 from pctop.engine.control import ControlServer, default_path
-from pctop.engine.dest import Installer, Receiver, UffdReader, VcpuExitHandler, VcpuMap
+from pctop.engine.dest import Installer, pin, Receiver, UffdReader, VcpuExitHandler, VcpuMap
 from pctop.engine.image import PageImage
 from pctop.engine.integrity import IntegrityReport, verify
 from pctop.engine.source import MAX_CHUNK_PAGES
@@ -58,6 +58,7 @@ class EngineConfig:
     hot_fraction: float = 0.1
     passes: int | None = None
     page_size: int = PAGE_SIZE
+    pin: bool = True  # each vCPU and the threads serving its faults on one CPU (see dest.pin)
     corrupt_page: int | None = None  # test hook: damage this page before verifying
 
 
@@ -143,6 +144,8 @@ class Engine:
             argv += ["--demand-fd", str(fd)]
         if not cfg.background:
             argv.append("--no-background")
+        cpus = [self._cpu_for(i) for i in range(demand_channels)]
+        argv.append("--demand-cpus=" + ",".join(str(-1 if c is None else c) for c in cpus))
         self.source_proc = subprocess.Popen(argv, pass_fds=child_fds)
         self._cleanup.append(self._reap_source)
         for _, b in pairs:
@@ -151,6 +154,13 @@ class Engine:
         for ch in chans:
             self._cleanup.append(ch.close)
         return chans[:-1], chans[-1]
+
+    def _cpu_for(self, index: int) -> int | None:
+        """The CPU of vCPU / shard / channel `index` when pinning, else None."""
+        cpus = sorted(os.sched_getaffinity(0))
+        if not self.cfg.pin or len(cpus) < 2:
+            return None
+        return cpus[index % len(cpus)]
 
     def _reap_source(self) -> None:
         p = self.source_proc
@@ -192,7 +202,8 @@ class Engine:
         else:
             for i, ch in enumerate(demand):
                 self._threads.append(Receiver(f"demand-receiver{i}", ch, self.installer, 64,
-                                              on_error=self._on_error))
+                                              on_error=self._on_error, cpu=self._cpu_for(i),
+                                              demand=True))
         self._demand = demand
         for t in self._threads:
             t.start()
@@ -202,7 +213,7 @@ class Engine:
         for n, (shard, chan) in enumerate(self.layout.readers):
             uf = self.layout.shards[shard][0]
             r = UffdReader(f"uffd-reader{n}", uf, self.installer, self._demand[chan], vmap, self._stop_fd,
-                           on_error=self._on_error)
+                           on_error=self._on_error, cpu=self._cpu_for(n))
             self._readers.append(r)
             r.start()
 
@@ -224,8 +235,7 @@ class Engine:
         try:
             self._setup()
             self._start_control()
-            if not self.source_ready.wait(60):
-                raise EngineError("the source process did not build its image within 60 s")
+            self._wait_source_ready(120)
             wl = self.workload_cls(self.mem.addr, cfg.memory, cfg.vcpus, pattern=cfg.pattern,
                                    write_ratio=cfg.write_ratio, seed=cfg.seed, layout=cfg.layout,
                                    hot_fraction=cfg.hot_fraction, passes=cfg.passes, page_size=cfg.page_size)
@@ -238,6 +248,8 @@ class Engine:
             self.tel.vcpu_started = time.monotonic()
             wl.start(on_memory_fault=self.vcpu_exit.on_memory_fault if self.vcpu_exit else None)
             vmap.refresh()
+            for i, tid in enumerate(wl.vcpu_tids()):
+                pin(self._cpu_for(i), tid)
             self._migrate(on_tick, tick_s)
             self.state = "stopping"
             self._stop_threads()
@@ -249,6 +261,15 @@ class Engine:
             raise
         finally:
             self._teardown()
+
+    def _wait_source_ready(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not self.source_ready.wait(0.05):
+            if self.source_proc.poll() is not None:
+                raise EngineError(f"the source process exited with status {self.source_proc.returncode} "
+                                  "before its image was ready")
+            if time.monotonic() > deadline:
+                raise EngineError(f"the source process did not build its image within {timeout_s:.0f} s")
 
     def _migrate(self, on_tick, tick_s: float) -> None:
         cfg, inst, wl = self.cfg, self.installer, self.workload

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import collections
 import ctypes
+import os
 import select
 import signal
 import sys
@@ -26,7 +27,7 @@ import threading
 import time
 
 from pctop.engine.image import PageImage
-from pctop.engine.transport import (KIND_BACKGROUND, KIND_DEMAND, KIND_PREFETCH, T_CTRL, T_REQ,
+from pctop.engine.transport import (KIND_BACKGROUND, KIND_DEMAND, KIND_PREFETCH, T_CTRL,
                                     Channel, ProtocolError)
 
 MAX_CHUNK_PAGES = 512  # 2 MiB of 4 KiB pages: the size raw UFFDIO_COPY is fastest at
@@ -35,7 +36,8 @@ PACE_SLICE_S = 0.01  # with a limit, send about 10 ms worth per chunk
 
 class Source:
     def __init__(self, image_buf, npages: int, page_size: int, demand: list[Channel], bg: Channel,
-                 bandwidth: int = 0, background: bool = True, prefetch: int = 0):
+                 bandwidth: int = 0, background: bool = True, prefetch: int = 0,
+                 demand_cpus: list[int] | None = None):
         self.buf = memoryview(image_buf).cast("B")
         self.npages = npages
         self.page_size = page_size
@@ -45,6 +47,7 @@ class Source:
         self.background = background
         self.paused = False
         self.prefetch = prefetch
+        self.demand_cpus = demand_cpus or []
         self.sent = bytearray(npages)  # 1 = sent once (demand or stream)
         self._prefetch_q: collections.deque[int] = collections.deque(maxlen=4096)
         self._cursor = 0
@@ -52,15 +55,16 @@ class Source:
         self.stats = {"demand_pages": 0, "background_pages": 0, "prefetch_pages": 0, "requests": 0}
 
     # --- demand ---
-    def serve_demand(self, ch: Channel) -> None:
+    def serve_demand(self, ch: Channel, index: int = 0) -> None:
         ps = self.page_size
+        if index < len(self.demand_cpus) and self.demand_cpus[index] >= 0:
+            # Same CPU as the faulting vCPU (which sleeps meanwhile): a same-CPU wake-up
+            # costs a tenth of a cross-CPU one here (platform.md).
+            os.sched_setaffinity(0, {self.demand_cpus[index]})
         while True:
-            f = ch.recv_frame()
-            if f is None:
+            pages = ch.recv_requests()
+            if pages is None:
                 return
-            if f.type != T_REQ:
-                raise ProtocolError(f"demand channel got frame type {f.type}")
-            pages = ch.recv_request(f)
             self.stats["requests"] += 1
             runs = []
             for p in pages:
@@ -163,7 +167,7 @@ class Source:
             self.stats["prefetch_pages" if kind == KIND_PREFETCH else "background_pages"] += moved
 
     def run(self) -> None:
-        threads = [threading.Thread(target=self._guard, args=(self.serve_demand, ch), daemon=True,
+        threads = [threading.Thread(target=self._guard, args=(self.serve_demand, ch, i), daemon=True,
                                     name=f"demand{i}") for i, ch in enumerate(self.demand)]
         for t in threads:
             t.start()
@@ -172,6 +176,8 @@ class Source:
     def _guard(self, fn, *args) -> None:
         try:
             fn(*args)
+        except (ConnectionResetError, BrokenPipeError):
+            self._done.set()  # the destination finished and closed the link
         except (ProtocolError, OSError) as e:
             if not self._done.is_set():
                 print(f"pctop engine source: {type(e).__name__}: {e}", file=sys.stderr)
@@ -194,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bandwidth", type=int, default=0)
     ap.add_argument("--prefetch", type=int, default=0)
     ap.add_argument("--no-background", action="store_true")
+    ap.add_argument("--demand-cpus", default="", help="CPU per demand channel, comma-separated, -1 = any")
     a = ap.parse_args(argv)
     _die_with_parent()
     image = PageImage(a.npages, a.page_size, a.seed, a.generation)
@@ -201,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     demand = [Channel.from_fd(fd, a.npages, a.page_size) for fd in a.demand_fd]
     bg = Channel.from_fd(a.bg_fd, a.npages, a.page_size)
     bg.send_ctrl({"ready": True})  # the image is built: the destination may start the guest
-    Source(buf, a.npages, a.page_size, demand, bg, a.bandwidth, not a.no_background, a.prefetch).run()
+    cpus = [int(c) for c in a.demand_cpus.split(",") if c]
+    Source(buf, a.npages, a.page_size, demand, bg, a.bandwidth, not a.no_background, a.prefetch, cpus).run()
     return 0
 
 

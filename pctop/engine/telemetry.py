@@ -64,6 +64,8 @@ class Telemetry:
         self.started = time.monotonic()
         self.vcpu_started: float | None = None
         self.vcpu_stopped: float | None = None
+        self.stream_first: float | None = None  # first and last background install
+        self.stream_last: float | None = None
         self._bw_window: list[tuple[float, int]] = []  # (time, background bytes) samples
 
     # --- updates (hot path) ---
@@ -83,6 +85,10 @@ class Telemetry:
 
     def installed(self, demand: int, background: int, prefetch: int, eexist: int) -> None:
         with self.lock:
+            if background or prefetch:
+                self.stream_last = time.monotonic()
+                if self.stream_first is None:
+                    self.stream_first = self.stream_last
             self.pages_demand += demand
             self.pages_background += background + prefetch
             self.pages_prefetch += prefetch

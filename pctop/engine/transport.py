@@ -66,6 +66,8 @@ class Channel:
             except OSError:
                 pass  # a smaller buffer only costs throughput
         self._hdr = bytearray(FRAME_SIZE)
+        self._hdr_view = memoryview(self._hdr)
+        self._rbuf = bytearray()  # buffered bytes of REQ frames not yet parsed
 
     @classmethod
     def from_fd(cls, fd: int, npages: int, page_size: int) -> "Channel":
@@ -132,6 +134,52 @@ class Channel:
         elif f.type != T_END or f.length:
             raise ProtocolError(f"unknown frame type {f.type} ({f.length} bytes)")
         return f
+
+    def recv_demand_page(self, page_view: memoryview) -> Frame | None:
+        """Receive one single-page PAGES frame (all a demand channel carries) with one
+        recvmsg: header and page land in their buffers together. None at EOF."""
+        ps = self.page_size
+        n = self.sock.recvmsg_into([self._hdr_view, page_view[:ps]], 0, socket.MSG_WAITALL)[0]
+        if n == 0:
+            return None
+        if n < FRAME_SIZE and not self._recv_exact(self._hdr_view[n:], FRAME_SIZE - n):
+            raise ProtocolError("link closed inside a frame")
+        t, kind, _, count, start, length = FRAME.unpack(self._hdr)
+        if t != T_PAGES or count != 1 or length != ps:
+            raise ProtocolError(f"demand channel: expected one page, got frame type {t} with {count} pages")
+        self.check_pages(start, 1)
+        if kind not in KIND_NAMES:
+            raise ProtocolError(f"PAGES frame of unknown kind {kind}")
+        got = max(0, n - FRAME_SIZE)
+        if got < ps:
+            self.recv_payload_into(page_view[got:], ps - got)
+        return Frame(t, kind, 1, start, ps)
+
+    def recv_requests(self) -> array.array | None:
+        """Page numbers of every complete REQ frame available, reading as many as one
+        recv() brings (a reader may have sent several); blocks for at least one. None at EOF."""
+        pages = array.array("I")
+        buf = self._rbuf
+        while True:
+            off = 0
+            while len(buf) - off >= FRAME_SIZE:
+                t, _, _, count, _, length = FRAME.unpack_from(buf, off)
+                if t != T_REQ or length != 4 * count or count > MAX_REQ_PAGES:
+                    raise ProtocolError(f"demand channel: bad request frame (type {t}, {count} pages)")
+                if len(buf) - off < FRAME_SIZE + length:
+                    break
+                pages.frombytes(buf[off + FRAME_SIZE:off + FRAME_SIZE + length])
+                off += FRAME_SIZE + length
+            del buf[:off]
+            if pages:
+                for p in pages:
+                    if p >= self.npages:
+                        raise ProtocolError(f"request for page {p} outside the region of {self.npages} pages")
+                return pages
+            data = self.sock.recv(1 << 16)
+            if not data:
+                return None
+            buf += data
 
     def recv_payload_into(self, buf: memoryview, length: int) -> None:
         if not self._recv_exact(buf, length):
