@@ -135,7 +135,7 @@ class QmpConnection:
             fut.cancel()
             raise QmpError(f"QEMU at {self.path} did not answer within {self.timeout:.0f} s") from None
         except ExecuteError as e:
-            raise QmpError(f"QEMU refused: {e.error.desc}") from None
+            raise QmpError(f"QEMU refused: {e.error.error.desc}") from None
         except (QMPError, OSError, EOFError) as e:
             raise QmpError(f"QMP {self.path}: {type(e).__name__}: {e}") from None
 

@@ -1,0 +1,197 @@
+"""`pctop qemu CMD`: steer a QEMU migration over QMP from the command line.
+
+The same controls the TUI sends through the QMP source (pctop.qemu.control).
+Give the destination's and/or the source's QMP socket; each command says which
+end it needs. QEMU serves one client per QMP socket: while `pctop monitor --qmp`
+holds one, give QEMU a second `-qmp` socket for these commands (the demo does).
+
+Exit status: 0 done, 1 QEMU refused or did not answer, 2 bad usage.
+"""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from pctop.engine.demo_cli import SIZE
+from pctop.monitor_cli import _UsageError
+
+
+class _Group(click.Group):
+    """One-line usage errors for the group and its commands, like the other pctop commands."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.UsageError as e:
+            raise _UsageError(info_name or self.name, e.format_message()) from None
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as e:
+            if isinstance(e, _UsageError):
+                raise
+            raise _UsageError("qemu", e.format_message()) from None
+
+
+class _Failed(click.ClickException):
+    exit_code = 1
+
+    def show(self, file=None) -> None:
+        click.echo(f"pctop qemu: error: {self.message}", err=True)
+
+
+class Ends:
+    """The QMP connections the command needs, opened on first use."""
+
+    def __init__(self, dest: str | None, source: str | None) -> None:
+        self.paths = {"destination": dest, "source": source}
+        self.conns: dict = {}
+
+    def get(self, role: str, why: str):
+        from pctop.qemu.qmp import QmpConnection, QmpError
+
+        if role not in self.conns:
+            path = self.paths[role]
+            if not path:
+                flag = "--dest" if role == "destination" else "--source"
+                raise _UsageError("qemu", f"{why} needs the {role}'s QMP socket ({flag} SOCKET)")
+            try:
+                self.conns[role] = QmpConnection(path).connect()
+            except QmpError as e:
+                raise _UsageError("qemu", str(e)) from None
+        return self.conns[role]
+
+    def given(self) -> list[str]:
+        return [r for r, p in self.paths.items() if p]
+
+    def close(self) -> None:
+        for c in self.conns.values():
+            c.close()
+
+
+@click.group("qemu", cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--dest", metavar="SOCKET", help="The migration destination's QMP socket.")
+@click.option("--source", metavar="SOCKET", help="The migration source's QMP socket.")
+@click.pass_context
+def qemu(ctx: click.Context, dest: str | None, source: str | None) -> None:
+    """Steer a QEMU post-copy migration over QMP (docs/qemu.md)."""
+    ends = Ends(dest, source)
+    ctx.obj = ends
+    ctx.call_on_close(ends.close)
+
+
+def _run(action):
+    """Run one QEMU action; QEMU's refusal is exit 1 with one line."""
+    from pctop.qemu.qmp import QmpError
+
+    try:
+        return action()
+    except QmpError as e:
+        raise _Failed(str(e)) from None
+
+
+@qemu.command("status")
+@click.option("--json", "as_json", is_flag=True, help="query-migrate of each end as one JSON object.")
+@click.pass_obj
+def status(ends: Ends, as_json: bool) -> None:
+    """query-migrate on each end given: status, RAM counters, blocktime."""
+    from pctop.qemu import control
+    from pctop.sources.qmp import migration_extra
+
+    if not ends.given():
+        raise _UsageError("qemu", "status needs --dest SOCKET and/or --source SOCKET")
+    infos = {role: _run(lambda r=role: control.query(ends.get(r, "status"))) for role in ends.given()}
+    if as_json:
+        click.echo(json.dumps(infos))
+        return
+    for role, info in infos.items():
+        extra = migration_extra(role, infos.get("destination"), infos.get("source"))
+        fields = " ".join(f"{k}={v}" for k, v in extra.items() if k not in ("role",))
+        click.echo(f"{role}: {fields}")
+
+
+@qemu.command("enable-postcopy")
+@click.pass_obj
+def enable_postcopy(ends: Ends) -> None:
+    """Turn on postcopy-ram on each end given (and postcopy-blocktime on the destination).
+    Both ends need it before `migrate`."""
+    from pctop.qemu import control
+
+    if not ends.given():
+        raise _UsageError("qemu", "enable-postcopy needs --dest SOCKET and/or --source SOCKET")
+    for role in ends.given():
+        caps = _run(lambda r=role: control.enable_postcopy(ends.get(r, "enable-postcopy"), r == "destination"))
+        click.echo(f"{role}: {', '.join(caps)} on")
+
+
+@qemu.command("listen")
+@click.argument("uri")
+@click.pass_obj
+def listen(ends: Ends, uri: str) -> None:
+    """Destination (started with -incoming defer): wait for the migration on URI."""
+    from pctop.qemu import control
+
+    _run(lambda: control.listen(ends.get("destination", "listen"), uri))
+    click.echo(f"destination: listening on {uri}")
+
+
+@qemu.command("migrate")
+@click.argument("uri")
+@click.pass_obj
+def migrate(ends: Ends, uri: str) -> None:
+    """Source: start migrating to URI (pre-copy first)."""
+    from pctop.qemu import control
+
+    _run(lambda: control.start_migration(ends.get("source", "migrate"), uri))
+    click.echo(f"source: migrating to {uri}")
+
+
+@qemu.command("start-postcopy")
+@click.pass_obj
+def start_postcopy(ends: Ends) -> None:
+    """Source: switch the running migration to post-copy."""
+    from pctop.qemu import control
+
+    _run(lambda: control.start_postcopy(ends.get("source", "start-postcopy")))
+    click.echo("source: switching to post-copy")
+
+
+@qemu.command("bandwidth")
+@click.argument("size", type=SIZE)
+@click.option("--precopy", is_flag=True, help="Set max-bandwidth (pre-copy) instead.")
+@click.pass_obj
+def bandwidth(ends: Ends, size: int, precopy: bool) -> None:
+    """Source: max-postcopy-bandwidth in bytes/s (K/M/G = powers of 1024; 0 = unlimited)."""
+    from pctop.qemu import control
+
+    _run(lambda: control.set_bandwidth(ends.get("source", "bandwidth"), size, postcopy=not precopy))
+    click.echo(f"source: {'max-bandwidth' if precopy else 'max-postcopy-bandwidth'} = {size} B/s")
+
+
+@qemu.command("pause")
+@click.pass_obj
+def pause(ends: Ends) -> None:
+    """migrate-pause (on the source if given, else the destination): both ends go to
+    postcopy-paused and vCPUs that need a page wait until `recover`."""
+    from pctop.qemu import control
+
+    role = "source" if ends.paths["source"] else "destination"
+    _run(lambda: control.pause(ends.get(role, "pause")))
+    click.echo(f"{role}: migration paused")
+
+
+@qemu.command("recover")
+@click.argument("uri", required=False)
+@click.pass_obj
+def recover(ends: Ends, uri: str | None) -> None:
+    """Resume a paused post-copy on a new channel: the destination listens on URI
+    (default tcp:127.0.0.1:<a free port>), then the source reconnects to it."""
+    from pctop.qemu import control
+
+    dest, src = ends.get("destination", "recover"), ends.get("source", "recover")
+    uri = uri or control.local_uri()
+    _run(lambda: control.recover(dest, src, uri))
+    click.echo(f"recovering over {uri}")
