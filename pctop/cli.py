@@ -20,6 +20,7 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
     "demo": ("pctop.engine.demo_cli", "demo", "Run the reference engine: a real post-copy migration of a KVM guest."),
     "doctor": ("pctop.doctor_cli", "doctor", "Check what pctop needs and say how to fix what is missing."),
     "monitor": ("pctop.monitor_cli", "monitor", "Watch post-copy stalls live (--json: JSON Lines)."),
+    "qemu": ("pctop.qemu_cli", "qemu", "Steer a QEMU post-copy migration over QMP (pause, recover, bandwidth, ...)."),
     "record": ("pctop.monitor_cli", "record", "Record what monitor shows to a JSON Lines file."),
     "replay": ("pctop.monitor_cli", "replay", "Play a recording back."),
 }
