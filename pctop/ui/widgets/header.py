@@ -31,7 +31,7 @@ def migration_line(t: Target, m: Migration, width: int) -> Text:
     line.append(f"{t.comm} {t.pid} ", style="dim")
     line.append(f"{m.state.upper()}", style=STATE_STYLE.get(m.state, "bold"))
     bg = m.extra.get("background") if isinstance(m.extra, dict) else None
-    if bg and bg != "running":
+    if bg and bg != "running" and bg != m.state:  # "PAUSED stream PAUSED" says it twice
         line.append(f" stream {bg.upper()}", style="bold magenta")
     if m.pages_total:
         got = m.pages_received or 0
@@ -74,7 +74,7 @@ def header_text(header: Header, sample: Sample | None, status: str, width: int =
         missing = "; ".join(header.missing) if header.missing else "eBPF probes unavailable"
         out.append("\n")
         out.append(" ⚠ DEGRADED: procfs only ", style="bold black on yellow")
-        out.append(f" no per-fault latency or stall parts ({missing})", style="yellow")
+        out.append(f" {missing}", style="yellow")
     if sample is None:
         out.append("\n waiting for the first sample…", style="dim")
         return out

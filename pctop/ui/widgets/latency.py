@@ -14,6 +14,11 @@ from pctop.ui.widgets.render import (Part, bar, bucket_label, fmt_count, fmt_us,
                                      latency_severity, stacked_bar)
 
 PART_STYLES = (("queued", "█", "red"), ("in service", "▓", "yellow"), ("run-queue", "░", "cyan"))
+
+
+def parts_of(p: StallParts) -> list[Part]:
+    vals = (p.queued_ns, p.service_ns, p.runq_ns)
+    return [Part(name, v, ch, st) for (name, ch, st), v in zip(PART_STYLES, vals)]
 SHORT_NAMES = ("queue ", "serve ", "runq ")
 
 

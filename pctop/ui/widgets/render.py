@@ -147,20 +147,24 @@ class Part(NamedTuple):
     style: str
 
 
-def stacked_bar(parts: Iterable[Part], width: int) -> Text:
-    """One bar split by the parts' shares, each part with its own fill character."""
+def stacked_runs(parts: Iterable[Part], width: int) -> list[tuple[str, str]]:
+    """(text, style) runs of one bar split by the parts' shares, each part in
+    its own fill character so it reads without colour; exactly `width` cells."""
     parts = list(parts)
     total = sum(max(0.0, p.value) for p in parts)
-    text = Text()
     if total <= 0:
-        text.append("·" * width, style="dim")
-        return text
+        return [("·" * width, "dim")]
     # Largest-remainder rounding so the cells add up to exactly `width`.
     shares = [max(0.0, p.value) / total * width for p in parts]
     cells = [int(s) for s in shares]
     order = sorted(range(len(parts)), key=lambda i: shares[i] - cells[i], reverse=True)
     for i in order[: width - sum(cells)]:
         cells[i] += 1
-    for p, n in zip(parts, cells):
-        text.append(p.char * n, style=p.style)
+    return [(p.char * n, p.style) for p, n in zip(parts, cells) if n]
+
+
+def stacked_bar(parts: Iterable[Part], width: int) -> Text:
+    text = Text()
+    for run, st in stacked_runs(parts, width):
+        text.append(run, style=st)
     return text

@@ -22,10 +22,12 @@ from textual.strip import Strip
 
 from pctop.model import Sample, Target, VcpuSample
 from pctop.ui.history import History, VcpuKey
-from pctop.ui.widgets.render import (fmt_rate, fmt_us, latency_severity, sparkline,
+from pctop.ui.widgets.latency import parts_of
+from pctop.ui.widgets.render import (fmt_rate, fmt_us, latency_severity, sparkline, stacked_runs,
                                      stall_severity)
 
 TREND_MIN, TREND_MAX = 10, 60
+PARTS_W = 12  # the per-row stall-parts bar, shown when the width allows
 
 
 class Column(NamedTuple):
@@ -49,11 +51,12 @@ COLUMNS = (
     Column("p99", "p99", 6, lambda t, v: v.p99_us or 0.0),
     Column("max", "max", 6, lambda t, v: v.max_us or 0.0),
     Column("exits", "exits/s", 7, lambda t, v: v.exits_per_s),
+    Column("parts", "stall parts", PARTS_W, None),  # only when wide enough
     Column("trend", "faults/s trend", 0, None),  # takes the rest of the width
 )
 SORTABLE = tuple(c.key for c in COLUMNS if c.sort is not None)
 GAP = 1
-FIXED_W = sum(c.width + GAP for c in COLUMNS[:-1])
+FIXED_W = sum(c.width + GAP for c in COLUMNS[:-1] if c.key != "parts")
 
 _STYLES: dict[str, Style] = {}
 
@@ -71,8 +74,8 @@ def vcpu_label(v: VcpuSample) -> str:
     return (v.name or f"t{v.tid}")[:8]
 
 
-def row_cells(t: Target, v: VcpuSample, trend: str) -> list[tuple[str, str]]:
-    """(text, style) per column; text is already padded to the column width."""
+def row_cells(t: Target, v: VcpuSample, trend: str, parts: bool) -> list[tuple[str, str]]:
+    """(text, style) runs for a row; text is already padded to the column widths."""
     sev = stall_severity(v.faults, v.stalled_frac)
     cells = [
         (str(t.pid), "dim"),
@@ -83,6 +86,9 @@ def row_cells(t: Target, v: VcpuSample, trend: str) -> list[tuple[str, str]]:
         (fmt_rate(v.exits_per_s), ""),
     ]
     out = [(text.rjust(c.width)[-c.width:] + " " * GAP, st) for (text, st), c in zip(cells, COLUMNS)]
+    if parts:
+        out += stacked_runs(parts_of(v.parts), PARTS_W) if v.stall_ns else [("·" * PARTS_W, "dim")]
+        out.append((" " * GAP, ""))
     out.append((trend, "cyan"))
     return out
 
@@ -190,7 +196,7 @@ class VcpuTable(ScrollView, can_focus=True):
 
     def _column_at(self, x: int) -> str | None:
         x += self.scroll_offset.x
-        for c in COLUMNS:
+        for c in self._columns():
             if c.width == 0 or x < c.width + GAP:
                 return c.key
             x -= c.width + GAP
@@ -211,16 +217,24 @@ class VcpuTable(ScrollView, can_focus=True):
             self._set_cursor(row)
 
     # -- drawing -----------------------------------------------------------
+    def _show_parts(self) -> bool:
+        return self.scrollable_content_region.width >= FIXED_W + PARTS_W + GAP + 2 * TREND_MIN
+
+    def _columns(self) -> list[Column]:
+        return [c for c in COLUMNS if c.key != "parts" or self._show_parts()]
+
     def _trend_width(self) -> int:
-        return max(TREND_MIN, min(TREND_MAX, self.scrollable_content_region.width - FIXED_W - 1))
+        used = FIXED_W + (PARTS_W + GAP if self._show_parts() else 0)
+        return max(TREND_MIN, min(TREND_MAX, self.scrollable_content_region.width - used - 1))
 
     def _header_strip(self, width: int) -> Strip:
         base = self.get_component_rich_style("vcpu-table--header")
         segs = []
-        for c in COLUMNS:
+        for c in self._columns():
             label = c.label + ((" ▼" if self.sort_reverse else " ▲") if c.key == self.sort_key else "")
             w = c.width or self._trend_width()
-            text = (label.rjust(w) if c.width else label.ljust(w))[:w] + (" " * GAP if c.width else "")
+            left = c.width == 0 or c.key == "parts"
+            text = (label.ljust(w) if left else label.rjust(w))[:w] + (" " * GAP if c.width else "")
             segs.append(Segment(text, base + style("underline") if c.key == self.sort_key else base))
         return Strip(segs).crop_extend(self.scroll_offset.x, self.scroll_offset.x + width, base)
 
@@ -241,7 +255,7 @@ class VcpuTable(ScrollView, can_focus=True):
             base = self.get_component_rich_style("vcpu-table--stripe")
         else:
             base = self.rich_style
-        segs = [Segment(text, base + style(st)) for text, st in row_cells(t, v, trend)]
+        segs = [Segment(text, base + style(st)) for text, st in row_cells(t, v, trend, self._show_parts())]
         return Strip(segs).crop_extend(self.scroll_offset.x, self.scroll_offset.x + width, base)
 
     def _set_virtual_height(self, height: int) -> None:
