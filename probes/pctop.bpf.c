@@ -76,7 +76,7 @@ static __always_inline int on_kvm_fault(void)
 {
     u64 id = bpf_get_current_pid_tgid();
     u32 tgid = id >> 32, tid = (u32)id;
-    struct tstate *t = tstate.lookup(&tid);
+    struct tstate *t = maybe_tracked(tid) ? tstate.lookup(&tid) : 0;
     if (!t) {
         if (!targets.lookup(&tgid))
             return 0;
@@ -462,10 +462,12 @@ TRACEPOINT_PROBE(syscalls, sys_enter_ioctl)
 
     /* a uffd ioctl (type 0xAA belongs to userfaultfd alone) */
     u32 nr = cmd & 0xff;
-    followed(tgid, 1);
+    int fol = followed(tgid, 1);
     if (cmd == USERFAULTFD_IOC_NEW) {
         io.kind = IO_UFFD_NEW; /* on /dev/userfaultfd; returns the new uffd */
     } else if (cmd == UFFDIO_REGISTER || cmd == UFFDIO_UNREGISTER) {
+        if (!fol)
+            return 0; /* ranges matter for followed processes only */
         io.kind = cmd == UFFDIO_REGISTER ? IO_UFFD_REGISTER : IO_UFFD_UNREGISTER;
         io.start = read_u64(arg);
         io.len = read_u64(arg + 8);
@@ -483,7 +485,8 @@ TRACEPOINT_PROBE(syscalls, sys_enter_ioctl)
         }
         remember_uffd(tgid, fd);
     } else {
-        return 0; /* UFFDIO_API and unknown ones */
+        remember_uffd(tgid, fd); /* UFFDIO_API etc.: still tells this fd is a uffd */
+        return 0;
     }
     /* kept for every process: the wake-up test needs to know that the waker
      * is inside a resolving ioctl, whoever the waker is */
