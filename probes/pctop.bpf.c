@@ -307,6 +307,7 @@ static __always_inline void match_msg(u64 now, u64 addr, u32 ptid)
             }
             if (!t->read_ts)
                 t->read_ts = now;
+            t->addr = page; /* the message names the page it waits for */
             dbg_inc(DBG_MSG_BY_PTID);
             return;
         }
