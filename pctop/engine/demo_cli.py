@@ -66,14 +66,21 @@ def _raise_interrupt(*_):
 @click.option("--workload", type=click.Choice(["auto", "kvm", "threads"]), default="auto", show_default=True,
               help="auto: the KVM guest when /dev/kvm exists, else threads.")
 @click.option("--corrupt-page", type=click.IntRange(min=0), hidden=True)
+@click.option("--vmm", type=click.Choice(["engine", "qemu"]), default="engine", show_default=True,
+              help="qemu: migrate a tiny guest between two real QEMUs instead (docs/qemu.md); of the "
+                   "options above only --headless, --json and --bandwidth (post-copy cap) apply.")
+@click.option("--accel", type=click.Choice(["kvm", "tcg"]), help="--vmm qemu: accelerator (default kvm "
+              "when /dev/kvm exists, else tcg).")
 def demo(headless, as_json, memory, vcpus, strategy, readers, pattern, write_ratio, bandwidth,
-         no_background, prefetch, duration, seed, control, workload, corrupt_page):
+         no_background, prefetch, duration, seed, control, workload, corrupt_page, vmm, accel):
     """Run a real post-copy migration of a KVM guest between two processes and verify every page.
 
     The defaults (512M, 2 vCPUs, a 32M/s background stream, random accesses, 10 % writes)
     make a run of about 10-20 s on a 2-CPU machine: long enough to watch with
     `pctop monitor`. Exit status: 0 verified, 1 failed (integrity or engine error), 2 bad usage.
     """
+    if vmm == "qemu":
+        _run_qemu(click.get_current_context(), headless, as_json, accel, bandwidth)
     from pctop.engine.run import Engine, EngineConfig, EngineError
 
     if memory < 4096 * vcpus or memory % 4096:
@@ -155,6 +162,20 @@ def _run_with_tui(ctx: click.Context, control: str | None) -> None:
             click.echo(f"pctop demo: error: {e}", err=True)
             sys.exit(1)
     sys.exit(0 if rc is None else rc)
+
+
+def _run_qemu(ctx: click.Context, headless: bool, as_json: bool, accel: str | None, bandwidth: int) -> None:
+    from pctop.qemu import demo as qemu_demo
+    from pctop.qemu.launch import default_accel, qemu_unavailable_reason
+
+    accel = accel or default_accel()
+    why = qemu_unavailable_reason(accel)
+    if why:
+        click.echo(f"pctop demo: error: {why}", err=True)
+        sys.exit(1)
+    given = ctx.get_parameter_source("bandwidth") == click.core.ParameterSource.COMMANDLINE
+    mode = "json" if as_json else "headless" if headless else "tui"
+    sys.exit(qemu_demo.run(mode, accel, bandwidth if given and bandwidth else None))
 
 
 def threading_main() -> bool:
