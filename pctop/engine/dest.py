@@ -21,14 +21,16 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import queue
 import select
 import threading
 import time
+from bisect import bisect_right
 from collections.abc import Callable
 
 from pctop.engine.telemetry import Telemetry
 from pctop.engine.transport import (KIND_BACKGROUND, KIND_DEMAND, KIND_PREFETCH, T_CTRL, T_END,
-                                    T_PAGES, Channel, ProtocolError)
+                                    T_PAGES, Channel, Frame, ProtocolError)
 from pctop.engine.uffd import UFFD_EVENT_PAGEFAULT, UFFD_MSG, AnonMemory, Uffd, UffdError
 
 _monotonic_ns = time.monotonic_ns
@@ -61,7 +63,8 @@ class Installer:
         self.installs = 0  # pages UFFDIO_COPY reported as copied (each page must be exactly once)
         self.faults_no_read = 0
         self._waiters: dict[int, list[tuple[int, int]]] = {}
-        self._lock = threading.Lock()
+        self._lock = telemetry.lock  # one lock for page state and counters: one acquire per page
+        self._shard_starts = [lo for _, lo, _ in shards]
         self.all_present = threading.Event()
 
     def note_fault(self, page: int, vcpu: int, seen_ns: int) -> bool:
@@ -80,6 +83,41 @@ class Installer:
         if resolved:
             self.tel.stall(vcpu, 0)
         return False
+
+    def install_page(self, kind: int, page: int, src: int) -> int:
+        """The demand path: one page from address src; 1 if installed, 0 if it was
+        already present (EEXIST race). Page state, waiters and counters in one lock."""
+        ps = self.page_size
+        shards = self.shards
+        uf = shards[0][0] if len(shards) == 1 else shards[bisect_right(self._shard_starts, page) - 1][0]
+        r = uf.copy(self.base + page * ps, src, ps)
+        if r == ps:
+            ok = 1
+        elif r == -errno.EEXIST:
+            ok = 0
+        else:
+            raise UffdError(-r, f"UFFDIO_COPY page {page}: {os.strerror(-r)}")
+        now = _monotonic_ns()
+        tel = self.tel
+        with self._lock:
+            if not self.present[page]:
+                self.present[page] = 1
+                self.present_count += 1
+            self.installs += ok
+            if kind == KIND_DEMAND:
+                tel.pages_demand += ok
+            else:
+                tel.pages_background += ok
+                tel.pages_prefetch += ok if kind == KIND_PREFETCH else 0
+            tel.eexist += 1 - ok
+            w = self._waiters.pop(page, None) if self._waiters else None
+            if w:
+                for seen, vcpu in w:
+                    tel.stall_locked(vcpu, now - seen)
+            done = self.present_count >= self.npages
+        if done:
+            self.all_present.set()
+        return ok
 
     def install(self, kind: int, start: int, count: int, src: int) -> tuple[int, int]:
         """Copy pages [start, start+count) from address src; returns (installed, eexist)."""
@@ -149,53 +187,113 @@ class FrameBuffer:
 
 
 class Receiver(threading.Thread):
-    """Receives frames on one channel and installs the pages they carry."""
+    """Receives frames on one channel and installs the pages they carry.
+
+    demand: the channel carries single-page frames only; one recvmsg each.
+    buffers > 1 (the background stream): receiving and installing overlap. This
+    thread receives into one buffer while an installer thread UFFDIO_COPYs from
+    another, so the socket copy hides behind the page copy (both calls release
+    the GIL) instead of adding to it."""
 
     def __init__(self, name: str, ch: Channel, installer: Installer, max_pages: int,
                  on_ctrl: Callable[[dict], None] | None = None, on_end: Callable[[], None] | None = None,
                  on_error: Callable[[BaseException], None] | None = None, cpu: int | None = None,
-                 demand: bool = False):
+                 demand: bool = False, buffers: int = 1):
         super().__init__(name=name, daemon=True)
         self.cpu = cpu
-        self.demand = demand  # a demand channel: single-page frames, one recvmsg each
+        self.demand = demand
         self.ch = ch
         self.installer = installer
-        self.buf = FrameBuffer(max_pages * installer.page_size)
+        self.bufs = [FrameBuffer(max_pages * installer.page_size) for _ in range(buffers)]
         self.on_ctrl = on_ctrl
         self.on_end = on_end
         self.on_error = on_error
 
+    def close(self) -> None:
+        for b in self.bufs:
+            b.close()
+
     def run(self) -> None:
-        ch, buf, inst = self.ch, self.buf, self.installer
         pin(self.cpu)
         try:
             if self.demand:
-                while True:
-                    f = ch.recv_demand_page(buf.view)
-                    if f is None:
-                        return
-                    inst.install(f.kind, f.start, 1, buf.addr)
-            while True:
-                f = ch.recv_frame()
-                if f is None:
-                    return
-                if f.type == T_PAGES:
-                    if f.length > buf.size:
-                        raise ProtocolError(f"PAGES frame of {f.length} bytes exceeds {buf.size}")
-                    ch.recv_payload_into(buf.view, f.length)
+                self._run_demand()
+            elif len(self.bufs) > 1:
+                self._run_pipelined()
+            else:
+                buf, inst = self.bufs[0], self.installer
+                while (f := self._next_pages(buf)) is not None:
                     inst.install(f.kind, f.start, f.count, buf.addr)
-                elif f.type == T_END:
-                    if self.on_end:
-                        self.on_end()
-                elif f.type == T_CTRL:
-                    msg = ch.recv_ctrl(f)
-                    if self.on_ctrl:
-                        self.on_ctrl(msg)
-                else:
-                    raise ProtocolError(f"destination got frame type {f.type}")
         except (OSError, ProtocolError) as e:
             if self.on_error:
                 self.on_error(e)
+
+    def _run_demand(self) -> None:
+        ch, buf, inst = self.ch, self.bufs[0], self.installer
+        while True:
+            f = ch.recv_demand_page(buf.view)
+            if f is None:
+                return
+            inst.install_page(f.kind, f.start, buf.addr)
+
+    def _next_pages(self, buf: FrameBuffer) -> Frame | None:
+        """The next PAGES frame, its pages received into buf; control and end frames
+        on the way are handled here. None at EOF."""
+        ch = self.ch
+        while True:
+            f = ch.recv_frame()
+            if f is None:
+                return None
+            if f.type == T_PAGES:
+                if f.length > buf.size:
+                    raise ProtocolError(f"PAGES frame of {f.length} bytes exceeds {buf.size}")
+                ch.recv_payload_into(buf.view, f.length)
+                return f
+            elif f.type == T_END:
+                if self.on_end:
+                    self.on_end()
+            elif f.type == T_CTRL:
+                msg = ch.recv_ctrl(f)
+                if self.on_ctrl:
+                    self.on_ctrl(msg)
+            else:
+                raise ProtocolError(f"destination got frame type {f.type}")
+
+    def _run_pipelined(self) -> None:
+        free: queue.Queue = queue.Queue()
+        full: queue.Queue = queue.Queue()
+        for b in self.bufs:
+            free.put(b)
+        errors: list[BaseException] = []
+
+        def install_loop() -> None:
+            inst = self.installer
+            try:
+                while True:
+                    item = full.get()
+                    if item is None:
+                        return
+                    f, b = item
+                    inst.install(f.kind, f.start, f.count, b.addr)
+                    free.put(b)
+            except (OSError, ProtocolError) as e:
+                errors.append(e)
+                free.put(None)
+
+        t = threading.Thread(target=install_loop, name=self.name + "-install", daemon=True)
+        t.start()
+        try:
+            while True:
+                buf = free.get()
+                if buf is None:
+                    raise errors[0]
+                f = self._next_pages(buf)
+                if f is None:
+                    return
+                full.put((f, buf))
+        finally:
+            full.put(None)
+            t.join()
 
 
 class VcpuMap:
@@ -307,7 +405,7 @@ class VcpuExitHandler:
             f = ch.recv_demand_page(buf.view)
             if f is None or f.start != page:
                 raise ProtocolError(f"vCPU {vcpu}: asked for page {page}, got {f}")
-            inst.install(f.kind, f.start, 1, buf.addr)
+            inst.install_page(f.kind, f.start, buf.addr)
         inst.tel.stall(vcpu, _monotonic_ns() - t0)
         return True
 

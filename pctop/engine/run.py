@@ -192,7 +192,7 @@ class Engine:
         self._stop_fd = os.eventfd(0, os.EFD_CLOEXEC)
         self._cleanup.append(lambda: os.close(self._stop_fd))
         self._threads: list[threading.Thread] = []
-        bg_rx = Receiver("bg-receiver", self.bg, self.installer, MAX_CHUNK_PAGES,
+        bg_rx = Receiver("bg-receiver", self.bg, self.installer, MAX_CHUNK_PAGES, buffers=3,
                          on_ctrl=self._on_source_ctrl, on_end=self.source_ended.set, on_error=self._on_error)
         self._threads.append(bg_rx)
         self.vcpu_exit = None
@@ -207,7 +207,7 @@ class Engine:
         self._demand = demand
         for t in self._threads:
             t.start()
-        self._cleanup.append(lambda: [r.buf.close() for r in self._threads if isinstance(r, Receiver)])
+        self._cleanup.append(lambda: [r.close() for r in self._threads if isinstance(r, Receiver)])
 
     def _start_readers(self, vmap: VcpuMap) -> None:
         for n, (shard, chan) in enumerate(self.layout.readers):

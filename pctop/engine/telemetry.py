@@ -72,16 +72,20 @@ class Telemetry:
     def stall(self, vcpu: int, ns: int) -> None:
         """One fault of `vcpu` (-1: not a vCPU) that stalled `ns` from seen to installed."""
         with self.lock:
-            if 0 <= vcpu < len(self.vcpus):
-                v = self.vcpus[vcpu]
-                v.faults += 1
-                v.stall_ns += ns
-                if ns > v.max_ns:
-                    v.max_ns = ns
-                v.hist[bucket_index(ns / 1000)] += 1
-            else:
-                self.other_faults += 1
-                self.other_stall_ns += ns
+            self.stall_locked(vcpu, ns)
+
+    def stall_locked(self, vcpu: int, ns: int) -> None:
+        """stall() for a caller already holding self.lock."""
+        if 0 <= vcpu < len(self.vcpus):
+            v = self.vcpus[vcpu]
+            v.faults += 1
+            v.stall_ns += ns
+            if ns > v.max_ns:
+                v.max_ns = ns
+            v.hist[bucket_index(ns / 1000)] += 1
+        else:
+            self.other_faults += 1
+            self.other_stall_ns += ns
 
     def installed(self, demand: int, background: int, prefetch: int, eexist: int) -> None:
         with self.lock:
