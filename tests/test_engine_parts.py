@@ -144,3 +144,29 @@ def test_source_prefetches_after_a_demand_fault():
     bg.close()
     dem.close()
     t.join(5)
+
+
+def test_requests_sent_back_to_back_are_parsed_from_one_recv(pair):
+    dst, src = pair
+    dst.send_request([1, 2])
+    dst.send_request([3])
+    got = list(src.recv_requests())
+    while len(got) < 3:  # the kernel may deliver the two frames separately
+        got += list(src.recv_requests())
+    assert got == [1, 2, 3]
+    dst.send_request([100])
+    with pytest.raises(T.ProtocolError, match="page 100 outside"):
+        src.recv_requests()
+
+
+def test_demand_channel_takes_single_pages_only(pair):
+    dst, src = pair
+    page = bytes([7]) * PS
+    src.send_pages(T.KIND_DEMAND, 42, 1, page)
+    view = memoryview(bytearray(PS))
+    assert dst.recv_demand_page(view) == T.Frame(T.T_PAGES, T.KIND_DEMAND, 1, 42, PS)
+    assert bytes(view) == page
+    src.send_pages(T.KIND_DEMAND, 10, 2, page * 2)
+    with pytest.raises(T.ProtocolError, match="expected one page"):
+        dst.recv_demand_page(view)
+    src.close()
