@@ -182,14 +182,16 @@ def build_sample(merged: Merged, memory: Memory, *, now: float, interval_s: floa
             memory.thread_names[(pid, tid)] = name
 
     seen = (set(merged.targets) | {p for p, _ in merged.threads} | {p for p, _ in merged.counters}
-            | {p for p, _ in merged.depths} | set(merged.migrations)) - merged.gone
+            | {p for p, _ in merged.depths} | set(merged.migrations))
     for pid in sorted(seen - set(memory.comms)):
         ti = merged.targets.get(pid)
         memory.comms[pid] = ti.comm if ti else ""
         events.append(Event(now, "target-new", f"watching pid {pid} ({memory.comms[pid] or '?'})"))
-    for pid in sorted(merged.gone & set(memory.comms)):
+    # A target that exited still reports its last interval (a source sends the
+    # final counts in the same reading that marks it gone); it is forgotten after.
+    gone_now = sorted(merged.gone & set(memory.comms))
+    for pid in gone_now:
         events.append(Event(now, "target-gone", f"pid {pid} ({memory.comms[pid] or '?'}) exited"))
-        _forget(memory, pid)
     for src, text in merged.notes:
         events.append(Event(now, "source", f"{src}: {text}"))
 
@@ -216,6 +218,8 @@ def build_sample(merged: Merged, memory: Memory, *, now: float, interval_s: floa
                 memory.pages_received[pid] = mi.pages_received
         targets.append(Target(pid=pid, comm=memory.comms[pid], vcpus=tuple(vcpus), uffds=uffds,
                               handler_cpu_pct=ti.handler_cpu_pct if ti else None, migration=mig))
+    for pid in gone_now:
+        _forget(memory, pid)
     return Sample(time=now, interval_s=interval_s, seq=seq, probe_tier=probe_tier,
                   sources=sources, targets=tuple(targets), events=tuple(events))
 

@@ -134,11 +134,16 @@ def test_new_and_gone_targets_become_events_and_gone_ones_are_dropped():
     m = Memory()
     s, _ = build([Reading("procfs", targets=(TargetInfo(10, "qemu"), TargetInfo(12, "fc")))], m)
     assert sorted(e.kind for e in s.events) == ["target-new", "target-new"]
-    s, _ = build([Reading("procfs", targets=(TargetInfo(12, "fc"),), gone=(10,),
+    last = ThreadFaults(10, 11, 7, 7000, 0, 0, 0, 7, 1000, (7,) + (0,) * 23)
+    s, _ = build([Reading("procfs", targets=(TargetInfo(12, "fc"),), gone=(10,), threads=(last,),
                           identities=(VcpuIdentity(12, 13, 0, "debugfs"),))], m)
-    assert [t.pid for t in s.targets] == [12]
+    # The exiting target's last interval is still reported, once, with the event.
+    assert [t.pid for t in s.targets] == [10, 12]
+    assert [v.faults for v in s.targets[0].vcpus] == [7]
     assert [(e.kind, "10" in e.text, "qemu" in e.text) for e in s.events] == [("target-gone", True, True)]
     assert all(k[0] != 10 for k in m.identities)
+    s, _ = build([Reading("procfs", targets=(TargetInfo(12, "fc"),))], m)
+    assert [t.pid for t in s.targets] == [12] and s.events == ()
 
 
 def test_migration_eta_from_pages_received_per_interval():
@@ -186,8 +191,8 @@ def test_stats_over_real_procfs_drops_an_exiting_target_and_goes_on():
             assert t.pid == pid and t.uffds[0].fd == fd and t.uffds[0].pending_max >= 2
             os.kill(pid, signal.SIGKILL)
             proc.wait(timeout=10)
-            s = st.collect()
-            assert s.targets == ()
+            s = st.collect()  # the exit interval: reported with its event, then dropped
+            assert [t.pid for t in s.targets] == [pid]
             assert any(e.kind == "target-gone" and str(pid) in e.text for e in s.events)
             s = st.collect()  # and it goes on
             assert s.seq == 3 and s.targets == () and s.events == ()
