@@ -47,7 +47,7 @@ def test_severity_has_symbol_and_word_not_only_colour():
 
 def test_sparkline_scales_to_max_and_keeps_width():
     s = sparkline([0, 5, 10], 6)
-    assert s == "   ▁▅█"
+    assert s == "▁▅█   "
     assert sparkline([1, 2, 3, 4, 5, 6, 7, 8], 4) == sparkline([5, 6, 7, 8], 4, top=8)
     assert sparkline([], 5) == "     "
     assert sparkline([0, 0], 2) == "▁▁"

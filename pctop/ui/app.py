@@ -106,15 +106,17 @@ class PctopApp(App[None]):
 
     # -- layout ------------------------------------------------------------
     def compose(self) -> ComposeResult:
+        # One flow, two layouts (pctop.tcss): narrow stacks table, panels, log;
+        # wide docks the panels on the right and gives the log what the table leaves.
         yield HeaderBar(id="header")
-        with Horizontal(id="body"):
-            yield VcpuTable(id="vcpus", classes="panel")
+        with Vertical(id="body"):
             with Horizontal(id="side"):
                 with Vertical(id="side-a"):
                     yield UffdPanel(id="uffd", classes="panel")
                     yield StallBreakdown(id="parts", classes="panel")
                 yield LatencyHistogram(id="hist", classes="panel")
-        yield EventLog(id="events", classes="panel")
+            yield VcpuTable(id="vcpus", classes="panel")
+            yield EventLog(id="events", classes="panel")
         yield Footer(compact=True)
 
     def on_mount(self) -> None:

@@ -117,18 +117,19 @@ def bucket_label(n: int) -> str:
 
 
 def sparkline(values: Sequence[float], width: int, top: float | None = None) -> str:
-    """The last `width` values as block characters, scaled to `top` (default: their max)."""
+    """The last `width` values as block characters, scaled to `top` (default: their
+    max); left-aligned, so a short history grows from its label like a table cell."""
     vals = list(values)[-width:]
     if not vals:
         return " " * width
     hi = top if top is not None else max(vals)
     if hi <= 0:
-        return (SPARK[0] * len(vals)).rjust(width)
+        return (SPARK[0] * len(vals)).ljust(width)
     out = []
     for v in vals:
         i = int(round(max(0.0, v) / hi * (len(SPARK) - 1)))
         out.append(SPARK[min(i, len(SPARK) - 1)])
-    return "".join(out).rjust(width)
+    return "".join(out).ljust(width)
 
 
 def bar(frac: float, width: int) -> str:
