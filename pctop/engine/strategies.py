@@ -1,7 +1,8 @@
 """Fault-resolution strategies: which uffds, which threads, which channels.
 
-- `uffd`: one uffd over all guest memory, N reader threads on it, one demand
-  channel (requests from every reader, one receiver installing replies).
+- `uffd`: one uffd over all guest memory, N reader threads on it, each with its
+  own demand channel and receiver (the "one uffd, reader per vCPU" set-up of the
+  kernel's demand-paging selftest when N = vCPUs).
 - `sharded`: guest memory cut into one contiguous shard per vCPU, one uffd and
   one reader per shard, and one demand channel + receiver per shard, so shards
   share nothing on the destination (the workload's "sharded" layout gives vCPU
@@ -56,7 +57,9 @@ def build(strategy: str, base: int, npages: int, page_size: int, vcpus: int, rea
         uf.register(base, npages * page_size)
         if strategy == "vcpu-exit":
             return Layout([(uf, 0, npages)], vcpus, [], True)
-        return Layout([(uf, 0, npages)], 1, [(0, 0)] * readers, False)
+        # Each reader gets its own demand channel and receiver (pinned with it), so a
+        # fault read on one CPU is fetched and installed on that CPU.
+        return Layout([(uf, 0, npages)], readers, [(0, i) for i in range(readers)], False)
     except BaseException:
         for uf in made:
             uf.close()
