@@ -33,9 +33,10 @@ class Tally:
     faults: dict[int, int] = field(default_factory=dict)
     vmm_ms: dict[int, float] = field(default_factory=dict)      # QEMU blocktime, summed per interval
     max_us: dict[int, float] = field(default_factory=dict)
+    parts_ns: dict[int, list[int]] = field(default_factory=dict)  # queued, in service, run-queue
+    no_read: dict[int, int] = field(default_factory=dict)
     installed: int = 0
     msgs_read: int = 0
-    faults_no_read: int = 0
     extra: dict[str, Any] = field(default_factory=dict)         # the destination's migration extra
     states: list[str] = field(default_factory=list)
 
@@ -51,7 +52,10 @@ class Tally:
                     continue
                 self.stall_ns[v.vcpu] = self.stall_ns.get(v.vcpu, 0) + v.stall_ns
                 self.faults[v.vcpu] = self.faults.get(v.vcpu, 0) + v.faults
-                self.faults_no_read += v.faults_no_read
+                self.no_read[v.vcpu] = self.no_read.get(v.vcpu, 0) + v.faults_no_read
+                parts = self.parts_ns.setdefault(v.vcpu, [0, 0, 0])
+                for i, ns in enumerate((v.parts.queued_ns, v.parts.service_ns, v.parts.runq_ns)):
+                    parts[i] += ns
                 self.vmm_ms[v.vcpu] = self.vmm_ms.get(v.vcpu, 0.0) + (v.vmm_blocktime_ms or 0.0)
                 if v.max_us is not None:
                     self.max_us[v.vcpu] = max(self.max_us.get(v.vcpu, 0.0), v.max_us)
@@ -71,13 +75,17 @@ class Tally:
                          "-" if q is None else str(q)))
             rows.append((f"vCPU {idx} stalls / longest (ms)",
                          f"{self.faults.get(idx, 0)} / {self.max_us.get(idx, 0.0) / 1e3:.1f}", "-"))
+            q_ns, s_ns, r_ns = self.parts_ns.get(idx, (0, 0, 0))
+            rows.append((f"vCPU {idx} stall parts: queued / in service / run-queue (ms)",
+                         f"{q_ns / 1e6:.0f} / {s_ns / 1e6:.0f} / {r_ns / 1e6:.0f}", "-"))
+            rows.append((f"vCPU {idx} stalls no handler read (page came first)",
+                         str(self.no_read.get(idx, 0)), "-"))
         rows.append(("all vCPUs blocked at once (ms)", "-", str(e.get("postcopy_blocktime_ms", "-"))))
         rows.append(("pages requested from the source", f"{self.msgs_read} uffd messages read",
                      f"{e.get('postcopy_requests', '-')} postcopy-requests"))
         rows.append(("pages installed on the destination", str(self.installed), "-"))
         if e.get("ram_postcopy_bytes") is not None:
             rows.append(("bytes sent in post-copy", "-", str(e["ram_postcopy_bytes"])))
-        rows.append(("stalls resolved without a read", str(self.faults_no_read), "-"))
         return rows
 
 
