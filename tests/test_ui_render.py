@@ -140,3 +140,19 @@ def test_history_clears_on_a_gap_in_seq():
     assert sum(s.faults_total for s in h.vcpus.values()) == total
     assert sum(h.hist_total) == sum(sum(v.hist) for v in synthetic_sample(seq=9).targets[0].vcpus)
     assert bucket_index(1.0) == 0  # the shared histogram module is the one used
+
+
+def test_timeline_chart_fills_in_eighths_from_the_bottom():
+    from pctop.ui.widgets.timeline import chart_rows, timeline_text
+
+    assert chart_rows([0, 4, 8], 3, 1, 8) == [" ▄█"]
+    top, bottom = chart_rows([0, 4, 8, 16], 5, 2, 16)
+    assert bottom == " ▄██ " and top == "   █ "
+    h = History()
+    for i in range(1, 4):
+        h.add(synthetic_sample(seq=i, uffds=2))
+    text = timeline_text(h, 60, 15).plain
+    assert "faults/s, all vCPUs" in text and "uffd pending" in text and "% of time stalled" in text
+    s3 = synthetic_sample(seq=3, uffds=2)
+    assert h.total_faults[-1] == sum(v.faults_per_s for v in s3.targets[0].vcpus)
+    assert h.queue_depth[-1] == sum(u.total_mean for u in s3.targets[0].uffds)

@@ -32,6 +32,7 @@ from pctop.ui.widgets.header import HeaderBar
 from pctop.ui.widgets.latency import LatencyHistogram, StallBreakdown
 from pctop.ui.widgets.render import fmt_bytes, fmt_us
 from pctop.ui.widgets.uffd_panel import UffdPanel
+from pctop.ui.widgets.timeline import Timeline
 from pctop.ui.widgets.vcpu_table import VcpuTable
 
 MIB = 1 << 20
@@ -83,6 +84,7 @@ class PctopApp(App[None]):
     CSS_PATH = "pctop.tcss"
     TITLE = "pctop"
     HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (140, "-wide")]
+    VERTICAL_BREAKPOINTS = [(0, "-short"), (44, "-tall")]
     BINDINGS = [k[1] for k in KEYS]
 
     def __init__(self, feed: Any, *, interval: float | None = None) -> None:
@@ -116,6 +118,7 @@ class PctopApp(App[None]):
                     yield StallBreakdown(id="parts", classes="panel")
                 yield LatencyHistogram(id="hist", classes="panel")
             yield VcpuTable(id="vcpus", classes="panel")
+            yield Timeline(id="timeline", classes="panel")
             yield EventLog(id="events", classes="panel")
         yield Footer(compact=True)
 
@@ -125,6 +128,7 @@ class PctopApp(App[None]):
         self.query_one("#parts").border_title = "where stall time went"
         self.query_one("#hist").border_title = "stall latency"
         self.query_one("#events").border_title = "events"
+        self.query_one("#timeline").border_title = "timeline"
         self.query_one(VcpuTable).focus()
         self._render_header()
         self._pump()
@@ -188,6 +192,7 @@ class PctopApp(App[None]):
             return
         self.query_one(VcpuTable).show(s, self.history)
         self.query_one(UffdPanel).show(s, self.history)
+        self.query_one(Timeline).show(self.history)
         self._render_latency()
         screen = self.screen
         if isinstance(screen, VcpuDetailScreen):

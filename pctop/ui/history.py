@@ -54,6 +54,10 @@ class History:
         self.parts_total = [0, 0, 0]
         self.last_seq: int | None = None
         self.samples = 0
+        # Whole-run series for the timeline: one point per Sample.
+        self.total_faults: deque = deque(maxlen=HISTORY_LEN)
+        self.mean_stalled: deque = deque(maxlen=HISTORY_LEN)
+        self.queue_depth: deque = deque(maxlen=HISTORY_LEN)
 
     def clear(self) -> None:
         self.__init__()
@@ -63,6 +67,10 @@ class History:
             self.clear()
         self.last_seq = s.seq
         self.samples += 1
+        vcpus = [v for t in s.targets for v in t.vcpus if v.vcpu is not None]
+        self.total_faults.append(sum(v.faults_per_s for t in s.targets for v in t.vcpus))
+        self.mean_stalled.append(sum(v.stalled_frac for v in vcpus) / len(vcpus) if vcpus else 0.0)
+        self.queue_depth.append(sum(u.total_mean for t in s.targets for u in t.uffds))
         for t in s.targets:
             for v in t.vcpus:
                 ser = self.vcpus.get((t.pid, v.tid))
