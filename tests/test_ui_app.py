@@ -264,3 +264,19 @@ async def test_confirm_screen_answers():
         await pilot.press("enter")
         await until(pilot, lambda: len(answers) == 4, "answered")
         assert answers[-1] is False
+
+
+async def test_a_failing_collection_is_logged_and_the_dashboard_goes_on():
+    calls: list = []
+
+    def collect():
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("procfs went away")
+        return synthetic_sample(seq=len(calls))
+
+    app = PctopApp(LiveFeed(HEADER, collect, interval=0.05))
+    async with app.run_test(size=(100, 30)) as pilot:
+        await until(pilot, lambda: app.sample is not None and app.sample.seq >= 4, "samples after the error")
+        log = app.query_one(EventLog)
+        assert any("procfs went away" in line.text for line in log.lines)

@@ -1,5 +1,6 @@
-"""`pctop demo` with its dashboard, as a user runs it: in a terminal (a pty),
-the engine as a child process, `q` quits and the engine is stopped."""
+"""The dashboard commands as a user runs them, in a terminal (a pty):
+`pctop demo` (the engine as a child process; `q` quits and stops it),
+`pctop replay FILE` and `pctop monitor`."""
 
 from __future__ import annotations
 
@@ -38,6 +39,42 @@ def read_until(fd: int, needle: bytes, timeout: float) -> bytes:
             except OSError:
                 break
     return buf
+
+
+def run_in_pty(argv: list[str], wait_for: bytes, timeout: float = 60) -> tuple[int, bytes]:
+    """Start argv in a 100x30 pty, wait for `wait_for` on screen, press q; (exit status, output)."""
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 100, 0, 0))
+    proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, cwd=ROOT,
+                            env=dict(os.environ, TERM="xterm-256color"), start_new_session=True)
+    os.close(slave)
+    try:
+        out = read_until(master, wait_for, timeout)
+        os.write(master, b"q")
+        out += read_until(master, b"\x00never", 1)
+        return proc.wait(30), out
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        os.close(master)
+
+
+def test_replay_command_shows_the_recording():
+    rc, out = run_in_pty([sys.executable, "-m", "pctop", "replay", "tests/data/engine-uffd-ebpf.ndjson",
+                          "--speed", "4"], b"POSTCOPY")
+    assert b"POSTCOPY" in out and b"replay" in out
+    assert rc == 0
+
+
+def test_monitor_command_opens_the_dashboard_without_targets():
+    from tests.conftest import need_root
+
+    need_root()  # auto-discovery reads other processes' /proc fds
+    rc, out = run_in_pty([sys.executable, "-m", "pctop", "monitor", "--no-ebpf", "--comm",
+                          "no-such-vmm-xyz"], b"DEGRADED")
+    assert b"DEGRADED" in out and b"live every" in out
+    assert rc == 0
 
 
 def test_demo_opens_the_dashboard_and_q_stops_the_engine():
