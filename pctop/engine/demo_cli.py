@@ -61,6 +61,8 @@ def _raise_interrupt(*_):
               help="Pages after each demand fault the stream sends first.")
 @click.option("--duration", type=click.FloatRange(min=0, min_open=True),
               help="Stop the guest after S seconds, pull the remaining pages, verify.")
+@click.option("--pin", is_flag=True, help="Pin each vCPU and the threads serving its faults to one CPU "
+              "(faster on a quiet machine; much slower if another busy process shares that CPU).")
 @click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=1, show_default=True)
 @click.option("--control", metavar="PATH", help="Control socket (JSON Lines). Default /run/pctop/engine-<pid>.sock.")
 @click.option("--workload", type=click.Choice(["auto", "kvm", "threads"]), default="auto", show_default=True,
@@ -92,7 +94,7 @@ def demo(headless, as_json, memory, vcpus, strategy, readers, pattern, write_rat
     cfg = EngineConfig(memory=memory, vcpus=vcpus, strategy=strategy, readers=readers, pattern=pattern,
                        write_ratio=write_ratio, bandwidth=bandwidth, background=not no_background,
                        prefetch=prefetch, duration=duration, seed=seed, control=control, workload=workload,
-                       corrupt_page=corrupt_page)
+                       corrupt_page=corrupt_page, pin=pin)
     engine = Engine(cfg)
     kind = "kvm" if engine.workload_cls.__name__ == "KvmWorkload" else "threads"
     if kind == "threads":

@@ -65,15 +65,19 @@ class Source:
             pages = ch.recv_requests()
             if pages is None:
                 return
+            sent, buf = self.sent, self.buf
+            if len(pages) == 1:  # the common case: one fault, one page
+                p = pages[0]
+                sent[p] = 1
+                ch.send_pages(KIND_DEMAND, p, 1, buf[p * ps:(p + 1) * ps])
+            else:
+                for p in pages:
+                    sent[p] = 1
+                ch.send_page_list(KIND_DEMAND, [(p, 1, buf[p * ps:(p + 1) * ps]) for p in pages])
+            if self.prefetch:
+                self._prefetch_q.extend(pages)
             self.stats["requests"] += 1
-            runs = []
-            for p in pages:
-                self.sent[p] = 1
-                runs.append((p, 1, self.buf[p * ps:(p + 1) * ps]))
-                if self.prefetch:
-                    self._prefetch_q.append(p)
-            ch.send_page_list(KIND_DEMAND, runs)
-            self.stats["demand_pages"] += len(runs)
+            self.stats["demand_pages"] += len(pages)
 
     # --- background ---
     def _apply_ctrl(self, msg: dict) -> None:

@@ -92,12 +92,15 @@ class Channel:
         with self._send_lock:
             if len(parts) == 1:
                 self.sock.sendall(parts[0])
-            else:
-                _sendmsg_all(self.sock, parts)
+                return
+            # One sendmsg nearly always takes everything; finish by hand if it did not.
+            sent = self.sock.sendmsg(parts)
+            if sent < sum(len(p) for p in parts):
+                _sendmsg_rest(self.sock, parts, sent)
 
     def send_request(self, pages) -> None:
-        body = array.array("I", pages).tobytes()
-        self._send([FRAME.pack(T_REQ, 0, 0, len(body) // 4, 0, len(body)) + body])
+        n = len(pages)
+        self._send([FRAME.pack(T_REQ, 0, 0, n, 0, 4 * n) + struct.pack(f"<{n}I", *pages)])
 
     def send_pages(self, kind: int, start: int, count: int, data) -> None:
         self._send([FRAME.pack(T_PAGES, kind, 0, count, start, count * self.page_size), data])
@@ -226,8 +229,13 @@ class Channel:
         return True
 
 
-def _sendmsg_all(sock: socket.socket, parts: list) -> None:
+def _sendmsg_rest(sock: socket.socket, parts: list, sent: int) -> None:
     views = [memoryview(p).cast("B") for p in parts]
+    while views and sent >= len(views[0]):
+        sent -= len(views[0])
+        views.pop(0)
+    if sent:
+        views[0] = views[0][sent:]
     while views:
         sent = sock.sendmsg(views)
         while views and sent >= len(views[0]):
