@@ -74,7 +74,7 @@ def _raise_interrupt(*_):
 @click.option("--accel", type=click.Choice(["kvm", "tcg"]), help="--vmm qemu: accelerator (default kvm "
               "when /dev/kvm exists, else tcg).")
 def demo(headless, as_json, memory, vcpus, strategy, readers, pattern, write_ratio, bandwidth,
-         no_background, prefetch, duration, seed, control, workload, corrupt_page, vmm, accel):
+         no_background, prefetch, duration, pin, seed, control, workload, corrupt_page, vmm, accel):
     """Run a real post-copy migration of a KVM guest between two processes and verify every page.
 
     The defaults (512M, 2 vCPUs, a 32M/s background stream, random accesses, 10 % writes)
