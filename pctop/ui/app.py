@@ -260,8 +260,8 @@ class PctopApp(App[None]):
             ok = self._action_available(b.action.split("(")[0])
             why = ("replay only" if section == "Replay" else
                    "no engine, or it lacks this" if section == "Engine" else "")
-            rows.append(KeyHelp(section, b.key_display or b.key, title.split(": ", 1)[-1], ok, why))
-        rows.append(KeyHelp("View", "ctrl+p", "Command palette: every action above by name"))
+            rows.append(KeyHelp(section, b.key_display or b.key, title.removeprefix(f"{section}: "), ok, why))
+        rows.append(KeyHelp("Palette", "ctrl+p", "Command palette: every action above by name"))
         return rows
 
     def action_freeze(self) -> None:
