@@ -97,6 +97,7 @@ class QmpEnd:
         self.conn = QmpConnection(path, timeout=timeout)
         self.status: str | None = None
         self.lost = False
+        self.said_gone = False
 
     @property
     def pid(self) -> int:
@@ -149,11 +150,13 @@ class QmpSource:
         infos = {e.role: self._query(e, notes) for e in self.ends}
         dest_info, src_info = infos.get("destination"), infos.get("source")
         migs, targets, idents, gone = [], [], [], []
+        limit = self._postcopy_limit() if src_info is not None else None
         for end in self.ends:
             info = infos.get(end.role)
             if info is None:
-                if end.lost and end.pid:
+                if end.lost and end.pid and not end.said_gone:
                     gone.append(end.pid)
+                    end.said_gone = True
                 continue
             status = info.get("status", "none")
             if status != end.status:
@@ -162,6 +165,8 @@ class QmpSource:
             for ev in end.conn.drain_events():
                 notes.append(f"QEMU {end.role} event {ev.name} {ev.data or ''}".rstrip())
             mi = migration_info(end.pid, end.role, dest_info, src_info)
+            if limit is not None:  # the TUI's b/B keys step from the limit in force
+                mi = mi._replace(extra={**mi.extra, "bandwidth_limit_bps": limit})
             if end.role == "destination":
                 now = dest_info.get("postcopy-vcpu-blocktime")
                 growth = blocktime_growth(now, self._blocktime_before)
@@ -177,6 +182,12 @@ class QmpSource:
             idents += [VcpuIdentity(end.pid, tid, idx, "qmp") for idx, tid in threads.items()]
         return Reading(source=self.name, identities=tuple(idents), targets=tuple(targets),
                        migrations=tuple(migs), gone=tuple(gone), events=tuple(notes))
+
+    def _postcopy_limit(self) -> int | None:
+        try:
+            return int(self.src.conn.execute("query-migrate-parameters").get("max-postcopy-bandwidth", 0))
+        except (QmpError, TypeError, ValueError):
+            return None
 
     # ---- controls (the TUI's control protocol, as pctop.sources.engine speaks it) ----------------
 
