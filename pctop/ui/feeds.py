@@ -80,6 +80,9 @@ class LiveFeed:
         return self._collect()
 
     def close(self) -> None:
+        """Idempotent: the App closes its feed on exit and run_feed again after."""
+        if self._closed:
+            return
         self._closed = True
         self._wake.set()
         if self._on_close is not None:
