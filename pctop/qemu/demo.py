@@ -141,6 +141,8 @@ def run(mode: str, accel: str, postcopy_bandwidth: int | None = None, interval: 
         except BaseException:
             stats.close()
             raise
+        for why in header.missing:  # e.g. no eBPF: pctop's own stall numbers are not measured
+            say(f"degraded: {why}")
         tally = Tally(pair.destination.pid)
         rec = RecordingStats(stats, tally)
         rec.collect()  # the probes follow both QEMUs before the destination registers its memory

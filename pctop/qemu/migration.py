@@ -24,7 +24,7 @@ from typing import Callable, NamedTuple
 
 from pctop.qemu import control
 from pctop.qemu.guest import MAGIC, MAILBOX_GPA, MB_MAGIC, MB_PASSES
-from pctop.qemu.launch import QemuConfig, QemuPair, default_accel
+from pctop.qemu.launch import QemuConfig, QemuPair
 from pctop.qemu.qmp import QmpConnection, QmpError
 
 MIB = 1 << 20
@@ -38,11 +38,6 @@ class MigrationSettings(NamedTuple):
     postcopy_bandwidth: int = 2 * MIB  # max-postcopy-bandwidth: with 8 MiB dirty, about 4 s
     cpu: str | None = None
     name_threads: bool = True
-
-    @classmethod
-    def for_host(cls, **kw) -> "MigrationSettings":
-        kw.setdefault("accel", default_accel())
-        return cls(**kw)
 
 
 class PhaseTimes(NamedTuple):

@@ -156,8 +156,3 @@ class QmpConnection:
         with self._events_lock:
             out, self._events = self._events, []
         return out
-
-    @property
-    def alive(self) -> bool:
-        return self._client is not None and not self._closed and \
-            str(self._client.runstate) == "Runstate.RUNNING"
