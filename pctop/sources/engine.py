@@ -34,7 +34,8 @@ from pctop.sources.readings import (
 DEFAULT_RUN_DIR = "/run/pctop"
 _SOCK_NAME = re.compile(r"^engine-(\d+)\.sock$")
 _EXTRA_KEYS = ("strategy", "readers", "vcpus", "workload", "address_source", "background",
-               "bandwidth_limit_bps", "elapsed_s")
+               "bandwidth_limit_bps", "elapsed_s",
+               "commands")  # control commands the engine takes, when it lists them (the TUI shows their keys)
 
 
 class EngineError(RuntimeError):
