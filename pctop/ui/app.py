@@ -47,7 +47,7 @@ EXTRA_COMMANDS = ("latency", "drop-link", "recover")
 # Trailing spaces: the footer draws a group label flush against the next key.
 RATE = Binding.Group("rate ")
 SORT = Binding.Group("sort ")
-BW = Binding.Group("bandwidth ")
+BW = Binding.Group("bw ")
 SEEK = Binding.Group("seek ")
 
 # (section, binding, palette title); the help screen and the palette are built from this.
