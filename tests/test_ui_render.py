@@ -110,10 +110,12 @@ def test_header_shows_stream_paused_and_limit():
     s = synthetic_sample(seq=2)
     t = s.targets[0]
     m = Migration(source="engine", state="postcopy", pages_total=100, pages_received=25,
-                  extra={"background": "paused", "bandwidth_limit_bps": 4 << 20})
+                  extra={"background": "paused", "bandwidth_limit_bps": 4 << 20,
+                         "strategy": "vcpu-exit", "address_source": "guest-assisted"})
     s2 = s.__class__(**{**s.__dict__, "targets": (t.__class__(**{**t.__dict__, "migration": m}),)})
     text = header_text(Header("h", "k", "ebpf", ()), s2, "x", 200).plain
     assert "stream PAUSED" in text and "limit 4.0 MiB/s" in text and "25.0%" in text
+    assert "vcpu-exit (addresses: guest-assisted)" in text
 
 
 def test_uffd_panel_gauges_and_history():

@@ -30,7 +30,13 @@ def migration_line(t: Target, m: Migration, width: int) -> Text:
     line = Text()
     line.append(f"{t.comm} {t.pid} ", style="dim")
     line.append(f"{m.state.upper()}", style=STATE_STYLE.get(m.state, "bold"))
-    bg = m.extra.get("background") if isinstance(m.extra, dict) else None
+    extra = m.extra if isinstance(m.extra, dict) else {}
+    if extra.get("strategy"):
+        line.append(f" {extra['strategy']}", style="dim")
+    if extra.get("address_source") not in (None, "uffd"):
+        # vCPU-exit runs without memory_fault data learn addresses another way: say so.
+        line.append(f" (addresses: {extra['address_source']})", style="yellow")
+    bg = extra.get("background")
     if bg and bg != "running" and bg != m.state:  # "PAUSED stream PAUSED" says it twice
         line.append(f" stream {bg.upper()}", style="bold magenta")
     if m.pages_total:
