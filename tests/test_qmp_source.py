@@ -12,7 +12,7 @@ import subprocess
 import pytest
 
 from pctop.qemu import control
-from pctop.qemu.guest import LOAD_ADDR, MAILBOX_GPA, SECTOR, build_boot_sector
+from pctop.qemu.guest import LOAD_ADDR, MAILBOX_GPA, MB_PASSES, SECTOR, build_boot_sector
 from pctop.qemu.launch import QemuConfig, QemuPair, qemu_unavailable_reason
 from pctop.qemu.qmp import QmpError
 from pctop.sources.qmp import QmpSource, blocktime_growth
@@ -109,10 +109,11 @@ def _objdump_lengths(code: bytes, arch: str, vma: int, path) -> list[tuple[int, 
 
 
 @pytest.mark.skipif(shutil.which("objdump") is None, reason="needs objdump (binutils) to decode the sector")
-def test_boot_sector_decodes_to_the_listed_instructions(tmp_path):
+@pytest.mark.parametrize("vcpus", [1, 2])
+def test_boot_sector_decodes_to_the_listed_instructions(tmp_path, vcpus):
     """An independent disassembler finds the same instruction boundaries as the listing,
     in real mode up to the far jump and in 32-bit mode after it."""
-    img = build_boot_sector()
+    img = build_boot_sector(vcpus=vcpus)
     assert len(img.sector) == SECTOR and img.sector[-2:] == b"\x55\xaa"
     rows = [(int(line[:4], 16), bytes.fromhex(line[6:38].replace(" ", "")), line[39:])
             for line in img.listing.splitlines()]
@@ -129,7 +130,8 @@ def test_boot_sector_region_and_dirtied_pages():
     img = build_boot_sector(region_base=2 << 20, region_size=1 << 20)
     assert len(img.dirtied_pages()) == 256 + 1
     assert MAILBOX_GPA // 4096 in img.dirtied_pages() and (2 << 20) // 4096 in img.dirtied_pages()
-    for bad in [dict(region_base=4097), dict(region_size=0), dict(region_base=0x1000)]:
+    for bad in [dict(region_base=4097), dict(region_size=0), dict(region_base=0x1000),
+                dict(region_size=3 * 4096, vcpus=2), dict(vcpus=0)]:
         with pytest.raises(ValueError):
             build_boot_sector(**bad)
 
@@ -141,9 +143,9 @@ def test_guest_writes_its_region_on_a_real_qemu(pair):
     with QmpConnection(pair.source.control_path) as conn:
         base = pair.guest.region_base
         last = base + pair.guest.region_size - 4096
-        a = control.read_guest_u32(conn, MAILBOX_GPA)
+        a = control.read_guest_u32(conn, MAILBOX_GPA + MB_PASSES)
         first_page, last_page = control.read_guest_u32(conn, base), control.read_guest_u32(conn, last)
-        b = control.read_guest_u32(conn, MAILBOX_GPA)
+        b = control.read_guest_u32(conn, MAILBOX_GPA + MB_PASSES)
         assert 0 < a <= b
         assert a - 1 <= first_page <= b and a - 1 <= last_page <= b
 

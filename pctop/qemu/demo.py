@@ -126,12 +126,12 @@ def run(mode: str, accel: str, postcopy_bandwidth: int | None = None, interval: 
     from pctop.sources.qmp import attach
     from pctop.stats import open_live
 
-    settings = MigrationSettings(accel=accel, region_mib=16,
+    settings = MigrationSettings(accel=accel, vcpus=2, region_mib=16,
                                  postcopy_bandwidth=postcopy_bandwidth or 2 * MIB)
     mig = QemuMigration(settings)
     say = (lambda m: None) if mode != "headless" else (lambda m: print(f"pctop demo: {m}", file=sys.stderr))
-    say(f"starting source and destination QEMU ({accel}, {settings.memory_mib} MiB, guest writes "
-        f"{settings.region_mib} MiB, post-copy capped at {settings.postcopy_bandwidth >> 10} KiB/s)")
+    say(f"starting source and destination QEMU ({accel}, {settings.vcpus} vCPUs, {settings.memory_mib} MiB, "
+        f"guest writes {settings.region_mib} MiB, post-copy capped at {settings.postcopy_bandwidth >> 10} KiB/s)")
     try:
         mig.boot()
         pair = mig.pair
@@ -151,7 +151,7 @@ def run(mode: str, accel: str, postcopy_bandwidth: int | None = None, interval: 
         def drive() -> None:
             try:
                 outcome["source"] = mig.run(on_step=say, precopy_s=PRECOPY_S)
-                outcome["passes"] = mig.guest_passes(mig.dst)
+                outcome["passes"] = [mig.guest_passes(mig.dst, i) for i in range(settings.vcpus)]
             except (QmpError, OSError) as e:
                 outcome["error"] = str(e)
 
@@ -166,7 +166,7 @@ def run(mode: str, accel: str, postcopy_bandwidth: int | None = None, interval: 
         guest_runs = False
         if "passes" in outcome:
             time.sleep(0.3)
-            guest_runs = mig.guest_passes(mig.dst) > outcome["passes"]
+            guest_runs = all(mig.guest_passes(mig.dst, i) > n for i, n in enumerate(outcome["passes"]))
     except QmpError as e:
         print(f"pctop demo: error: {e}", file=sys.stderr)
         return 1

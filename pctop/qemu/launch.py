@@ -63,6 +63,7 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 class QemuConfig(NamedTuple):
     memory_mib: int = 64
+    vcpus: int = 1
     accel: str = "kvm"          # "kvm" | "tcg"
     cpu: str | None = None      # None: QEMU's default model; "host" means host,-arch-capabilities
     name_threads: bool = True   # -name ...,debug-threads=on ("CPU 0/KVM"); pctop must not need it
@@ -93,7 +94,7 @@ def qemu_argv(cfg: QemuConfig, role: str, qmp_paths: list[str], disk: str) -> li
     exe = find_qemu()
     if exe is None:
         raise QemuUnavailable(f"{QEMU_BINARY} not found; {INSTALL_HINT}")
-    argv = [exe, "-machine", "pc", "-accel", cfg.accel, "-m", str(cfg.memory_mib),
+    argv = [exe, "-machine", "pc", "-accel", cfg.accel, "-m", str(cfg.memory_mib), "-smp", str(cfg.vcpus),
             "-nodefaults", "-display", "none", "-no-user-config",
             # IDE, not floppy: SeaBIOS's floppy read gives up after a few seconds when the
             # host is busy (then waits 60 s to retry); its ATA polling waits far longer.
@@ -136,7 +137,7 @@ class QemuPair:
         self.cfg = cfg
         self._own_dir = workdir is None
         self.workdir = workdir or tempfile.mkdtemp(prefix="pctop-qemu-")
-        self.guest: GuestImage = build_boot_sector(cfg.region_base, cfg.region_size)
+        self.guest: GuestImage = build_boot_sector(cfg.region_base, cfg.region_size, cfg.vcpus)
         if cfg.region_base + cfg.region_size > cfg.memory_mib << 20:
             raise ValueError(f"guest region ends at {(cfg.region_base + cfg.region_size) >> 20} MiB, "
                              f"beyond the guest's {cfg.memory_mib} MiB")

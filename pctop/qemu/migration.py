@@ -33,6 +33,7 @@ MIB = 1 << 20
 class MigrationSettings(NamedTuple):
     accel: str = "kvm"
     memory_mib: int = 64
+    vcpus: int = 1
     region_mib: int = 8              # guest memory the guest keeps writing (post-copy moves it)
     precopy_bandwidth: int = 32 * MIB
     postcopy_bandwidth: int = 2 * MIB  # max-postcopy-bandwidth: with 8 MiB dirty, about 4 s
@@ -51,7 +52,7 @@ class QemuMigration:
 
     def __init__(self, settings: MigrationSettings, workdir: str | None = None) -> None:
         self.settings = settings
-        cfg = QemuConfig(memory_mib=settings.memory_mib, accel=settings.accel, cpu=settings.cpu,
+        cfg = QemuConfig(memory_mib=settings.memory_mib, vcpus=settings.vcpus, accel=settings.accel, cpu=settings.cpu,
                          name_threads=settings.name_threads, region_size=settings.region_mib * MIB)
         self.pair = QemuPair(cfg, workdir)
         self.src: QmpConnection | None = None
@@ -144,15 +145,17 @@ class QemuMigration:
 
     # ---- the guest ------------------------------------------------------------------------------
 
-    def guest_passes(self, conn: QmpConnection) -> int:
-        return control.read_guest_u32(conn, MAILBOX_GPA + MB_PASSES)
+    def guest_passes(self, conn: QmpConnection, vcpu: int = 0) -> int:
+        """How many times this vCPU has written all of its part of the region."""
+        return control.read_guest_u32(conn, MAILBOX_GPA + MB_PASSES + 4 * vcpu)
 
     def wait_guest(self, conn: QmpConnection, passes: int, timeout: float) -> None:
+        """Until every vCPU has done `passes` passes."""
         magic = int.from_bytes(MAGIC, "little")
         deadline = time.monotonic() + timeout
         while True:
             if (control.read_guest_u32(conn, MAILBOX_GPA + MB_MAGIC) == magic
-                    and self.guest_passes(conn) >= passes):
+                    and all(self.guest_passes(conn, i) >= passes for i in range(self.settings.vcpus))):
                 return
             if time.monotonic() > deadline:
                 raise QmpError(f"the guest did not start within {timeout:.0f} s "
