@@ -72,6 +72,29 @@ def history_text(key: VcpuKey, history: History, width: int) -> Text:
     return out
 
 
+def recent_text(key: VcpuKey, history: History, height: int) -> Text:
+    """The newest samples of this vCPU as numbers, newest first."""
+    out = Text(no_wrap=True, overflow="ellipsis")
+    out.append(f"{'time':>8} {'faults/s':>8} {'stalled':>8} {'p99':>7}", style="bold")
+    ser = history.vcpus.get(key)
+    if ser is None:
+        return out
+    rows = list(zip(ser.times, ser.faults_per_s, ser.stalled_frac, ser.p99_us))[::-1][: max(1, height - 1)]
+    for t, f, st, p99 in rows:
+        sev = stall_severity(int(f > 0), st)
+        out.append(f"\n{clock(t):>8} {fmt_rate(f):>8} ")
+        out.append(f"{sev.symbol}{st * 100:6.1f}%", style=sev.style)
+        out.append(f" {fmt_us(p99 or None):>7}", style=latency_severity(p99 or None).style)
+    return out
+
+
+class RecentPanel(TextPanel):
+    """show(key, history)"""
+
+    def draw(self, width: int, height: int, key: VcpuKey, history: History) -> Text:
+        return recent_text(key, history, height)
+
+
 class SummaryPanel(TextPanel):
     def draw(self, width: int, height: int, text: Text) -> Text:
         return text
@@ -103,9 +126,14 @@ class VcpuDetailScreen(Screen[None]):
             yield SummaryPanel(id="detail-summary")
             with Horizontal(id="detail-latency"):
                 yield LatencyHistogram(id="detail-hist", classes="panel")
-                yield StallBreakdown(id="detail-parts", classes="panel")
+                with Vertical(id="detail-right"):
+                    yield StallBreakdown(id="detail-parts", classes="panel")
+                    yield RecentPanel(id="detail-recent", classes="panel")
             yield HistoryPanel(id="detail-history", classes="panel")
         yield Footer()
+
+    def on_mount(self) -> None:
+        self.query_one(RecentPanel).border_title = "recent samples, newest first"
 
     def action_toggle_cumulative(self) -> None:
         self.cumulative = not self.cumulative
@@ -130,3 +158,4 @@ class VcpuDetailScreen(Screen[None]):
             self.query_one(LatencyHistogram).show(v.hist, "stall latency, last interval")
             self.query_one(StallBreakdown).show(v.parts, v.faults, "stall parts, last interval")
         self.query_one(HistoryPanel).show(self.key, history)
+        self.query_one(RecentPanel).show(self.key, history)
