@@ -167,3 +167,19 @@ def test_control_socket_status_pause_resume_bandwidth(tmp_path):
     assert seen["unknown"] == {"type": "reply", "ok": False, "cmd": "nope", "error": "unknown command 'nope'"}
     assert seen["resumed"]["ok"] and seen["bw"]["ok"]
     assert not os.path.exists(path)  # removed at the end of the run
+
+
+def test_source_dying_mid_run_fails_fast_and_cleans_up():
+    _need_uffd()
+    cfg = EngineConfig(memory=64 * MiB, vcpus=2, strategy="uffd", background=False, control="", duration=60)
+    eng = Engine(cfg, ThreadWorkload)
+
+    def kill_source(e: Engine) -> None:
+        if e.source_proc.poll() is None:
+            e.source_proc.kill()
+
+    with pytest.raises(Exception, match="source process exited|link closed|Connection|Broken"):
+        eng.run(on_tick=kill_source, tick_s=0.2)
+    assert eng.state == "failed"
+    assert eng.source_proc.poll() is not None
+    assert not any(t.is_alive() for t in eng.workload._threads)  # blocked vCPUs were released

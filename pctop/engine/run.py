@@ -13,6 +13,7 @@ stream everything left, unlimited). Then every page is verified.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import socket
 import subprocess
@@ -323,7 +324,6 @@ class Engine:
         if cfg.corrupt_page is not None:
             p = cfg.corrupt_page % self.npages
             # Flip one byte past the header, in a page the guest did not write.
-            import ctypes
             a = self.mem.addr + p * cfg.page_size + cfg.page_size - 1
             ctypes.memset(a, ctypes.c_ubyte.from_address(a).value ^ 0xFF, 1)
         dirty = set(self.workload.dirty_pages())
@@ -333,6 +333,18 @@ class Engine:
         self.report = verify(self.mem.addr, image, dirty, self.installer.installs, self.installer.present)
 
     def _teardown(self) -> None:
+        if self.state == "failed" and hasattr(self, "layout"):
+            # Releasing the uffds first wakes every vCPU still blocked on a missing page
+            # (the kernel maps a zero page), so stopping the workload cannot hang. The
+            # readers must leave poll() first: a poll in progress keeps the uffd alive.
+            for r in self._readers:
+                r.stopping = True
+            if self._stop_fd >= 0:
+                os.eventfd_write(self._stop_fd, 1)
+            for r in self._readers:
+                r.join(2)
+            for uf, _, _ in self.layout.shards:
+                uf.close()
         for fn in reversed(self._cleanup):
             try:
                 fn()

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import collections
 import ctypes
+import mmap
 import os
 import select
 import signal
@@ -48,7 +49,9 @@ class Source:
         self.paused = False
         self.prefetch = prefetch
         self.demand_cpus = demand_cpus or []
-        self.sent = bytearray(npages)  # 1 = sent once (demand or stream)
+        # 1 = sent once (demand or stream). Shared memory, so that forked demand
+        # servers (see run) and the stream see the same bitmap.
+        self.sent = mmap.mmap(-1, max(1, npages))
         self._prefetch_q: collections.deque[int] = collections.deque(maxlen=4096)
         self._cursor = 0
         self._done = threading.Event()
@@ -111,10 +114,10 @@ class Source:
         sent = self.sent
         p = lo
         while p < hi:
-            s = sent.find(0, p, hi)
+            s = sent.find(b"\x00", p, hi)
             if s < 0:
                 return
-            e = sent.find(1, s, hi)
+            e = sent.find(b"\x01", s, hi)
             e = hi if e < 0 else e
             yield s, e - s
             p = e
@@ -149,7 +152,7 @@ class Source:
             if not self.background or self.paused or ended:
                 if not self._poll_ctrl(0.1):
                     return
-                if ended and self.background and not self.paused and self.sent.find(0) >= 0:
+                if ended and self.background and not self.paused and self.sent.find(b"\x00", 0, self.npages) >= 0:
                     ended, self._cursor = False, 0  # "finish" after the end: resend what demand never took
                 continue
             if self.bandwidth:
@@ -170,12 +173,38 @@ class Source:
             window_bytes += moved * ps
             self.stats["prefetch_pages" if kind == KIND_PREFETCH else "background_pages"] += moved
 
-    def run(self) -> None:
-        threads = [threading.Thread(target=self._guard, args=(self.serve_demand, ch, i), daemon=True,
-                                    name=f"demand{i}") for i, ch in enumerate(self.demand)]
-        for t in threads:
-            t.start()
-        self._guard(self.stream)
+    def run(self, fork_demand: bool = False) -> None:
+        """Serve every channel until the destination closes them. fork_demand: each
+        demand channel is served by its own forked process instead of a thread, so
+        demand servers of different vCPUs never wait for one another's GIL (each
+        hand-over between CPUs costs a cross-CPU wake-up). Prefetch hints live in
+        this process, so prefetching keeps threads."""
+        children = []
+        if fork_demand and not self.prefetch and len(self.demand) > 1:
+            for i, ch in enumerate(self.demand):
+                pid = os.fork()
+                if pid == 0:
+                    _die_with_parent()
+                    self.bg.sock.close()
+                    try:
+                        self._guard(self.serve_demand, ch, i)
+                    finally:
+                        os._exit(0)
+                children.append(pid)
+                ch.sock.close()
+        else:
+            for i, ch in enumerate(self.demand):
+                threading.Thread(target=self._guard, args=(self.serve_demand, ch, i), daemon=True,
+                                 name=f"demand{i}").start()
+        try:
+            self._guard(self.stream)
+        finally:
+            for pid in children:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                    os.waitpid(pid, 0)
+                except OSError:
+                    pass
 
     def _guard(self, fn, *args) -> None:
         try:
@@ -213,7 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     bg = Channel.from_fd(a.bg_fd, a.npages, a.page_size)
     bg.send_ctrl({"ready": True})  # the image is built: the destination may start the guest
     cpus = [int(c) for c in a.demand_cpus.split(",") if c]
-    Source(buf, a.npages, a.page_size, demand, bg, a.bandwidth, not a.no_background, a.prefetch, cpus).run()
+    Source(buf, a.npages, a.page_size, demand, bg, a.bandwidth, not a.no_background, a.prefetch, cpus).run(
+        fork_demand=True)
     return 0
 
 
