@@ -22,7 +22,8 @@ HEADER = Header(host="h", kernel="k", probe_tier="ebpf", sources=("engine",), st
 VCPUS = 6
 
 
-async def until(pilot, cond, what: str, tries: int = 100) -> None:
+async def until(pilot, cond, what: str, tries: int = 200) -> None:
+    """Let the App (and its worker) run until cond() holds; bounded, not timed."""
     for _ in range(tries):
         if cond():
             return

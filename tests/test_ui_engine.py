@@ -12,6 +12,7 @@ import pytest
 
 from pctop.sources.engine import EngineConnection
 from tests.conftest import ROOT
+from tests.test_ui_app import until
 
 ENGINE_RUN = """
 import sys
@@ -47,14 +48,6 @@ def engine(tmp_path):
     finally:
         proc.kill()
         proc.wait()
-
-
-async def until(pilot, cond, what: str, tries: int = 200) -> None:
-    for _ in range(tries):
-        if cond():
-            return
-        await pilot.pause(0.05)
-    raise AssertionError(f"never happened: {what}")
 
 
 async def test_engine_keys_drive_the_real_engine(engine):
