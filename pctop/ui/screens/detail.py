@@ -66,9 +66,9 @@ def history_text(key: VcpuKey, history: History, width: int) -> Text:
         ("p99", list(ser.p99_us), fmt_us),
     )
     for label, vals, fmt in rows:
-        out.append(f"\n{label:>9} ")
+        # Numbers first, then the graph: a short history leaves room on its right.
+        out.append(f"\n{label:>9} now {fmt(vals[-1]):>6} max {fmt(max(vals[-spark_w:])):>6} ")
         out.append(sparkline(vals, spark_w), style="cyan")
-        out.append(f" now {fmt(vals[-1]):>6} max {fmt(max(vals[-spark_w:])):>6}")
     return out
 
 
