@@ -1,9 +1,10 @@
 """The migration source: a separate process that owns the memory image.
 
-It answers demand requests first: each demand channel has its own thread
-that does nothing but turn a REQ frame into PAGES frames, so a demand reply
-never waits behind a background chunk (the same reason QEMU has a separate
-"postcopy preempt" channel). The background stream runs on its own channel
+It answers demand requests first: each demand channel has its own server
+(a forked process, or a thread when prefetching) that does nothing but turn a
+REQ frame into PAGES frames, so a demand reply never waits behind a
+background chunk (the same reason QEMU has a separate "postcopy preempt"
+channel). The background stream runs on its own channel
 and thread: it walks the image in chunks, skips pages already sent on
 demand, paces itself to a bandwidth limit (0 = unlimited), and optionally
 prefetches the pages after recent demand faults first. Control frames from
