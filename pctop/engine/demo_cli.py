@@ -111,6 +111,8 @@ def demo(headless, as_json, memory, vcpus, strategy, readers, pattern, write_rat
         emit({"type": "start", "pid": os.getpid(), "strategy": strategy, "vcpus": vcpus, "readers": readers,
               "memory": memory, "pages_total": memory // 4096, "pattern": pattern, "write_ratio": write_ratio,
               "bandwidth_limit_bps": bandwidth, "background": not no_background, "workload": kind,
+              # vcpu-exit: memory_fault once a kernel fills it; the progress lines say what was used
+              "address_source": "guest-assisted" if strategy == "vcpu-exit" else "uffd",
               "control": control or "default", "seed": seed})
 
     def tick(e) -> None:

@@ -100,6 +100,9 @@ class Engine:
     # --- status (control socket, progress lines) ---
     def status(self) -> dict:
         c = self.tel.counters()
+        if getattr(self, "vcpu_exit", None) is not None:
+            # Live, so every progress line says where vcpu-exit addresses come from.
+            self.address_source = ",".join(sorted(self.vcpu_exit.address_sources)) or "guest-assisted"
         d = {"type": "status", "ok": True, "pid": os.getpid(), "state": self.state,
              "strategy": self.cfg.strategy, "readers": len(self._readers),
              "vcpus": self.cfg.vcpus, "workload": getattr(self.workload, "kind", None),
