@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml
 	@touch $@
 
 demo: setup
-	$(PCTOP) doctor
+	$(PCTOP) demo
 
 test: setup
 	$(PY) -m pytest -q

@@ -89,6 +89,10 @@ def demo(headless, as_json, memory, vcpus, strategy, readers, pattern, write_rat
         raise _UsageError("demo", f"--memory must be a multiple of 4K with at least 4K per vCPU, got {memory}")
     if workload == "kvm" and not os.path.exists("/dev/kvm"):
         raise _UsageError("demo", "--workload kvm needs /dev/kvm, which is missing")
+    if not headless and not as_json and not (sys.stdout.isatty() and sys.stdin.isatty()):
+        # No terminal to draw on (a pipe, CI, a script): the headless run says the same.
+        click.echo("pctop demo: no terminal, running --headless", err=True)
+        headless = True
     if not headless and not as_json:
         _run_with_tui(click.get_current_context(), control)
     cfg = EngineConfig(memory=memory, vcpus=vcpus, strategy=strategy, readers=readers, pattern=pattern,
