@@ -198,9 +198,8 @@ class Receiver(threading.Thread):
     def __init__(self, name: str, ch: Channel, installer: Installer, max_pages: int,
                  on_ctrl: Callable[[dict], None] | None = None, on_end: Callable[[], None] | None = None,
                  on_error: Callable[[BaseException], None] | None = None, cpu: int | None = None,
-                 demand: bool = False, buffers: int = 1, installers: int = 1):
+                 demand: bool = False, buffers: int = 1):
         super().__init__(name=name, daemon=True)
-        self.installers = installers
         self.cpu = cpu
         self.demand = demand
         self.ch = ch
@@ -281,10 +280,8 @@ class Receiver(threading.Thread):
                 errors.append(e)
                 free.put(None)
 
-        installers = [threading.Thread(target=install_loop, name=f"{self.name}-install{i}", daemon=True)
-                      for i in range(self.installers)]
-        for t in installers:
-            t.start()
+        t = threading.Thread(target=install_loop, name=self.name + "-install", daemon=True)
+        t.start()
         try:
             while True:
                 buf = free.get()
@@ -295,10 +292,8 @@ class Receiver(threading.Thread):
                     return
                 full.put((f, buf))
         finally:
-            for t in installers:
-                full.put(None)
-            for t in installers:
-                t.join()
+            full.put(None)
+            t.join()
 
 
 class VcpuMap:

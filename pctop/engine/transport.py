@@ -192,16 +192,6 @@ class Channel:
         if not self._recv_exact(buf, length):
             raise ProtocolError("link closed inside a frame")
 
-    def recv_request(self, f: Frame) -> array.array:
-        pages = array.array("I")
-        raw = bytearray(f.length)
-        self.recv_payload_into(memoryview(raw), f.length)
-        pages.frombytes(raw)
-        for p in pages:
-            if p >= self.npages:
-                raise ProtocolError(f"request for page {p} outside the region of {self.npages} pages")
-        return pages
-
     def recv_ctrl(self, f: Frame) -> dict:
         raw = bytearray(f.length)
         self.recv_payload_into(memoryview(raw), f.length)
@@ -230,21 +220,14 @@ class Channel:
 
 
 def _sendmsg_rest(sock: socket.socket, parts: list, sent: int) -> None:
+    """Finish a sendmsg that took only `sent` bytes of parts."""
     views = [memoryview(p).cast("B") for p in parts]
-    while views and sent >= len(views[0]):
-        sent -= len(views[0])
-        views.pop(0)
-    if sent:
-        views[0] = views[0][sent:]
-    while views:
-        sent = sock.sendmsg(views)
+    while True:
         while views and sent >= len(views[0]):
             sent -= len(views[0])
             views.pop(0)
+        if not views:
+            return
         if sent:
             views[0] = views[0][sent:]
-
-
-def channel_pair(npages: int, page_size: int) -> tuple[socket.socket, socket.socket]:
-    """A connected local pair (destination end, source end)."""
-    return socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        sent = sock.sendmsg(views)
