@@ -174,7 +174,12 @@ def test_a_partial_sendmsg_is_finished_in_order():
     parts = [b"h" * 24, bytes(range(256)) * 4096, b"t" * 10]
     expected = b"".join(parts)[100:]  # as if a first sendmsg had taken 100 bytes
     out = bytearray()
-    t = threading.Thread(target=lambda: [out.extend(b.recv(1 << 16)) for _ in iter(lambda: len(out) < len(expected), False)])
+
+    def read_all() -> None:
+        while len(out) < len(expected):
+            out.extend(b.recv(1 << 16))
+
+    t = threading.Thread(target=read_all)
     t.start()
     T._sendmsg_rest(a, parts, 100)
     t.join(10)
