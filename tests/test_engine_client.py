@@ -257,5 +257,8 @@ def test_against_the_real_engine_counts_controls_and_exit(tmp_path):
     assert summary["ok"], summary
     seen = sum(v.faults for s in samples for t in s.targets for v in t.vcpus)
     assert 0 < seen <= summary["faults_total"]  # counted from our first look on
-    received = [t.migration.pages_received for s in samples for t in s.targets]
+    # The exit interval still lists the engine's process (its last counts) but
+    # the engine socket is gone with it, so only that sample has no migration.
+    assert all(t.migration for s in samples[:-1] for t in s.targets)
+    received = [t.migration.pages_received for s in samples for t in s.targets if t.migration]
     assert received == sorted(received) and received[-1] <= summary["pages_total"]
