@@ -136,14 +136,15 @@ class Telemetry:
 
     def bandwidth_bps(self) -> float:
         """Background bytes/s over about the last second."""
-        now = time.monotonic()
-        b = self.pages_background * self.page_size
-        w = self._bw_window
-        w.append((now, b))
-        while len(w) > 2 and now - w[1][0] >= 1.0:
-            w.pop(0)
-        dt = now - w[0][0]
-        return (b - w[0][1]) / dt if dt > 0 else 0.0
+        with self.lock:  # status() runs on control-client threads too
+            now = time.monotonic()
+            b = self.pages_background * self.page_size
+            w = self._bw_window
+            w.append((now, b))
+            while len(w) > 2 and now - w[1][0] >= 1.0:
+                w.pop(0)
+            dt = now - w[0][0]
+            return (b - w[0][1]) / dt if dt > 0 else 0.0
 
     def counters(self) -> dict:
         """The cumulative counters shared by status replies, progress lines and the summary."""
