@@ -84,7 +84,8 @@ def run_demo(engine_argv: list[str], control_path: str, interval: float = 1.0,
                 time.sleep(0.05)
             header, stats = open_live([proc.pid], None, interval, use_ebpf=use_ebpf,
                                       engine_sockets=[control_path])
-            run_live(header, stats, interval)
+            run_live(header, _DemoStats(stats, proc, out), interval,
+                     controls=engine_controls(stats))
         finally:
             stopped = proc.poll() is None
             if stopped:
@@ -98,3 +99,36 @@ def run_demo(engine_argv: list[str], control_path: str, interval: float = 1.0,
             fh.seek(0)
             stream.write(fh.read())
         return None if stopped else proc.returncode
+
+
+class _DemoStats:
+    """Stats over a demo run that also says, once, how the run ended.
+
+    The engine closes its control socket when it finishes, so without this the
+    dashboard would only show "lost engine". Polling also reaps the child, so
+    the procfs source sees it gone instead of a lingering zombie.
+    """
+
+    def __init__(self, stats: Any, proc: Any, out: Any) -> None:
+        self._stats, self._proc, self._out = stats, proc, out
+        self._told = False
+        self.sources = stats.sources
+
+    def collect(self) -> Any:
+        from dataclasses import replace
+
+        from pctop.model import Event
+
+        sample = self._stats.collect()
+        if self._told or self._proc.poll() is None:
+            return sample
+        self._told = True
+        self._out.seek(0)
+        lines = [line for line in self._out.read().splitlines() if line.strip()]
+        verdict = "verified" if self._proc.returncode == 0 else f"FAILED (exit {self._proc.returncode})"
+        events = [Event(sample.time, "state", f"demo finished: {verdict}; q quits")]
+        events += [Event(sample.time, "state", line) for line in lines[-3:]]
+        return replace(sample, events=sample.events + tuple(events))
+
+    def close(self) -> None:
+        self._stats.close()
