@@ -16,7 +16,7 @@ from pctop.ui.screens.help import HelpScreen
 from pctop.ui.synthetic import synthetic_sample
 from pctop.ui.widgets.event_log import EventLog
 from pctop.ui.widgets.latency import LatencyHistogram
-from pctop.ui.widgets.vcpu_table import COLUMNS, VcpuTable
+from pctop.ui.widgets.vcpu_table import COLUMNS, VcpuTable, fmt_ms
 
 HEADER = Header(host="h", kernel="k", probe_tier="ebpf", sources=("engine",), started=1.7e9)
 VCPUS = 6
@@ -281,3 +281,40 @@ async def test_a_failing_collection_is_logged_and_the_dashboard_goes_on():
         await until(pilot, lambda: app.sample is not None and app.sample.seq >= 4, "samples after the error")
         log = app.query_one(EventLog)
         assert any("procfs went away" in line.text for line in log.lines)
+
+
+def table_text(app: PctopApp) -> list[str]:
+    table = app.query_one(VcpuTable)
+    return [table.render_line(y).text for y in range(table.size.height)]
+
+
+@pytest.mark.parametrize("size", [(80, 24), (120, 36)])
+async def test_qemu_blocktime_beside_the_measured_stall_in_table_and_detail(size):
+    """A VMM's own blocktime (QEMU's, from QMP) gets a column next to pctop's stall,
+    at 80 columns too, and a line in the vCPU detail; synthetic Samples carry it."""
+    samples = [synthetic_sample(seq=i, vcpus=VCPUS, vmm=True) for i in range(1, 6)]
+    app = PctopApp(ReplayFeed(HEADER, samples, paused=True, position=4))
+    async with app.run_test(size=size) as pilot:
+        await until(pilot, lambda: app.sample is not None, "first sample")
+        await pilot.pause()
+        lines = table_text(app)
+        head = lines[0]
+        assert head.index("stalled") < head.index("qemu blk") < head.index("p99")
+        v1 = app.sample.targets[0].vcpus[1]
+        row = next(line for line in lines[1:] if line.split()[:2] == [str(app.sample.targets[0].pid), "1"])
+        assert fmt_ms(v1.vmm_blocktime_ms) in row and f"{v1.stalled_frac * 100:.1f}%" in row
+        assert len(head.rstrip()) <= size[0]
+        await pilot.press("down", "enter")
+        await until(pilot, lambda: isinstance(app.screen, VcpuDetailScreen), "detail screen")
+        summary = app.screen.query_one("#detail-summary")
+        await until(pilot, lambda: "QEMU blocktime" in str(summary._args[0]), "blocktime in the detail")
+        assert fmt_ms(v1.vmm_blocktime_ms) in str(summary._args[0])
+
+
+async def test_no_qemu_column_without_a_vmm_blocktime():
+    app = replay_app()
+    async with app.run_test(size=(80, 24)) as pilot:
+        await until(pilot, lambda: app.sample is not None, "first sample")
+        await pilot.pause()
+        head = table_text(app)[0]
+        assert "qemu blk" not in head and "exits/s" in head

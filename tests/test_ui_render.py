@@ -158,3 +158,21 @@ def test_timeline_chart_fills_in_eighths_from_the_bottom():
     s3 = synthetic_sample(seq=3, uffds=2)
     assert h.total_faults[-1] == sum(v.faults_per_s for v in s3.targets[0].vcpus)
     assert h.queue_depth[-1] == sum(u.total_mean for u in s3.targets[0].uffds)
+
+
+def test_table_columns_qemu_blocktime_only_when_reported_and_narrow_drops_low_priority():
+    from pctop.ui.widgets.vcpu_table import fixed_width, fmt_ms, visible_columns
+
+    keys = lambda cols: [c.key for c in cols]  # noqa: E731
+    wide = keys(visible_columns(120, vmm=False))
+    assert "vmm" not in wide and {"p50", "max", "exits", "parts"} <= set(wide)
+    wide_vmm = keys(visible_columns(120, vmm=True))
+    assert wide_vmm.index("vmm") == wide_vmm.index("stall") + 1  # beside pctop's own stall
+    # 80 columns (78 inside a scrollbar): QEMU's column costs exits/s, nothing else.
+    narrow = visible_columns(78, vmm=True)
+    assert keys(narrow) == ["target", "vcpu", "faults", "stall", "vmm", "p50", "p99", "max", "trend"]
+    assert fixed_width(narrow) + 10 < 78
+    assert "exits" in keys(visible_columns(78, vmm=False))
+    # Narrower still: p50 goes next, then max; the measured stall and QEMU's stay.
+    assert keys(visible_columns(64, vmm=True)) == ["target", "vcpu", "faults", "stall", "vmm", "p99", "trend"]
+    assert (fmt_ms(None), fmt_ms(0), fmt_ms(412.0), fmt_ms(1500.0)) == ("-", "0", "412ms", "1.5s")

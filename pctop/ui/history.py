@@ -27,6 +27,7 @@ class VcpuSeries:
     faults_per_s: deque = field(default_factory=lambda: deque(maxlen=HISTORY_LEN))
     stalled_frac: deque = field(default_factory=lambda: deque(maxlen=HISTORY_LEN))
     p99_us: deque = field(default_factory=lambda: deque(maxlen=HISTORY_LEN))
+    vmm_blocktime_ms: deque = field(default_factory=lambda: deque(maxlen=HISTORY_LEN))  # None: not reported
     times: deque = field(default_factory=lambda: deque(maxlen=HISTORY_LEN))
     hist_total: list[int] = field(default_factory=lambda: [0] * HIST_BUCKETS)
     parts_total: list[int] = field(default_factory=lambda: [0, 0, 0])
@@ -79,6 +80,7 @@ class History:
                 ser.faults_per_s.append(v.faults_per_s)
                 ser.stalled_frac.append(v.stalled_frac)
                 ser.p99_us.append(v.p99_us or 0.0)
+                ser.vmm_blocktime_ms.append(v.vmm_blocktime_ms)
                 ser.times.append(s.time)
                 ser.faults_total += v.faults
                 for i, c in enumerate(v.hist[:HIST_BUCKETS]):

@@ -16,7 +16,7 @@ from pctop.ui.widgets.header import clock
 from pctop.ui.widgets.latency import LatencyHistogram, StallBreakdown
 from pctop.ui.widgets.render import (fmt_rate, fmt_us, latency_severity, sparkline,
                                      stall_severity)
-from pctop.ui.widgets.vcpu_table import vcpu_label
+from pctop.ui.widgets.vcpu_table import fmt_ms, vcpu_label
 
 
 def find_vcpu(sample: Sample | None, key: VcpuKey) -> tuple[Target, VcpuSample] | None:
@@ -30,7 +30,22 @@ def find_vcpu(sample: Sample | None, key: VcpuKey) -> tuple[Target, VcpuSample] 
     return None
 
 
-def summary_text(t: Target, v: VcpuSample, history: History) -> Text:
+def blocktime_text(v: VcpuSample, interval_s: float) -> Text:
+    """QEMU's own blocktime for this vCPU beside pctop's measured stall, same units."""
+    out = Text()
+    if v.vmm_blocktime_ms is None:
+        return out
+    share = v.vmm_blocktime_ms / (interval_s * 1000) if interval_s > 0 else 0.0
+    out.append("\nQEMU blocktime ", style="bold")
+    out.append(f"{fmt_ms(v.vmm_blocktime_ms)} ({share * 100:.1f}%)", style="bold")
+    out.append(f"  vs pctop measured {fmt_ms(v.stall_ns / 1e6)} ({v.stalled_frac * 100:.1f}%)"
+               f" stalled, last {interval_s:g}s", style="")
+    if v.stall_ns and v.vmm_blocktime_ms < v.stall_ns / 1e6:
+        out.append("  (QEMU misses waits: docs/qemu.md)", style="dim")
+    return out
+
+
+def summary_text(t: Target, v: VcpuSample, history: History, interval_s: float = 1.0) -> Text:
     sev = stall_severity(v.faults, v.stalled_frac)
     out = Text(no_wrap=True, overflow="ellipsis")
     out.append(f"vCPU {vcpu_label(v)}", style="bold")
@@ -40,6 +55,7 @@ def summary_text(t: Target, v: VcpuSample, history: History) -> Text:
     for name, us in (("p50", v.p50_us), ("p90", v.p90_us), ("p99", v.p99_us), ("max", v.max_us)):
         out.append(f"  {name} ")
         out.append(fmt_us(us), style=latency_severity(us).style)
+    out.append_text(blocktime_text(v, interval_s))
     out.append(f"\nexits/s {fmt_rate(v.exits_per_s)}  no-read faults {v.faults_no_read}"
                f"  memory-fault exits {v.memory_fault_exits}")
     ser = history.vcpus.get((t.pid, v.tid))
@@ -65,6 +81,8 @@ def history_text(key: VcpuKey, history: History, width: int) -> Text:
         ("stalled %", [x * 100 for x in ser.stalled_frac], lambda x: f"{x:.1f}%"),
         ("p99", list(ser.p99_us), fmt_us),
     )
+    if any(x is not None for x in ser.vmm_blocktime_ms):
+        rows += (("qemu blk", [x or 0.0 for x in ser.vmm_blocktime_ms], fmt_ms),)
     for label, vals, fmt in rows:
         # Numbers first, then the graph: a short history leaves room on its right.
         out.append(f"\n{label:>9} now {fmt(vals[-1]):>6} max {fmt(max(vals[-spark_w:])):>6} ")
@@ -72,19 +90,27 @@ def history_text(key: VcpuKey, history: History, width: int) -> Text:
     return out
 
 
-def recent_text(key: VcpuKey, history: History, height: int) -> Text:
-    """The newest samples of this vCPU as numbers, newest first."""
+def recent_text(key: VcpuKey, history: History, height: int, width: int = 80) -> Text:
+    """The newest samples of this vCPU as numbers, newest first (QEMU's blocktime
+    beside the stall when it is reported; p99 gives way to it when narrow)."""
     out = Text(no_wrap=True, overflow="ellipsis")
-    out.append(f"{'time':>8} {'faults/s':>8} {'stalled':>8} {'p99':>7}", style="bold")
     ser = history.vcpus.get(key)
+    vmm = ser is not None and any(x is not None for x in ser.vmm_blocktime_ms)
+    p99 = not vmm or width >= 44
+    out.append(f"{'time':>8} {'faults/s':>8} {'stalled':>8}" + (f" {'qemu blk':>8}" if vmm else "")
+               + (f" {'p99':>7}" if p99 else ""), style="bold")
     if ser is None:
         return out
-    rows = list(zip(ser.times, ser.faults_per_s, ser.stalled_frac, ser.p99_us))[::-1][: max(1, height - 1)]
-    for t, f, st, p99 in rows:
+    rows = list(zip(ser.times, ser.faults_per_s, ser.stalled_frac, ser.vmm_blocktime_ms,
+                    ser.p99_us))[::-1][: max(1, height - 1)]
+    for t, f, st, blk, p99_us in rows:
         sev = stall_severity(int(f > 0), st)
         out.append(f"\n{clock(t):>8} {fmt_rate(f):>8} ")
         out.append(f"{sev.symbol}{st * 100:6.1f}%", style=sev.style)
-        out.append(f" {fmt_us(p99 or None):>7}", style=latency_severity(p99 or None).style)
+        if vmm:
+            out.append(f" {fmt_ms(blk):>8}", style="" if blk else "dim")
+        if p99:
+            out.append(f" {fmt_us(p99_us or None):>7}", style=latency_severity(p99_us or None).style)
     return out
 
 
@@ -92,7 +118,7 @@ class RecentPanel(TextPanel):
     """show(key, history)"""
 
     def draw(self, width: int, height: int, key: VcpuKey, history: History) -> Text:
-        return recent_text(key, history, height)
+        return recent_text(key, history, height, width)
 
 
 class SummaryPanel(TextPanel):
@@ -149,7 +175,7 @@ class VcpuDetailScreen(Screen[None]):
                                 "(gone, or the feed restarted)", style="yellow"))
             return
         t, v = found
-        summary.show(summary_text(t, v, history))
+        summary.show(summary_text(t, v, history, sample.interval_s))
         ser = history.vcpus.get(self.key)
         if self.cumulative and ser is not None:
             self.query_one(LatencyHistogram).show(ser.hist_total, "stall latency since watching")

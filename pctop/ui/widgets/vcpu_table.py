@@ -35,6 +35,7 @@ class Column(NamedTuple):
     label: str
     width: int
     sort: Callable[[Target, VcpuSample], float] | None
+    drop: int = 0  # when the width is short, higher numbers go first; 0 = always shown
 
 
 def _vcpu_order(t: Target, v: VcpuSample) -> float:
@@ -47,16 +48,18 @@ COLUMNS = (
     Column("vcpu", "vCPU", 8, _vcpu_order),
     Column("faults", "faults/s", 8, lambda t, v: v.faults_per_s),
     Column("stall", "stalled", 8, lambda t, v: v.stalled_frac),
-    Column("p50", "p50", 6, lambda t, v: v.p50_us or 0.0),
+    # QEMU's own blocktime for the vCPU beside pctop's measured stall; only
+    # while some vCPU has it (a QMP source in post-copy).
+    Column("vmm", "qemu blk", 8, lambda t, v: v.vmm_blocktime_ms or 0.0),
+    Column("p50", "p50", 6, lambda t, v: v.p50_us or 0.0, drop=2),
     Column("p99", "p99", 6, lambda t, v: v.p99_us or 0.0),
-    Column("max", "max", 6, lambda t, v: v.max_us or 0.0),
-    Column("exits", "exits/s", 7, lambda t, v: v.exits_per_s),
+    Column("max", "max", 6, lambda t, v: v.max_us or 0.0, drop=1),
+    Column("exits", "exits/s", 7, lambda t, v: v.exits_per_s, drop=3),
     Column("parts", "stall parts", PARTS_W, None),  # only when wide enough
     Column("trend", "faults/s trend", 0, None),  # takes the rest of the width
 )
 SORTABLE = tuple(c.key for c in COLUMNS if c.sort is not None)
 GAP = 1
-FIXED_W = sum(c.width + GAP for c in COLUMNS[:-1] if c.key != "parts")
 
 _STYLES: dict[str, Style] = {}
 
@@ -74,22 +77,63 @@ def vcpu_label(v: VcpuSample) -> str:
     return (v.name or f"t{v.tid}")[:8]
 
 
-def row_cells(t: Target, v: VcpuSample, trend: str, parts: bool) -> list[tuple[str, str]]:
-    """(text, style) runs for a row; text is already padded to the column widths."""
-    sev = stall_severity(v.faults, v.stalled_frac)
-    cells = [
-        (str(t.pid), "dim"),
-        (vcpu_label(v), "bold" if v.vcpu is not None else "italic"),
-        (fmt_rate(v.faults_per_s), ""),
-        (f"{sev.symbol}{v.stalled_frac * 100:5.1f}%", sev.style),
-        *((fmt_us(x), latency_severity(x).style) for x in (v.p50_us, v.p99_us, v.max_us)),
-        (fmt_rate(v.exits_per_s), ""),
-    ]
-    out = [(text.rjust(c.width)[-c.width:] + " " * GAP, st) for (text, st), c in zip(cells, COLUMNS)]
-    if parts:
-        out += stacked_runs(parts_of(v.parts), PARTS_W) if v.stall_ns else [("·" * PARTS_W, "dim")]
-        out.append((" " * GAP, ""))
-    out.append((trend, "cyan"))
+def visible_columns(width: int, vmm: bool) -> list[Column]:
+    """The columns that fit `width`: the QEMU blocktime one only when `vmm`; the
+    stall-parts bar only with room to spare; then, while the fixed columns leave
+    the trend less than its minimum, the lower-priority ones are dropped."""
+    cols = [c for c in COLUMNS if c.key != "vmm" or vmm]
+    used = sum(c.width + GAP for c in cols if c.width and c.key != "parts")
+    if width < used + PARTS_W + GAP + 2 * TREND_MIN:
+        cols = [c for c in cols if c.key != "parts"]
+    for c in sorted((c for c in cols if c.drop), key=lambda c: -c.drop):
+        if used + TREND_MIN + 1 <= width:
+            break
+        cols.remove(c)
+        used -= c.width + GAP
+    return cols
+
+
+def fixed_width(cols: list[Column]) -> int:
+    return sum(c.width + GAP for c in cols if c.width)
+
+
+def fmt_ms(ms: float | None) -> str:
+    if ms is None:
+        return "-"
+    return "0" if ms == 0 else fmt_us(ms * 1000)
+
+
+def cell(key: str, t: Target, v: VcpuSample) -> tuple[str, str]:
+    """(text, style) of one fixed-width column of a row."""
+    if key == "target":
+        return str(t.pid), "dim"
+    if key == "vcpu":
+        return vcpu_label(v), "bold" if v.vcpu is not None else "italic"
+    if key == "faults":
+        return fmt_rate(v.faults_per_s), ""
+    if key == "stall":
+        sev = stall_severity(v.faults, v.stalled_frac)
+        return f"{sev.symbol}{v.stalled_frac * 100:5.1f}%", sev.style
+    if key == "vmm":
+        return fmt_ms(v.vmm_blocktime_ms), "" if v.vmm_blocktime_ms else "dim"
+    if key == "exits":
+        return fmt_rate(v.exits_per_s), ""
+    us = {"p50": v.p50_us, "p99": v.p99_us, "max": v.max_us}[key]
+    return fmt_us(us), latency_severity(us).style
+
+
+def row_cells(t: Target, v: VcpuSample, trend: str, cols: list[Column]) -> list[tuple[str, str]]:
+    """(text, style) runs for a row in `cols`; text is already padded to the column widths."""
+    out = []
+    for c in cols:
+        if c.key == "parts":
+            out += stacked_runs(parts_of(v.parts), PARTS_W) if v.stall_ns else [("·" * PARTS_W, "dim")]
+            out.append((" " * GAP, ""))
+        elif c.key == "trend":
+            out.append((trend, "cyan"))
+        else:
+            text, st = cell(c.key, t, v)
+            out.append((text.rjust(c.width)[-c.width:] + " " * GAP, st))
     return out
 
 
@@ -129,6 +173,7 @@ class VcpuTable(ScrollView, can_focus=True):
         self._keys: list[VcpuKey] = []
         self._history: History | None = None
         self._last: tuple[Sample, History] | None = None
+        self.has_vmm = False  # some vCPU carries the VMM's own blocktime: show that column
 
     # -- data --------------------------------------------------------------
     @property
@@ -141,6 +186,7 @@ class VcpuTable(ScrollView, can_focus=True):
         self._last = (sample, history)
         col = next(c for c in COLUMNS if c.key == self.sort_key)
         rows = [(t, v) for t in sample.targets for v in t.vcpus]
+        self.has_vmm = any(v.vmm_blocktime_ms is not None for _, v in rows)
         rows.sort(key=lambda tv: col.sort(*tv), reverse=self.sort_reverse)
         keep = self.selected_key
         self._rows, self._history = rows, history
@@ -164,8 +210,10 @@ class VcpuTable(ScrollView, can_focus=True):
         self.refresh()
 
     def cycle_sort(self) -> None:
-        i = SORTABLE.index(self.sort_key) if self.sort_key in SORTABLE else -1
-        self.set_sort(SORTABLE[(i + 1) % len(SORTABLE)])
+        # Through the columns on screen only: a sort by a hidden column would look random.
+        keys = [c.key for c in self._columns() if c.sort is not None]
+        i = keys.index(self.sort_key) if self.sort_key in keys else -1
+        self.set_sort(keys[(i + 1) % len(keys)])
 
     def reverse_sort(self) -> None:
         self.set_sort(self.sort_key, not self.sort_reverse)
@@ -217,22 +265,20 @@ class VcpuTable(ScrollView, can_focus=True):
             self._set_cursor(row)
 
     # -- drawing -----------------------------------------------------------
-    def _show_parts(self) -> bool:
-        return self.scrollable_content_region.width >= FIXED_W + PARTS_W + GAP + 2 * TREND_MIN
-
     def _columns(self) -> list[Column]:
-        return [c for c in COLUMNS if c.key != "parts" or self._show_parts()]
+        return visible_columns(self.scrollable_content_region.width, self.has_vmm)
 
-    def _trend_width(self) -> int:
-        used = FIXED_W + (PARTS_W + GAP if self._show_parts() else 0)
+    def _trend_width(self, cols: list[Column] | None = None) -> int:
+        used = fixed_width(cols or self._columns())
         return max(TREND_MIN, min(TREND_MAX, self.scrollable_content_region.width - used - 1))
 
     def _header_strip(self, width: int) -> Strip:
         base = self.get_component_rich_style("vcpu-table--header")
         segs = []
-        for c in self._columns():
+        cols = self._columns()
+        for c in cols:
             label = c.label + ((" ▼" if self.sort_reverse else " ▲") if c.key == self.sort_key else "")
-            w = c.width or self._trend_width()
+            w = c.width or self._trend_width(cols)
             left = c.width == 0 or c.key == "parts"
             text = (label.ljust(w) if left else label.rjust(w))[:w] + (" " * GAP if c.width else "")
             segs.append(Segment(text, base + style("underline") if c.key == self.sort_key else base))
@@ -247,7 +293,8 @@ class VcpuTable(ScrollView, can_focus=True):
             return Strip.blank(width, self.rich_style)
         t, v = self._rows[row]
         ser = self._history.vcpus.get((t.pid, v.tid)) if self._history else None
-        tw = self._trend_width()
+        cols = self._columns()
+        tw = self._trend_width(cols)
         trend = sparkline(ser.faults_per_s, tw) if ser else " " * tw
         if row == self.cursor_row:
             base = self.get_component_rich_style("vcpu-table--cursor")
@@ -255,7 +302,7 @@ class VcpuTable(ScrollView, can_focus=True):
             base = self.get_component_rich_style("vcpu-table--stripe")
         else:
             base = self.rich_style
-        segs = [Segment(text, base + style(st)) for text, st in row_cells(t, v, trend, self._show_parts())]
+        segs = [Segment(text, base + style(st)) for text, st in row_cells(t, v, trend, cols)]
         return Strip(segs).crop_extend(self.scroll_offset.x, self.scroll_offset.x + width, base)
 
     def _set_virtual_height(self, height: int) -> None:
