@@ -91,7 +91,7 @@ async def test_engine_keys_drive_the_real_engine(engine):
             await pilot.press("B", "B")
             await until(pilot, lambda: status()["bandwidth_limit_bps"] == 4 * MiB, "bandwidth raised")
             # The command palette offers the same control and it works the same.
-            title = "Engine: pause / resume the background stream"
+            title = "Migration: pause / resume the background stream"
             assert title in {c.title for c in app.get_system_commands(app.screen)}
             await pilot.press("ctrl+p")
             await pilot.pause(0.1)

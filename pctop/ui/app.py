@@ -40,9 +40,11 @@ MIB = 1 << 20
 BANDWIDTH_STEPS = tuple(MIB * (1 << i) for i in range(0, 11))  # 1 MiB/s .. 1 GiB/s
 # Injected per-request latency offered by l, microseconds.
 LATENCY_STEPS_US = (0, 1000, 5000, 20000)
-# Commands every engine takes; the others appear only when the engine says it has them.
+# Commands every engine takes (a control object with supports() is asked about them
+# too: QEMU has no pause of the background stream); the others appear only when the
+# engine lists them or supports() says yes.
 BASE_COMMANDS = frozenset({"pause", "resume", "bandwidth"})
-EXTRA_COMMANDS = ("latency", "drop-link", "recover")
+EXTRA_COMMANDS = ("latency", "drop-link", "recover", "enable-postcopy", "start-postcopy")
 
 # Trailing spaces: the footer draws a group label flush against the next key.
 RATE = Binding.Group("rate ")
@@ -67,16 +69,25 @@ KEYS: tuple[tuple[str, Binding, str], ...] = (
      "Replay: seek back 10 s"),
     ("Replay", Binding("right_square_bracket", "seek(10)", "+10s", key_display="]", group=SEEK),
      "Replay: seek forward 10 s"),
-    ("Engine", Binding("p", "stream", "Stream"), "Engine: pause / resume the background stream"),
-    ("Engine", Binding("b", "bandwidth(False)", "bw-", group=BW), "Engine: lower the bandwidth limit"),
-    ("Engine", Binding("B", "bandwidth(True)", "bw+", group=BW), "Engine: raise the bandwidth limit"),
-    ("Engine", Binding("l", "latency", "Latency"), "Engine: cycle the injected latency"),
-    ("Engine", Binding("x", "drop_link", "Drop link"), "Engine: drop the link (asks first)"),
-    ("Engine", Binding("r", "recover", "Recover"), "Engine: recover the link"),
+    ("Migration", Binding("p", "stream", "Stream"), "Migration: pause / resume the background stream"),
+    ("Migration", Binding("b", "bandwidth(False)", "bw-", group=BW), "Migration: lower the bandwidth limit"),
+    ("Migration", Binding("B", "bandwidth(True)", "bw+", group=BW), "Migration: raise the bandwidth limit"),
+    ("Migration", Binding("l", "latency", "Latency"), "Migration: cycle the injected latency"),
+    ("Migration", Binding("x", "drop_link", "Drop link"), "Migration: drop the link (asks first)"),
+    ("Migration", Binding("r", "recover", "Recover"), "Migration: recover the link"),
+    ("QEMU", Binding("e", "enable_postcopy", "Postcopy on"),
+     "QEMU: enable post-copy at both ends (postcopy-ram, postcopy-blocktime)"),
+    ("QEMU", Binding("P", "start_postcopy", "Go postcopy"),
+     "QEMU: switch the running migration to post-copy (one-way, asks first)"),
 )
 
+# Key action -> the control command it sends (engine or QMP, pctop.sources.qmp).
 ENGINE_ACTIONS = {"stream": "pause", "bandwidth": "bandwidth", "latency": "latency",
-                  "drop_link": "drop-link", "recover": "recover"}
+                  "drop_link": "drop-link", "recover": "recover",
+                  "enable_postcopy": "enable-postcopy", "start_postcopy": "start-postcopy"}
+# Why a key is greyed out in the help screen, by section.
+UNAVAILABLE = {"Replay": "replay only", "Migration": "no engine or QEMU attached, or it lacks this",
+               "QEMU": "QEMU attached with --qmp only"}
 REPLAY_ACTIONS = {"step", "seek"}
 
 
@@ -258,8 +269,7 @@ class PctopApp(App[None]):
         rows = []
         for section, b, title in KEYS:
             ok = self._action_available(b.action.split("(")[0])
-            why = ("replay only" if section == "Replay" else
-                   "no engine, or it lacks this" if section == "Engine" else "")
+            why = UNAVAILABLE.get(section, "")
             rows.append(KeyHelp(section, b.key_display or b.key, title.removeprefix(f"{section}: "), ok, why))
         rows.append(KeyHelp("Palette", "ctrl+p", "Command palette: every action above by name"))
         return rows
@@ -327,9 +337,12 @@ class PctopApp(App[None]):
                 limit = t.migration.extra.get("bandwidth_limit_bps")
                 if limit is not None:
                     self.bandwidth_limit = limit
-        for cmd in EXTRA_COMMANDS:
-            ok = cmd not in self.refused and (
-                cmd in listed or (callable(supports) and bool(supports(cmd))))
+        for cmd in (*sorted(BASE_COMMANDS), *EXTRA_COMMANDS):
+            if cmd in BASE_COMMANDS:
+                ok = not callable(supports) or bool(supports(cmd))
+            else:
+                ok = cmd not in self.refused and (
+                    cmd in listed or (callable(supports) and bool(supports(cmd))))
             changed |= self.supported.get(cmd, False) != ok
             self.supported[cmd] = ok
         if changed:
@@ -397,6 +410,17 @@ class PctopApp(App[None]):
 
     def action_recover(self) -> None:
         self.send_control("recover")
+
+    def action_enable_postcopy(self) -> None:
+        self.send_control("enable-postcopy")
+
+    def action_start_postcopy(self) -> None:
+        def answered(yes: bool | None) -> None:
+            if yes:
+                self.send_control("start-postcopy")
+        self.push_screen(ConfirmScreen("Switch to post-copy? There is no way back: the destination runs "
+                                       "the VM from now on, and if the link fails before the last page "
+                                       "arrives, the VM is lost."), answered)
 
     def send_control(self, cmd: str, arg: Any = None) -> None:
         self._send_control(cmd, arg, self._control_pid())
