@@ -108,6 +108,12 @@ async def test_tui_enables_and_starts_postcopy_on_qemu(booted):
         # ... and they are offered in the help screen and the command palette.
         shown = {r.keys for r in app.key_help() if r.available}
         assert {"e", "P"} <= shown and not {"p", "l"} & shown
+        from pctop.ui.widgets.keybar import KeyBar  # ... in the footer too, whole at 80 columns
+        await pilot.pause()
+        lines = app.query_one(KeyBar).render().plain.split("\n")
+        assert all(len(line) <= 80 for line in lines)
+        assert {"e Postcopy on", "P Go postcopy", "x Drop link", "r Recover"} <= {
+            e.strip() for line in lines for e in line.split("  ")}
         titles = {c.title for c in app.get_system_commands(app.screen)}
         assert {t for t in titles if t.startswith("QEMU:")} == {
             "QEMU: enable post-copy at both ends (postcopy-ram, postcopy-blocktime)",

@@ -318,3 +318,29 @@ async def test_no_qemu_column_without_a_vmm_blocktime():
         await pilot.pause()
         head = table_text(app)[0]
         assert "qemu blk" not in head and "exits/s" in head
+
+
+async def test_key_bar_shows_every_key_at_80_columns_and_a_click_presses_it():
+    from pctop.ui.widgets.keybar import KeyBar
+
+    app = replay_app()
+    async with app.run_test(size=(80, 24)) as pilot:
+        await until(pilot, lambda: app.sample is not None, "first sample")
+        await pilot.pause()
+        bar = app.query_one(KeyBar)
+        lines = bar.render().plain.split("\n")
+        assert bar.size.height == len(lines) >= 2 and all(len(line) <= 80 for line in lines)
+        text = " ".join(lines)
+        for b in app.BINDINGS:  # every key that acts in a replay is on screen
+            if app.check_action(b.action.split("(")[0], ()):
+                assert (b.key_display or b.key) in text, b
+        assert "Drop link" not in text  # no engine: its keys are not offered
+        row, x = next((r, line.index("? Help")) for r, line in enumerate(lines) if "? Help" in line)
+        await pilot.click(KeyBar, offset=(x, row))
+        await until(pilot, lambda: isinstance(app.screen, HelpScreen), "help by click")
+        await pilot.press("escape", "enter")
+        await until(pilot, lambda: isinstance(app.screen, VcpuDetailScreen), "detail")
+        await pilot.pause()
+        # Over the detail the dashboard's table keys are not offered (nor do they act).
+        shown = {k for e in app.screen.query_one(KeyBar).current() for k, _ in e.keys}
+        assert "escape" in shown and not {"s", "h", "enter"} & shown

@@ -176,3 +176,26 @@ def test_table_columns_qemu_blocktime_only_when_reported_and_narrow_drops_low_pr
     # Narrower still: p50 goes next, then max; the measured stall and QEMU's stay.
     assert keys(visible_columns(64, vmm=True)) == ["target", "vcpu", "faults", "stall", "vmm", "p99", "trend"]
     assert (fmt_ms(None), fmt_ms(0), fmt_ms(412.0), fmt_ms(1500.0)) == ("-", "0", "412ms", "1.5s")
+
+
+def test_key_bar_groups_and_wraps_whole_entries_in_order():
+    from textual.binding import Binding
+
+    from pctop.ui.widgets.keybar import entries, wrap
+
+    rate = Binding.Group("rate ")
+    bindings = [(Binding("q", "quit", "Quit"), True),
+                (Binding("minus", "r(0)", "slower", group=rate), True),
+                (Binding("plus", "r(1)", "faster", group=rate), True),
+                (Binding("x", "drop", "Drop link"), False)]
+    shown = {"minus": "-", "plus": "+"}
+    items = entries(bindings, lambda b: shown.get(b.key, b.key))
+    assert [(e.keys, e.label, e.enabled) for e in items] == [
+        ((("q", "q"),), "Quit", True), ((("minus", "-"), ("plus", "+")), "rate", True),
+        ((("x", "x"),), "Drop link", False)]
+    assert [e.width for e in items] == [len("q Quit"), len("- + rate"), len("x Drop link")]
+    # 14 cells: "q Quit  - + rate" is 16, so the group starts the second row, whole.
+    rows = wrap(items, 14)
+    assert rows == [items[:1], items[1:2], items[2:]]
+    assert wrap(items, 80) == [items]
+    assert [e for row in wrap(items, 20) for e in row] == items

@@ -18,7 +18,6 @@ from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
-from textual.widgets import Footer
 from textual.worker import get_current_worker
 
 from pctop.model import HIST_BUCKETS, Event, Sample, StallParts
@@ -29,6 +28,7 @@ from pctop.ui.screens.detail import VcpuDetailScreen, find_vcpu
 from pctop.ui.screens.help import HelpScreen, KeyHelp
 from pctop.ui.widgets.event_log import EventLog
 from pctop.ui.widgets.header import HeaderBar
+from pctop.ui.widgets.keybar import KeyBar
 from pctop.ui.widgets.latency import LatencyHistogram, StallBreakdown
 from pctop.ui.widgets.render import fmt_bytes, fmt_us
 from pctop.ui.widgets.uffd_panel import UffdPanel
@@ -82,6 +82,8 @@ KEYS: tuple[tuple[str, Binding, str], ...] = (
 )
 
 # Key action -> the control command it sends (engine or QMP, pctop.sources.qmp).
+# Actions on the dashboard's table and panels: not offered over the detail screen.
+DASHBOARD_ACTIONS = {"sort", "reverse_sort", "detail", "hist_scope", "hist_span"}
 ENGINE_ACTIONS = {"stream": "pause", "bandwidth": "bandwidth", "latency": "latency",
                   "drop_link": "drop-link", "recover": "recover",
                   "enable_postcopy": "enable-postcopy", "start_postcopy": "start-postcopy"}
@@ -131,7 +133,7 @@ class PctopApp(App[None]):
             yield VcpuTable(id="vcpus", classes="panel")
             yield Timeline(id="timeline", classes="panel")
             yield EventLog(id="events", classes="panel")
-        yield Footer(compact=True)
+        yield KeyBar()
 
     def on_mount(self) -> None:
         self.query_one("#vcpus").border_title = "vCPUs"
@@ -366,6 +368,8 @@ class PctopApp(App[None]):
         return key[0] if key and key[0] in migrating else migrating[0]
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action in DASHBOARD_ACTIONS:
+            return not isinstance(self.screen, VcpuDetailScreen)
         if action in REPLAY_ACTIONS or action in ENGINE_ACTIONS:
             return self._action_available(action)
         return True

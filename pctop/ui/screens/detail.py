@@ -7,12 +7,12 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
-from textual.widgets import Footer
 
 from pctop.model import Sample, Target, VcpuSample
 from pctop.ui.history import History, VcpuKey
 from pctop.ui.widgets.base import TextPanel
 from pctop.ui.widgets.header import clock
+from pctop.ui.widgets.keybar import KeyBar
 from pctop.ui.widgets.latency import LatencyHistogram, StallBreakdown
 from pctop.ui.widgets.render import (fmt_rate, fmt_us, latency_severity, sparkline,
                                      stall_severity)
@@ -156,7 +156,7 @@ class VcpuDetailScreen(Screen[None]):
                     yield StallBreakdown(id="detail-parts", classes="panel")
                     yield RecentPanel(id="detail-recent", classes="panel")
             yield HistoryPanel(id="detail-history", classes="panel")
-        yield Footer()
+        yield KeyBar()
 
     def on_mount(self) -> None:
         self.query_one(RecentPanel).border_title = "recent samples, newest first"
