@@ -1,0 +1,404 @@
+"""Issue 5 validation: pctop's numbers against the ground truth of real processes.
+
+The reference engine (`pctop demo --headless --json`, a real KVM guest under
+post-copy) prints its own per-vCPU counts in its summary; the probes
+(EbpfSource, following every uffd/KVM user) watch the same run, one interval
+around it. A plain uffd process written here is watched through `pctop monitor
+--json` itself, and so is an engine that was already running when pctop started.
+
+Races that may make a count differ are named, and a count may fall short by at
+most those and by at most 0.1 %. Two are counted by the probes' debug counters
+(EbpfSource.debug_counters, global over the host): `missed_wake` = a stalled
+thread was switched back in before the probes saw the uffd wake-up that resolved
+it (that fault is dropped); `msg_unmatched` = the stream's wake-up overtook the
+tracepoint of the read() that had taken the fault's message (the fault is filed as
+unread). The third is visible in the counts themselves: a vCPU-exit stall ends at
+the next KVM_RUN entry, so one the engine stops between an exit and its re-entry
+stays open (its EFAULT return is counted, the stall is not).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+
+import pytest
+
+from tests.conftest import ROOT
+from tests.test_ebpf import _need_ebpf, follow_all  # noqa: F401  (follow_all: the probes, a fixture)
+
+pytestmark = pytest.mark.bpf
+
+STRATEGIES = ("uffd", "sharded", "vcpu-exit")
+ENGINE_ARGS = ("--workload", "kvm", "--vcpus", "2", "--memory", "16M", "--pattern", "random", "--control", "")
+STREAM_BW = "16M"  # the stream takes ~1 s for 16 MiB: it races the demand faults all along
+
+
+def _need_kvm() -> None:
+    from pctop.engine import kvm
+
+    why = kvm.kvm_unavailable_reason()
+    if why:
+        pytest.skip(f"no usable /dev/kvm: {why}")
+
+
+def _killpg(p: subprocess.Popen) -> None:
+    """End a process started with start_new_session and everything it forked (the engine's source)."""
+    if p.poll() is None:
+        try:
+            os.killpg(p.pid, signal.SIGTERM)
+            p.wait(timeout=10)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            pass
+    try:
+        os.killpg(p.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    p.wait(timeout=10)
+
+
+# ---- the engine, run to completion inside one probe interval ------------------------------
+
+
+@dataclass
+class EngineObserved:
+    summary: dict  # the engine's own --json summary line
+    vcpus: list  # [(engine per_vcpu record, probes' ThreadFaults)]
+    uffds: list  # probes' UffdCounters of the engine process
+    races: dict  # debug-counter deltas over the run
+
+    def missed(self) -> int:
+        return self.races.get("missed_wake", 0)
+
+
+@pytest.fixture(scope="module")
+def engine_run(follow_all):
+    """engine_run(strategy, stream) -> EngineObserved; each run is made once and shared."""
+    cache: dict[tuple[str, bool], EngineObserved] = {}
+
+    def get(strategy: str, stream: bool) -> EngineObserved:
+        if (strategy, stream) not in cache:
+            cache[strategy, stream] = _observe(follow_all, strategy, stream)
+        return cache[strategy, stream]
+
+    return get
+
+
+def _observe(probes, strategy: str, stream: bool) -> EngineObserved:
+    _need_kvm()
+    bg = ["--bandwidth", STREAM_BW] if stream else ["--no-background"]
+    probes.collect()  # what came before belongs to another interval
+    before = probes.debug_counters()
+    p = subprocess.run([sys.executable, "-m", "pctop", "demo", "--headless", "--json", "--strategy", strategy,
+                        *ENGINE_ARGS, *bg], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    r = probes.collect()
+    after = probes.debug_counters()
+    assert p.returncode == 0, p.stderr[-2000:]
+    start, *_, summary = (json.loads(line) for line in p.stdout.splitlines())
+    assert summary["type"] == "summary" and summary["ok"], summary.get("errors")
+    pid = start["pid"]
+    threads = {t.tid: t for t in r.threads if t.pid == pid}
+    ids = {i.tid: i for i in r.identities if i.pid == pid}
+    vcpus = []
+    for v in summary["per_vcpu"]:
+        assert v["tid"] in threads, f"vCPU {v['vcpu']} (thread {v['tid']}) not seen; saw {sorted(threads)}"
+        assert (ids[v["tid"]].vcpu, ids[v["tid"]].how) == (v["vcpu"], "kvm_create_vcpu")
+        vcpus.append((v, threads[v["tid"]]))
+    return EngineObserved(summary, vcpus, [u for u in r.uffds if u.pid == pid],
+                          {k: after[k] - before[k] for k in after})
+
+
+def _assert_same_count(got: int, truth: int, allowed_races: int, what: str) -> None:
+    short = truth - got
+    assert short >= 0, f"{what}: pctop counted {got}, more than the {truth} that happened"
+    assert short <= allowed_races and short <= truth // 1000, \
+        f"{what}: pctop {got} vs {truth}: {short} short, named races only {allowed_races}"
+
+
+@pytest.mark.kvm
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_stream_off_stalled_faults_per_vcpu_equal_the_engines(engine_run, strategy):
+    """Stream off: every first touch is a demand fault the engine itself resolves
+    (read from the uffd, or a KVM_RUN EFAULT return in vcpu-exit)."""
+    o = engine_run(strategy, False)
+    assert o.summary["faults_total"] >= 2000 and o.summary["pages_background"] <= o.summary["pages_total"]
+    for v, tf in o.vcpus:
+        assert v["faults"] > 0
+        _assert_same_count(tf.faults, v["faults"], o.missed(), f"vCPU {v['vcpu']} faults")
+        assert tf.faults_no_read == 0  # nothing else installs pages while the guest runs
+        assert sum(tf.hist) == tf.faults
+        if strategy == "vcpu-exit":
+            assert tf.memory_fault_exits == tf.faults == tf.exits.get("efault", 0)
+            assert tf.queued_ns == tf.service_ns == tf.runq_ns == 0
+        else:
+            assert tf.memory_fault_exits == 0
+            assert tf.queued_ns + tf.service_ns + tf.runq_ns == tf.stall_ns
+    msgs = sum(r["msgs"] for r in o.summary["reader_threads"])
+    assert sum(u.msgs_read for u in o.uffds) == msgs == (0 if strategy == "vcpu-exit" else o.summary["faults_total"])
+    # read() calls: the engine's count of those that returned messages, plus one empty
+    # read per reader when it is told to stop (the engine counts no empty read)
+    empty_reads = sum(u.read_calls for u in o.uffds) - sum(r["reads"] for r in o.summary["reader_threads"])
+    assert 0 <= empty_reads <= len(o.summary["reader_threads"])
+    installed = o.summary["pages_demand"] + o.summary["pages_background"]
+    assert sum(u.pages_installed for u in o.uffds) == installed == o.summary["pages_total"]
+
+
+# The engine reads its clock in Python: after read() / UFFDIO_COPY / KVM_RUN return, once
+# its thread has the GIL (and a CPU) again. Bound on that, per fault (see the test below).
+ENGINE_CLOCK_SLACK_NS = 50_000
+
+
+@pytest.mark.kvm
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_stream_off_stall_time_per_vcpu_against_the_engines(engine_run, strategy):
+    """The engine and pctop time different spans of each stall; the relation checked here.
+
+    pctop (kernel clock, CLOCK_MONOTONIC): stall = fault start -> the thread runs again;
+    a read fault splits into queued (fault -> the handler's read() returns), service
+    (read() returns -> the wake-up inside UFFDIO_COPY) and runq (woken -> running).
+    The engine (the same clock, read in Python): stall = its reader's read() returned
+    and the reader has the GIL again -> UFFDIO_COPY returned and the receiver has the
+    GIL again. It leaves out queued and runq entirely (pctop's stall is 1.4-2x it).
+
+    uffd / sharded: the engine's span is pctop's service, shifted at both ends by the
+    engine's clock-read delays. So |engine - service| per fault is that delay. Measured
+    on the 2-CPU dev VM: engine / service = 1.04-1.14 on a quiet machine (4-10 us per
+    fault at ~75 us); with other tests running up to 1.5 (~40 us per fault: the woken
+    vCPU or a stranger runs before the receiver reads its clock). Bounded at 50 us.
+
+    vcpu-exit: the engine's span (on_memory_fault entry -> page installed) lies inside
+    pctop's (KVM_RUN returned EFAULT -> next KVM_RUN entry): engine <= pctop exactly.
+    The rest is the vCPU thread's Python around it (re-taking the GIL, decoding the
+    exit, calling KVM_RUN again): measured 10-15 us per fault, bounded at 50 us.
+
+    So the issue's "within 5 %" does not hold for these two definitions at ~75 us
+    stalls (it would need the engine to time kernel events); bench/RESULTS.md says so.
+    """
+    o = engine_run(strategy, False)
+    for v, tf in o.vcpus:
+        engine, label = v["stall_ns"], f"vCPU {v['vcpu']} ({v['faults']} faults)"
+        assert engine > 0 and tf.stall_ns > 0
+        if strategy == "vcpu-exit":
+            assert engine <= tf.stall_ns, f"{label}: engine {engine} ns outside pctop's {tf.stall_ns} ns"
+            gap = (tf.stall_ns - engine) / tf.faults
+        else:
+            assert tf.service_ns < tf.stall_ns
+            gap = abs(engine - tf.service_ns) / tf.faults
+        assert gap <= ENGINE_CLOCK_SLACK_NS, \
+            f"{label}: engine {engine} ns vs pctop stall {tf.stall_ns} / service {tf.service_ns} ns: " \
+            f"{gap:.0f} ns per fault apart"
+
+
+@pytest.mark.kvm
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_stream_on_reads_installs_and_stalls_equal_the_engines(engine_run, strategy):
+    """Stream on: messages read and pages installed are the engine's counts, and each
+    vCPU's stalled faults = the faults the engine read for it + those pctop saw woken
+    by the stream before any read (faults_no_read). A fault the engine read whose page
+    the stream had installed meanwhile is a read fault for both."""
+    o = engine_run(strategy, True)
+    s = o.summary
+    assert s["pages_background"] > 0 and s["faults_total"] > 0, "setup: the stream and the guest both worked"
+    msgs = sum(r["msgs"] for r in s["reader_threads"])
+    assert sum(u.msgs_read for u in o.uffds) == msgs
+    # The engine counts only read() calls that returned messages. pctop also counts the
+    # empty ones: a fault the stream resolved between the reader's poll() and its read()
+    # (that fault is then one of faults_no_read), and each reader's last read at shutdown.
+    empty_reads = sum(u.read_calls for u in o.uffds) - sum(r["reads"] for r in s["reader_threads"])
+    assert 0 <= empty_reads <= sum(tf.faults_no_read for _, tf in o.vcpus) + len(s["reader_threads"])
+    assert sum(u.pages_installed for u in o.uffds) == s["pages_demand"] + s["pages_background"] == s["pages_total"]
+    for v, tf in o.vcpus:
+        label = f"vCPU {v['vcpu']}"
+        if strategy == "vcpu-exit":  # a vCPU never sleeps on a page: nothing is woken
+            assert tf.faults_no_read == 0
+            # every KVM_RUN EFAULT return is one fault the engine resolved ...
+            assert tf.memory_fault_exits == tf.exits.get("efault", 0) == v["faults"]
+            # ... but a stall ends at the next KVM_RUN entry: when the stream completes the
+            # run, the engine may stop a vCPU between its last exit and that entry, which
+            # leaves that one fault open (not counted)
+            assert v["faults"] - 1 <= tf.faults <= v["faults"], f"{label}: {tf.faults} vs {v['faults']}"
+        else:
+            # the stream's wake-up can overtake the tracepoint of the read() that took the
+            # message: pctop then files that fault as unread (msg_unmatched counts those)
+            races = o.missed() + o.races.get("msg_unmatched", 0)
+            _assert_same_count(tf.faults - tf.faults_no_read, v["faults"], races, f"{label} read faults")
+            assert tf.faults >= v["faults"] - o.missed()
+            assert tf.queued_ns + tf.service_ns + tf.runq_ns <= tf.stall_ns
+
+
+# ---- a plain uffd process (no KVM), watched by `pctop monitor --json` ----------------------
+
+PLAIN_UFFD = r"""
+import ctypes, json, sys, threading, time
+from pctop.engine.uffd import AnonMemory, Uffd
+
+N, M, HOLD_S = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+PAGE = 4096
+uffd = Uffd(nonblock=True, thread_id=True)
+mem = AnonMemory(N * M * PAGE)
+uffd.register(mem.addr, N * M * PAGE)
+src = ctypes.create_string_buffer(b"\x5a" * PAGE)
+go = threading.Event()
+tids = [0] * N
+
+def toucher(i):
+    tids[i] = threading.get_native_id()
+    go.wait()
+    for p in range(M):  # a foreign call: faults without holding the GIL
+        ctypes.memset(mem.addr + (i * M + p) * PAGE, 1, 1)
+
+threads = [threading.Thread(target=toucher, args=(i,)) for i in range(N)]
+for t in threads:
+    t.start()
+print(json.dumps({"ready": True}), flush=True)
+sys.stdin.readline()
+go.set()
+time.sleep(HOLD_S)  # the deliberately slow handler: every toucher's first fault waits unread
+faults = {}
+msgs = reads = copies = 0
+while any(t.is_alive() for t in threads) or uffd.wait(0):
+    if not uffd.wait(0.05):
+        continue
+    batch = uffd.read_faults()
+    reads += 1
+    for m in batch:
+        msgs += 1
+        faults[m.ptid] = faults.get(m.ptid, 0) + 1
+        uffd.copy(m.address & ~(PAGE - 1), ctypes.addressof(src), PAGE)
+        copies += 1
+print(json.dumps({"tids": tids, "faults": faults, "msgs": msgs, "reads": reads, "copies": copies,
+                  "uffd": uffd.fd}), flush=True)
+sys.stdin.readline()
+"""
+
+
+class LineReader:
+    """Collects a process's stdout lines in a thread, so the test can wait for one."""
+
+    def __init__(self, stream):
+        self.lines: list[str] = []
+        self._cv = threading.Condition()
+        threading.Thread(target=self._pump, args=(stream,), daemon=True).start()
+
+    def _pump(self, stream) -> None:
+        for line in stream:
+            with self._cv:
+                self.lines.append(line)
+                self._cv.notify_all()
+
+    def wait_for(self, pred, timeout: float = 30) -> list[str]:
+        with self._cv:
+            if not self._cv.wait_for(lambda: pred(self.lines), timeout):
+                raise AssertionError(f"timed out; lines so far: {self.lines[-3:]}")
+            return list(self.lines)
+
+
+def test_plain_uffd_process_counts_and_queue_depth():
+    """N threads of a process written here fault on M pages each; its handler sleeps
+    HOLD_S before its first read, so the uffd queue holds exactly N faults meanwhile.
+    pctop must count each thread's faults as the handler did, and show that queue."""
+    _need_ebpf()
+    n, m, hold_s = 3, 20, 1.0
+    prog = subprocess.Popen([sys.executable, "-c", PLAIN_UFFD, str(n), str(m), str(hold_s)], cwd=ROOT,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, start_new_session=True)
+    mon = None
+    try:
+        out = LineReader(prog.stdout)
+        out.wait_for(lambda ls: ls)
+        mon = subprocess.Popen([sys.executable, "-m", "pctop", "monitor", "--json", "--interval", "0.2",
+                                "-p", str(prog.pid)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)
+        samples = LineReader(mon.stdout)
+        samples.wait_for(lambda ls: len(ls) >= 2, 60)  # header + a first sample: probes attached
+        prog.stdin.write("go\n")
+        prog.stdin.flush()
+        truth = json.loads(out.wait_for(lambda ls: len(ls) >= 2)[1])
+        k = len(samples.lines)
+        lines = samples.wait_for(lambda ls: len(ls) >= k + 2)  # the last faults' interval is in
+    finally:
+        for p in (mon, prog):
+            if p is not None:
+                _killpg(p)
+    header, *rest = (json.loads(line) for line in lines)
+    assert header["probe_tier"] == "ebpf"
+    targets = [t for s in rest for t in s["targets"] if t["pid"] == prog.pid]
+    rows = [v for t in targets for v in t["vcpus"]]
+    depth = [u for t in targets for u in t["uffds"] if u["fd"] == truth["uffd"]]
+
+    assert sum(truth["faults"].values()) == n * m == truth["msgs"] == truth["copies"]
+    for tid in truth["tids"]:
+        mine = [v for v in rows if v["tid"] == tid]
+        assert sum(v["faults"] for v in mine) == truth["faults"][str(tid)] == m
+        assert sum(v["faults_no_read"] for v in mine) == 0
+        # its first fault sat unread in the queue for the whole hold
+        assert sum(v["parts"]["queued_ns"] for v in mine) >= hold_s * 1e9
+    assert sum(u["msgs_read"] for u in depth) == truth["msgs"]
+    assert sum(u["read_calls"] for u in depth) == truth["reads"]
+    assert sum(u["pages_installed"] for u in depth) == truth["copies"]
+    # the queue depth gauges: N faults pending (unread) and in total while the handler slept
+    assert max(u["pending_max"] for u in depth) == n
+    assert max(u["total_max"] for u in depth) == n
+
+
+# ---- attach: `pctop monitor -p` on an engine run that started before it --------------------
+
+
+def _status(path: str) -> dict:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(10)
+        s.connect(path)
+        s.sendall(b'{"cmd": "status"}\n')
+        with s.makefile("rb") as f:
+            return json.loads(f.readline())
+
+
+@pytest.mark.kvm
+@pytest.mark.parametrize("strategy, how", [("uffd", "debugfs"), ("vcpu-exit", "kvm_vcpu_fd")])
+def test_attach_to_a_running_engine_identifies_its_vcpus(tmp_path, strategy, how):
+    """The engine's vCPUs were created before pctop started, so the probes never saw
+    KVM_CREATE_VCPU. In uffd mode a vCPU stays blocked inside KVM_RUN (no entry to
+    see): debugfs vcpuN/pid names it. In vcpu-exit mode each fault re-enters KVM_RUN
+    on a vCPU fd whose index /proc gave: "kvm_vcpu_fd". The engine's control socket
+    lives outside /run/pctop, so pctop does not learn identities from the engine."""
+    _need_ebpf()
+    _need_kvm()
+    sock = str(tmp_path / "engine.sock")
+    eng = subprocess.Popen([sys.executable, "-m", "pctop", "demo", "--headless", "--json", "--strategy", strategy,
+                            "--workload", "kvm", "--vcpus", "2", "--memory", "512M", "--pattern", "random",
+                            "--bandwidth", "4M", "--duration", "60", "--control", sock],
+                           cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           start_new_session=True)
+    try:
+        pid = json.loads(eng.stdout.readline())["pid"]
+        deadline = time.monotonic() + 30
+        while True:
+            st = os.path.exists(sock) and _status(sock)
+            if st and st["faults_total"] > 0 and all(v["tid"] for v in st["per_vcpu"]):
+                break
+            assert time.monotonic() < deadline and eng.poll() is None, "the engine never got going"
+            time.sleep(0.1)
+        mon = subprocess.run([sys.executable, "-m", "pctop", "monitor", "--json", "--count", "3",
+                              "--interval", "0.5", "-p", str(pid)], cwd=ROOT, capture_output=True, text=True,
+                             timeout=90)
+        after = _status(sock)
+    finally:
+        _killpg(eng)
+    assert mon.returncode == 0, mon.stderr
+    header, *samples = (json.loads(line) for line in mon.stdout.splitlines())
+    assert header["probe_tier"] == "ebpf" and len(samples) == 3
+    tids = {v["tid"]: v["vcpu"] for v in after["per_vcpu"]}
+    during = {v["vcpu"]: v["faults"] - b["faults"] for v, b in zip(after["per_vcpu"], st["per_vcpu"])}
+    (t,) = [t for t in samples[-1]["targets"] if t["pid"] == pid]
+    rows = {v["tid"]: v for v in t["vcpus"] if v["tid"] in tids}
+    assert {tid: (r["vcpu"], r["identity"]) for tid, r in rows.items()} == {tid: (i, how) for tid, i in tids.items()}
+    for tid, vcpu in tids.items():
+        seen = sum(v["faults"] for s in samples for t in s["targets"] if t["pid"] == pid
+                   for v in t["vcpus"] if v["tid"] == tid)
+        assert 0 < seen <= during[vcpu], f"vCPU {vcpu}: pctop saw {seen}, engine counted {during[vcpu]}"
