@@ -84,27 +84,44 @@ def demo(headless, as_json, memory, vcpus, strategy, readers, pattern, write_rat
     """
     if vmm == "qemu":
         _run_qemu(click.get_current_context(), headless, as_json, accel, bandwidth)
-    from pctop.engine.run import Engine, EngineConfig, EngineError
-
-    if memory < 4096 * vcpus or memory % 4096:
-        raise _UsageError("demo", f"--memory must be a multiple of 4K with at least 4K per vCPU, got {memory}")
-    if workload == "kvm" and not os.path.exists("/dev/kvm"):
-        raise _UsageError("demo", "--workload kvm needs /dev/kvm, which is missing")
+    _check_engine_options("demo", memory, vcpus, workload)
     if not headless and not as_json and not (sys.stdout.isatty() and sys.stdin.isatty()):
         # No terminal to draw on (a pipe, CI, a script): the headless run says the same.
         click.echo("pctop demo: no terminal, running --headless", err=True)
         headless = True
     if not headless and not as_json:
         _run_with_tui(click.get_current_context(), control)
+    run_engine("demo", as_json, memory=memory, vcpus=vcpus, strategy=strategy, readers=readers, pattern=pattern,
+               write_ratio=write_ratio, bandwidth=bandwidth, no_background=no_background, prefetch=prefetch,
+               duration=duration, pin=pin, seed=seed, control=control, workload=workload,
+               corrupt_page=corrupt_page)
+
+
+def _check_engine_options(command: str, memory: int, vcpus: int, workload: str) -> None:
+    if memory < 4096 * vcpus or memory % 4096:
+        raise _UsageError(command, f"--memory must be a multiple of 4K with at least 4K per vCPU, got {memory}")
+    if workload == "kvm" and not os.path.exists("/dev/kvm"):
+        raise _UsageError(command, "--workload kvm needs /dev/kvm, which is missing")
+
+
+def run_engine(command: str, as_json: bool, *, memory, vcpus, strategy, readers, pattern, write_ratio,
+               bandwidth, no_background, duration, pin, seed, control, workload, prefetch=0,
+               corrupt_page=None, link: dict | None = None) -> None:
+    """Run the engine headless (progress on a terminal, or JSON Lines) and exit with its
+    status. `link`: EngineConfig fields of the link (pctop engine dest)."""
+    from pctop.engine.run import Engine, EngineConfig, EngineError
+
+    _check_engine_options(command, memory, vcpus, workload)
     cfg = EngineConfig(memory=memory, vcpus=vcpus, strategy=strategy, readers=readers, pattern=pattern,
                        write_ratio=write_ratio, bandwidth=bandwidth, background=not no_background,
                        prefetch=prefetch, duration=duration, seed=seed, control=control, workload=workload,
-                       corrupt_page=corrupt_page, pin=pin)
-    engine = Engine(cfg)
+                       corrupt_page=corrupt_page, pin=pin, **(link or {}))
+    log = (lambda m: click.echo(f"pctop {command}: {m}", err=True)) if link else None
+    engine = Engine(cfg, log=log)
     kind = "kvm" if engine.workload_cls.__name__ == "KvmWorkload" else "threads"
     if kind == "threads":
         why = "as asked" if workload == "threads" else "/dev/kvm not available"
-        click.echo(f"pctop demo: {why}, running the thread workload (workload: threads)", err=True)
+        click.echo(f"pctop {command}: {why}, running the thread workload (workload: threads)", err=True)
     if threading_main():
         signal.signal(signal.SIGTERM, _raise_interrupt)
     tty = sys.stderr.isatty()
@@ -118,7 +135,8 @@ def demo(headless, as_json, memory, vcpus, strategy, readers, pattern, write_rat
               "bandwidth_limit_bps": bandwidth, "background": not no_background, "workload": kind,
               # vcpu-exit: memory_fault once a kernel fills it; the progress lines say what was used
               "address_source": "guest-assisted" if strategy == "vcpu-exit" else "uffd",
-              "control": control or "default", "seed": seed})
+              "control": control or "default", "seed": seed,
+              **({"connect": link["connect"], "auto_recover": link["auto_recover"]} if link else {})})
 
     def tick(e) -> None:
         st = e.status()
@@ -138,7 +156,7 @@ def demo(headless, as_json, memory, vcpus, strategy, readers, pattern, write_rat
     except (EngineError, OSError, RuntimeError, ValueError) as e:
         if tty:
             sys.stderr.write("\n")
-        click.echo(f"pctop demo: error: {e}", err=True)
+        click.echo(f"pctop {command}: error: {e}", err=True)
         sys.exit(1)
     if tty:
         sys.stderr.write("\n")

@@ -30,7 +30,7 @@ from collections.abc import Callable
 
 from pctop.engine.telemetry import Telemetry
 from pctop.engine.transport import (KIND_BACKGROUND, KIND_DEMAND, KIND_PREFETCH, T_CTRL, T_END,
-                                    T_PAGES, Channel, Frame, ProtocolError)
+                                    T_PAGES, T_PING, Channel, Frame, LinkClosed, ProtocolError)
 from pctop.engine.uffd import UFFD_EVENT_PAGEFAULT, UFFD_MSG, AnonMemory, Uffd, UffdError
 
 _monotonic_ns = time.monotonic_ns
@@ -83,6 +83,16 @@ class Installer:
         if resolved:
             self.tel.stall(vcpu, 0)
         return False
+
+    def waiting_pages(self) -> list[int]:
+        """Pages some fault waits for (requested, not installed yet): after a link
+        failure each is requested again, since its request or reply may be lost."""
+        with self._lock:
+            return [p for p in self._waiters if not self.present[p]]
+
+    def waiting_faults(self) -> int:
+        with self._lock:
+            return sum(len(w) for w in self._waiters.values())
 
     def install_page(self, kind: int, page: int, src: int) -> int:
         """The demand path: one page from address src; 1 if installed, 0 if it was
@@ -198,8 +208,10 @@ class Receiver(threading.Thread):
     def __init__(self, name: str, ch: Channel, installer: Installer, max_pages: int,
                  on_ctrl: Callable[[dict], None] | None = None, on_end: Callable[[], None] | None = None,
                  on_error: Callable[[BaseException], None] | None = None, cpu: int | None = None,
-                 demand: bool = False, buffers: int = 1):
+                 demand: bool = False, buffers: int = 1, on_closed: Callable[[], None] | None = None):
         super().__init__(name=name, daemon=True)
+        self.on_closed = on_closed  # the peer closed the link (end of stream)
+        self.last_rx = time.monotonic()  # any frame, heartbeats included: the link is alive
         self.cpu = cpu
         self.demand = demand
         self.ch = ch
@@ -227,6 +239,9 @@ class Receiver(threading.Thread):
         except (OSError, ProtocolError) as e:
             if self.on_error:
                 self.on_error(e)
+            return
+        if self.on_closed:
+            self.on_closed()
 
     def _run_demand(self) -> None:
         ch, buf, inst = self.ch, self.bufs[0], self.installer
@@ -234,6 +249,7 @@ class Receiver(threading.Thread):
             f = ch.recv_demand_page(buf.view)
             if f is None:
                 return
+            self.last_rx = time.monotonic()
             inst.install_page(f.kind, f.start, buf.addr)
 
     def _next_pages(self, buf: FrameBuffer) -> Frame | None:
@@ -244,11 +260,14 @@ class Receiver(threading.Thread):
             f = ch.recv_frame()
             if f is None:
                 return None
+            self.last_rx = time.monotonic()
             if f.type == T_PAGES:
                 if f.length > buf.size:
-                    raise ProtocolError(f"PAGES frame of {f.length} bytes exceeds {buf.size}")
+                    raise ProtocolError(f"PAGES frame of {f.length} bytes, at most {buf.size} fit")
                 ch.recv_payload_into(buf.view, f.length)
                 return f
+            elif f.type == T_PING:
+                continue
             elif f.type == T_END:
                 if self.on_end:
                     self.on_end()
@@ -328,17 +347,42 @@ class VcpuMap:
         return v
 
 
-class UffdReader(threading.Thread):
-    """Reads fault messages from one uffd in batches and requests their pages."""
+class DemandPort:
+    """A demand channel that survives link failures: readers send through it while
+    the run swaps the channel underneath on each (re)connection. While the link is
+    down, `ch` is None and requests are dropped: every page still waited for is
+    requested again on recovery (Installer.waiting_pages)."""
 
-    def __init__(self, name: str, uf: Uffd, installer: Installer, ch: Channel, vcpus: VcpuMap,
+    def __init__(self, on_lost: Callable[[BaseException, int], None]):
+        # (channel, epoch) swapped as one object, so a user that read it knows which
+        # epoch a failure it sees belongs to (a stale one must not drop a new link).
+        self.cur: tuple[Channel, int] | None = None
+        self.on_lost = on_lost
+
+    def send_request(self, pages) -> None:
+        cur = self.cur
+        if cur is None:
+            return
+        try:
+            cur[0].send_request(pages)
+        except OSError as e:
+            self.on_lost(e, cur[1])
+
+
+class UffdReader(threading.Thread):
+    """Reads fault messages from one uffd in batches and requests their pages.
+    `link_up` (optional): while it is clear the reader leaves messages in the uffd,
+    so faults of blocked vCPUs show as the uffd's `pending` queue."""
+
+    def __init__(self, name: str, uf: Uffd, installer: Installer, ch, vcpus: VcpuMap,
                  stop_fd: int, on_error: Callable[[BaseException], None] | None = None,
-                 cpu: int | None = None):
+                 cpu: int | None = None, link_up: threading.Event | None = None):
         super().__init__(name=name, daemon=True)
         self.cpu = cpu
         self.uf, self.installer, self.ch, self.vcpus, self.stop_fd = uf, installer, ch, vcpus, stop_fd
         self.stats = installer.tel.add_reader(name)
         self.on_error = on_error
+        self.link_up = link_up
         self.stopping = False
 
     def run(self) -> None:
@@ -355,6 +399,9 @@ class UffdReader(threading.Thread):
             while not self.stopping:
                 # poll, then one read for the whole batch: 2 syscalls per wake-up
                 poller.poll()
+                if self.link_up is not None and not self.link_up.is_set():
+                    self.link_up.wait(0.05)  # the link is down: leave faults queued in the uffd
+                    continue
                 raw = uf.read_raw(64)
                 if not raw:
                     continue
@@ -383,9 +430,12 @@ class VcpuExitHandler:
     """vcpu-exit strategy: the vCPU thread that got the memory-fault exit fetches
     its own page on its own channel, installs it, and goes back into the guest."""
 
-    def __init__(self, installer: Installer, channels: list[Channel]):
+    def __init__(self, installer: Installer, channels: list, link_up: threading.Event | None = None,
+                 failed: Callable[[], bool] = lambda: False):
         self.installer = installer
-        self.channels = channels
+        self.channels = channels  # DemandPorts (or Channels when the link cannot fail)
+        self.link_up = link_up
+        self.failed = failed
         self.bufs = [FrameBuffer(installer.page_size) for _ in channels]
         self.address_sources: set[str] = set()
         self.outside = 0  # exits for addresses outside guest data memory (not ours to fix)
@@ -398,12 +448,30 @@ class VcpuExitHandler:
         if not 0 <= page < inst.npages or not 0 <= vcpu < len(self.channels):
             self.outside += 1
             return False
-        if not inst.present[page]:
-            ch, buf = self.channels[vcpu], self.bufs[vcpu]
-            ch.send_request((page,))
-            inst.tel.requests += 1
-            f = ch.recv_demand_page(buf.view)
-            if f is None or f.start != page:
+        while not inst.present[page]:
+            port, buf = self.channels[vcpu], self.bufs[vcpu]
+            cur = port.cur if isinstance(port, DemandPort) else (port, None)
+            if cur is None:  # link down: this vCPU waits here until it is back (or the run fails)
+                if self.failed():
+                    raise ProtocolError("the link is gone")
+                self.link_up.wait(0.05)
+                continue
+            ch, epoch = cur
+            try:
+                ch.send_request((page,))
+                inst.tel.requests += 1
+                f = ch.recv_demand_page(buf.view)
+            except (OSError, LinkClosed) as e:  # a frame cut by the link closing is a link failure
+                if epoch is None:
+                    raise
+                port.on_lost(e, epoch)
+                continue
+            if f is None:
+                if epoch is None:
+                    raise ProtocolError(f"vCPU {vcpu}: the link closed")
+                port.on_lost(LinkClosed("end of stream"), epoch)
+                continue
+            if f.start != page:
                 raise ProtocolError(f"vCPU {vcpu}: asked for page {page}, got {f}")
             inst.install_page(f.kind, f.start, buf.addr)
         inst.tel.stall(vcpu, _monotonic_ns() - t0)

@@ -2,9 +2,12 @@
 
 This process is the destination: it owns the guest memory (registered with
 userfaultfd), runs the guest workload, installs pages, keeps the telemetry
-and serves the control socket. The source is a child process
-(`python -m pctop.engine.source`) joined by unix socketpairs: one or more
-demand channels and one background channel.
+and serves the control socket. The source is either a child process
+(`python -m pctop.engine.source`, listening on a unix socket in a private
+directory: what `pctop demo` does) or a `pctop engine source` anywhere on the
+network (`connect`). Either way one or more demand channels and one background
+channel, opened with the handshake of docs/protocol.md; a failed link pauses
+the run and is recovered (pctop.engine.recovery).
 
 The run ends when every page has arrived (then the vCPUs are stopped), or
 when `duration` elapses (the vCPUs are stopped and the source is told to
@@ -14,10 +17,13 @@ stream everything left, unlimited). Then every page is verified.
 from __future__ import annotations
 
 import ctypes
+import json
 import os
-import socket
+import select
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -28,12 +34,16 @@ from pctop.engine.control import ControlServer, default_path
 from pctop.engine.dest import Installer, pin, Receiver, UffdReader, VcpuExitHandler, VcpuMap
 from pctop.engine.image import PageImage
 from pctop.engine.integrity import IntegrityReport, verify
+from pctop.engine.link import DestLink, LinkError, parse_address
+from pctop.engine.recovery import Link
 from pctop.engine.source import MAX_CHUNK_PAGES
 from pctop.engine.telemetry import Telemetry, UffdGauge
-from pctop.engine.transport import Channel
+from pctop.engine.transport import Channel, HandshakeRefused, LinkClosed, ProtocolError, config_digest
 from pctop.engine.uffd import AnonMemory
 
 PAGE_SIZE = 4096
+# Control commands this engine takes (listed in status so clients show what works).
+COMMANDS = ("status", "pause", "resume", "bandwidth", "latency", "drop-link", "recover")
 
 
 class EngineError(Exception):
@@ -48,7 +58,7 @@ class EngineConfig:
     readers: int = 1
     pattern: str = "random"
     write_ratio: float = 0.0
-    bandwidth: int = 0  # background bytes/s, 0 = unlimited
+    bandwidth: int | None = 0  # background bytes/s, 0 = unlimited; None = the source's own (connect)
     background: bool = True
     prefetch: int = 0  # pages after each demand fault the stream sends first
     duration: float | None = None
@@ -64,6 +74,14 @@ class EngineConfig:
     # up to a scheduler tick (measured: 150 faults/s instead of 12k), so it is opt-in.
     pin: bool = False
     corrupt_page: int | None = None  # test hook: damage this page before verifying
+    # The link (docs/protocol.md). connect: a `pctop engine source` address; None = start one here.
+    connect: str | None = None
+    token: bytes | None = None  # shared token, when the source requires one
+    auto_recover: bool = False  # reconnect by itself after a link failure (else: `recover`)
+    latency_us: int = 0  # added by the source to every demand reply
+    link_timeout: float = 3.0  # no frame (data or heartbeat) this long: the link is down
+    give_up_s: float = 5.0  # the source's address refuses connections this long: it is gone
+    recover_timeout: float = 60.0  # the link down this long, for any reason: fail
 
 
 def pick_workload(kind: str):
@@ -89,7 +107,11 @@ class Engine:
         self.source_ready = threading.Event()
         self.errors: list[str] = []
         self.background_state = "running" if cfg.background else "off"
-        self.bandwidth_limit = cfg.bandwidth
+        self.bandwidth_limit = cfg.bandwidth or 0
+        self.latency_us = cfg.latency_us
+        self.link: Link | None = None
+        self.source_proc: subprocess.Popen | None = None
+        self.failure: str | None = None
         self.address_source = "uffd"
         self.workload = None
         self.report: IntegrityReport | None = None
@@ -110,11 +132,24 @@ class Engine:
              "bandwidth_bps": round(self.tel.bandwidth_bps(), 1),
              "bandwidth_limit_bps": self.bandwidth_limit, "background": self.background_state}
         d.update(c)
+        d.update(self._link_status())
         return d
+
+    def _link_status(self) -> dict:
+        ln = self.link
+        inst = getattr(self, "installer", None)
+        return {"commands": list(COMMANDS), "link": ln.state if ln else "down",
+                "link_drops": ln.drops if ln else 0, "recoveries": ln.recoveries if ln else 0,
+                "link_error": ln.error if ln else None, "epoch": ln.epoch if ln else 0,
+                "latency_us": self.latency_us,
+                "pages_missing": self.npages - (inst.present_count if inst else 0),
+                "faults_waiting": inst.waiting_faults() if inst else 0}
 
     # --- control commands ---
     def _ctrl(self, msg: dict) -> None:
-        self.bg.send_ctrl(msg)
+        if self.link is None:
+            raise ValueError("not connected to the source yet")
+        self.link.send_ctrl(msg)
 
     def cmd_pause(self, _arg) -> None:
         if self.background_state == "off":
@@ -129,7 +164,7 @@ class Engine:
             raise ValueError("the background stream is off (--no-background)")
         self._ctrl({"cmd": "resume"})
         self.background_state = "running"
-        if self.state == "paused":
+        if self.state == "paused" and self.link is not None and self.link.state == "up":
             self.state = "postcopy"
 
     def cmd_bandwidth(self, arg) -> None:
@@ -138,29 +173,63 @@ class Engine:
         self._ctrl({"cmd": "bandwidth", "arg": int(arg)})
         self.bandwidth_limit = int(arg)
 
+    def cmd_latency(self, arg) -> None:
+        if isinstance(arg, bool) or not isinstance(arg, int) or not 0 <= arg <= 10_000_000:
+            raise ValueError("latency needs whole microseconds, 0..10000000")
+        self._ctrl({"cmd": "latency", "arg": arg})
+        self.latency_us = arg
+
+    def cmd_drop_link(self, _arg) -> None:
+        if self.link is None or self.state not in ("postcopy", "paused"):
+            raise ValueError(f"no link to drop in state {self.state}")
+        self.link.drop()
+
+    def cmd_recover(self, _arg) -> None:
+        if self.link is None:
+            raise ValueError("not connected to the source yet")
+        self.link.request_recover()
+
+    def _on_link_change(self, link_state: str) -> None:
+        if self.state in ("stopping", "completed", "failed", "precopy"):
+            return
+        if link_state == "down":
+            self.state = "paused"
+        elif link_state == "recovering":
+            self.state = "recovering"
+        else:
+            self.state = "paused" if self.background_state == "paused" else "postcopy"
+
     # --- set-up ---
-    def _spawn_source(self, demand_channels: int) -> tuple[list[Channel], Channel]:
+    def _source_address(self, demand_channels: int) -> str:
+        """Where the source listens: cfg.connect, or a child started here on a unix socket."""
         cfg = self.cfg
-        pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(demand_channels + 1)]
-        child_fds = [b.fileno() for _, b in pairs]
+        if cfg.connect:
+            return cfg.connect
+        tmp = tempfile.mkdtemp(prefix="pctop-engine-")
+        self._cleanup.append(lambda: shutil.rmtree(tmp, ignore_errors=True))
         argv = [sys.executable, "-m", "pctop.engine.source", "--npages", str(self.npages),
-                "--page-size", str(cfg.page_size), "--seed", str(cfg.seed),
-                "--bandwidth", str(cfg.bandwidth), "--prefetch", str(cfg.prefetch),
-                "--bg-fd", str(child_fds[-1])]
-        for fd in child_fds[:-1]:
-            argv += ["--demand-fd", str(fd)]
+                "--page-size", str(cfg.page_size), "--seed", str(cfg.seed), "--listen", f"unix:{tmp}/source.sock",
+                "--bandwidth", str(cfg.bandwidth or 0), "--prefetch", str(cfg.prefetch), "--wait", "30"]
         if not cfg.background:
             argv.append("--no-background")
         cpus = [self._cpu_for(i) for i in range(demand_channels)]
         argv.append("--demand-cpus=" + ",".join(str(-1 if c is None else c) for c in cpus))
-        self.source_proc = subprocess.Popen(argv, pass_fds=child_fds)
+        self.source_proc = subprocess.Popen(argv, stdout=subprocess.PIPE)
         self._cleanup.append(self._reap_source)
-        for _, b in pairs:
-            b.close()
-        chans = [Channel(a, self.npages, cfg.page_size) for a, _ in pairs]
-        for ch in chans:
-            self._cleanup.append(ch.close)
-        return chans[:-1], chans[-1]
+        out = self.source_proc.stdout
+        deadline = time.monotonic() + 120
+        while not select.select([out], [], [], 0.1)[0]:
+            if self.source_proc.poll() is not None:
+                raise EngineError(f"the source process exited with status {self.source_proc.returncode} "
+                                  "before its image was ready")
+            if time.monotonic() > deadline:
+                raise EngineError("the source process did not build its image within 120 s")
+        line = out.readline()
+        out.close()
+        try:
+            return json.loads(line)["address"]
+        except (ValueError, KeyError):
+            raise EngineError(f"the source process said {line!r} instead of where it listens") from None
 
     def _cpu_for(self, index: int) -> int | None:
         """The CPU of vCPU / shard / channel `index` when pinning, else None."""
@@ -172,7 +241,7 @@ class Engine:
     def _reap_source(self) -> None:
         p = self.source_proc
         try:
-            p.wait(timeout=5)
+            p.wait(timeout=0.1 if self.state == "failed" else 5)
         except subprocess.TimeoutExpired:
             p.kill()
             p.wait()
@@ -185,6 +254,38 @@ class Engine:
         if self.state not in ("completed", "stopping"):
             self.errors.append(f"{type(e).__name__}: {e}")
 
+    def _link_failed(self, epoch: int) -> Callable[[BaseException], None]:
+        """on_error of an epoch's receivers: a broken link pauses the run (it can be
+        recovered); a peer that breaks the protocol fails it."""
+        def on_error(e: BaseException) -> None:
+            if isinstance(e, ProtocolError) and not isinstance(e, LinkClosed):
+                self._on_error(e)
+            elif self.link is not None:
+                self.link.lost(e, epoch)
+        return on_error
+
+    def _attach(self, demand: list[Channel], bg: Channel, epoch: int) -> Receiver:
+        """Start the receivers of one epoch's channels; the background receiver is the
+        one whose last frame time is the link's heartbeat."""
+        lost = self._link_failed(epoch)
+        closed = lambda: self.link.lost("the source closed the link", epoch)  # noqa: E731
+        bg_rx = Receiver(f"bg-receiver{epoch}", bg, self.installer, MAX_CHUNK_PAGES, buffers=3,
+                         on_ctrl=self._on_source_ctrl, on_end=self.source_ended.set, on_error=lost,
+                         on_closed=closed)
+        threads = [bg_rx]
+        if not self.layout.vcpu_exit:
+            for i, ch in enumerate(demand):
+                threads.append(Receiver(f"demand-receiver{i}.{epoch}", ch, self.installer, 64, on_error=lost,
+                                        on_closed=closed, cpu=self._cpu_for(i), demand=True))
+        for t in threads:
+            t.start()
+        self._threads += threads
+        return bg_rx
+
+    def _after_recovery(self) -> None:
+        if not self.layout.vcpu_exit:  # vCPUs of vcpu-exit ask again themselves
+            self.link.waiting_requests(self.installer.waiting_pages())
+
     def _setup(self) -> None:
         cfg = self.cfg
         self.mem = AnonMemory(cfg.memory)
@@ -194,33 +295,50 @@ class Engine:
         for uf, _, _ in self.layout.shards:
             self._cleanup.append(uf.close)
             self.tel.uffds.append(UffdGauge(uf.fd))
-        demand, self.bg = self._spawn_source(self.layout.demand_channels)
+        address = self._source_address(self.layout.demand_channels)
         self.installer = Installer(self.mem.addr, self.npages, cfg.page_size, self.layout.shards, self.tel)
         self._stop_fd = os.eventfd(0, os.EFD_CLOEXEC)
         self._cleanup.append(lambda: os.close(self._stop_fd))
         self._threads: list[threading.Thread] = []
-        bg_rx = Receiver("bg-receiver", self.bg, self.installer, MAX_CHUNK_PAGES, buffers=3,
-                         on_ctrl=self._on_source_ctrl, on_end=self.source_ended.set, on_error=self._on_error)
-        self._threads.append(bg_rx)
+        self._cleanup.append(lambda: [r.close() for r in self._threads if isinstance(r, Receiver)])
+        try:
+            dest = DestLink(parse_address(address), cfg.token, self.npages, cfg.page_size,
+                            config_digest(self.npages, cfg.page_size, cfg.seed, 1), self.layout.demand_channels)
+        except LinkError as e:
+            raise EngineError(str(e)) from None
+        self.link = Link(dest, self.layout.demand_channels, self._attach, lambda: self.installer.present,
+                         self._after_recovery, self._on_link_change, auto_recover=cfg.auto_recover,
+                         link_timeout=cfg.link_timeout, give_up_s=cfg.give_up_s,
+                         recover_timeout=cfg.recover_timeout, log=self.log)
+        self._cleanup.append(lambda: self.link.close(stop_source=False))
+        try:
+            settings = self.link.connect(timeout_s=cfg.give_up_s)
+        except HandshakeRefused as e:
+            raise EngineError(str(e)) from None
+        except ConnectionError as e:
+            raise EngineError(str(e)) from None
+        if cfg.bandwidth is not None:
+            self._ctrl({"cmd": "bandwidth", "arg": cfg.bandwidth})
+        else:
+            self.bandwidth_limit = int(settings.get("bandwidth") or 0)
+        if cfg.connect and not cfg.background:
+            self._ctrl({"cmd": "background", "arg": False})
+        elif cfg.connect and settings.get("background") is False:
+            self.background_state = "off"
+        if cfg.latency_us:
+            self._ctrl({"cmd": "latency", "arg": cfg.latency_us})
         self.vcpu_exit = None
         if self.layout.vcpu_exit:
-            self.vcpu_exit = VcpuExitHandler(self.installer, demand)
+            self.vcpu_exit = VcpuExitHandler(self.installer, self.link.ports, self.link.up,
+                                             failed=lambda: self.link.fatal is not None or self.state == "failed")
             self._cleanup.append(self.vcpu_exit.close)
-        else:
-            for i, ch in enumerate(demand):
-                self._threads.append(Receiver(f"demand-receiver{i}", ch, self.installer, 64,
-                                              on_error=self._on_error, cpu=self._cpu_for(i),
-                                              demand=True))
-        self._demand = demand
-        for t in self._threads:
-            t.start()
-        self._cleanup.append(lambda: [r.close() for r in self._threads if isinstance(r, Receiver)])
+        self._demand = self.link.ports
 
     def _start_readers(self, vmap: VcpuMap) -> None:
         for n, (shard, chan) in enumerate(self.layout.readers):
             uf = self.layout.shards[shard][0]
             r = UffdReader(f"uffd-reader{n}", uf, self.installer, self._demand[chan], vmap, self._stop_fd,
-                           on_error=self._on_error, cpu=self._cpu_for(n))
+                           on_error=self._on_error, cpu=self._cpu_for(n), link_up=self.link.up)
             self._readers.append(r)
             r.start()
 
@@ -229,7 +347,8 @@ class Engine:
         if not path:
             return None
         srv = ControlServer(path, self.status, {"pause": self.cmd_pause, "resume": self.cmd_resume,
-                                                "bandwidth": self.cmd_bandwidth})
+                                                "bandwidth": self.cmd_bandwidth, "latency": self.cmd_latency,
+                                                "drop-link": self.cmd_drop_link, "recover": self.cmd_recover})
         srv.start()
         self._cleanup.append(srv.close)
         self.control_path = path
@@ -240,9 +359,9 @@ class Engine:
         """Migrate, verify, and return the summary (see summary())."""
         cfg = self.cfg
         try:
-            self._setup()
             self._start_control()
-            self._wait_source_ready(120)
+            self._setup()
+            self._wait_source_ready(30)
             wl = self.workload_cls(self.mem.addr, cfg.memory, cfg.vcpus, pattern=cfg.pattern,
                                    write_ratio=cfg.write_ratio, seed=cfg.seed, layout=cfg.layout,
                                    hot_fraction=cfg.hot_fraction, passes=cfg.passes, page_size=cfg.page_size)
@@ -251,7 +370,7 @@ class Engine:
             vmap = VcpuMap(wl.vcpu_tids, self.tel)
             if self.vcpu_exit is None:
                 self._start_readers(vmap)
-            self.state = "postcopy"
+            self.state = "postcopy" if self.link.state == "up" else "paused"
             self.tel.vcpu_started = time.monotonic()
             wl.start(on_memory_fault=self.vcpu_exit.on_memory_fault if self.vcpu_exit else None)
             vmap.refresh()
@@ -263,8 +382,9 @@ class Engine:
             self._verify()
             self.state = "completed" if self.report.ok and not self.errors else "failed"
             return self.summary()
-        except BaseException:
+        except BaseException as e:
             self.state = "failed"
+            self.failure = self.failure or str(e)
             raise
         finally:
             self._teardown()
@@ -272,7 +392,9 @@ class Engine:
     def _wait_source_ready(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
         while not self.source_ready.wait(0.05):
-            if self.source_proc.poll() is not None:
+            if self.link.fatal:
+                raise EngineError(self.link.fatal)
+            if self.source_proc is not None and self.source_proc.poll() is not None:
                 raise EngineError(f"the source process exited with status {self.source_proc.returncode} "
                                   "before its image was ready")
             if time.monotonic() > deadline:
@@ -288,13 +410,17 @@ class Engine:
             now = time.monotonic()
             if self.errors:
                 raise EngineError(self.errors[0])
-            if self.source_proc.poll() is not None:
-                raise EngineError(f"the source process exited with status {self.source_proc.returncode}")
+            if self.source_proc is not None and self.source_proc.poll() is not None:
+                raise EngineError(self._failure_message(
+                    f"the source is gone: the source process exited with status {self.source_proc.returncode}"))
+            self.link.check(now)
+            if self.link.fatal:
+                raise EngineError(self._failure_message(self.link.fatal))
             guest_done = wl.wait(0)
             if not pulled and ((t_end is not None and now >= t_end) or guest_done):
                 # Out of time, or the guest will touch nothing more: stop it, pull the rest.
                 self._stop_vcpus()
-                self.bg.send_ctrl({"cmd": "finish"})
+                self.link.send_ctrl({"cmd": "finish"})
                 self.background_state = "running"
                 pulled = True
             if on_tick and now >= next_tick:
@@ -303,6 +429,14 @@ class Engine:
         self._stop_vcpus()
         if self.vcpu_exit is not None:
             self.address_source = ",".join(sorted(self.vcpu_exit.address_sources)) or "guest-assisted"
+
+    def _failure_message(self, why: str) -> str:
+        """Why the run fails and what never arrived (the guest's loss had it been real)."""
+        missing = self.npages - self.installer.present_count
+        waiting = self.installer.waiting_faults()
+        self.failure = (f"{why}; {missing} of {self.npages} pages never arrived, "
+                        f"{waiting} vCPU faults were waiting; vCPUs stopped")
+        return self.failure
 
     def _stop_vcpus(self) -> None:
         if self.tel.vcpu_stopped is None:
@@ -316,11 +450,11 @@ class Engine:
         os.eventfd_write(self._stop_fd, 1)
         for r in self._readers:
             r.join(5)
-        for ch in self._demand + [self.bg]:
-            ch.close()  # the source sees EOF and exits; receivers see EOF and return
+        self.link.close(stop_source=True)  # the source exits; receivers see EOF and return
         for t in self._threads:
             t.join(5)
-        self._reap_source()
+        if self.source_proc is not None:
+            self._reap_source()
 
     def _verify(self) -> None:
         cfg = self.cfg
@@ -374,5 +508,9 @@ class Engine:
              "bytes_received": c["bytes_received"], "fault_rate": c["fault_rate"],
              "vcpu_seconds": round(self.tel.vcpu_seconds(), 3), "elapsed_s": c["elapsed_s"],
              "per_vcpu": c["per_vcpu"], "reader_threads": c["reader_threads"], "uffds": c["uffds"],
-             "errors": self.errors}
+             "errors": self.errors,
+             "link_drops": self.link.drops if self.link else 0,
+             "recoveries": self.link.recoveries if self.link else 0, "failure": self.failure,
+             "stall_us_p50": self.tel.stall_percentile_us(0.5),
+             "stall_us_p99": self.tel.stall_percentile_us(0.99)}
         return s

@@ -9,10 +9,16 @@ and thread: it walks the image in chunks, skips pages already sent on
 demand, paces itself to a bandwidth limit (0 = unlimited), and optionally
 prefetches the pages after recent demand faults first. Control frames from
 the destination arrive on the background channel (pause, resume, bandwidth,
-finish = stream everything left now, unlimited).
+latency, background, finish = stream everything left now, unlimited; stop = the
+destination has every page).
 
-Run as `python -m pctop.engine.source --npages N --demand-fd FD... --bg-fd FD`;
-pctop.engine.run starts it with the socket ends inherited.
+The source outlives link failures: pctop.engine.link.SourceServer accepts the
+destination's channels per epoch and calls attach() / start() / stop_epoch();
+the sent-page bitmap, the stream position and the settings carry over, and a
+resumed epoch first corrects the bitmap from the destination's RESUME map.
+
+Run as `pctop engine source --listen HOST:PORT` (engine_cli) or
+`python -m pctop.engine.source --npages N --listen unix:PATH` (what pctop demo starts).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from __future__ import annotations
 import argparse
 import collections
 import ctypes
+import json
 import mmap
 import os
 import select
@@ -30,10 +37,11 @@ import time
 
 from pctop.engine.image import PageImage
 from pctop.engine.transport import (KIND_BACKGROUND, KIND_DEMAND, KIND_PREFETCH, T_CTRL,
-                                    Channel, ProtocolError)
+                                    Channel, ProtocolError, config_digest)
 
 MAX_CHUNK_PAGES = 512  # 2 MiB of 4 KiB pages: the size raw UFFDIO_COPY is fastest at
 PACE_SLICE_S = 0.01  # with a limit, send about 10 ms worth per chunk
+HEARTBEAT_S = 0.5  # a PING when the background channel was quiet this long
 
 
 class Source:
@@ -53,10 +61,41 @@ class Source:
         # 1 = sent once (demand or stream). Shared memory, so that forked demand
         # servers (see run) and the stream see the same bitmap.
         self.sent = mmap.mmap(-1, max(1, npages))
+        # Injected demand-reply latency (us), shared with forked demand servers likewise.
+        self._shared = mmap.mmap(-1, 8)
+        self._latency = ctypes.c_uint64.from_buffer(self._shared)
         self._prefetch_q: collections.deque[int] = collections.deque(maxlen=4096)
         self._cursor = 0
         self._done = threading.Event()
+        self.finished = False  # the destination said it has every page
+        self._stream_thread: threading.Thread | None = None
+        self._demand_threads: list[threading.Thread] = []
+        self._children: list[int] = []
         self.stats = {"demand_pages": 0, "background_pages": 0, "prefetch_pages": 0, "requests": 0}
+
+    @property
+    def latency_us(self) -> int:
+        return self._latency.value
+
+    @latency_us.setter
+    def latency_us(self, us: int) -> None:
+        self._latency.value = max(0, int(us))
+
+    # --- epochs (link.SourceServer) ---
+    def attach(self, demand: list[Channel], bg: Channel) -> None:
+        """New channels after a (re)connection; everything else carries over."""
+        self.demand, self.bg = demand, bg
+        self._done = threading.Event()
+
+    def apply_resume(self, present: bytearray) -> int:
+        """The destination's map of the pages it holds: exactly the others are unsent
+        (pages lost in flight go again). The stream moves back to the first unsent page
+        only if that lies behind it. Returns how many pages the destination lacks."""
+        self.sent[:self.npages] = bytes(present)
+        first = self.sent.find(b"\x00", 0, self.npages)
+        if 0 <= first < self._cursor:
+            self._cursor = first
+        return self.npages - bytes(present).count(1)
 
     # --- demand ---
     def serve_demand(self, ch: Channel, index: int = 0) -> None:
@@ -69,6 +108,9 @@ class Source:
             pages = ch.recv_requests()
             if pages is None:
                 return
+            if self._latency.value:  # injected latency, from the request's arrival
+                due = time.monotonic() + self._latency.value / 1e6
+                time.sleep(max(0.0, due - time.monotonic()))
             sent, buf = self.sent, self.buf
             if len(pages) == 1:  # the common case: one fault, one page
                 p = pages[0]
@@ -92,9 +134,14 @@ class Source:
             self.paused = False
         elif cmd == "bandwidth":
             self.bandwidth = max(0, int(msg.get("arg", 0)))
+        elif cmd == "latency":
+            self.latency_us = int(msg.get("arg", 0))
+        elif cmd == "background":
+            self.background = bool(msg.get("arg"))
         elif cmd == "finish":  # the destination wants everything left, now
             self.background, self.paused, self.bandwidth = True, False, 0
-        elif cmd == "stop":
+        elif cmd == "stop":  # the destination has every page: the migration is complete
+            self.finished = True
             self._done.set()
 
     def _poll_ctrl(self, timeout_s: float) -> bool:
@@ -145,9 +192,14 @@ class Source:
         ps = self.page_size
         window_t, window_bytes, window_bw = time.monotonic(), 0, self.bandwidth
         ended = False
+        last_sent = time.monotonic()
         while not self._done.is_set():
             if not self._poll_ctrl(0):
                 return
+            if time.monotonic() - last_sent > HEARTBEAT_S:
+                # The destination's only way to notice a silently dead link.
+                self.bg.send_ping()
+                last_sent = time.monotonic()
             if window_bw != self.bandwidth:
                 window_t, window_bytes, window_bw = time.monotonic(), 0, self.bandwidth
             if not self.background or self.paused or ended:
@@ -170,17 +222,24 @@ class Source:
             for s, n in runs:
                 self.sent[s:s + n] = b"\x01" * n
             self.bg.send_page_list(kind, [(s, n, self.buf[s * ps:(s + n) * ps]) for s, n in runs])
+            last_sent = time.monotonic()
             moved = sum(n for _, n in runs)
             window_bytes += moved * ps
             self.stats["prefetch_pages" if kind == KIND_PREFETCH else "background_pages"] += moved
 
     def run(self, fork_demand: bool = False) -> None:
-        """Serve every channel until the destination closes them. fork_demand: each
-        demand channel is served by its own forked process instead of a thread, so
-        demand servers of different vCPUs never wait for one another's GIL (each
-        hand-over between CPUs costs a cross-CPU wake-up). Prefetch hints live in
-        this process, so prefetching keeps threads."""
-        children = []
+        """Serve every channel until the destination closes them (one epoch)."""
+        self.start(fork_demand)
+        self._stream_thread.join()
+        self.stop_epoch()
+
+    def start(self, fork_demand: bool = False) -> None:
+        """Start serving the attached channels. fork_demand: each demand channel is
+        served by its own forked process instead of a thread, so demand servers of
+        different vCPUs never wait for one another's GIL (each hand-over between CPUs
+        costs a cross-CPU wake-up). Prefetch hints live in this process, so
+        prefetching keeps threads. Call from the thread that owns the process (fork)."""
+        self._children, self._demand_threads = [], []
         if fork_demand and not self.prefetch and len(self.demand) > 1:
             for i, ch in enumerate(self.demand):
                 pid = os.fork()
@@ -191,21 +250,40 @@ class Source:
                         self._guard(self.serve_demand, ch, i)
                     finally:
                         os._exit(0)
-                children.append(pid)
+                self._children.append(pid)
                 ch.sock.close()
         else:
             for i, ch in enumerate(self.demand):
-                threading.Thread(target=self._guard, args=(self.serve_demand, ch, i), daemon=True,
-                                 name=f"demand{i}").start()
-        try:
-            self._guard(self.stream)
-        finally:
-            for pid in children:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                    os.waitpid(pid, 0)
-                except OSError:
-                    pass
+                t = threading.Thread(target=self._guard, args=(self.serve_demand, ch, i), daemon=True,
+                                     name=f"demand{i}")
+                t.start()
+                self._demand_threads.append(t)
+        self._stream_thread = threading.Thread(target=self._guard, args=(self.stream,), daemon=True,
+                                               name="stream")
+        self._stream_thread.start()
+
+    def active(self) -> bool:
+        """The epoch is being served (its stream has not ended)."""
+        return self._stream_thread is not None and self._stream_thread.is_alive()
+
+    def stop_epoch(self) -> None:
+        """End the current epoch: shut its sockets (a send blocked on a dead link
+        returns), wait for its threads, end its forked servers."""
+        self._done.set()
+        for ch in list(self.demand) + [self.bg]:
+            if ch is not None and ch.sock.fileno() >= 0:
+                ch.close()
+        if self._stream_thread is not None:
+            self._stream_thread.join(5)
+        for t in self._demand_threads:
+            t.join(5)
+        for pid in self._children:
+            try:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+            except OSError:
+                pass
+        self._children, self._demand_threads = [], []
 
     def _guard(self, fn, *args) -> None:
         try:
@@ -223,29 +301,57 @@ def _die_with_parent() -> None:
     ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
+def serve_source(addr, npages: int, seed: int = 1, page_size: int = 4096, generation: int = 1,
+                 bandwidth: int = 0, background: bool = True, prefetch: int = 0, token: bytes | None = None,
+                 wait_s: float = 60.0, demand_cpus: list[int] | None = None, on_listening=None,
+                 quiet: bool = False) -> int:
+    """Build the image, listen at addr, serve one destination across link failures.
+    Exit status: 0 the destination has every page, 1 it never came (back)."""
+    from pctop.engine.link import SourceServer, bound_address, listen_socket
+
+    image = PageImage(npages, page_size, seed, generation)
+    buf = image.build()
+    listener = listen_socket(addr)
+    try:
+        if on_listening:
+            on_listening(bound_address(listener, addr))
+        src = Source(buf, npages, page_size, [], None, bandwidth, background, prefetch, demand_cpus)
+        server = SourceServer(src, listener, config_digest(npages, page_size, seed, generation), token, wait_s,
+                              quiet=quiet)
+        return server.serve()
+    finally:
+        listener.close()
+        if addr.kind == "unix":
+            try:
+                os.unlink(addr.path)
+            except OSError:
+                pass
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The source as pctop.engine.run starts it: a child that dies with its parent and
+    says on stdout when it listens."""
+    from pctop.engine.link import parse_address
+
     ap = argparse.ArgumentParser(prog="python -m pctop.engine.source")
     ap.add_argument("--npages", type=int, required=True)
     ap.add_argument("--page-size", type=int, default=4096)
     ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--generation", type=int, default=1)
-    ap.add_argument("--demand-fd", type=int, action="append", required=True)
-    ap.add_argument("--bg-fd", type=int, required=True)
+    ap.add_argument("--listen", required=True)
     ap.add_argument("--bandwidth", type=int, default=0)
     ap.add_argument("--prefetch", type=int, default=0)
     ap.add_argument("--no-background", action="store_true")
+    ap.add_argument("--wait", type=float, default=60.0)
     ap.add_argument("--demand-cpus", default="", help="CPU per demand channel, comma-separated, -1 = any")
     a = ap.parse_args(argv)
     _die_with_parent()
-    image = PageImage(a.npages, a.page_size, a.seed, a.generation)
-    buf = image.build()
-    demand = [Channel.from_fd(fd, a.npages, a.page_size) for fd in a.demand_fd]
-    bg = Channel.from_fd(a.bg_fd, a.npages, a.page_size)
-    bg.send_ctrl({"ready": True})  # the image is built: the destination may start the guest
     cpus = [int(c) for c in a.demand_cpus.split(",") if c]
-    Source(buf, a.npages, a.page_size, demand, bg, a.bandwidth, not a.no_background, a.prefetch, cpus).run(
-        fork_demand=True)
-    return 0
+
+    def announce(bound) -> None:
+        print(json.dumps({"type": "listening", "address": str(bound)}), flush=True)
+    return serve_source(parse_address(a.listen), a.npages, a.seed, a.page_size, bandwidth=a.bandwidth,
+                        background=not a.no_background, prefetch=a.prefetch, wait_s=a.wait,
+                        demand_cpus=cpus, on_listening=announce, quiet=True)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ fault, small against a ~50 us round trip to the source).
 
 from __future__ import annotations
 
+import array
 import os
 import threading
 import time
@@ -46,6 +47,9 @@ class UffdGauge:
     samples: int = 0
 
 
+MAX_SAMPLES = 1 << 20
+
+
 class Telemetry:
     def __init__(self, vcpus: int, pages_total: int, page_size: int):
         self.lock = threading.Lock()
@@ -67,6 +71,9 @@ class Telemetry:
         self.stream_first: float | None = None  # first and last background install
         self.stream_last: float | None = None
         self._bw_window: list[tuple[float, int]] = []  # (time, background bytes) samples
+        # Exact stalls of vCPU faults (the first MAX_SAMPLES): percentiles finer than the
+        # log2 histogram, for the summary and bench/latency.py.
+        self.stall_samples = array.array("Q")
 
     # --- updates (hot path) ---
     def stall(self, vcpu: int, ns: int) -> None:
@@ -83,6 +90,8 @@ class Telemetry:
             if ns > v.max_ns:
                 v.max_ns = ns
             v.hist[bucket_index(ns / 1000)] += 1
+            if len(self.stall_samples) < MAX_SAMPLES:
+                self.stall_samples.append(ns)
         else:
             self.other_faults += 1
             self.other_stall_ns += ns
@@ -121,6 +130,14 @@ class Telemetry:
     def fault_rate(self) -> float:
         secs = self.vcpu_seconds()
         return self.faults_total() / secs if secs > 0 else 0.0
+
+    def stall_percentile_us(self, q: float) -> float:
+        """The q-quantile (0..1) of the recorded vCPU fault stalls, microseconds."""
+        with self.lock:
+            s = sorted(self.stall_samples)
+        if not s:
+            return 0.0
+        return round(s[min(len(s) - 1, int(q * len(s)))] / 1000, 1)
 
     def sample_uffds(self, pid: int | None = None) -> None:
         """Read each uffd's queue depth from fdinfo (a gauge: exact at the instant read)."""
