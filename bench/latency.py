@@ -39,7 +39,8 @@ def one(link: VethLink, rtt_us: int, netem: bool, seconds: float, memory: str) -
                                                 "delay", f"{rtt_us / 2000:.3f}ms"], check=True)
     src = link.popen("a", PCTOP + ["engine", "source", "--listen", f"{link.addr['a']}:0", "--memory", memory,
                                    "--no-background", "--wait", "30"],
-                     stdout=subprocess.PIPE, text=True, cwd=ROOT, env=dict(os.environ, PCTOP_ENGINE_TOKEN="bench"))
+                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT,
+                     env=dict(os.environ, PCTOP_ENGINE_TOKEN="bench"))
     try:
         address = json.loads(src.stdout.readline())["address"]
         argv = PCTOP + ["engine", "dest", "--connect", address, "--memory", memory, "--vcpus", "2", "--json",

@@ -29,6 +29,7 @@ import ctypes
 import json
 import mmap
 import os
+import queue
 import select
 import signal
 import sys
@@ -99,31 +100,52 @@ class Source:
 
     # --- demand ---
     def serve_demand(self, ch: Channel, index: int = 0) -> None:
-        ps = self.page_size
         if index < len(self.demand_cpus) and self.demand_cpus[index] >= 0:
             # Same CPU as the faulting vCPU (which sleeps meanwhile): a same-CPU wake-up
             # costs a tenth of a cross-CPU one here (platform.md).
             os.sched_setaffinity(0, {self.demand_cpus[index]})
+        delayed: queue.SimpleQueue | None = None
         while True:
             pages = ch.recv_requests()
             if pages is None:
+                if delayed is not None:
+                    delayed.put(None)
                 return
-            if self._latency.value:  # injected latency, from the request's arrival
-                due = time.monotonic() + self._latency.value / 1e6
-                time.sleep(max(0.0, due - time.monotonic()))
-            sent, buf = self.sent, self.buf
-            if len(pages) == 1:  # the common case: one fault, one page
-                p = pages[0]
-                sent[p] = 1
-                ch.send_pages(KIND_DEMAND, p, 1, buf[p * ps:(p + 1) * ps])
+            lat = self._latency.value
+            if lat:
+                # Injected latency, like a longer wire: each reply leaves `lat` after its
+                # request arrived, and requests behind it are not held up meanwhile.
+                if delayed is None:
+                    delayed = queue.SimpleQueue()
+                    threading.Thread(target=self._guard, args=(self._send_delayed, ch, delayed),
+                                     daemon=True, name="demand-delay").start()
+                delayed.put((time.monotonic() + lat / 1e6, pages))
             else:
-                for p in pages:
-                    sent[p] = 1
-                ch.send_page_list(KIND_DEMAND, [(p, 1, buf[p * ps:(p + 1) * ps]) for p in pages])
-            if self.prefetch:
-                self._prefetch_q.extend(pages)
-            self.stats["requests"] += 1
-            self.stats["demand_pages"] += len(pages)
+                self._reply(ch, pages)
+
+    def _send_delayed(self, ch: Channel, delayed: queue.SimpleQueue) -> None:
+        _fine_timer_slack()
+        while (item := delayed.get()) is not None:
+            due, pages = item
+            wait = due - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)
+            self._reply(ch, pages)
+
+    def _reply(self, ch: Channel, pages) -> None:
+        ps, sent, buf = self.page_size, self.sent, self.buf
+        if len(pages) == 1:  # the common case: one fault, one page
+            p = pages[0]
+            sent[p] = 1
+            ch.send_pages(KIND_DEMAND, p, 1, buf[p * ps:(p + 1) * ps])
+        else:
+            for p in pages:
+                sent[p] = 1
+            ch.send_page_list(KIND_DEMAND, [(p, 1, buf[p * ps:(p + 1) * ps]) for p in pages])
+        if self.prefetch:
+            self._prefetch_q.extend(pages)
+        self.stats["requests"] += 1
+        self.stats["demand_pages"] += len(pages)
 
     # --- background ---
     def _apply_ctrl(self, msg: dict) -> None:
@@ -294,6 +316,13 @@ class Source:
             if not self._done.is_set():
                 print(f"pctop engine source: {type(e).__name__}: {e}", file=sys.stderr)
             self._done.set()
+
+
+def _fine_timer_slack() -> None:
+    """1 us timer slack for the calling thread (default 50 us): injected delays of
+    100 us should not become 150."""
+    PR_SET_TIMERSLACK = 29
+    ctypes.CDLL(None).prctl(PR_SET_TIMERSLACK, 1000)
 
 
 def _die_with_parent() -> None:
