@@ -10,8 +10,14 @@ fixed terminal sizes; after a few samples the dashboard, the vCPU detail and
 the help screen are exported as SVG (Textual) and converted to PNG with
 rsvg-convert (package librsvg2-bin).
 
+A real QEMU post-copy migration (pctop.qemu.migration, 2 vCPUs, KVM when
+/dev/kvm is there) is shot the same way at the sample where QEMU's own
+blocktime arrives (QEMU 7.2 reports it only when the migration completes),
+beside pctop's stall: qemu-dashboard-80x24, qemu-detail-120x36.
+
 --record: `pctop record` against such a run writes small NDJSON recordings
-(eBPF tier and, with --no-ebpf, the degraded procfs tier).
+(eBPF tier and, with --no-ebpf, the degraded procfs tier; and one of a QEMU
+post-copy watched with --qmp).
 """
 
 from __future__ import annotations
@@ -99,6 +105,83 @@ async def shoot(sock: str, pid: int, out: Path, samples: int, w: int, h: int) ->
     return made
 
 
+QEMU_SHOTS = {(80, 24): (("dashboard", ()),), (120, 36): (("detail", ("home", "enter")),)}
+
+
+def qemu_migration():
+    """Two QEMUs booted, post-copy set up, pre-copy through one pass: ready to switch."""
+    from pctop.qemu.launch import default_accel
+    from pctop.qemu.migration import MIB, MigrationSettings, QemuMigration
+
+    mig = QemuMigration(MigrationSettings(accel=default_accel(), vcpus=2, region_mib=16,
+                                          postcopy_bandwidth=2 * MIB))
+    try:
+        mig.boot()
+        mig.prepare()
+        mig.start_precopy()
+        mig.wait_precopy_pass()
+    except BaseException:
+        mig.close()
+        raise
+    return mig
+
+
+async def shoot_qemu(out: Path, w: int, h: int) -> list[Path]:
+    from pctop.sources.qmp import attach
+    from pctop.stats import open_live
+    from pctop.ui.app import PctopApp
+    from pctop.ui.feeds import LiveFeed
+
+    made = []
+    mig = qemu_migration()
+    try:
+        pair = mig.pair
+        header, stats = open_live((pair.destination.pid, pair.source.pid), None, 1.0)
+        header, qmp = attach(header, stats, [pair.destination.qmp_path, pair.source.qmp_path])
+        app = PctopApp(LiveFeed(header, stats.collect, 1.0, controls=qmp, on_close=stats.close))
+        async with app.run_test(size=(w, h)) as pilot:
+            while app.sample is None:
+                await pilot.pause(0.2)
+            await asyncio.to_thread(mig.switch_to_postcopy)
+            while not any(v.vmm_blocktime_ms for t in app.sample.targets for v in t.vcpus):
+                await pilot.pause(0.2)
+            await pilot.press("space")  # hold the sample that carries QEMU's blocktime
+            await pilot.press("s", "s", "s")  # by QEMU's blocktime: the destination's vCPUs first
+            await pilot.pause(0.3)
+            for name, keys in QEMU_SHOTS[(w, h)]:
+                for k in keys:
+                    await pilot.press(k)
+                await pilot.pause(0.5)
+                svg = out / f"qemu-{name}-{w}x{h}.svg"
+                app.save_screenshot(str(svg.name), path=str(out))
+                made.append(svg)
+    finally:
+        mig.close()
+    return made
+
+
+def record_qemu(path: Path, count: int) -> None:
+    """`pctop record --qmp DEST --qmp SOURCE` over a QEMU post-copy (eBPF tier)."""
+    mig = qemu_migration()
+    try:
+        pair = mig.pair
+        argv = [sys.executable, "-m", "pctop", "record", "-o", str(path), "-p", str(pair.destination.pid),
+                "-p", str(pair.source.pid), "--qmp", pair.destination.qmp_path, "--qmp", pair.source.qmp_path,
+                "--count", str(count), "--interval", "1"]
+        rec = subprocess.Popen(argv, cwd=ROOT)
+        try:
+            while not path.exists() or path.stat().st_size == 0:
+                time.sleep(0.1)
+            time.sleep(2)
+            mig.switch_to_postcopy()
+            if rec.wait(count * 3 + 60) != 0:
+                raise SystemExit(f"pctop record failed ({rec.returncode})")
+        finally:
+            stop(rec)
+    finally:
+        mig.close()
+
+
 def record(sock: str, pid: int, path: Path, count: int, ebpf: bool) -> None:
     """`pctop record` for `count` samples; midway the background stream is
     paused for 3 s and its bandwidth changed, so the log has state changes."""
@@ -130,14 +213,16 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "screenshots"))
     ap.add_argument("--samples", type=int, default=6, help="samples to wait for before a shot")
     ap.add_argument("--record", metavar="DIR", help="write NDJSON recordings for tests instead")
+    ap.add_argument("--only", choices=("engine", "qemu"), help="only the reference-engine or the QEMU runs")
     a = ap.parse_args()
+    engine, qemu = a.only != "qemu", a.only != "engine"
     with tempfile.TemporaryDirectory() as tmp:
         sock = os.path.join(tmp, "engine.sock")
         if a.record:
             d = Path(a.record)
             d.mkdir(parents=True, exist_ok=True)
             for name, strategy, ebpf in (("engine-uffd-ebpf", "uffd", True),
-                                         ("engine-uffd-procfs", "uffd", False)):
+                                         ("engine-uffd-procfs", "uffd", False)) if engine else ():
                 eng = start_engine(sock, 60, strategy)
                 try:
                     time.sleep(1)
@@ -147,11 +232,14 @@ def main() -> None:
                     if os.path.exists(sock):
                         os.unlink(sock)
                 print(d / f"{name}.ndjson")
+            if qemu:
+                record_qemu(d / "qemu-postcopy-ebpf.ndjson", 16)
+                print(d / "qemu-postcopy-ebpf.ndjson")
             return
         out = Path(a.out)
         out.mkdir(parents=True, exist_ok=True)
         svgs = []
-        for w, h in SIZES:  # a fresh run per size: each shows the same phase of a migration
+        for w, h in SIZES if engine else ():  # a fresh run per size: each shows the same phase of a migration
             eng = start_engine(sock, 60)
             try:
                 svgs += asyncio.run(shoot(sock, eng.pid, out, a.samples, w, h))
@@ -159,6 +247,8 @@ def main() -> None:
                 stop(eng)
                 if os.path.exists(sock):
                     os.unlink(sock)
+        for w, h in QEMU_SHOTS if qemu else ():
+            svgs += asyncio.run(shoot_qemu(out, w, h))
     rsvg = shutil.which("rsvg-convert")
     for svg in svgs:
         if rsvg:

@@ -308,7 +308,12 @@ async def test_qemu_blocktime_beside_the_measured_stall_in_table_and_detail(size
         await until(pilot, lambda: isinstance(app.screen, VcpuDetailScreen), "detail screen")
         summary = app.screen.query_one("#detail-summary")
         await until(pilot, lambda: "QEMU blocktime" in str(summary._args[0]), "blocktime in the detail")
-        assert fmt_ms(v1.vmm_blocktime_ms) in str(summary._args[0])
+        text = str(summary._args[0])
+        assert fmt_ms(v1.vmm_blocktime_ms) in text
+        # Totals since watching, both sides (samples 1-5 are in the history).
+        vmm_total = sum(s.targets[0].vcpus[1].vmm_blocktime_ms for s in samples[:5])
+        stall_total = sum(s.targets[0].vcpus[1].stall_ns for s in samples[:5])
+        assert f"(total {fmt_ms(vmm_total)})" in text and f"(total {fmt_ms(stall_total / 1e6)})" in text
 
 
 async def test_no_qemu_column_without_a_vmm_blocktime():

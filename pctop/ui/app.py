@@ -109,6 +109,7 @@ class PctopApp(App[None]):
         self.interval = interval or getattr(feed, "interval", 1.0)
         self.history = History()
         self.sample: Sample | None = None
+        self.displayed: Sample | None = None  # the Sample on screen (older than .sample while frozen)
         self.frozen = False
         self.hist_selected = False
         self.hist_cumulative = False
@@ -203,6 +204,7 @@ class PctopApp(App[None]):
         self._render_header()
         if s is None:
             return
+        self.displayed = s
         self.query_one(VcpuTable).show(s, self.history)
         self.query_one(UffdPanel).show(s, self.history)
         self.query_one(Timeline).show(self.history)
@@ -305,7 +307,7 @@ class PctopApp(App[None]):
             return
         screen = VcpuDetailScreen(key)
         self.push_screen(screen)
-        screen.call_after_refresh(screen.show_sample, self.sample, self.history)
+        screen.call_after_refresh(screen.show_sample, self.displayed or self.sample, self.history)
 
     def action_hist_scope(self) -> None:
         self.hist_selected = not self.hist_selected

@@ -32,6 +32,8 @@ class VcpuSeries:
     hist_total: list[int] = field(default_factory=lambda: [0] * HIST_BUCKETS)
     parts_total: list[int] = field(default_factory=lambda: [0, 0, 0])
     faults_total: int = 0
+    stall_ns_total: int = 0
+    vmm_blocktime_ms_total: float | None = None  # None until the VMM reports one
 
 
 @dataclass
@@ -83,6 +85,9 @@ class History:
                 ser.vmm_blocktime_ms.append(v.vmm_blocktime_ms)
                 ser.times.append(s.time)
                 ser.faults_total += v.faults
+                ser.stall_ns_total += v.stall_ns
+                if v.vmm_blocktime_ms is not None:
+                    ser.vmm_blocktime_ms_total = (ser.vmm_blocktime_ms_total or 0.0) + v.vmm_blocktime_ms
                 for i, c in enumerate(v.hist[:HIST_BUCKETS]):
                     ser.hist_total[i] += c
                     self.hist_total[i] += c
