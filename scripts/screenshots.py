@@ -95,13 +95,20 @@ async def shoot(sock: str, pid: int, out: Path, samples: int, w: int, h: int) ->
             shots = [("dashboard", ())]
             if (w, h) == SIZES[0]:
                 shots += [("detail", ("enter",)), ("help", ("escape", "question_mark"))]
-            for name, keys in shots:
-                for k in keys:
-                    await pilot.press(k)
-                await pilot.pause(0.5)
-                svg = out / f"{name}-{w}x{h}.svg"
-                app.save_screenshot(str(svg.name), path=str(out))
-                made.append(svg)
+            made += await take(pilot, out, "", shots, w, h)
+    return made
+
+
+async def take(pilot, out: Path, prefix: str, shots, w: int, h: int) -> list[Path]:
+    """For each (name, keys): press the keys, then save out/PREFIXNAME-WxH.svg."""
+    made = []
+    for name, keys in shots:
+        for k in keys:
+            await pilot.press(k)
+        await pilot.pause(0.5)
+        svg = out / f"{prefix}{name}-{w}x{h}.svg"
+        pilot.app.save_screenshot(str(svg.name), path=str(out))
+        made.append(svg)
     return made
 
 
@@ -148,13 +155,7 @@ async def shoot_qemu(out: Path, w: int, h: int) -> list[Path]:
             await pilot.press("space")  # hold the sample that carries QEMU's blocktime
             await pilot.press("s", "s", "s")  # by QEMU's blocktime: the destination's vCPUs first
             await pilot.pause(0.3)
-            for name, keys in QEMU_SHOTS[(w, h)]:
-                for k in keys:
-                    await pilot.press(k)
-                await pilot.pause(0.5)
-                svg = out / f"qemu-{name}-{w}x{h}.svg"
-                app.save_screenshot(str(svg.name), path=str(out))
-                made.append(svg)
+            made += await take(pilot, out, "qemu-", QEMU_SHOTS[(w, h)], w, h)
     finally:
         mig.close()
     return made

@@ -70,3 +70,18 @@ def test_vcpu_detail(snap_compare):
 def test_help(snap_compare):
     assert snap_compare(replay_app(EBPF, 3), terminal_size=(100, 40),
                         run_before=after_first_sample("question_mark"))
+
+
+# A real QEMU post-copy (2 vCPUs, KVM) watched with --qmp and eBPF; QEMU 7.2 reports its
+# blocktime when the migration completes, in sample 11: the "qemu blk" column beside the stall.
+QEMU = DATA / "qemu-postcopy-ebpf.ndjson"
+
+
+def test_dashboard_qemu_80x24(snap_compare):
+    assert snap_compare(replay_app(QEMU, 10), terminal_size=(80, 24), run_before=after_first_sample())
+
+
+def test_vcpu_detail_qemu(snap_compare):
+    # Sorted by QEMU's blocktime (third s), the worst vCPU's detail.
+    assert snap_compare(replay_app(QEMU, 10), terminal_size=(120, 36),
+                        run_before=after_first_sample("s", "s", "s", "home", "enter"))
