@@ -123,6 +123,15 @@ def _wait(control: str, pred, what: str, timeout: float = 15, proc=None) -> dict
                          f"{ {k: st.get(k) for k in ('state', 'link', 'link_drops', 'pages_received')} }")
 
 
+def _req(control: str, cmd: str, arg=None) -> dict:
+    """One control request straight from this process (no interpreter start-up)."""
+    c = EngineConnection(control, timeout=3)
+    try:
+        return c.request({"cmd": cmd} if arg is None else {"cmd": cmd, "arg": arg})
+    finally:
+        c.close()
+
+
 def _ctl(control: str, *args: str) -> dict:
     r = subprocess.run(PCTOP + ["ctl", "--control", control, *args], capture_output=True, text=True,
                        timeout=20, cwd=ROOT)
@@ -166,15 +175,16 @@ def test_three_link_drops_during_postcopy_then_verified(link, procs, tmp_path):
     tok = _token_file(tmp_path)
     ctl = str(tmp_path / "dest.sock")
     src, address = _start_source(procs, link, tmp_path, "--bandwidth", "6M", token=tok)
-    dst = _start_dest(procs, link, address, ctl, "--link-timeout", "1", "--latency", "100", token=tok)
+    # 1 ms per demand reply (the delay netem would add) keeps demand from fetching everything early.
+    dst = _start_dest(procs, link, address, ctl, "--link-timeout", "1", "--latency", "1000", token=tok)
     st = _wait(ctl, lambda s: s["state"] == "postcopy" and s["pages_received"] > 0, "post-copy", proc=dst)
     assert st["link"] == "up" and {"latency", "drop-link", "recover"} <= set(st["commands"])
-    assert st["latency_us"] == 100
+    assert st["latency_us"] == 1000
 
     def drop(how: str) -> None:
         before = _status(ctl)["link_drops"]
         if how == "ctl":
-            assert _ctl(ctl, "drop-link") == {"type": "reply", "ok": True, "cmd": "drop-link"}
+            assert _req(ctl, "drop-link") == {"type": "reply", "ok": True, "cmd": "drop-link"}
         elif how == "link-down":
             link.set_link(False)
         elif how == "nft":
@@ -190,7 +200,7 @@ def test_three_link_drops_during_postcopy_then_verified(link, procs, tmp_path):
             link.set_link(True)
         elif how == "nft":
             link.nft_drop("b", 0)
-        assert _ctl(ctl, "recover")["ok"]
+        assert (_ctl(ctl, "recover") if how == "ctl" else _req(ctl, "recover"))["ok"]
         _wait(ctl, lambda s: s["link"] == "up" and s["recoveries"] == before + 1, f"{how}: recovered", proc=dst)
 
     for how in ("ctl", "link-down", "nft"):
@@ -285,14 +295,15 @@ def test_destination_refuses_a_source_of_another_version_and_says_why(tmp_path):
 
 def test_auto_recover_on_loopback_after_drop_link(procs, tmp_path):
     ctl = str(tmp_path / "dest.sock")
-    src, address = _start_source(procs, None, tmp_path, "--bandwidth", "4M", "--memory", "32M")
-    dst = _start_dest(procs, None, address, ctl, "--auto-recover", "--memory", "32M")
+    src, address = _start_source(procs, None, tmp_path, "--bandwidth", "2M", "--memory", "32M")
+    dst = _start_dest(procs, None, address, ctl, "--auto-recover", "--memory", "32M", "--latency", "2000")
     _wait(ctl, lambda s: s["state"] == "postcopy" and s["pages_received"] > 0, "post-copy", proc=dst)
-    assert _ctl(ctl, "recover") == {"type": "reply", "ok": False, "cmd": "recover", "error": "the link is up"}
-    assert _ctl(ctl, "latency", "250")["ok"] and _status(ctl)["latency_us"] == 250
-    assert not _ctl(ctl, "--", "latency", "-1")["ok"]  # refused by the engine, which says why
-    assert _ctl(ctl, "drop-link")["ok"]
+    assert _req(ctl, "drop-link")["ok"]
     _wait(ctl, lambda s: s["recoveries"] >= 1 and s["link"] == "up", "recovered by itself", proc=dst)
+    assert _req(ctl, "recover") == {"type": "reply", "ok": False, "cmd": "recover", "error": "the link is up"}
+    assert _req(ctl, "latency", 250)["ok"] and _status(ctl)["latency_us"] == 250
+    assert not _req(ctl, "latency", -1)["ok"]
+    assert _req(ctl, "bandwidth", 0)["ok"]
     s, err = _summary(dst)
     assert s["ok"] and s["mismatches"] == 0 and s["link_drops"] >= 1, err
     assert src.wait(20) == 0
