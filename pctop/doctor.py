@@ -331,9 +331,30 @@ def check_qemu(paths: HostPaths = DEFAULT) -> CheckResult:
     return CheckResult("QEMU", INFO, f"{exe}: {ver}", required=False)
 
 
+def check_netem(paths: HostPaths = DEFAULT) -> CheckResult:
+    """tc netem (link delay/loss) for the engine's network tests; only informative:
+    without it the tests use the engine's `latency` control and nftables instead."""
+    import gzip
+
+    try:
+        with gzip.open(paths.proc_path("config.gz"), "rt") as f:
+            config = f.read()
+    except OSError:
+        config = None
+    nft = shutil.which("nft") is not None
+    nft_text = "nftables " + ("present" if nft else "absent (apt-get install nftables)")
+    if config is None:
+        state = "unknown (no /proc/config.gz)"
+    elif "CONFIG_NET_SCH_NETEM=y" in config or "CONFIG_NET_SCH_NETEM=m" in config:
+        state = "available"
+    else:
+        state = "absent (CONFIG_NET_SCH_NETEM off: link tests delay with the engine's latency control, drop with nftables)"
+    return CheckResult("tc netem", INFO, f"{state}; {nft_text}", required=False)
+
+
 CHECKS: list[Callable[[HostPaths], CheckResult | list[CheckResult]]] = [
     check_kernel, check_privilege, check_bcc, check_headers, check_tracefs, check_debugfs,
-    check_tracepoints, check_kprobes, check_kvm, check_userfaultfd, check_qemu,
+    check_tracepoints, check_kprobes, check_kvm, check_userfaultfd, check_qemu, check_netem,
 ]
 
 

@@ -248,3 +248,16 @@ def test_resume_map_round_trips_and_refuses_a_wrong_length():
     b.sendall(_frame(T.T_RESUME, 0, 0, 0, 3))
     with pytest.raises(T.ProtocolError, match="RESUME"):
         ch.recv_frame()
+
+
+def test_doctor_reports_netem_from_the_kernel_config(tmp_path):
+    import gzip
+
+    from pctop.doctor import INFO, check_netem
+    from pctop.hostpaths import HostPaths
+
+    for line, state in (("# CONFIG_NET_SCH_NETEM is not set", "absent"), ("CONFIG_NET_SCH_NETEM=m", "available")):
+        with gzip.open(tmp_path / "config.gz", "wt") as f:
+            f.write(f"CONFIG_NF_TABLES=y\n{line}\n")
+        r = check_netem(HostPaths(proc=str(tmp_path)))
+        assert r.status == INFO and not r.required and r.detail.startswith(state)
