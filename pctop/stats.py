@@ -173,11 +173,15 @@ def build_sample(merged: Merged, memory: Memory, *, now: float, interval_s: floa
     events: list[Event] = []
     for ident in merged.identities:
         remember_identity(memory.identities, ident)
+    exited_with_faults: set[tuple[int, int]] = set()
     for pid, ti in merged.targets.items():
-        if ti.thread_names:  # the source lists every thread: forget those that exited
+        if ti.thread_names:  # the source lists every thread: forget those that exited,
             for d in (memory.identities, memory.thread_names):
                 for key in [k for k in d if k[0] == pid and k[1] not in ti.thread_names]:
-                    del d[key]
+                    if key in merged.threads:  # but only after the row of their last faults
+                        exited_with_faults.add(key)
+                    else:
+                        del d[key]
         for tid, name in ti.thread_names.items():
             memory.thread_names[(pid, tid)] = name
 
@@ -220,6 +224,9 @@ def build_sample(merged: Merged, memory: Memory, *, now: float, interval_s: floa
                               handler_cpu_pct=ti.handler_cpu_pct if ti else None, migration=mig))
     for pid in gone_now:
         _forget(memory, pid)
+    for key in exited_with_faults:
+        memory.identities.pop(key, None)
+        memory.thread_names.pop(key, None)
     return Sample(time=now, interval_s=interval_s, seq=seq, probe_tier=probe_tier,
                   sources=sources, targets=tuple(targets), events=tuple(events))
 

@@ -402,3 +402,30 @@ def test_attach_to_a_running_engine_identifies_its_vcpus(tmp_path, strategy, how
         seen = sum(v["faults"] for s in samples for t in s["targets"] if t["pid"] == pid
                    for v in t["vcpus"] if v["tid"] == tid)
         assert 0 < seen <= during[vcpu], f"vCPU {vcpu}: pctop saw {seen}, engine counted {during[vcpu]}"
+
+
+# ---- the last interval of a vCPU thread that exits (seen by hand in monitor --json) -------
+
+
+def test_a_vcpu_that_exits_keeps_its_index_in_the_row_of_its_last_faults():
+    """When the engine stops its guest, the vCPU threads exit within the interval whose
+    faults the probes still report; procfs no longer lists them. That row must still say
+    which vCPU it was (it said vcpu None, identity unknown), and the thread is gone after."""
+    from pctop.sources.readings import Reading, TargetInfo, ThreadFaults, VcpuIdentity
+    from pctop.stats import Memory, build_sample, merge_readings
+
+    def sample(readings, memory):
+        return build_sample(merge_readings(readings), memory, now=1.0, interval_s=1.0, seq=1,
+                            probe_tier="ebpf", sources=("ebpf", "procfs"))
+
+    m = Memory()
+    ident = VcpuIdentity(10, 11, 0, "kvm_create_vcpu")
+    names = {10: "engine", 11: "CPU 0/KVM"}
+    sample([Reading("ebpf", identities=(ident,)), Reading("procfs", targets=(TargetInfo(10, "engine", thread_names=names),))], m)
+    last = ThreadFaults(10, 11, 5, 500_000, 0, 0, 0, 0, 200_000, (0,) * 24)
+    s = sample([Reading("ebpf", threads=(last,), identities=(ident,)),
+                Reading("procfs", targets=(TargetInfo(10, "engine", thread_names={10: "engine"}),))], m)
+    (row,) = s.targets[0].vcpus
+    assert (row.tid, row.vcpu, row.identity, row.name, row.faults) == (11, 0, "kvm_create_vcpu", "CPU 0/KVM", 5)
+    s = sample([Reading("procfs", targets=(TargetInfo(10, "engine", thread_names={10: "engine"}),))], m)
+    assert s.targets[0].vcpus == ()
