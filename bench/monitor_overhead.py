@@ -1,0 +1,281 @@
+"""What watching costs: the engine's fault rate with and without `pctop monitor` attached.
+
+    .venv/bin/python bench/monitor_overhead.py [--window 2] [--rounds 4] [--toggles 8] [--strategy uffd] [--json]
+
+One reference-engine run (KVM guest, 2 vCPUs, sequential pattern, background stream off:
+every touch is a demand fault at a steady rate) is watched in alternating windows:
+  * off: nothing of pctop attached;
+  * on:  `pctop monitor --json -p <engine pid> --interval 1` (the real CLI, its output
+         read and dropped); the window starts SETTLE_S after its header (probes compiled
+         and attached: the one-off start-up is not what a running monitor costs).
+Rounds go off-on, on-off, ... (ABBA) so a drift in the engine's rate cancels; each
+round's on/off ratio is reported and their median is the result. Rates come from the
+engine's own control-socket counters (faults_total deltas over measured time).
+
+Then the probes alone, toggled in this process without recompiling: the same probes
+(EbpfSource following the engine) attached / detached in alternating short windows
+(ABBA again), so the kernel-side cost is measured tightly interleaved; per program,
+run_time_ns / run_cnt (EbpfSource.prog_stats(), from /proc/self/fdinfo of the prog fds)
+with sysctl kernel.bpf_stats_enabled=1 during the whole run (restored after). For the
+monitor windows the same counters come from /proc/<monitor pid>/fdinfo, summed.
+Other sessions on the machine may run probes or load of their own: they fall on both
+kinds of window alike, so the ratios still compare like with like (but widen the spread).
+Target (issue 5): <= 5 % fault-rate loss.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from typing import NamedTuple
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from pctop.sources.engine import EngineConnection, EngineError  # noqa: E402
+
+BPF_STATS = "/proc/sys/kernel/bpf_stats_enabled"
+# After the monitor's header: its first collect and the compiler's exit (hundreds of MB
+# unmapped) are a start-up cost, not what an attached monitor costs.
+SETTLE_S = 1.5
+
+
+class Window(NamedTuple):
+    kind: str  # "off" | "on" | "probes-in-bench"
+    seconds: float
+    faults: int
+
+    @property
+    def rate(self) -> float:
+        return self.faults / self.seconds
+
+
+def status(conn: EngineConnection) -> dict:
+    return conn.request({"cmd": "status"})
+
+
+def faulting(conn: EngineConnection) -> bool:
+    try:
+        return status(conn)["faults_total"] > 0
+    except EngineError:  # its socket is not there yet
+        return False
+
+
+def measure(conn: EngineConnection, kind: str, seconds: float) -> Window:
+    a, t0 = status(conn), time.monotonic()
+    time.sleep(seconds)
+    b, t1 = status(conn), time.monotonic()
+    if b["state"] not in ("postcopy", "paused"):
+        raise SystemExit(f"the engine left post-copy ({b['state']}) during a window: give it more --memory")
+    return Window(kind, t1 - t0, b["faults_total"] - a["faults_total"])
+
+
+def prog_fd_stats(pid: int) -> tuple[int, int]:
+    """(run_cnt, run_time_ns) summed over every BPF program fd the process holds."""
+    cnt = ns = 0
+    fd_dir = f"/proc/{pid}/fdinfo"
+    for fd in os.listdir(fd_dir):
+        try:
+            with open(os.path.join(fd_dir, fd)) as f:
+                info = dict(line.split(":", 1) for line in f if ":" in line)
+        except OSError:
+            continue
+        if "prog_type" in info:
+            cnt += int(info.get("run_cnt", 0))
+            ns += int(info.get("run_time_ns", 0))
+    return cnt, ns
+
+
+def monitor_window(conn: EngineConnection, pid: int, seconds: float) -> tuple[Window, tuple[int, int], float]:
+    """One window with `pctop monitor --json` attached -> (window, its probes' (runs, ns), its CPU s)."""
+    mon = subprocess.Popen([sys.executable, "-m", "pctop", "monitor", "--json", "--interval", "1", "-p", str(pid)],
+                           cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        header = json.loads(mon.stdout.readline())
+        if header.get("probe_tier") != "ebpf":
+            raise SystemExit(f"pctop monitor runs without eBPF here: {header.get('missing')}")
+        # drain its samples so it never blocks on a full pipe
+        threading.Thread(target=lambda: [None for _ in mon.stdout], daemon=True).start()
+        time.sleep(SETTLE_S)
+        c0, cpu0 = prog_fd_stats(mon.pid), cpu_seconds(mon.pid)
+        w = measure(conn, "on", seconds)
+        c1, cpu1 = prog_fd_stats(mon.pid), cpu_seconds(mon.pid)
+    finally:
+        mon.send_signal(signal.SIGTERM)
+        try:
+            mon.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            mon.kill()
+            mon.wait()
+    return w, (c1[0] - c0[0], c1[1] - c0[1]), cpu1 - cpu0
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def toggled_probes(conn: EngineConnection, pid: int, pairs: int, seconds: float) -> tuple[list[Window], dict[str, tuple[int, int]]]:
+    """The probes attached / detached in alternating windows (bcc's own attach calls on
+    the one loaded object: no recompiling between windows)."""
+    from pctop.sources.ebpf import EbpfSource
+
+    src = EbpfSource([pid])
+    src.start()
+    bpf = src._bpf  # the bench reaches into the source to detach its tracepoints
+    tps = [tp.decode() if isinstance(tp, bytes) else tp for tp in bpf.tracepoint_fds]
+
+    def attach(on: bool) -> None:
+        for tp in tps:
+            cat, event = tp.split(":")
+            if on:
+                bpf.attach_tracepoint(tp=tp, fn_name=f"tracepoint__{cat}__{event}")
+            else:
+                bpf.detach_tracepoint(tp)
+
+    windows: list[Window] = []
+    spent: dict[str, list[int]] = {}
+    attached = True
+    try:
+        for r in range(pairs):
+            for kind in (("off", "on") if r % 2 == 0 else ("on", "off")):
+                if (kind == "on") != attached:
+                    attach(kind == "on")
+                    attached = kind == "on"
+                src.collect()
+                before = src.prog_stats()
+                windows.append(measure(conn, kind, seconds))
+                if kind == "on":
+                    for name, (cnt, ns) in src.prog_stats().items():
+                        c0, n0 = before.get(name, (0, 0))
+                        acc = spent.setdefault(name, [0, 0])
+                        acc[0] += cnt - c0
+                        acc[1] += ns - n0
+    finally:
+        src.close()
+    return windows, {k: (v[0], v[1]) for k, v in spent.items() if v[0]}
+
+
+def pair_ratios(windows: list[Window]) -> list[float]:
+    """on/off rate of each consecutive (off, on) or (on, off) pair."""
+    out = []
+    for i in range(0, len(windows) - 1, 2):
+        pair = {w.kind: w.rate for w in windows[i:i + 2]}
+        out.append(pair["on"] / pair["off"])
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--window", type=float, default=2.0, help="seconds per measured window")
+    ap.add_argument("--rounds", type=int, default=4, help="off/on pairs with pctop monitor")
+    ap.add_argument("--toggles", type=int, default=8, help="off/on pairs with the probes alone")
+    ap.add_argument("--toggle-window", type=float, default=1.0, help="seconds per probes-alone window")
+    ap.add_argument("--strategy", default="uffd", choices=["uffd", "sharded", "vcpu-exit"])
+    ap.add_argument("--memory", default="2G", help="guest memory (enough to keep faulting through all windows)")
+    ap.add_argument("--json", action="store_true", help="one JSON object instead of the table")
+    a = ap.parse_args()
+    from pctop.sources.ebpf import ebpf_unavailable_reason
+
+    why = ebpf_unavailable_reason()
+    if why:
+        print(f"monitor_overhead: eBPF unavailable: {why}", file=sys.stderr)
+        return 1
+    stats_before = open(BPF_STATS).read().strip()
+    tmp = tempfile.mkdtemp(prefix="pctop-bench-")
+    sock = os.path.join(tmp, "engine.sock")
+    eng = subprocess.Popen([sys.executable, "-m", "pctop", "demo", "--headless", "--json", "--workload", "kvm",
+                            "--strategy", a.strategy, "--vcpus", "2", "--memory", a.memory, "--pattern", "seq",
+                            "--no-background", "--duration", "600", "--control", sock],
+                           cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    conn = EngineConnection(sock, timeout=10)
+    windows: list[Window] = []
+    mon_runs = mon_ns = 0
+    mon_cpu = 0.0
+    try:
+        with open(BPF_STATS, "w") as f:
+            f.write("1")
+        deadline = time.monotonic() + 120
+        while not faulting(conn):
+            if eng.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit("the engine did not start faulting")
+            time.sleep(0.2)
+        time.sleep(0.5)  # past the vCPUs' start-up
+        for r in range(a.rounds):
+            for kind in (("off", "on") if r % 2 == 0 else ("on", "off")):
+                if kind == "off":
+                    w = measure(conn, "off", a.window)
+                else:
+                    w, (runs, ns), cpu = monitor_window(conn, eng.pid, a.window)
+                    mon_runs, mon_ns, mon_cpu = mon_runs + runs, mon_ns + ns, mon_cpu + cpu
+                windows.append(w)
+                print(f"monitor round {r}: {w.kind:3} {w.rate:8.0f} faults/s", file=sys.stderr)
+        toggled, per_prog = toggled_probes(conn, eng.pid, a.toggles, a.toggle_window)
+        for w in toggled:
+            print(f"probes alone: {w.kind:3} {w.rate:8.0f} faults/s", file=sys.stderr)
+    finally:
+        conn.close()
+        with open(BPF_STATS, "w") as f:
+            f.write(stats_before)
+        try:
+            os.killpg(eng.pid, signal.SIGTERM)
+            eng.wait(timeout=30)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            os.killpg(eng.pid, signal.SIGKILL)
+            eng.wait()
+
+    ratios, toggle_ratios = pair_ratios(windows), pair_ratios(toggled)
+    on_s = sum(w.seconds for w in windows if w.kind == "on")
+    faults_on = sum(w.faults for w in windows if w.kind == "on")
+    probe_runs = sum(c for c, _ in per_prog.values())
+    probe_ns = sum(ns for _, ns in per_prog.values())
+    faults_probed = sum(w.faults for w in toggled if w.kind == "on")
+    result = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "host": platform.node(),
+        "cpus": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version(),
+        "load_avg_1m": os.getloadavg()[0], "strategy": a.strategy,
+        "monitor": {"window_s": a.window, "off_rates": [round(w.rate) for w in windows if w.kind == "off"],
+                    "on_rates": [round(w.rate) for w in windows if w.kind == "on"],
+                    "ratios": [round(x, 3) for x in ratios], "median_ratio": round(statistics.median(ratios), 3),
+                    "cpu_pct": round(100 * mon_cpu / on_s, 1),
+                    "probe_runs_per_fault": round(mon_runs / max(1, faults_on), 1),
+                    "probe_ns_per_run": round(mon_ns / max(1, mon_runs)),
+                    "probe_ns_per_fault": round(mon_ns / max(1, faults_on)),
+                    "probe_cpu_pct": round(100 * mon_ns / 1e9 / on_s, 2)},
+        "probes_alone": {"window_s": a.toggle_window, "ratios": [round(x, 3) for x in toggle_ratios],
+                         "median_ratio": round(statistics.median(toggle_ratios), 3),
+                         "runs_per_fault": round(probe_runs / max(1, faults_probed), 1),
+                         "ns_per_fault": round(probe_ns / max(1, faults_probed)),
+                         "per_prog": {k: {"runs": c, "ns_per_run": round(ns / c)}
+                                      for k, (c, ns) in sorted(per_prog.items())}},
+    }
+    if a.json:
+        print(json.dumps(result))
+        return 0
+    m, p = result["monitor"], result["probes_alone"]
+    print(f"{result['date']}, {result['host']}, {result['cpus']} CPUs, kernel {result['kernel']}, "
+          f"load {result['load_avg_1m']:.1f}, strategy {a.strategy}")
+    print(f"pctop monitor: off {m['off_rates']} on {m['on_rates']} faults/s; on/off {m['ratios']}, "
+          f"median {m['median_ratio']} (target >= 0.95); monitor CPU {m['cpu_pct']} % of one core")
+    print(f"  its probes: {m['probe_runs_per_fault']} runs/fault x {m['probe_ns_per_run']} ns = "
+          f"{m['probe_ns_per_fault']} ns per fault, {m['probe_cpu_pct']} % of one CPU")
+    print(f"probes alone (toggled): on/off {p['ratios']}, median {p['median_ratio']}; "
+          f"{p['runs_per_fault']} runs and {p['ns_per_fault']} ns per fault")
+    print("| program | runs | ns/run |\n|---|---|---|")
+    for k, v in p["per_prog"].items():
+        print(f"| {k} | {v['runs']} | {v['ns_per_run']} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
