@@ -31,5 +31,13 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q
 
+# Benchmarks are run by hand (minutes; results go to bench/RESULTS.md by hand).
+bench: setup
+	$(PY) bench/startup.py
+	$(PY) bench/engine.py
+	$(PY) bench/monitor_overhead.py
+	$(PY) bench/latency.py
+	$(PY) bench/tui.py
+
 clean:
 	rm -rf $(VENV) .pytest_cache *.egg-info
