@@ -384,7 +384,8 @@ class Engine:
             return self.summary()
         except BaseException as e:
             self.state = "failed"
-            self.failure = self.failure or str(e)
+            self.failure = self.failure or str(e) or type(e).__name__
+            self.log(f"state failed: {self.failure}")
             raise
         finally:
             self._teardown()
