@@ -210,11 +210,18 @@ def test_three_link_drops_during_postcopy_then_verified(link, procs, tmp_path):
     for how in ("ctl", "link-down", "nft"):
         drop(how)
     if link.nft_available():
-        link.nft_drop("a", 3)  # 3 % loss on the source's side for the rest of the run
-    assert _ctl(ctl, "bandwidth", "0")["ok"]  # then let the stream finish
+        # 2 % loss on the source's side for a while: TCP retransmits, nothing is lost. (A
+        # retransmission backoff can outlast the 1 s heartbeat timeout: then recover again.)
+        link.nft_drop("a", 2)
+        time.sleep(1.5)
+        link.nft_drop("a", 0)
+        if _status(ctl)["link"] != "up":
+            _wait(ctl, lambda s: s["link"] == "down", "loss: link down", proc=dst)
+            assert _req(ctl, "recover")["ok"]
+    assert _req(ctl, "bandwidth", 0)["ok"]  # then let the stream finish
     s, err = _summary(dst)
     assert s["ok"] and s["mismatches"] == 0, (s["mismatch_list"], s["errors"], err)
-    assert s["state"] == "completed" and s["link_drops"] == 3 and s["recoveries"] == 3
+    assert s["state"] == "completed" and s["link_drops"] == s["recoveries"] >= 3
     assert s["pages_verified"] == s["pages_total"] == 64 * 256
     assert s["pages_demand"] + s["pages_background"] == s["pages_total"]  # each page installed once
     assert src.wait(20) == 0
