@@ -28,8 +28,8 @@ import time
 from collections.abc import Callable
 from typing import NamedTuple
 
-from pctop.engine.transport import (HANDSHAKE_TIMEOUT_S, T_RESUME, Channel, HandshakeRefused, LinkClosed,
-                                    ProtocolError, dest_handshake, source_handshake)
+from pctop.engine.transport import (HANDSHAKE_TIMEOUT_S, T_RESUME, Channel, HandshakeRefused, ProtocolError,
+                                    dest_handshake, source_handshake)
 
 TOKEN_ENV = "PCTOP_ENGINE_TOKEN"
 DEFAULT_HOST = "127.0.0.1"
@@ -219,7 +219,8 @@ class SourceServer:
         self.session: str | None = None
         self.epoch = 0  # the running epoch (0: none yet)
         self._pending: dict[int, dict[tuple[str, int], Channel]] = {}
-        self._want: dict[int, int] = {}
+        self._want: dict[int, int] = {}  # epoch -> demand channels it has
+        self._resume: dict[int, bool] = {}  # epoch -> a resumed epoch (a RESUME frame comes first)
 
     def _settings(self) -> dict:
         s = self.source
@@ -289,13 +290,16 @@ class SourceServer:
         for old in [e for e in self._pending if e < epoch]:
             for ch in self._pending.pop(old).values():
                 ch.close()
+            self._want.pop(old, None)
+            self._resume.pop(old, None)
         chans = self._pending.setdefault(epoch, {})
         self._want[epoch] = hello["channels"]
         key = (hello["channel"], hello["index"])
         if key in chans:
             chans[key].close()
         chans[key] = Channel(conn, src.npages, src.page_size)
-        chans[key].resume = bool(hello.get("resume"))
+        if key == ("bg", 0):
+            self._resume[epoch] = bool(hello.get("resume"))
         need = {("demand", i) for i in range(self._want[epoch])} | {("bg", 0)}
         if set(chans) != need:
             return False
@@ -307,7 +311,7 @@ class SourceServer:
         src.stop_epoch()
         bg = chans[("bg", 0)]
         demand = [chans[("demand", i)] for i in range(self._want.pop(epoch))]
-        if bg.resume:
+        if self._resume.pop(epoch, False):
             try:
                 bg.sock.settimeout(HANDSHAKE_TIMEOUT_S)
                 f = bg.recv_frame()
@@ -332,6 +336,3 @@ class SourceServer:
         self.info(f"state postcopy: serving epoch {epoch} ({len(demand)} demand channels)")
         return True
 
-
-__all__ = ["Address", "DestLink", "LinkError", "SourceServer", "LinkClosed", "connect_socket",
-           "is_local", "listen_socket", "load_token", "parse_address", "TOKEN_ENV"]
