@@ -105,23 +105,22 @@ class Source:
             # costs a tenth of a cross-CPU one here (platform.md).
             os.sched_setaffinity(0, {self.demand_cpus[index]})
         delayed: queue.SimpleQueue | None = None
-        while True:
-            pages = ch.recv_requests()
-            if pages is None:
-                if delayed is not None:
-                    delayed.put(None)
-                return
-            lat = self._latency.value
-            if lat:
-                # Injected latency, like a longer wire: each reply leaves `lat` after its
-                # request arrived, and requests behind it are not held up meanwhile.
-                if delayed is None:
-                    delayed = queue.SimpleQueue()
-                    threading.Thread(target=self._guard, args=(self._send_delayed, ch, delayed),
-                                     daemon=True, name="demand-delay").start()
-                delayed.put((time.monotonic() + lat / 1e6, pages))
-            else:
-                self._reply(ch, pages)
+        try:
+            while (pages := ch.recv_requests()) is not None:
+                lat = self._latency.value
+                if lat:
+                    # Injected latency, like a longer wire: each reply leaves `lat` after its
+                    # request arrived, and requests behind it are not held up meanwhile.
+                    if delayed is None:
+                        delayed = queue.SimpleQueue()
+                        threading.Thread(target=self._guard, args=(self._send_delayed, ch, delayed),
+                                         daemon=True, name="demand-delay").start()
+                    delayed.put((time.monotonic() + lat / 1e6, pages))
+                else:
+                    self._reply(ch, pages)
+        finally:
+            if delayed is not None:
+                delayed.put(None)  # the delay thread ends with this channel
 
     def _send_delayed(self, ch: Channel, delayed: queue.SimpleQueue) -> None:
         _fine_timer_slack()
