@@ -327,3 +327,22 @@ def test_ctl_bad_usage_is_one_line_and_exit_2(tmp_path):
     r = subprocess.run(PCTOP + ["ctl", "--control", str(tmp_path / "none.sock"), "status"], capture_output=True,
                        text=True, timeout=30, cwd=ROOT)
     assert r.returncode == 1 and r.stderr.startswith("pctop ctl: error: cannot connect") and not r.stdout
+
+
+def test_source_resume_map_marks_exactly_the_missing_pages_unsent_and_rewinds_only_to_them():
+    from pctop.engine.source import Source
+
+    src = Source(bytearray(16 * 4096), 16, 4096, [], None)
+    src.sent[:16] = b"\x01" * 12 + b"\x00" * 4  # the stream got to page 12 ...
+    src._cursor = 12
+    present = bytearray(16)
+    present[:12] = b"\x01" * 12
+    present[5] = 0  # ... but page 5 was lost in flight, and 14 arrived on demand
+    present[14] = 1
+    assert src.apply_resume(present) == 4  # 5, 12, 13, 15
+    assert bytes(src.sent[:16]) == bytes(present)
+    assert src._cursor == 5  # back to the lost page, not to 0
+    present[5] = 1
+    src._cursor = 13
+    src.apply_resume(present)
+    assert src._cursor == 12  # the first page still missing
