@@ -14,10 +14,11 @@ engine's own control-socket counters (faults_total deltas over measured time).
 
 Then the probes alone, toggled in this process without recompiling: the same probes
 (EbpfSource following the engine) attached / detached in alternating short windows
-(ABBA again), so the kernel-side cost is measured tightly interleaved; per program,
-run_time_ns / run_cnt (EbpfSource.prog_stats(), from /proc/self/fdinfo of the prog fds)
-with sysctl kernel.bpf_stats_enabled=1 during the whole run (restored after). For the
-monitor windows the same counters come from /proc/<monitor pid>/fdinfo, summed.
+(ABBA again), so the kernel-side cost is measured tightly interleaved.
+Last, one window with sysctl kernel.bpf_stats_enabled=1 (restored after; it is off in
+every rate window above because the kernel's own accounting costs time per program run):
+per program, run_time_ns / run_cnt (EbpfSource.prog_stats(), from /proc/self/fdinfo of
+the prog fds), and the probes' ns per engine fault.
 Other sessions on the machine may run probes or load of their own: they fall on both
 kinds of window alike, so the ratios still compare like with like (but widen the spread).
 Target (issue 5): <= 5 % fault-rate loss.
@@ -79,24 +80,8 @@ def measure(conn: EngineConnection, kind: str, seconds: float) -> Window:
     return Window(kind, t1 - t0, b["faults_total"] - a["faults_total"])
 
 
-def prog_fd_stats(pid: int) -> tuple[int, int]:
-    """(run_cnt, run_time_ns) summed over every BPF program fd the process holds."""
-    cnt = ns = 0
-    fd_dir = f"/proc/{pid}/fdinfo"
-    for fd in os.listdir(fd_dir):
-        try:
-            with open(os.path.join(fd_dir, fd)) as f:
-                info = dict(line.split(":", 1) for line in f if ":" in line)
-        except OSError:
-            continue
-        if "prog_type" in info:
-            cnt += int(info.get("run_cnt", 0))
-            ns += int(info.get("run_time_ns", 0))
-    return cnt, ns
-
-
-def monitor_window(conn: EngineConnection, pid: int, seconds: float) -> tuple[Window, tuple[int, int], float]:
-    """One window with `pctop monitor --json` attached -> (window, its probes' (runs, ns), its CPU s)."""
+def monitor_window(conn: EngineConnection, pid: int, seconds: float) -> tuple[Window, float]:
+    """One window with `pctop monitor --json` attached -> (window, the monitor's CPU seconds)."""
     mon = subprocess.Popen([sys.executable, "-m", "pctop", "monitor", "--json", "--interval", "1", "-p", str(pid)],
                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
@@ -106,9 +91,9 @@ def monitor_window(conn: EngineConnection, pid: int, seconds: float) -> tuple[Wi
         # drain its samples so it never blocks on a full pipe
         threading.Thread(target=lambda: [None for _ in mon.stdout], daemon=True).start()
         time.sleep(SETTLE_S)
-        c0, cpu0 = prog_fd_stats(mon.pid), cpu_seconds(mon.pid)
+        cpu0 = cpu_seconds(mon.pid)
         w = measure(conn, "on", seconds)
-        c1, cpu1 = prog_fd_stats(mon.pid), cpu_seconds(mon.pid)
+        cpu1 = cpu_seconds(mon.pid)
     finally:
         mon.send_signal(signal.SIGTERM)
         try:
@@ -116,7 +101,7 @@ def monitor_window(conn: EngineConnection, pid: int, seconds: float) -> tuple[Wi
         except subprocess.TimeoutExpired:
             mon.kill()
             mon.wait()
-    return w, (c1[0] - c0[0], c1[1] - c0[1]), cpu1 - cpu0
+    return w, cpu1 - cpu0
 
 
 def cpu_seconds(pid: int) -> float:
@@ -125,9 +110,11 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
-def toggled_probes(conn: EngineConnection, pid: int, pairs: int, seconds: float) -> tuple[list[Window], dict[str, tuple[int, int]]]:
+def toggled_probes(conn: EngineConnection, pid: int, pairs: int, seconds: float
+                   ) -> tuple[list[Window], Window, dict[str, tuple[int, int]]]:
     """The probes attached / detached in alternating windows (bcc's own attach calls on
-    the one loaded object: no recompiling between windows)."""
+    the one loaded object: no recompiling between windows); then one window with the
+    kernel's per-program accounting on -> (windows, cost window, {program: (runs, ns)})."""
     from pctop.sources.ebpf import EbpfSource
 
     src = EbpfSource([pid])
@@ -144,8 +131,8 @@ def toggled_probes(conn: EngineConnection, pid: int, pairs: int, seconds: float)
                 bpf.detach_tracepoint(tp)
 
     windows: list[Window] = []
-    spent: dict[str, list[int]] = {}
     attached = True
+    stats_before = None
     try:
         for r in range(pairs):
             for kind in (("off", "on") if r % 2 == 0 else ("on", "off")):
@@ -153,17 +140,23 @@ def toggled_probes(conn: EngineConnection, pid: int, pairs: int, seconds: float)
                     attach(kind == "on")
                     attached = kind == "on"
                 src.collect()
-                before = src.prog_stats()
                 windows.append(measure(conn, kind, seconds))
-                if kind == "on":
-                    for name, (cnt, ns) in src.prog_stats().items():
-                        c0, n0 = before.get(name, (0, 0))
-                        acc = spent.setdefault(name, [0, 0])
-                        acc[0] += cnt - c0
-                        acc[1] += ns - n0
+        if not attached:
+            attach(True)
+        stats_before = open(BPF_STATS).read().strip()
+        with open(BPF_STATS, "w") as f:
+            f.write("1")
+        before = src.prog_stats()
+        cost = measure(conn, "on+stats", max(seconds, 2.0))
+        after = src.prog_stats()
     finally:
+        if stats_before is not None:
+            with open(BPF_STATS, "w") as f:
+                f.write(stats_before)
         src.close()
-    return windows, {k: (v[0], v[1]) for k, v in spent.items() if v[0]}
+    per = {name: (cnt - before.get(name, (0, 0))[0], ns - before.get(name, (0, 0))[1])
+           for name, (cnt, ns) in after.items()}
+    return windows, cost, {k: v for k, v in per.items() if v[0]}
 
 
 def pair_ratios(windows: list[Window]) -> list[float]:
@@ -191,7 +184,6 @@ def main() -> int:
     if why:
         print(f"monitor_overhead: eBPF unavailable: {why}", file=sys.stderr)
         return 1
-    stats_before = open(BPF_STATS).read().strip()
     tmp = tempfile.mkdtemp(prefix="pctop-bench-")
     sock = os.path.join(tmp, "engine.sock")
     eng = subprocess.Popen([sys.executable, "-m", "pctop", "demo", "--headless", "--json", "--workload", "kvm",
@@ -200,11 +192,8 @@ def main() -> int:
                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     conn = EngineConnection(sock, timeout=10)
     windows: list[Window] = []
-    mon_runs = mon_ns = 0
     mon_cpu = 0.0
     try:
-        with open(BPF_STATS, "w") as f:
-            f.write("1")
         deadline = time.monotonic() + 120
         while not faulting(conn):
             if eng.poll() is not None or time.monotonic() > deadline:
@@ -216,17 +205,15 @@ def main() -> int:
                 if kind == "off":
                     w = measure(conn, "off", a.window)
                 else:
-                    w, (runs, ns), cpu = monitor_window(conn, eng.pid, a.window)
-                    mon_runs, mon_ns, mon_cpu = mon_runs + runs, mon_ns + ns, mon_cpu + cpu
+                    w, cpu = monitor_window(conn, eng.pid, a.window)
+                    mon_cpu += cpu
                 windows.append(w)
                 print(f"monitor round {r}: {w.kind:3} {w.rate:8.0f} faults/s", file=sys.stderr)
-        toggled, per_prog = toggled_probes(conn, eng.pid, a.toggles, a.toggle_window)
+        toggled, cost, per_prog = toggled_probes(conn, eng.pid, a.toggles, a.toggle_window)
         for w in toggled:
             print(f"probes alone: {w.kind:3} {w.rate:8.0f} faults/s", file=sys.stderr)
     finally:
         conn.close()
-        with open(BPF_STATS, "w") as f:
-            f.write(stats_before)
         try:
             os.killpg(eng.pid, signal.SIGTERM)
             eng.wait(timeout=30)
@@ -236,10 +223,8 @@ def main() -> int:
 
     ratios, toggle_ratios = pair_ratios(windows), pair_ratios(toggled)
     on_s = sum(w.seconds for w in windows if w.kind == "on")
-    faults_on = sum(w.faults for w in windows if w.kind == "on")
     probe_runs = sum(c for c, _ in per_prog.values())
     probe_ns = sum(ns for _, ns in per_prog.values())
-    faults_probed = sum(w.faults for w in toggled if w.kind == "on")
     result = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "host": platform.node(),
         "cpus": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version(),
@@ -247,32 +232,30 @@ def main() -> int:
         "monitor": {"window_s": a.window, "off_rates": [round(w.rate) for w in windows if w.kind == "off"],
                     "on_rates": [round(w.rate) for w in windows if w.kind == "on"],
                     "ratios": [round(x, 3) for x in ratios], "median_ratio": round(statistics.median(ratios), 3),
-                    "cpu_pct": round(100 * mon_cpu / on_s, 1),
-                    "probe_runs_per_fault": round(mon_runs / max(1, faults_on), 1),
-                    "probe_ns_per_run": round(mon_ns / max(1, mon_runs)),
-                    "probe_ns_per_fault": round(mon_ns / max(1, faults_on)),
-                    "probe_cpu_pct": round(100 * mon_ns / 1e9 / on_s, 2)},
+                    "cpu_pct": round(100 * mon_cpu / on_s, 1)},
         "probes_alone": {"window_s": a.toggle_window, "ratios": [round(x, 3) for x in toggle_ratios],
-                         "median_ratio": round(statistics.median(toggle_ratios), 3),
-                         "runs_per_fault": round(probe_runs / max(1, faults_probed), 1),
-                         "ns_per_fault": round(probe_ns / max(1, faults_probed)),
-                         "per_prog": {k: {"runs": c, "ns_per_run": round(ns / c)}
-                                      for k, (c, ns) in sorted(per_prog.items())}},
+                         "median_ratio": round(statistics.median(toggle_ratios), 3)},
+        "probe_cost": {"window_s": round(cost.seconds, 2), "faults": cost.faults,
+                       "runs_per_fault": round(probe_runs / max(1, cost.faults), 1),
+                       "ns_per_run": round(probe_ns / max(1, probe_runs)),
+                       "ns_per_fault": round(probe_ns / max(1, cost.faults)),
+                       "cpu_pct": round(100 * probe_ns / 1e9 / cost.seconds, 2),
+                       "per_prog": {k: {"runs": c, "ns_per_run": round(ns / c)}
+                                    for k, (c, ns) in sorted(per_prog.items())}},
     }
     if a.json:
         print(json.dumps(result))
         return 0
-    m, p = result["monitor"], result["probes_alone"]
+    m, p, c = result["monitor"], result["probes_alone"], result["probe_cost"]
     print(f"{result['date']}, {result['host']}, {result['cpus']} CPUs, kernel {result['kernel']}, "
           f"load {result['load_avg_1m']:.1f}, strategy {a.strategy}")
     print(f"pctop monitor: off {m['off_rates']} on {m['on_rates']} faults/s; on/off {m['ratios']}, "
           f"median {m['median_ratio']} (target >= 0.95); monitor CPU {m['cpu_pct']} % of one core")
-    print(f"  its probes: {m['probe_runs_per_fault']} runs/fault x {m['probe_ns_per_run']} ns = "
-          f"{m['probe_ns_per_fault']} ns per fault, {m['probe_cpu_pct']} % of one CPU")
-    print(f"probes alone (toggled): on/off {p['ratios']}, median {p['median_ratio']}; "
-          f"{p['runs_per_fault']} runs and {p['ns_per_fault']} ns per fault")
+    print(f"probes alone (toggled): on/off {p['ratios']}, median {p['median_ratio']}")
+    print(f"probe cost (bpf_stats): {c['runs_per_fault']} runs/fault x {c['ns_per_run']} ns = "
+          f"{c['ns_per_fault']} ns per fault, {c['cpu_pct']} % of one CPU")
     print("| program | runs | ns/run |\n|---|---|---|")
-    for k, v in p["per_prog"].items():
+    for k, v in c["per_prog"].items():
         print(f"| {k} | {v['runs']} | {v['ns_per_run']} |")
     return 0
 
