@@ -151,7 +151,10 @@ def test_stream_off_stalled_faults_per_vcpu_equal_the_engines(engine_run, strate
 
 # The engine reads its clock in Python: after read() / UFFDIO_COPY / KVM_RUN return, once
 # its thread has the GIL (and a CPU) again. Bound on that, per fault (see the test below).
-ENGINE_CLOCK_SLACK_NS = 50_000
+# Measured 4-15 us on a quiet machine, 40 us with other tests running, 82 us once with a
+# benchmark running beside the suite; 200 us keeps scheduler noise out while a probe error
+# (a lost switch-in or wake-up costs a scheduler tick, >= 1 ms) still fails.
+ENGINE_CLOCK_SLACK_NS = 200_000
 
 
 @pytest.mark.kvm
@@ -170,12 +173,12 @@ def test_stream_off_stall_time_per_vcpu_against_the_engines(engine_run, strategy
     engine's clock-read delays. So |engine - service| per fault is that delay. Measured
     on the 2-CPU dev VM: engine / service = 1.04-1.14 on a quiet machine (4-10 us per
     fault at ~75 us); with other tests running up to 1.5 (~40 us per fault: the woken
-    vCPU or a stranger runs before the receiver reads its clock). Bounded at 50 us.
+    vCPU or a stranger runs before the receiver reads its clock). Bounded (see above).
 
     vcpu-exit: the engine's span (on_memory_fault entry -> page installed) lies inside
     pctop's (KVM_RUN returned EFAULT -> next KVM_RUN entry): engine <= pctop exactly.
     The rest is the vCPU thread's Python around it (re-taking the GIL, decoding the
-    exit, calling KVM_RUN again): measured 10-15 us per fault, bounded at 50 us.
+    exit, calling KVM_RUN again): measured 10-15 us per fault, bounded (see above).
 
     So the issue's "within 5 %" does not hold for these two definitions at ~75 us
     stalls (it would need the engine to time kernel events); bench/RESULTS.md says so.
