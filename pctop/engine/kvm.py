@@ -321,6 +321,9 @@ class Vcpu:
                                   mmap.PROT_READ | mmap.PROT_WRITE)
         self.run_struct = KvmRun.from_buffer(self._run_map)
         self.thread_ident: int | None = None   # pthread id of the thread that runs it
+        # pthread_kill on a thread that has ended is undefined (it crashed the engine in
+        # glibc): the running thread gives up its id under this lock before it ends.
+        self._kick_lock = threading.Lock()
         self._stats_fd = -1
 
     # --- state -------------------------------------------------------------
@@ -397,11 +400,14 @@ class Vcpu:
         if self.fd < 0:
             return   # already closed by its thread: nothing left to stop
         self.run_struct.immediate_exit = 1
-        if self.thread_ident is not None:
-            try:
+        with self._kick_lock:
+            if self.thread_ident is not None:
                 signal.pthread_kill(self.thread_ident, KICK_SIGNAL)
-            except ProcessLookupError:
-                pass   # the thread has already gone
+
+    def release_thread(self) -> None:
+        """Called by the vCPU's own thread as it stops running it: no more kick signals."""
+        with self._kick_lock:
+            self.thread_ident = None
 
     @staticmethod
     def consume_kick() -> None:

@@ -230,6 +230,12 @@ class KvmWorkload(_WorkloadBase):
 
     def _run_vcpu(self, i: int, ready: threading.Event) -> None:
         vcpu = self._setup_vcpu(i)
+        try:
+            self._run_loop(i, vcpu, ready)
+        finally:
+            vcpu.release_thread()   # this thread is about to end: stop() must not signal it
+
+    def _run_loop(self, i: int, vcpu: k.Vcpu, ready: threading.Event) -> None:
         ready.set()
         on_fault = self._on_memory_fault
         run, run_struct = vcpu.run_errno, vcpu.run_struct
