@@ -56,7 +56,18 @@ from pctop.sources.readings import (HIST_BUCKETS, Reading, TargetInfo, ThreadFau
                                     UffdCounters, VcpuIdentity)
 from pctop.sources.tracepoints import OPTIONAL_MACROS
 
-PROBE_DIR = Path(os.environ.get("PCTOP_PROBES", Path(__file__).resolve().parents[2] / "probes"))
+
+
+def probe_dir() -> Path:
+    """The BPF C: $PCTOP_PROBES, else pctop/probes in an installed wheel, else the source tree's probes/."""
+    if os.environ.get("PCTOP_PROBES"):
+        return Path(os.environ["PCTOP_PROBES"])
+    package = Path(__file__).resolve().parents[1]
+    installed = package / "probes"
+    return installed if installed.is_dir() else package.parent / "probes"
+
+
+PROBE_DIR = probe_dir()
 # Joined in this order into one program text (bcc rewrites map calls only in its main file).
 PROBE_PARTS = ("pctop_defs.h", "pctop_state.c", "pctop.bpf.c")
 
