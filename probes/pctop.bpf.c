@@ -556,6 +556,8 @@ TRACEPOINT_PROBE(syscalls, sys_exit_ioctl)
     if (done > 0) {
         __sync_fetch_and_add(&s->bytes_installed, (u64)done);
         __sync_fetch_and_add(&s->pages_installed, (u64)done >> 12);
+        if (cfg(CFG_PAGE_MAP))
+            page_map_mark(io.tgid, io.fd, io.start, (u64)done, s);
     }
     if (ret == -ERR_EEXIST)
         __sync_fetch_and_add(&s->eexist, 1);

@@ -35,6 +35,13 @@
 /* config array slots, written by user space */
 #define CFG_FOLLOW_ALL 0
 #define CFG_EPOCH 1
+#define CFG_PAGE_MAP 2 /* 1: record which pages each install covered (page_map, page_spans) */
+#define CFG_SLOTS 3
+
+/* page map: one u64 bitmask per 64 pages (256 KiB) of a uffd's installs */
+#define PAGE_MAP_WORD_SHIFT 18
+#define PAGE_MAP_MAX_WORDS 16 /* words marked per install (a 2 MiB install spans 8 or 9);
+                               * a bigger install is kept whole in page_spans */
 
 /* targets map flags */
 #define TARGET_GIVEN 1    /* pid given by the user */
@@ -73,7 +80,8 @@
 #define DBG_LOST_SWITCH_IN 8  /* a woken/preempted thread seen running with no switch-in traced */
 #define DBG_LOST_SWITCH_OUT 9 /* woken by a uffd ioctl after leaving its CPU untraced */
 #define DBG_EARLY_WAKE 10     /* woken by a uffd ioctl just before its traced switch-out */
-#define DBG_SLOTS 11
+#define DBG_PAGE_MAP_LOST 11  /* installed pages the full page map could not record */
+#define DBG_SLOTS 12
 
 struct uffd_range {
     u64 start, end;
@@ -182,6 +190,25 @@ struct uf_stats {
     u64 pages_installed;
     u64 bytes_installed;
     u64 eexist;
+    u64 page_map_lost; /* installed pages missing from the page map (map full) */
+};
+
+/* page_map: bit (page >> 12) & 63 of `bits` is set when that page was installed */
+struct pm_key {
+    u32 tgid;
+    s32 fd;
+    u32 epoch;
+    u32 pad;
+    u64 word; /* page address >> PAGE_MAP_WORD_SHIFT */
+};
+
+/* page_spans: installs too big for the bitmask loop, value = bytes */
+struct span_key {
+    u32 tgid;
+    s32 fd;
+    u32 epoch;
+    u32 pad;
+    u64 start;
 };
 
 struct uffd_msg_head {

@@ -2,7 +2,7 @@
  * (configuration, per-thread state, per-interval statistics, uffd ranges).
  * See pctop.bpf.c for the life of a fault these serve. */
 
-BPF_ARRAY(config, u64, 2);
+BPF_ARRAY(config, u64, CFG_SLOTS);
 /* The thread each CPU switched to last: tells whether a thread that looks on
  * CPU has left it in a switch perf did not deliver (see back_on_cpu). */
 #define MAX_CPUS 4096
@@ -23,6 +23,9 @@ BPF_HASH(stats, struct tkey, struct tstats, 65536);
 BPF_PERCPU_ARRAY(stats_zero, struct tstats, 1);
 BPF_HASH(exits, struct exit_key, u64, 65536);
 BPF_HASH(ufstats, struct uf_key, struct uf_stats, 16384);
+/* Which pages were installed (CFG_PAGE_MAP on): 65536 words = 16 GiB per interval. */
+BPF_HASH(page_map, struct pm_key, u64, 65536);
+BPF_HASH(page_spans, struct span_key, u64, 4096);
 
 /* The per-thread maps (tstate, inflight, readstash) are consulted on events
  * that fire for every thread of the host: each context switch, wake-up, ioctl
@@ -266,5 +269,62 @@ static __always_inline void running_now(u32 tid, struct tstate *t)
     if (t->phase == PH_WOKEN || t->phase == PH_PREEMPTED) {
         dbg_inc(DBG_LOST_SWITCH_IN);
         back_on_cpu(tid, t, bpf_ktime_get_ns());
+    }
+}
+
+/* ---------------------------------------------------------------- page map */
+
+static __always_inline void page_map_lost(struct uf_stats *s, u64 pages)
+{
+    __sync_fetch_and_add(&s->page_map_lost, pages);
+    u32 slot = DBG_PAGE_MAP_LOST;
+    u64 *v = dbg.lookup(&slot);
+    if (v)
+        __sync_fetch_and_add(v, pages);
+}
+
+/* Record the pages of one install [start, start + bytes) of uffd (tgid, fd):
+ * OR their bits into the page-map words (atomically: installs on one uffd run
+ * on several CPUs at once). An install of more than PAGE_MAP_MAX_WORDS words
+ * is kept as one span. Pages that find the map full are counted, not lost
+ * silently. Only called with CFG_PAGE_MAP on. */
+static __always_inline void page_map_mark(u32 tgid, s32 fd, u64 start, u64 bytes, struct uf_stats *s)
+{
+    u64 first = start >> 12, n = bytes >> 12;
+    if (!n)
+        return;
+    u64 last = first + n - 1;
+    u64 w0 = first >> 6, w1 = last >> 6;
+    u32 epoch = (u32)cfg(CFG_EPOCH);
+    if (w1 - w0 >= PAGE_MAP_MAX_WORDS) {
+        struct span_key sk = {.tgid = tgid, .fd = fd, .epoch = epoch, .start = first << 12};
+        u64 len = n << 12;
+        u64 *old = page_spans.lookup(&sk);
+        if (old) {
+            if (*old < len)
+                *old = len;
+        } else if (page_spans.update(&sk, &len) != 0) {
+            page_map_lost(s, n);
+        }
+        return;
+    }
+    _Pragma("clang loop unroll(disable)")
+    for (u32 i = 0; i < PAGE_MAP_MAX_WORDS; i++) {
+        u64 w = w0 + i;
+        if (w > w1)
+            break;
+        u64 lo = w == w0 ? (first & 63) : 0;
+        u64 hi = w == w1 ? (last & 63) : 63;
+        u64 mask = (hi == 63 ? ~0ULL : (1ULL << (hi + 1)) - 1) & ~((1ULL << lo) - 1);
+        struct pm_key k = {.tgid = tgid, .fd = fd, .epoch = epoch, .word = w};
+        u64 *v = page_map.lookup(&k);
+        if (!v && page_map.insert(&k, &mask) == 0)
+            continue;
+        if (!v)
+            v = page_map.lookup(&k); /* another CPU inserted it first */
+        if (v)
+            __sync_fetch_and_or(v, mask);
+        else
+            page_map_lost(s, hi - lo + 1);
     }
 }
