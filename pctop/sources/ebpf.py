@@ -50,7 +50,7 @@ from pathlib import Path
 
 from pctop import doctor
 from pctop.hostpaths import DEFAULT, HostPaths
-from pctop.sources import identity
+from pctop.sources import identity, pagemap
 from pctop.sources.procfs import UFFD_LINK, read_comm
 from pctop.sources.readings import (HIST_BUCKETS, Reading, TargetInfo, ThreadFaults,
                                     UffdCounters, VcpuIdentity)
@@ -72,7 +72,7 @@ PROBE_DIR = probe_dir()
 PROBE_PARTS = ("pctop_defs.h", "pctop_state.c", "pctop.bpf.c")
 
 # Must match probes/pctop_defs.h.
-CFG_FOLLOW_ALL, CFG_EPOCH = 0, 1
+CFG_FOLLOW_ALL, CFG_EPOCH, CFG_PAGE_MAP = 0, 1, 2
 TARGET_GIVEN, TARGET_AUTO, TARGET_HANDLER = 1, 2, 4
 HOW_CREATE_VCPU, HOW_VCPU_FD = 1, 2
 HOW_NAMES = {HOW_CREATE_VCPU: "kvm_create_vcpu", HOW_VCPU_FD: "kvm_vcpu_fd"}
@@ -80,7 +80,7 @@ MAX_RANGES = 64
 HINT_SLOTS = 65536
 DEBUG_COUNTERS = ("not_uffd_wake", "missed_wake", "msg_unmatched", "msg_by_ptid", "msg_by_addr",
                   "read_via_copy", "exit_stalls", "woken_on_cpu",
-                  "lost_switch_in", "lost_switch_out", "early_wake")
+                  "lost_switch_in", "lost_switch_out", "early_wake", "page_map_lost")
 FALLBACK_IDENTITY_TTL_S = 5.0
 
 # include/uapi/linux/kvm.h KVM_EXIT_*; index = exit_reason.
@@ -144,9 +144,11 @@ class EbpfSource:
     name = "ebpf"
 
     def __init__(self, pids: list[int] | None = None, follow_all: bool = False, *,
-                 paths: HostPaths = DEFAULT) -> None:
+                 page_map: bool = False, paths: HostPaths = DEFAULT) -> None:
         self.paths = paths
         self.follow_all = follow_all
+        # Record which pages every install covered (one map update per install): opt-in.
+        self.page_map = page_map
         self._initial = list(pids or ())
         self._bpf = None
         self._epoch = 0
@@ -175,6 +177,7 @@ class EbpfSource:
                                      for f in self._bpf.tracepoint_fds))
         self._set_config(CFG_FOLLOW_ALL, int(self.follow_all))
         self._set_config(CFG_EPOCH, self._epoch)
+        self._set_config(CFG_PAGE_MAP, int(self.page_map))
         for pid in self._initial:
             self.add_pid(pid)
 
@@ -202,6 +205,7 @@ class EbpfSource:
         stats = self._take("stats", old)
         exits = self._take("exits", old)
         ufs = self._take("ufstats", old)
+        installed = self._take_page_map(old) if self.page_map else {}
 
         exit_counts: dict[tuple[int, int], dict[str, int]] = {}
         for k, v in exits:
@@ -217,21 +221,26 @@ class EbpfSource:
                 exits=exit_counts.pop((s.tgid, k.tid), {}), memory_fault_exits=s.memory_fault_exits))
         for (pid, tid), ex in exit_counts.items():  # exits but no stall this interval
             threads.append(ThreadFaults(pid, tid, 0, 0, 0, 0, 0, 0, 0, (0,) * HIST_BUCKETS, exits=ex))
-        uffds = tuple(UffdCounters(pid=k.tgid, fd=k.fd, msgs_read=v.msgs_read, read_calls=v.read_calls,
-                                   copies=v.copies, zeropages=v.zeropages, continues=v.continues,
-                                   wakes=v.wakes, pages_installed=v.pages_installed,
-                                   bytes_installed=v.bytes_installed, eexist=v.eexist)
-                      for k, v in ufs)
+        pm = (lambda key: installed.pop(key, ())) if self.page_map else (lambda key: None)
+        uffds = [UffdCounters(pid=k.tgid, fd=k.fd, msgs_read=v.msgs_read, read_calls=v.read_calls,
+                              copies=v.copies, zeropages=v.zeropages, continues=v.continues,
+                              wakes=v.wakes, pages_installed=v.pages_installed,
+                              bytes_installed=v.bytes_installed, eexist=v.eexist,
+                              installed_ranges=pm((k.tgid, k.fd)), page_map_lost=v.page_map_lost)
+                 for k, v in ufs]
+        # pages whose install raced the epoch flip: counted last interval, mapped in this one
+        uffds += [UffdCounters(pid=pid, fd=fd, installed_ranges=runs) for (pid, fd), runs in installed.items()]
 
         kernel_ids = self._kernel_identities()  # before a gone pid's entries are dropped
         gone = self._refresh_targets()
         self._prune_uffd_fds()
-        targets = tuple(TargetInfo(pid=pid, comm=read_comm(self.paths, pid) or "")
+        targets = tuple(TargetInfo(pid=pid, comm=read_comm(self.paths, pid) or "",
+                                   registered_ranges=self._registered(pid) if self.page_map else None)
                         for pid in sorted(self._known))
         idents = self._identities(kernel_ids, gone)
         events, self._events = tuple(self._events), []
         return Reading(source=self.name, threads=tuple(sorted(threads, key=lambda t: (t.pid, t.tid))),
-                       uffds=uffds, identities=idents, targets=targets, gone=tuple(gone),
+                       uffds=tuple(uffds), identities=idents, targets=targets, gone=tuple(gone),
                        events=events)
 
     # ---- diagnostics ------------------------------------------------------------------------
@@ -281,6 +290,29 @@ class EbpfSource:
                 except KeyError:
                     pass
         return out
+
+    def _take_page_map(self, epoch: int) -> dict[tuple[int, int], pagemap.Runs]:
+        """(pid, uffd fd) -> the pages installed in `epoch`, as coalesced runs."""
+        words: dict[tuple[int, int], dict[int, int]] = {}
+        spans: dict[tuple[int, int], list[tuple[int, int]]] = {}
+        for k, v in self._take("page_map", epoch):
+            per = words.setdefault((k.tgid, k.fd), {})
+            per[k.word] = per.get(k.word, 0) | v.value
+        for k, v in self._take("page_spans", epoch):
+            spans.setdefault((k.tgid, k.fd), []).append((k.start, v.value))
+        return {key: pagemap.coalesce(words.get(key, {}), spans.get(key, ()))
+                for key in set(words) | set(spans)}
+
+    def _registered(self, pid: int) -> tuple[tuple[int, int], ...]:
+        """The pid's uffd-registered ranges as the probes keep them: each UFFDIO_REGISTER
+        exactly as called (ranges registered before pctop came from /proc, merged when adjacent)."""
+        t = self._table("ranges")
+        k = t.Key(pid)
+        if k not in t:
+            return ()
+        rs = t[k]
+        return tuple(sorted((rs.r[i].start, (rs.r[i].end - rs.r[i].start) >> pagemap.PAGE_SHIFT)
+                            for i in range(min(rs.n, MAX_RANGES)) if rs.r[i].end > rs.r[i].start))
 
     def _seed(self, pid: int) -> None:
         """Write what a running process set up before we watched into the maps."""

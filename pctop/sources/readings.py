@@ -46,6 +46,10 @@ class UffdCounters(NamedTuple):
     pages_installed: int = 0
     bytes_installed: int = 0
     eexist: int = 0
+    # Which pages were installed, with the page map on (EbpfSource(page_map=True)): sorted,
+    # coalesced (start address, 4 KiB pages) runs in the target's address space; None when off.
+    installed_ranges: tuple[tuple[int, int], ...] | None = None
+    page_map_lost: int = 0  # installed pages the page map could not record (its map was full)
 
 
 class UffdDepth(NamedTuple):
@@ -72,6 +76,8 @@ class TargetInfo(NamedTuple):
     comm: str
     handler_cpu_pct: float | None = None  # CPU% of the threads that read/serve the uffds
     thread_names: dict[int, str] = {}
+    # uffd-registered ranges (start address, 4 KiB pages) as registered, with the page map on
+    registered_ranges: tuple[tuple[int, int], ...] | None = None
 
 
 class MigrationInfo(NamedTuple):
