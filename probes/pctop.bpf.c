@@ -325,7 +325,10 @@ static __always_inline void match_msg(u64 now, u64 addr, u32 ptid)
     }
     /* no thread known for it (weak vCPU fault without THREAD_ID): keep the
      * read time for the COPY that will resolve this page */
-    read_pages.update(&page, &now);
+    if (read_pages.insert(&page, &now) == 0)
+        read_pages_live_add(1);
+    else
+        read_pages.update(&page, &now);
     dbg_inc(DBG_MSG_UNMATCHED);
 }
 
@@ -470,19 +473,29 @@ TRACEPOINT_PROBE(syscalls, sys_enter_ioctl)
         if (!fol)
             return 0; /* ranges matter for followed processes only */
         io.kind = cmd == UFFDIO_REGISTER ? IO_UFFD_REGISTER : IO_UFFD_UNREGISTER;
-        io.start = read_u64(arg);
-        io.len = read_u64(arg + 8);
+        u64 r[2] = {};
+        bpf_probe_read_user(r, sizeof(r), (void *)arg); /* struct uffdio_range */
+        io.start = r[0];
+        io.len = r[1];
         remember_uffd(tgid, fd);
     } else if (nr >= UFFDIO_NR_WAKE && nr <= UFFDIO_NR_POISON) {
         io.kind = IO_UFFD_RESOLVE;
-        io.start = read_u64(arg);
-        /* uffdio_copy / uffdio_move: dst, src, len; the others start with a uffdio_range */
-        io.len = read_u64(arg + ((nr == UFFDIO_NR_COPY || nr == UFFDIO_NR_MOVE) ? 16 : 8));
-        u64 page = io.start & PAGE_MASK_4K;
-        u64 *rt = read_pages.lookup(&page);
-        if (rt) {
-            io.read_ts = *rt;
-            read_pages.delete(&page);
+        /* uffdio_copy / uffdio_move: dst, src, len; the others start with a
+         * uffdio_range. One user read of all three: this is the hottest
+         * ioctl (one per installed page or batch). */
+        u64 r[3] = {};
+        if (bpf_probe_read_user(r, sizeof(r), (void *)arg)) /* UFFDIO_WAKE's is 16 bytes */
+            bpf_probe_read_user(r, 2 * sizeof(u64), (void *)arg);
+        io.start = r[0];
+        io.len = (nr == UFFDIO_NR_COPY || nr == UFFDIO_NR_MOVE) ? r[2] : r[1];
+        if (read_pages_live()) { /* only unmatched reads leave entries there */
+            u64 page = io.start & PAGE_MASK_4K;
+            u64 *rt = read_pages.lookup(&page);
+            if (rt) {
+                io.read_ts = *rt;
+                if (read_pages.delete(&page) == 0)
+                    read_pages_live_add(-1);
+            }
         }
         remember_uffd(tgid, fd);
     } else {

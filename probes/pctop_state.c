@@ -17,6 +17,9 @@ BPF_HASH(vcpus, u32, struct vcpu_info, 16384);
 BPF_HASH(tstate, u32, struct tstate, 65536);
 BPF_TABLE("lru_hash", u64, struct pending_fault, pending_addr, 65536);
 BPF_TABLE("lru_hash", u64, u64, read_pages, 16384);
+/* Entries in read_pages, so the resolving ioctl skips its lookup in the common
+ * case (every message matched). LRU evictions leave it high: a lookup too many. */
+BPF_ARRAY(read_pages_count, s64, 1);
 BPF_HASH(inflight, u32, struct inflight, 16384);
 BPF_HASH(readstash, u32, struct read_stash, 16384);
 BPF_HASH(stats, struct tkey, struct tstats, 65536);
@@ -58,6 +61,21 @@ BPF_ARRAY(uffd_tgid_hint, u32, HINT_SLOTS);
 
 #define HINT_INC 1u
 #define HINT_DEC ((u32)-1)
+
+static __always_inline s64 read_pages_live(void)
+{
+    u32 zero = 0;
+    s64 *n = read_pages_count.lookup(&zero);
+    return n ? *n : 0;
+}
+
+static __always_inline void read_pages_live_add(s64 delta)
+{
+    u32 zero = 0;
+    s64 *n = read_pages_count.lookup(&zero);
+    if (n)
+        __sync_fetch_and_add(n, delta);
+}
 
 static __always_inline u64 cfg(u32 slot)
 {
