@@ -71,6 +71,10 @@ class UffdSample:
     reads_per_s: float = 0.0
     installs_per_s: float = 0.0
     bytes_per_s: float = 0.0
+    # With --page-ranges only (else None, and left out of the JSON): which pages were
+    # installed, as sorted (start address, 4 KiB pages) runs, and pages the map missed.
+    installed_ranges: tuple[tuple[int, int], ...] | None = None
+    page_map_lost: int | None = None
 
 
 @dataclass(frozen=True)
@@ -96,6 +100,8 @@ class Target:
     uffds: tuple[UffdSample, ...] = ()
     handler_cpu_pct: float | None = None
     migration: Migration | None = None
+    # With --page-ranges only: the uffd-registered ranges, (start address, 4 KiB pages)
+    registered_ranges: tuple[tuple[int, int], ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -117,7 +123,12 @@ class Sample:
     type: str = "sample"
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        for t in d["targets"]:
+            _drop_unmeasured(t)
+            for u in t["uffds"]:
+                _drop_unmeasured(u)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Sample":
@@ -157,6 +168,18 @@ _NESTED: dict[tuple[type, str], type] = {
 }
 
 
+# Opt-in fields (--page-ranges): left out of the JSON when not measured (None), so
+# lines without the option do not grow; a reader takes a missing one as None.
+_OPT_IN = ("installed_ranges", "page_map_lost", "registered_ranges")
+_RANGES = frozenset({"installed_ranges", "registered_ranges"})  # lists of [start, pages]
+
+
+def _drop_unmeasured(d: dict[str, Any]) -> None:
+    for name in _OPT_IN:
+        if name in d and d[name] is None:
+            del d[name]
+
+
 def _build(cls: type, d: dict[str, Any]) -> Any:
     """Rebuild a dataclass from its dict, ignoring unknown keys (newer writers)."""
     if not isinstance(d, dict):
@@ -169,6 +192,8 @@ def _build(cls: type, d: dict[str, Any]) -> Any:
         sub = _NESTED.get((cls, f.name))
         if sub is not None and v is not None:
             v = tuple(_build(sub, x) for x in v) if isinstance(v, list) else _build(sub, v)
+        elif f.name in _RANGES and isinstance(v, list):
+            v = tuple(tuple(x) for x in v)
         elif isinstance(v, list):
             v = tuple(v)
         kwargs[f.name] = v

@@ -33,6 +33,12 @@ class _UsageError(click.ClickException):
         click.echo(f"pctop {self.command}: error: {self.message}", err=True)
 
 
+class _Unavailable(_UsageError):
+    """What was asked for cannot run on this machine: one line, exit status 1."""
+
+    exit_code = 1
+
+
 class _Command(click.Command):
     """A click command whose usage errors are one line (no usage block)."""
 
@@ -59,6 +65,9 @@ def _live_options(f: Callable) -> Callable:
         click.option("--qmp", "qmp_sockets", multiple=True, metavar="SOCKET",
                      help="QEMU's QMP socket: the migration destination's, then optionally the "
                           "source's (docs/qemu.md)."),
+        click.option("--page-ranges", is_flag=True,
+                     help="Also record which pages each uffd installed (address ranges per "
+                          "interval; one more probe map update per install). JSON output only."),
     ]):
         f = opt(f)
     return f
@@ -73,11 +82,12 @@ def _install_stop_handlers(stop: threading.Event) -> None:
 
 
 def run_live(command: str, out: TextIO, pids, comm, interval: float, count: int | None,
-             no_ebpf: bool, engine_sockets, qmp_sockets=()) -> None:
+             no_ebpf: bool, engine_sockets, qmp_sockets=(), page_ranges: bool = False) -> None:
     """Header, then one Sample per interval to `out`, until count, a signal or a closed pipe."""
     stop = threading.Event()
     _install_stop_handlers(stop)
-    header, stats, _ = _open(command, pids, comm, interval, no_ebpf, engine_sockets, qmp_sockets)
+    header, stats, _ = _open(command, pids, comm, interval, no_ebpf, engine_sockets, qmp_sockets,
+                             page_ranges)
     writer = NdjsonWriter(out)
     try:
         writer.write(header)
@@ -96,17 +106,22 @@ def run_live(command: str, out: TextIO, pids, comm, interval: float, count: int 
         stats.close()
 
 
-def _open(command: str, pids, comm, interval: float, no_ebpf: bool, engine_sockets, qmp_sockets):
+def _open(command: str, pids, comm, interval: float, no_ebpf: bool, engine_sockets, qmp_sockets,
+          page_ranges: bool = False):
     """open_live plus, with --qmp, QEMU's own view -> (header, stats, qmp source or None)."""
     from pctop.sources.engine import EngineError
     from pctop.sources.procfs import TargetNotFound
-    from pctop.stats import open_live
+    from pctop.stats import PageRangesUnavailable, open_live
 
+    if page_ranges and no_ebpf:
+        raise _UsageError(command, "--page-ranges needs the eBPF probes; it cannot go with --no-ebpf")
     try:
         header, stats = open_live(pids, comm, interval, use_ebpf=not no_ebpf,
-                                  engine_sockets=engine_sockets)
+                                  engine_sockets=engine_sockets, page_ranges=page_ranges)
     except (TargetNotFound, EngineError) as e:
         raise _UsageError(command, str(e)) from None
+    except PageRangesUnavailable as e:
+        raise _Unavailable(command, str(e)) from None
     if not qmp_sockets:
         return header, stats, None
     from pctop.qemu.qmp import QmpError
@@ -133,15 +148,20 @@ def _quiet_stdout() -> None:
 @_live_options
 @click.option("--json", "as_json", is_flag=True,
               help="Print JSON Lines (a header, then one sample per interval) instead of the TUI.")
-def monitor(pids, comm, interval, count, no_ebpf, engine_sockets, qmp_sockets, as_json) -> None:
+def monitor(pids, comm, interval, count, no_ebpf, engine_sockets, qmp_sockets, page_ranges,
+            as_json) -> None:
     """Watch post-copy stalls live: per-vCPU faults and latency, uffd queue depth.
 
     Fields are documented in docs/schema.md.
     """
     if not as_json:
+        if page_ranges:
+            raise _UsageError("monitor", "--page-ranges goes with --json (or `pctop record`): "
+                                         "the dashboard does not show page ranges")
         _run_tui(pids, comm, interval, no_ebpf, engine_sockets, qmp_sockets)
         return
-    run_live("monitor", sys.stdout, pids, comm, interval, count, no_ebpf, engine_sockets, qmp_sockets)
+    run_live("monitor", sys.stdout, pids, comm, interval, count, no_ebpf, engine_sockets, qmp_sockets,
+             page_ranges)
 
 
 def _run_tui(pids, comm, interval: float, no_ebpf: bool, engine_sockets, qmp_sockets=()) -> None:
@@ -156,14 +176,18 @@ def _run_tui(pids, comm, interval: float, no_ebpf: bool, engine_sockets, qmp_soc
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, writable=True),
               help="File to write (JSON Lines, flushed line by line).")
 @_live_options
-def record(output, pids, comm, interval, count, no_ebpf, engine_sockets, qmp_sockets) -> None:
+def record(output, pids, comm, interval, count, no_ebpf, engine_sockets, qmp_sockets,
+           page_ranges) -> None:
     """Record what `monitor --json` shows to a file, for `pctop replay`."""
+    if page_ranges and no_ebpf:  # before the file is created
+        raise _UsageError("record", "--page-ranges needs the eBPF probes; it cannot go with --no-ebpf")
     try:
         fh = open(output, "w", encoding="utf-8")
     except OSError as e:
         raise _UsageError("record", f"cannot write {output}: {e.strerror}") from None
     with fh:
-        run_live("record", fh, pids, comm, interval, count, no_ebpf, engine_sockets, qmp_sockets)
+        run_live("record", fh, pids, comm, interval, count, no_ebpf, engine_sockets, qmp_sockets,
+                 page_ranges)
 
 
 @click.command("replay", cls=_Command)

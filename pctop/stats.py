@@ -90,7 +90,9 @@ def merge_readings(readings: Iterable[Reading]) -> Merged:
                     comm=old.comm or ti.comm,
                     handler_cpu_pct=old.handler_cpu_pct if old.handler_cpu_pct is not None
                     else ti.handler_cpu_pct,
-                    thread_names={**ti.thread_names, **old.thread_names})
+                    thread_names={**ti.thread_names, **old.thread_names},
+                    registered_ranges=old.registered_ranges if old.registered_ranges is not None
+                    else ti.registered_ranges)
         for mi in r.migrations:
             m.migrations.setdefault(mi.pid, mi)
         m.gone.update(r.gone)
@@ -148,7 +150,9 @@ def uffd_sample(fd: int, c: UffdCounters | None, d: UffdDepth | None, interval_s
         eexist=c.eexist,
         reads_per_s=rates.per_second(c.msgs_read, interval_s),
         installs_per_s=rates.per_second(c.pages_installed, interval_s),
-        bytes_per_s=rates.per_second(c.bytes_installed, interval_s))
+        bytes_per_s=rates.per_second(c.bytes_installed, interval_s),
+        installed_ranges=c.installed_ranges,
+        page_map_lost=c.page_map_lost if c.installed_ranges is not None else None)
 
 
 def migration_sample(mi: MigrationInfo, prev_received: int | None, interval_s: float) -> Migration:
@@ -221,7 +225,8 @@ def build_sample(merged: Merged, memory: Memory, *, now: float, interval_s: floa
             if mi.pages_received is not None:
                 memory.pages_received[pid] = mi.pages_received
         targets.append(Target(pid=pid, comm=memory.comms[pid], vcpus=tuple(vcpus), uffds=uffds,
-                              handler_cpu_pct=ti.handler_cpu_pct if ti else None, migration=mig))
+                              handler_cpu_pct=ti.handler_cpu_pct if ti else None, migration=mig,
+                              registered_ranges=ti.registered_ranges if ti else None))
     for pid in gone_now:
         _forget(memory, pid)
     for key in exited_with_faults:
@@ -314,12 +319,16 @@ def _with_events(sample: Sample, extra: list[Event]) -> Sample:
 
 # ---- the live feed: sources chosen for this machine -------------------------
 
+
+class PageRangesUnavailable(RuntimeError):
+    """Installed page ranges were asked for, but the eBPF probes cannot run (one line why)."""
+
 EBPF_MISSING_EFFECT = ("per-vCPU fault counts, stall times, percentiles, histograms, stall parts, "
                        "exits and handler reads/installs are not measured; uffd queue depth, "
                        "vCPU identity and handler CPU come from /proc")
 
 
-def _start_ebpf(pids: tuple[int, ...], follow_all: bool):
+def _start_ebpf(pids: tuple[int, ...], follow_all: bool, page_map: bool = False):
     """(started EbpfSource, None) or (None, why not). bcc is imported only here."""
     try:
         from pctop.sources import ebpf
@@ -330,7 +339,7 @@ def _start_ebpf(pids: tuple[int, ...], follow_all: bool):
     reason = ebpf.ebpf_unavailable_reason()
     if reason:
         return None, reason
-    src = ebpf.EbpfSource(list(pids), follow_all)
+    src = ebpf.EbpfSource(list(pids), follow_all, page_map=page_map)
     try:
         src.start()
     except Exception as e:  # probes failed to compile/attach: run on procfs
@@ -343,8 +352,13 @@ def _start_ebpf(pids: tuple[int, ...], follow_all: bool):
 
 
 def open_live(pids: Sequence[int] = (), comm: str | None = None, interval: float = 1.0,
-              use_ebpf: bool = True, engine_sockets: Sequence[str] = (), paths=None):
+              use_ebpf: bool = True, engine_sockets: Sequence[str] = (), paths=None,
+              page_ranges: bool = False):
     """Pick and start the sources for live monitoring -> (Header, Stats).
+
+    page_ranges: the probes also record which pages each uffd install covered
+    (Uffd.installed_ranges, Target.registered_ranges); it needs the eBPF probes,
+    so without them it raises PageRangesUnavailable (bad input for the caller).
 
     Raises pctop.sources.procfs.TargetNotFound for a pid that does not exist
     and pctop.sources.engine.EngineError for an engine socket that does not
@@ -370,9 +384,13 @@ def open_live(pids: Sequence[int] = (), comm: str | None = None, interval: float
     try:
         if use_ebpf:
             initial = pids + tuple(find_by_comm(paths, comm, exclude=(os.getpid(),)) if comm else ())
-            ebpf_src, why = _start_ebpf(initial, follow_all=not pids and comm is None)
+            ebpf_src, why = _start_ebpf(initial, follow_all=not pids and comm is None,
+                                        page_map=page_ranges)
         else:
             ebpf_src, why = None, "disabled by --no-ebpf"
+        if page_ranges and ebpf_src is None:
+            raise PageRangesUnavailable(f"--page-ranges needs the eBPF probes, and they are "
+                                        f"unavailable: {why}")
         if ebpf_src is not None:
             sources.append(ebpf_src)
         else:

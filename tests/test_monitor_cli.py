@@ -111,6 +111,9 @@ def test_replay_of_a_damaged_file_emits_what_came_before_and_names_the_line(tmp_
     (["record"], "-o"),
     (["record", "-o", "/nonexistent-dir/x.ndjson", "--count", "1"], "cannot write"),
     (["replay", "/nonexistent.ndjson", "--json"], "cannot open"),
+    (["monitor", "--page-ranges"], "--page-ranges goes with --json"),
+    (["monitor", "--json", "--page-ranges", "--no-ebpf"], "cannot go with --no-ebpf"),
+    (["record", "-o", "/nonexistent-dir/x.ndjson", "--page-ranges", "--no-ebpf"], "cannot go with --no-ebpf"),
 ])
 def test_bad_input_is_a_one_line_error_with_exit_2(args, needle):
     r = run_pctop(*args, timeout=30)
@@ -142,3 +145,35 @@ def test_monitor_json_ebpf_tier_when_the_probes_load():
     assert faulting and all(v["stall_ns"] > 0 and v["p50_us"] is not None and v["max_us"] for v in faulting)
     (u,) = t["uffds"]
     assert u["fd"] == fd and u["msgs_read"] > 0 and u["pages_installed"] > 0
+    assert "installed_ranges" not in u and "registered_ranges" not in t  # no --page-ranges
+
+
+@pytest.mark.bpf
+def test_record_page_ranges_shows_which_pages_were_installed_and_replays(tmp_path):
+    from pctop.sources.ebpf import ebpf_unavailable_reason
+    from pctop.sources.pagemap import PAGE_SHIFT, page_count
+    reason = ebpf_unavailable_reason()
+    if reason:
+        pytest.skip(f"eBPF unavailable on this machine: {reason}")
+    out = tmp_path / "rec.ndjson"
+    with holder(2, stream=True) as (_, pid, fd):
+        r = run_pctop("record", "-o", str(out), "--page-ranges", "--count", "3", "--interval", "0.5",
+                      "-p", str(pid), timeout=120)
+    assert r.returncode == 0, r.stderr
+    header, *samples = lines_of(out.read_text())
+    installed = 0
+    for s in samples:
+        (t,) = s["targets"]
+        (u,) = t["uffds"]
+        runs = u["installed_ranges"]
+        assert u["page_map_lost"] == 0
+        # a page dropped and installed again counts twice in pages_installed, once in the runs
+        assert 0 < page_count(runs) <= u["pages_installed"]
+        (reg_start, reg_pages), = t["registered_ranges"]  # the holder registers one region
+        for start, n in runs:
+            assert reg_start <= start and start + (n << PAGE_SHIFT) <= reg_start + (reg_pages << PAGE_SHIFT)
+        installed += u["pages_installed"]
+    assert installed > 0
+    r = run_pctop("replay", str(out), "--json")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == out.read_text()

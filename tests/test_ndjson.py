@@ -37,9 +37,10 @@ vcpus = st.builds(
     hist=st.tuples(*[ints] * HIST_BUCKETS), parts=st.builds(StallParts, ints, ints, ints),
     faults_no_read=ints, exits=st.dictionaries(st.sampled_from(["mmio", "io", "efault"]), ints),
     exits_per_s=floats, memory_fault_exits=ints)
+page_runs = st.none() | st.lists(st.tuples(ints, ints), max_size=3).map(tuple)
 uffds = st.builds(UffdSample, fd=st.integers(0, 65535), pending_mean=floats, pending_max=ints,
                   total_mean=floats, total_max=ints, msgs_read=ints, pages_installed=ints,
-                  bytes_per_s=floats)
+                  bytes_per_s=floats, installed_ranges=page_runs, page_map_lost=st.none() | ints)
 migrations = st.builds(Migration, source=st.sampled_from(["engine", "qmp"]), state=names,
                        pages_total=st.none() | ints, pages_received=st.none() | ints,
                        bandwidth_bps=opt_floats, eta_s=opt_floats,
@@ -47,7 +48,8 @@ migrations = st.builds(Migration, source=st.sampled_from(["engine", "qmp"]), sta
 targets = st.builds(Target, pid=st.integers(1, 2**22), comm=names,
                     vcpus=st.lists(vcpus, max_size=3).map(tuple),
                     uffds=st.lists(uffds, max_size=2).map(tuple),
-                    handler_cpu_pct=opt_floats, migration=st.none() | migrations)
+                    handler_cpu_pct=opt_floats, migration=st.none() | migrations,
+                    registered_ranges=page_runs)
 samples = st.builds(Sample, time=floats, interval_s=floats, seq=ints,
                     probe_tier=st.sampled_from(["ebpf", "procfs", "replay"]),
                     sources=st.lists(names, max_size=3).map(tuple),
@@ -77,6 +79,24 @@ def test_header_round_trip_and_required_line_fields():
     assert d["type"] == "sample" and d["interval_s"] == 1.0
     assert set(d["targets"][0]["uffds"][0]) >= {"fd", "pending_mean", "pending_max", "total_mean",
                                                  "total_max", "msgs_read", "pages_installed"}
+
+
+def test_page_ranges_are_left_out_unless_measured_and_round_trip_when_they_are():
+    plain = json.loads(dumps(sample(1)))
+    t, u = plain["targets"][0], plain["targets"][0]["uffds"][0]
+    # without --page-ranges the lines do not grow
+    assert "registered_ranges" not in t and "installed_ranges" not in u and "page_map_lost" not in u
+    measured = Sample(time=1.0, interval_s=1.0, seq=1, probe_tier="ebpf", sources=("ebpf",), targets=(
+        Target(pid=7, comm="q", registered_ranges=((0x7f0000000000, 4096),),
+               uffds=(UffdSample(fd=3, installed_ranges=((0x7f0000001000, 2), (0x7f0000010000, 1)),
+                                 page_map_lost=0),
+                      UffdSample(fd=4, installed_ranges=(), page_map_lost=0))),))
+    d = json.loads(dumps(measured))
+    u3, u4 = d["targets"][0]["uffds"]
+    assert u3["installed_ranges"] == [[0x7f0000001000, 2], [0x7f0000010000, 1]] and u3["page_map_lost"] == 0
+    assert u4["installed_ranges"] == []  # measured: nothing installed (not the same as left out)
+    assert d["targets"][0]["registered_ranges"] == [[0x7f0000000000, 4096]]
+    assert parse_record(dumps(measured), "t") == measured
 
 
 def test_writer_flushes_every_line():

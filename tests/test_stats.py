@@ -112,6 +112,19 @@ def test_uffd_rates_from_counters():
     assert u.msgs_read == 20 and u.pages_installed == 30
 
 
+def test_page_ranges_pass_through_only_when_the_source_measured_them():
+    runs = ((0x7f0000000000, 3), (0x7f0000008000, 1))
+    on = UffdCounters(10, 3, pages_installed=4, installed_ranges=runs, page_map_lost=2)
+    off = UffdCounters(10, 4, pages_installed=4)
+    ti = TargetInfo(10, "q", registered_ranges=((0x7f0000000000, 512),))
+    s, _ = build([Reading("ebpf", uffds=(on, off), targets=(ti,)), Reading("procfs", targets=(TargetInfo(10, "q"),))])
+    (t,) = s.targets
+    u3, u4 = t.uffds
+    assert (u3.installed_ranges, u3.page_map_lost) == (runs, 2)
+    assert (u4.installed_ranges, u4.page_map_lost) == (None, None)
+    assert t.registered_ranges == ((0x7f0000000000, 512),)  # the procfs reading did not blank it
+
+
 def test_identity_is_remembered_and_a_better_one_replaces_a_worse_one():
     m = Memory()
     build([Reading("procfs", identities=(VcpuIdentity(10, 11, 5, "thread_name"),),

@@ -451,7 +451,7 @@ def _reading_json(r: Reading, debug: dict[str, int]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """python -m pctop.sources.ebpf [-p PID]... [-i S] [-n N] [--prog-stats] [-- COMMAND...]
+    """python -m pctop.sources.ebpf [-p PID]... [-i S] [-n N] [--prog-stats] [--page-map] [-- COMMAND...]
 
     One JSON line per interval with what the probes saw. With a COMMAND, runs
     it and stops after the interval in which it exits. --prog-stats turns on
@@ -467,6 +467,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-i", "--interval", type=float, default=1.0, help="seconds per reading")
     ap.add_argument("-n", "--count", type=int, default=0, help="stop after N readings (0: never)")
     ap.add_argument("--prog-stats", action="store_true", help="measure each probe's cost")
+    ap.add_argument("--page-map", action="store_true", help="record which pages were installed")
     ap.add_argument("command", nargs="*", help="run this (after --) and stop when it exits")
     a = ap.parse_args(argv)
     if a.interval <= 0 or a.count < 0:
@@ -475,7 +476,7 @@ def main(argv: list[str] | None = None) -> int:
     if why:
         print(f"ebpf: {why}", file=sys.stderr)
         return 1
-    src = EbpfSource(a.pid or None, follow_all=not a.pid)
+    src = EbpfSource(a.pid or None, follow_all=not a.pid, page_map=a.page_map)
     child = None
     stats_before = None
     try:
