@@ -163,3 +163,28 @@ def test_msrs_round_trip():
     finally:
         vm.close()
         kvm.close()
+
+
+def test_native_helper_builds_into_the_cache_keyed_by_its_source(tmp_path, monkeypatch):
+    """native/kvm_run.c is compiled on first use into $XDG_CACHE_HOME/pctop; its TSC
+    pair reads CLOCK_MONOTONIC like time.monotonic_ns. PCTOP_NATIVE=0 turns it off
+    (the engine then times KVM_RUN in Python and says "python")."""
+    import shutil
+    import time
+
+    monkeypatch.setenv("PCTOP_NATIVE", "0")
+    assert k._load_native() is None and "PCTOP_NATIVE" in k.native_error
+    monkeypatch.delenv("PCTOP_NATIVE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    if not (os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")):
+        pytest.skip("no C compiler: the native helper cannot be built here")
+    nat = k._load_native()
+    assert nat is not None, k.native_error
+    (built,) = (tmp_path / "pctop").glob("kvm_run-*.so")
+    assert nat.path == str(built)
+    ns, tsc = ctypes.c_int64(), ctypes.c_uint64()
+    before = time.monotonic_ns()
+    width = nat.tsc_pair(ctypes.byref(ns), ctypes.byref(tsc))
+    after = time.monotonic_ns()
+    assert before <= ns.value <= after and 0 <= width <= after - before and tsc.value > 0
+    assert k._load_native().path == nat.path   # the second use finds the build

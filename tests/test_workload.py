@@ -345,6 +345,35 @@ def test_vcpu_exit_callback_gets_the_address_and_the_guest_proceeds(cls, source,
     assert all(data[i * PAGE:i * PAGE + 64] == header(i) for i in range(npages))
 
 
+def _run_resolving(w: KvmWorkload, uffd: Uffd, dest: AnonMemory, resolve, sigbus: bool, timeout: float) -> int:
+    """Run w to completion while resolve(fault address) serves its faults: on the vCPU
+    thread (SIGBUS, vcpu-exit) or on one reader thread (MISSING). Closes uffd and dest.
+    Returns the run's wall time (ns)."""
+    stop = threading.Event()
+
+    def reader() -> None:
+        while not stop.is_set():
+            if uffd.wait(0.05):
+                for f in uffd.read_faults():
+                    resolve(f.address)
+
+    handler = None if sigbus else threading.Thread(target=reader)
+    start = time.monotonic_ns()
+    try:
+        if handler:
+            handler.start()
+        w.start((lambda _vcpu, addr, _source: resolve(addr)) if sigbus else None)
+        assert w.wait(timeout)
+        return time.monotonic_ns() - start
+    finally:
+        stop.set()
+        w.stop()
+        if handler:
+            handler.join()
+        uffd.close()
+        dest.close()
+
+
 def _fault_rate(vcpus: int, npages: int) -> tuple[float, float]:
     """Faults/s for a KVM guest: (MISSING + one Python reader thread, SIGBUS + vCPU resolves)."""
     size = npages * PAGE
@@ -356,33 +385,12 @@ def _fault_rate(vcpus: int, npages: int) -> tuple[float, float]:
         uffd = Uffd(sigbus=sigbus)
         uffd.register(dest.addr, size)
         w = KvmWorkload(dest.addr, size, vcpus, pattern="seq", passes=1)
-        stop = threading.Event()
 
-        def reader() -> None:
-            while not stop.is_set():
-                if uffd.wait(0.05):
-                    for f in uffd.read_faults():
-                        page = f.address & ~(PAGE - 1)
-                        uffd.copy(page, src.addr + page - dest.addr, PAGE)
+        def resolve(addr: int, dest=dest, uffd=uffd) -> None:
+            page = addr & ~(PAGE - 1)
+            uffd.copy(page, src.addr + page - dest.addr, PAGE)
 
-        def on_fault(vcpu: int, addr: int, _source: str) -> None:
-            uffd.copy(addr, src.addr + addr - dest.addr, PAGE)
-
-        handler = threading.Thread(target=reader) if not sigbus else None
-        if handler:
-            handler.start()
-        start = time.perf_counter()
-        try:
-            w.start(on_fault if sigbus else None)
-            assert w.wait(120)
-            rates.append(npages / (time.perf_counter() - start))
-        finally:
-            stop.set()
-            w.stop()
-            if handler:
-                handler.join()
-            uffd.close()
-            dest.close()
+        rates.append(npages / (_run_resolving(w, uffd, dest, resolve, sigbus, 120) / 1e9))
     src.close()
     return rates[0], rates[1]
 
@@ -411,3 +419,48 @@ def test_efault_without_a_handler_is_reported_by_wait(registered):
         w.start()
         with pytest.raises(WorkloadError, match="EFAULT"):
             w.wait(20)
+
+
+@needs_uffd
+@on_kvm
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("sigbus, native", [(False, True), (True, True), (True, False)],
+                         ids=["missing", "vcpu-exit", "vcpu-exit-python-clock"])
+def test_stall_clocks_count_each_fault_once_and_span_the_handlers_hold(sigbus, native, source, monkeypatch):
+    """The guest's TSC clock and the native KVM_RUN clock (KvmWorkload.stall_clocks):
+    every fault is one slow first touch, and each stall spans at least the time the
+    handler held the page back (hold_s, slept before the copy), at most the whole run.
+    A second pass touches only present pages: nothing more is counted. Without the
+    native helper KVM_RUN is timed in Python, and the workload says so."""
+    from pctop.engine import kvm
+
+    if not native:
+        monkeypatch.setattr(kvm, "_native", [None])
+
+    npages, hold_s = 16, 0.003
+    dest, uffd = AnonMemory(npages * PAGE), Uffd(sigbus=sigbus)
+    uffd.register(dest.addr, dest.size)
+    copied = []
+
+    def resolve(addr: int) -> None:
+        time.sleep(hold_s)
+        page = addr & ~(PAGE - 1)
+        assert uffd.copy(page, source.addr + page - dest.addr, PAGE) == PAGE
+        copied.append(page)
+
+    w = KvmWorkload(dest.addr, dest.size, 1, pattern="seq", passes=2)
+    wall = _run_resolving(w, uffd, dest, resolve, sigbus, 30)
+    (c,) = w.stall_clocks()
+    assert len(copied) == npages
+    assert c.guest_stalls == npages
+    if sigbus:
+        assert c.exit_stalls == npages and npages * hold_s * 1e9 <= c.exit_stall_ns <= wall
+    else:
+        assert (c.exit_stalls, c.exit_stall_ns) == (0, 0)
+    if not native:
+        assert w.stall_clock == "python" and c.guest_stall_ns is None
+        return
+    if kvm.native_run() is None:
+        pytest.skip(f"no native helper ({kvm.native_error}): the guest's cycles cannot be converted")
+    assert w.stall_clock == "native"
+    assert max(npages * hold_s * 1e9, c.exit_stall_ns) <= c.guest_stall_ns <= wall  # the guest's span holds the exit's

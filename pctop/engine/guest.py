@@ -8,16 +8,28 @@ code runs natively.
 Guest physical layout (`GuestLayout`):
     system slot, GPA 0 .. system_size (owned and filled by the host):
         0x1000 PML4, 0x2000 PDPT, 0x3000 GDT, 0x4000 TSS, 0x5000 code,
-        0x6000 stack page, 0x7000.. mailboxes (64 B per vCPU), then one page
-        directory per GiB, then the dirty bitmap (1 bit per data page).
+        0x6000 stack page, 0x7000.. mailboxes (128 B per vCPU, 8 pages), then one
+        page directory per GiB, then the dirty bitmap (1 bit per data page), then
+        one first-touch bitmap per vCPU (same size, bit = page index in its region).
     data slot, GPA DATA_GPA .. + data_size: the migrated RAM (the caller's memory).
 
-Per-vCPU mailbox (64 bytes, written only by that vCPU, read by the host):
+Per-vCPU mailbox (128 bytes, written only by that vCPU unless marked host):
     +0 touched  (pages accessed so far), +8 passes (completed passes),
     +16 target  (GPA of the page about to be accessed: published BEFORE the
                  access, so a vCPU that exits on a missing page tells the host
                  which page it wants: the "guest-assisted" fault address),
-    +24 done    (1 once the vCPU has finished its passes).
+    +24 done    (1 once the vCPU has finished its passes),
+    +32 slow    (first touches of a page that took >= slow_min TSC cycles: the
+                 faults this vCPU waited for), +40 slow_cycles (their sum),
+    +48 t0      (scratch: the TSC at the current access's start),
+    +56 slow_min (host: the threshold in TSC cycles),
+    +64 seen    (host: where this vCPU's first-touch bitmap starts, as a bit
+                 offset from the mailbox), +72 scratch (rax across rdtsc).
+The guest never uses its stack: all vCPUs start with the same rsp.
+The guest's clock is the TSC (rdtsc at CPL3: allowed unless CR4.TSD, native
+under PVM, where it reads the host's TSC). It times each access from just
+before to just after it, so a stall includes the hypervisor's exit and entry
+around the fault, which no host-side probe sees on PVM.
 
 Access loop (one iteration = one access; register contract in `entry_registers`):
     1. pick the page index by pattern:
@@ -25,12 +37,14 @@ Access loop (one iteration = one access; register contract in `entry_registers`)
        random  uniform: index = (xorshift64() * npages) >> 64;
        hotset  with probability hot_access the index is uniform in the hot set
                (the first hot_npages pages of the region), else uniform in the region;
-    2. mailbox.target = region_base + index * page_size;
+    2. mailbox.target = region_base + index * page_size; mailbox.t0 = rdtsc;
     3. write with probability write_ratio (a PRNG draw; no draw at ratio 0 or 1):
        set the page's dirty bit first (lock bts; the bitmap is shared between
        vCPUs), then store the touch count at a PRNG-chosen qword at offset
        64..4024, never into the 64-byte page header the source owns;
        otherwise read the header's first qword;
+    3b. t1 = rdtsc; set the page's bit in the first-touch bitmap; if it was clear
+       and t1 - t0 >= slow_min: slow += 1, slow_cycles += t1 - t0;
     4. touched += 1; after npages accesses passes += 1; after max_passes passes
        (if set) done = 1, then `ud2`. With no IDT that is a triple fault, which
        every KVM (VMX, SVM, PVM) reports as KVM_EXIT_SHUTDOWN: the guest cannot
@@ -52,8 +66,10 @@ DATA_GPA = 1 * GIB          # the data slot's guest physical base (2 MiB aligned
 
 PML4_GPA, PDPT_GPA, GDT_GPA, TSS_GPA, CODE_GPA, STACK_GPA, MAILBOX_GPA = (
     0x1000, 0x2000, 0x3000, 0x4000, 0x5000, 0x6000, 0x7000)
-MAILBOX_SIZE = 64
+MAILBOX_SIZE = 128
+MAILBOX_PAGES = 8           # 256 vCPUs
 MB_TOUCHED, MB_PASSES, MB_TARGET, MB_DONE = 0, 8, 16, 24
+MB_SLOW, MB_SLOW_CYCLES, MB_T0, MB_SLOW_MIN, MB_SEEN, MB_SCRATCH = 32, 40, 48, 56, 64, 72
 PAGE_HEADER = 64            # bytes at the start of each data page that a write never touches
 WRITE_OFFSET_MASK = 0xF78   # qword offsets 0..3960, +64 => 64..4024: inside any page >= 4 KiB
 
@@ -129,6 +145,13 @@ def _xorshift_r12(a: Assembler) -> None:
     a.emit(b"\x49\x31\xd4", "xor r12, rdx")
 
 
+def _rdtsc_rax(a: Assembler) -> None:
+    """rax = the time-stamp counter; clobbers rdx."""
+    a.emit(b"\x0f\x31", "rdtsc")
+    a.emit(b"\x48\xc1\xe2\x20", "shl rdx, 32")
+    a.emit(b"\x48\x09\xd0", "or rax, rdx")
+
+
 def build_code(params: GuestParams) -> Assembler:
     """The access loop; see the module docstring and `entry_registers` for registers."""
     a = Assembler()
@@ -169,6 +192,12 @@ def build_code(params: GuestParams) -> Assembler:
     a.emit(b"\x48\xc1\xe3" + bytes([params.page_shift]), f"shl rbx, {params.page_shift}")
     a.emit(b"\x4c\x01\xf3", "add rbx, r14")
     a.emit(b"\x49\x89\x5f" + bytes([MB_TARGET]), f"mov [r15+{MB_TARGET:#x}], rbx")
+    # the access's start on the guest's clock; rax (the page index) is needed below and
+    # kept in the mailbox, not on the stack: every vCPU has the same rsp
+    a.emit(b"\x49\x89\x47" + bytes([MB_SCRATCH]), f"mov [r15+{MB_SCRATCH:#x}], rax")
+    _rdtsc_rax(a)
+    a.emit(b"\x49\x89\x47" + bytes([MB_T0]), f"mov [r15+{MB_T0:#x}], rax")
+    a.emit(b"\x49\x8b\x47" + bytes([MB_SCRATCH]), f"mov rax, [r15+{MB_SCRATCH:#x}]")
     # 3. read or write
     if params.write_ratio < 1.0:
         if params.write_ratio > 0.0:
@@ -192,6 +221,21 @@ def build_code(params: GuestParams) -> Assembler:
     a.label("read")
     a.emit(b"\x48\x8b\x03", "mov rax, [rbx]")
     a.label("counted")
+    # the access's duration: a slow FIRST touch of a page by this vCPU (a fault it
+    # waited for) is summed; a later access is slow only if the vCPU was preempted
+    _rdtsc_rax(a)
+    a.emit(b"\x49\x2b\x47" + bytes([MB_T0]), f"sub rax, [r15+{MB_T0:#x}]")
+    a.emit(b"\x48\x89\xda", "mov rdx, rbx")
+    a.emit(b"\x4c\x29\xf2", "sub rdx, r14")
+    a.emit(b"\x48\xc1\xea" + bytes([params.page_shift]), f"shr rdx, {params.page_shift}")
+    a.emit(b"\x49\x03\x57" + bytes([MB_SEEN]), f"add rdx, [r15+{MB_SEEN:#x}]")
+    a.emit(b"\x49\x0f\xab\x17", "bts [r15], rdx")     # bit offset from the mailbox
+    a.jump(b"\x0f\x82", "fast", "jb fast")  # jc: seen before
+    a.emit(b"\x49\x3b\x47" + bytes([MB_SLOW_MIN]), f"cmp rax, [r15+{MB_SLOW_MIN:#x}]")
+    a.jump(b"\x0f\x82", "fast", "jb fast")
+    a.emit(b"\x49\xff\x47" + bytes([MB_SLOW]), f"inc qword [r15+{MB_SLOW:#x}]")
+    a.emit(b"\x49\x01\x47" + bytes([MB_SLOW_CYCLES]), f"add [r15+{MB_SLOW_CYCLES:#x}], rax")
+    a.label("fast")
     # 4. counters, passes, finish
     a.emit(b"\x49\xff\x47" + bytes([MB_TOUCHED]), f"inc qword [r15+{MB_TOUCHED:#x}]")
     a.emit(b"\x48\xff\xc9", "dec rcx")                          # accesses left in this pass
@@ -225,7 +269,7 @@ def entry_registers(plan: VcpuPlan, vcpu: int, params: GuestParams, hot_npages: 
                     hot_access: float, bitmap_gpa: int) -> dict[str, int]:
     """The guest's register contract at entry (it reads no parameters from memory)."""
     return {
-        "r15": MAILBOX_GPA + vcpu * MAILBOX_SIZE,               # mailbox
+        "r15": mailbox_gpa(vcpu),                               # mailbox
         "r14": DATA_GPA + (plan.first_page << params.page_shift),  # region base
         "r13": plan.npages,
         "r12": plan.seed,
@@ -246,20 +290,26 @@ class GuestLayout(NamedTuple):
     pd_gpa: int
     bitmap_gpa: int
     bitmap_size: int
+    seen_gpa: int       # vCPU i's first-touch bitmap: seen_gpa + i * bitmap_size
+
+
+def mailbox_gpa(vcpu: int) -> int:
+    return MAILBOX_GPA + vcpu * MAILBOX_SIZE
 
 
 def plan_layout(data_size: int, page_size: int, vcpus: int) -> GuestLayout:
-    if vcpus * MAILBOX_SIZE > 4 * 0x1000:
+    if vcpus * MAILBOX_SIZE > MAILBOX_PAGES * 0x1000:
         raise ValueError("at most 256 vCPUs")
-    pd_gpa = MAILBOX_GPA + 4 * 0x1000
+    pd_gpa = MAILBOX_GPA + MAILBOX_PAGES * 0x1000
     pds = -(-(DATA_GPA + data_size) // GIB)
     bitmap_gpa = pd_gpa + pds * 0x1000
     bitmap_size = -(-(data_size // page_size) // 64) * 8
-    end = bitmap_gpa + bitmap_size
+    seen_gpa = bitmap_gpa + bitmap_size
+    end = seen_gpa + vcpus * bitmap_size
     system_size = -(-end // PAGE_2M) * PAGE_2M
     if system_size > DATA_GPA:
         raise ValueError("data region too large for the guest layout")
-    return GuestLayout(system_size, pd_gpa, bitmap_gpa, bitmap_size)
+    return GuestLayout(system_size, pd_gpa, bitmap_gpa, bitmap_size, seen_gpa)
 
 
 def fill_system(mem, layout: GuestLayout, data_size: int, code: bytes) -> None:

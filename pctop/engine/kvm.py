@@ -26,6 +26,7 @@ import os
 import signal
 import struct
 import threading
+import time
 from typing import NamedTuple
 
 # ioctl numbers (x86-64, _IO/_IOR/_IOW/_IOWR on KVMIO = 0xAE).
@@ -176,6 +177,85 @@ def _ioctl(fd: int, request: int, arg) -> int:
             raise OSError(err, os.strerror(err))
         return ret
     return fcntl.ioctl(fd, request, arg, True)
+
+
+# ---- KVM_RUN timed in native code (native/kvm_run.c), built with the system's C compiler
+NATIVE_SOURCE = os.path.join(os.path.dirname(__file__), "native", "kvm_run.c")
+
+
+class NativeRun(NamedTuple):
+    """The compiled helpers (see native/kvm_run.c); None from native_run() where none."""
+    kvm_run: object    # (fd, byref(int64 t_enter), byref(int64 t_exit)) -> errno or 0, GIL released
+    tsc_pair: object   # (byref(int64 ns), byref(uint64 tsc)) -> width of the clock pair (ns)
+    path: str
+
+
+def native_cache_dir() -> str:
+    """Where the compiled helper is kept: $XDG_CACHE_HOME/pctop, else ~/.cache/pctop."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "pctop")
+
+
+_native: list = []   # [NativeRun | None] once tried: one build per process
+_native_lock = threading.Lock()
+native_error = ""    # why native_run() is None (for logs and tests)
+
+
+def native_run() -> NativeRun | None:
+    """The native KVM_RUN helper, compiled on first use into native_cache_dir() (keyed by
+    a hash of its source), or None when it cannot be (no compiler, PCTOP_NATIVE=0): the
+    engine then times KVM_RUN in Python and says so ("stall_clock": "python")."""
+    with _native_lock:
+        if not _native:
+            _native.append(_load_native())
+        return _native[0]
+
+
+def _load_native() -> NativeRun | None:
+    global native_error
+    if os.environ.get("PCTOP_NATIVE", "1") == "0":
+        native_error = "disabled by PCTOP_NATIVE=0"
+        return None
+    import hashlib
+    import shutil
+    import subprocess
+    import tempfile
+
+    try:
+        with open(NATIVE_SOURCE, "rb") as f:
+            src = f.read()
+        key = hashlib.sha256(src + os.uname().machine.encode()).hexdigest()[:16]
+        out_dir = native_cache_dir()
+        lib = os.path.join(out_dir, f"kvm_run-{key}.so")
+        if not os.path.exists(lib):
+            cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+            if not cc:
+                native_error = "no C compiler (cc/gcc) on PATH"
+                return None
+            os.makedirs(out_dir, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
+            os.close(fd)
+            try:
+                r = subprocess.run([cc, "-O2", "-shared", "-fPIC", "-o", tmp, NATIVE_SOURCE],
+                                   capture_output=True, text=True, timeout=60)
+                if r.returncode != 0:
+                    native_error = f"{cc} failed: {r.stderr.strip().splitlines()[-1:]}"
+                    return None
+                os.replace(tmp, lib)   # atomic: engines starting together share one build
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+        dll = ctypes.CDLL(lib)         # CDLL: every call releases the GIL
+    except (OSError, subprocess.SubprocessError) as e:
+        native_error = f"native KVM_RUN helper: {e}"
+        return None
+    run = dll.pctop_kvm_run
+    run.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+    run.restype = ctypes.c_int
+    pair = dll.pctop_tsc_pair
+    pair.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+    pair.restype = ctypes.c_int64
+    return NativeRun(run, pair, lib)
 
 
 _STATS_HEADER = struct.Struct("<IIIIII")   # flags, name_size, num_desc, id/desc/data offsets
@@ -394,6 +474,30 @@ class Vcpu:
         if _libc_ioctl(self.fd, KVM_RUN, 0) < 0:
             return ctypes.get_errno()
         return 0
+
+    def timed_runner(self):
+        """(run, t_enter, t_exit, clock): run() does one KVM_RUN and returns 0 or the errno,
+        leaving in t_enter.value / t_exit.value the CLOCK_MONOTONIC ns just before and just
+        after the ioctl. clock "native": read in C around the ioctl (native/kvm_run.c);
+        "python": read in Python around the ctypes call (the GIL and the interpreter add
+        microseconds on both sides), where the helper cannot be built."""
+        t_enter, t_exit = ctypes.c_int64(), ctypes.c_int64()
+        nat = native_run()
+        fd = self.fd
+        if nat is not None:
+            native, p_enter, p_exit = nat.kvm_run, ctypes.byref(t_enter), ctypes.byref(t_exit)
+
+            def run() -> int:
+                return native(fd, p_enter, p_exit)
+            return run, t_enter, t_exit, "native"
+        clock, run_errno = time.monotonic_ns, self.run_errno
+
+        def run_py() -> int:
+            t_enter.value = clock()
+            err = run_errno()
+            t_exit.value = clock()
+            return err
+        return run_py, t_enter, t_exit, "python"
 
     def kick(self) -> None:
         """Make the running (or next) KVM_RUN of this vCPU return EINTR promptly."""

@@ -366,6 +366,8 @@ class Engine:
                                    write_ratio=cfg.write_ratio, seed=cfg.seed, layout=cfg.layout,
                                    hot_fraction=cfg.hot_fraction, passes=cfg.passes, page_size=cfg.page_size)
             self.workload = wl
+            if hasattr(wl, "stall_clocks"):
+                self.tel.stall_clocks, self.tel.stall_clock = wl.stall_clocks, wl.stall_clock
             self._cleanup.append(wl.stop)
             vmap = VcpuMap(wl.vcpu_tids, self.tel)
             if self.vcpu_exit is None:
@@ -503,6 +505,7 @@ class Engine:
              "faults_total": c["faults_total"],
              "faults_per_vcpu": [v["faults"] for v in c["per_vcpu"]],
              "stall_ns_per_vcpu": [v["stall_ns"] for v in c["per_vcpu"]],
+             "stall_clock": c["stall_clock"],
              "faults_no_read": self.installer.faults_no_read,
              "pages_demand": c["pages_demand"], "pages_background": c["pages_background"],
              "pages_prefetch": c["pages_prefetch"], "eexist": c["eexist"],

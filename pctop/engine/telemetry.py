@@ -11,6 +11,7 @@ import array
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pctop.engine.uffd import read_fdinfo
@@ -74,6 +75,10 @@ class Telemetry:
         # Exact stalls of vCPU faults (the first MAX_SAMPLES): percentiles finer than the
         # log2 histogram, for the summary and bench/latency.py.
         self.stall_samples = array.array("Q")
+        # The workload's own stall clocks (KvmWorkload.stall_clocks: the guest's TSC and
+        # KVM_RUN timed natively), merged into per_vcpu; None for the thread workload.
+        self.stall_clocks: Callable[[], list] | None = None
+        self.stall_clock: str | None = None  # how the workload timed KVM_RUN: native | python
 
     # --- updates (hot path) ---
     def stall(self, vcpu: int, ns: int) -> None:
@@ -182,6 +187,10 @@ class Telemetry:
                 "requests": self.requests,
                 "other_faults": self.other_faults,
             }
+        if self.stall_clocks is not None:
+            for v, clocks in zip(per_vcpu, self.stall_clocks()):
+                v.update(clocks._asdict())
+        d["stall_clock"] = self.stall_clock
         d["faults_total"] = sum(v["faults"] for v in per_vcpu)
         d["fault_rate"] = round(self.fault_rate(), 1)
         d["per_vcpu"] = per_vcpu

@@ -59,6 +59,39 @@ class VcpuProgress(NamedTuple):
     done: bool      # finished its passes
 
 
+class StallClocks(NamedTuple):
+    """One vCPU's stalls timed by the engine without pctop's probes (KvmWorkload only).
+
+    guest_*: the guest's own clock (rdtsc before and after each access, guest.py): the
+      accesses slower than SLOW_ACCESS_NS and their summed duration, converted to ns with
+      the TSC frequency (None without the native helper). Every fault the vCPU waits for
+      is one, whatever resolves it (uffd read, the stream, a KVM_RUN exit).
+    exit_*: vcpu-exit strategy, KVM_RUN returned EFAULT -> the next KVM_RUN entry on that
+      thread, read around the ioctl (the workload's stall_clock: "native" or "python")."""
+    guest_stalls: int
+    guest_stall_ns: int | None
+    exit_stalls: int
+    exit_stall_ns: int
+
+
+# A guest access slower than this is a stall. A fault waited for takes >= 20 us here (a
+# cross-CPU wake-up, platform.md); an access that only maps a present page takes a few us.
+SLOW_ACCESS_NS = 10_000
+DEFAULT_TSC_HZ = 3e9   # only for the threshold, where the frequency cannot be measured
+
+
+def _tsc_pair() -> tuple[int, int]:
+    """(CLOCK_MONOTONIC ns, TSC) read together; the narrowest of a few tries."""
+    nat = k.native_run()
+    ns, tsc = ctypes.c_int64(), ctypes.c_uint64()
+    best = None
+    for _ in range(5):
+        width = nat.tsc_pair(ctypes.byref(ns), ctypes.byref(tsc))
+        if best is None or width < best[0]:
+            best = (width, ns.value, tsc.value)
+    return best[1], best[2]
+
+
 class WorkloadError(RuntimeError):
     """A vCPU thread failed (guest crash, unexpected exit, handler exception)."""
 
@@ -203,11 +236,24 @@ class KvmWorkload(_WorkloadBase):
         self._vm.set_user_memory_region(0, 0, self.layout_info.system_size, system_addr)
         self._vm.set_user_memory_region(1, g.DATA_GPA, self.data_size, self.data_addr)
         self._vcpus: list[k.Vcpu | None] = [None] * self.vcpus
-        self._mailboxes = [(ctypes.c_uint64 * 4).from_buffer(self._system,
-                                                           g.MAILBOX_GPA + i * g.MAILBOX_SIZE)
+        self._mailboxes = [(ctypes.c_uint64 * (g.MAILBOX_SIZE // 8)).from_buffer(self._system, g.mailbox_gpa(i))
                            for i in range(self.vcpus)]
+        for i, mailbox in enumerate(self._mailboxes):
+            seen = self.layout_info.seen_gpa + i * self.layout_info.bitmap_size
+            mailbox[g.MB_SEEN // 8] = (seen - g.mailbox_gpa(i)) * 8   # bts [r15], bit offset
+        self._exit_stalls = [[0, 0] for _ in range(self.vcpus)]   # [count, ns] per vCPU
+        self.stall_clock = "native" if k.native_run() is not None else "python"
+        self._tsc_start = _tsc_pair() if k.native_run() is not None else None
 
     def start(self, on_memory_fault: MemoryFaultHandler | None = None) -> None:
+        # The guest sums accesses slower than SLOW_ACCESS_NS; the threshold in TSC cycles
+        # needs the frequency: measured over a short wait here (once per run).
+        hz = None
+        if self._tsc_start is not None:
+            time.sleep(0.02)
+            hz = self._tsc_hz()
+        for mailbox in self._mailboxes:
+            mailbox[g.MB_SLOW_MIN // 8] = round(SLOW_ACCESS_NS * (hz or DEFAULT_TSC_HZ) / 1e9)
         self._spawn("CPU {}/KVM", on_memory_fault)
 
     def _setup_vcpu(self, i: int) -> k.Vcpu:
@@ -238,12 +284,19 @@ class KvmWorkload(_WorkloadBase):
     def _run_loop(self, i: int, vcpu: k.Vcpu, ready: threading.Event) -> None:
         ready.set()
         on_fault = self._on_memory_fault
-        run, run_struct = vcpu.run_errno, vcpu.run_struct
+        run, t_enter, t_exit, self.stall_clock = vcpu.timed_runner()
+        run_struct = vcpu.run_struct
         memory_fault = run_struct.exit.memory_fault
         mailbox = self._mailboxes[i]
         data_addr, data_size, page_mask = self.data_addr, self.data_size, ~(self.page_size - 1)
+        exit_stall = self._exit_stalls[i]
+        efault_at = 0   # when KVM_RUN returned EFAULT; its stall ends at the next entry
         while not self._stopping:
             err = run()
+            if efault_at:
+                exit_stall[1] += t_enter.value - efault_at
+                exit_stall[0] += 1
+                efault_at = 0
             if err == 0:
                 reason = run_struct.exit_reason
                 if reason == k.KVM_EXIT_SHUTDOWN and mailbox[3]:
@@ -251,6 +304,7 @@ class KvmWorkload(_WorkloadBase):
                 raise WorkloadError(f"vCPU {i}: unexpected exit {k.EXIT_NAMES.get(reason, reason)} "
                                     f"(mailbox target {mailbox[2]:#x}, done {mailbox[3]})")
             if err == errno.EFAULT and on_fault is not None:
+                efault_at = t_exit.value
                 if run_struct.exit_reason == k.KVM_EXIT_MEMORY_FAULT:
                     gpa, source = memory_fault.gpa, "memory_fault"
                     run_struct.exit_reason = 0                # never reuse a stale one
@@ -266,10 +320,31 @@ class KvmWorkload(_WorkloadBase):
             else:
                 raise OSError(err, f"KVM_RUN on vCPU {i}: {errno.errorcode.get(err, err)}")
 
+    def stall_clocks(self) -> list[StallClocks]:
+        """Each vCPU's stalls on the clocks the engine does not share with pctop's probes
+        (see StallClocks); callable from any thread while the guest runs."""
+        hz = self._tsc_hz()
+        out = []
+        for mailbox, (exits, exit_ns) in zip(self._mailboxes, self._exit_stalls):
+            slow, cycles = mailbox[g.MB_SLOW // 8], mailbox[g.MB_SLOW_CYCLES // 8]
+            out.append(StallClocks(slow, round(cycles * 1e9 / hz) if hz else None, exits, exit_ns))
+        return out
+
+    def _tsc_hz(self) -> float | None:
+        """The TSC frequency, from (TSC, CLOCK_MONOTONIC) pairs read now and at set-up
+        (the guest reads the host's TSC: rdtsc at CPL3 runs natively under PVM and VMX/SVM
+        without TSC scaling). None without the native helper or before 10 ms passed."""
+        if self._tsc_start is None:
+            return None
+        ns, tsc = _tsc_pair()
+        if ns - self._tsc_start[0] < 10_000_000:
+            return None
+        return (tsc - self._tsc_start[1]) * 1e9 / (ns - self._tsc_start[0])
+
     def progress(self) -> list[VcpuProgress]:
         out = []
         for mailbox in self._mailboxes:
-            touched, passes, target, done = mailbox
+            touched, passes, target, done = mailbox[:4]
             host = self.data_addr + target - g.DATA_GPA if target else 0
             out.append(VcpuProgress(touched, passes, host, bool(done)))
         return out
