@@ -2,9 +2,9 @@
 
 Two QEMUs on 127.0.0.1 migrate pctop's boot-sector guest, whose two vCPUs each
 rewrite 4 MiB of its memory in a loop, with max-postcopy-bandwidth at 2 MiB/s so post-copy
-lasts about 4 s. pctop watches in-process exactly as `pctop monitor --qmp DEST
---qmp SOURCE` does (open_live + the QMP source), and the tests compare what its
-probes measured with what QEMU itself reports.
+lasts about 4 s. pctop watches in-process exactly as `pctop monitor --json
+--page-ranges --qmp DEST --qmp SOURCE` does (open_live + the QMP source), and the
+tests compare what its probes measured with what QEMU itself reports.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import pytest
 from pctop.qemu import control
 from pctop.qemu.launch import qemu_unavailable_reason
 from pctop.qemu.migration import MIB, MigrationSettings, QemuMigration
+from pctop.sources.pagemap import PAGE_SHIFT, merge_runs, page_count, pages_missing
 from pctop.sources.qmp import attach
 from pctop.stats import open_live
 from tests.conftest import need_root
@@ -44,7 +45,8 @@ class Watcher:
     def __init__(self, mig: QemuMigration) -> None:
         self.dest_pid = mig.pair.destination.pid
         pids = (self.dest_pid, mig.pair.source.pid)
-        self.header, self.stats = open_live(pids, None, SAMPLE_S)
+        # page_ranges: which pages the destination installed, not only how many
+        self.header, self.stats = open_live(pids, None, SAMPLE_S, page_ranges=True)
         try:
             self.header, self.qmp = attach(self.header, self.stats, [mig.pair.destination.qmp_path,
                                                                      mig.pair.source.qmp_path])
@@ -103,14 +105,37 @@ def test_postcopy_lasted_seconds(watched):
     assert watched["src_info"]["ram"]["postcopy-requests"] > 0
 
 
+# Guest physical addresses below this are guest RAM at offset = gpa in QEMU's pc.ram
+# (the pc machine puts RAM above 4 GiB only for guests bigger than this).
+PC_LOW_RAM_END = 0xE0000000
+
+
+def guest_ram_base(targets, ram_bytes: int) -> int:
+    """Host virtual address of the destination's guest RAM: QEMU registers each RAM block
+    with the uffd whole, and pc.ram is the one whose size is the guest's RAM size."""
+    registered = {r for t in targets for r in (t.registered_ranges or ())}
+    ram = [start for start, pages in registered if pages << PAGE_SHIFT == ram_bytes]
+    assert len(ram) == 1, ("no single uffd range of the RAM size", ram_bytes, sorted(registered))
+    return ram[0]
+
+
 def test_installed_pages_cover_every_page_the_guest_dirtied(watched):
     w = watched["watcher"]
-    installed = sum(u.pages_installed for t in w.dest_targets() for u in t.uffds)
-    dirtied = watched["mig"].guest.dirtied_pages()
-    # pctop counts installs per uffd (not addresses); the guest dirties exactly these pages,
-    # and at the switch to post-copy every one of them is dirty (a pass takes milliseconds,
-    # a pre-copy round seconds), so each must arrive through the uffd.
-    assert installed >= len(dirtied), (installed, len(dirtied))
+    mig = watched["mig"]
+    targets = w.dest_targets()
+    base = guest_ram_base(targets, mig.settings.memory_mib * MIB)
+    runs = merge_runs(*(u.installed_ranges for t in targets for u in t.uffds if u.installed_ranges))
+    assert sum(u.page_map_lost or 0 for t in targets for u in t.uffds) == 0  # the map held every page
+    dirtied = mig.guest.dirtied_pages()
+    assert max(dirtied) << PAGE_SHIFT < PC_LOW_RAM_END
+    # The guest dirties exactly these pages, and at the switch to post-copy every one of them is
+    # dirty (a pass takes milliseconds, a pre-copy round seconds), so each must arrive through
+    # the uffd: page by page, at its own address in the destination's guest RAM.
+    missing = pages_missing(runs, [base + (gfn << PAGE_SHIFT) for gfn in dirtied])
+    assert not missing, (f"{len(missing)} of {len(dirtied)} dirtied pages never installed, first gfns",
+                         [(a - base) >> PAGE_SHIFT for a in missing[:8]])
+    # and pctop's page map agrees with its own count: no page installed that it did not count
+    assert page_count(runs) <= sum(u.pages_installed for t in targets for u in t.uffds)
 
 
 def test_uffd_messages_read_at_least_the_sources_postcopy_requests(watched):
