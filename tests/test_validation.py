@@ -149,53 +149,67 @@ def test_stream_off_stalled_faults_per_vcpu_equal_the_engines(engine_run, strate
     assert sum(u.pages_installed for u in o.uffds) == installed == o.summary["pages_total"]
 
 
-# The engine reads its clock in Python: after read() / UFFDIO_COPY / KVM_RUN return, once
-# its thread has the GIL (and a CPU) again. Bound on that, per fault (see the test below).
-# Measured 4-15 us on a quiet machine, 40 us with other tests running, 82 us once with a
-# benchmark running beside the suite; 200 us keeps scheduler noise out while a probe error
-# (a lost switch-in or wake-up costs a scheduler tick, >= 1 ms) still fails.
-ENGINE_CLOCK_SLACK_NS = 200_000
+# What lies, per fault, between pctop's span and the engine's clocks (see the test below).
+# Fixed costs of this kind of machine, not noise: bounds about twice what was measured.
+SYSCALL_PATH_NS = 15_000  # kvm_userspace_exit -> KVM_RUN returns; the next call -> sys_enter_ioctl
+HYPERVISOR_PATH_NS = 80_000  # guest access -> pctop's fault start; woken -> the guest runs again
 
 
 @pytest.mark.kvm
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_stream_off_stall_time_per_vcpu_against_the_engines(engine_run, strategy):
-    """The engine and pctop time different spans of each stall; the relation checked here.
+    """pctop's per-vCPU stall time against the engine's own clocks of the same stalls.
 
-    pctop (kernel clock, CLOCK_MONOTONIC): stall = fault start -> the thread runs again;
-    a read fault splits into queued (fault -> the handler's read() returns), service
-    (read() returns -> the wake-up inside UFFDIO_COPY) and runq (woken -> running).
-    The engine (the same clock, read in Python): stall = its reader's read() returned
-    and the reader has the GIL again -> UFFDIO_COPY returned and the receiver has the
-    GIL again. It leaves out queued and runq entirely (pctop's stall is 1.4-2x it).
-
-    uffd / sharded: the engine's span is pctop's service, shifted at both ends by the
-    engine's clock-read delays. So |engine - service| per fault is that delay. Measured
-    on the 2-CPU dev VM: engine / service = 1.04-1.14 on a quiet machine (4-10 us per
-    fault at ~75 us); with other tests running up to 1.5 (~40 us per fault: the woken
-    vCPU or a stranger runs before the receiver reads its clock). Bounded (see above).
-
-    vcpu-exit: the engine's span (on_memory_fault entry -> page installed) lies inside
-    pctop's (KVM_RUN returned EFAULT -> next KVM_RUN entry): engine <= pctop exactly.
-    The rest is the vCPU thread's Python around it (re-taking the GIL, decoding the
-    exit, calling KVM_RUN again): measured 10-15 us per fault, bounded (see above).
-
-    So the issue's "within 5 %" does not hold for these two definitions at ~75 us
-    stalls (it would need the engine to time kernel events); bench/RESULTS.md says so.
+    pctop (kernel tracepoints, CLOCK_MONOTONIC): uffd / sharded: fault start (on PVM
+    kvmmmu:kvm_mmu_pagetable_walk inside KVM_RUN) -> the thread runs again after the
+    uffd wake-up; vcpu-exit: kvm:kvm_userspace_exit with EFAULT -> the next KVM_RUN's
+    sys_enter_ioctl. The engine's `stall_ns` (Python, "seen -> installed") leaves out
+    the queue and the run queue, so it is not compared here. Its two other clocks are
+    (docs/engine-control.md), neither of them fed by pctop's probes:
+      guest_stall_ns: the guest's TSC around each first touch of a page: the whole time
+        the vCPU waited, from the faulting instruction to its completion;
+      exit_stall_ns (vcpu-exit): C code reading CLOCK_MONOTONIC right after KVM_RUN
+        returned EFAULT and right before the next KVM_RUN ("stall_clock": "native").
+    The spans nest, per fault: exit_stall within pctop's within the guest's. So:
+      * vcpu-exit: exit <= pctop, and pctop - exit = the syscall's return to user mode
+        and the next entry, both inside the kernel: measured 5.5-8.6 us per fault on the
+        2-CPU PVM dev VM (5.6 us with a one-probe tracer alone: not pctop's probe cost;
+        0.8 us of it is KVM_RUN's own tail), i.e. pctop = exit + 2.5-3.7 % at 180-280 us
+        stalls (machine busy) and + 4.6-7.6 % at 80-120 us (quiet). So "within 5 %"
+        holds only for stalls above ~150 us here; the per-fault bound is what holds.
+      * every strategy: pctop <= guest, and guest - pctop = the hypervisor's part the
+        kernel's tracepoints do not show on PVM (no kvm_exit/kvm_entry): the exit before
+        the first KVM event and, after the wake-up, reloading the vCPU (its MSR writes
+        trap to the outer hypervisor: the dev VM is itself a guest), the retried fault
+        and the guest entry; switch-in -> kvm_mmu_set_spte alone measured 12 us. Measured
+        21-30 us per fault for uffd / sharded (pctop = guest - 7.5-13.6 %) and 38-42 us for
+        vcpu-exit (pctop = guest - 12-18 %: the vCPU re-enters KVM_RUN and faults once more).
+    So "within 5 %" of an independent clock is not met on this machine for any strategy
+    at these stall lengths; the fixed per-fault parts are bounded instead (about twice
+    the measured), which a lost or misattributed probe event (>= 1 scheduler tick, or a
+    whole fault) still exceeds. The guest's count of slow first touches must be the
+    engine's fault count (stream off: every first touch waits), less the one a stopped
+    vCPU may leave unfinished.
     """
     o = engine_run(strategy, False)
+    if o.summary["stall_clock"] != "native":
+        pytest.skip("the engine could not build its native clock helper (no C compiler): "
+                    "no TSC rate for the guest's clock, KVM_RUN timed in Python")
     for v, tf in o.vcpus:
-        engine, label = v["stall_ns"], f"vCPU {v['vcpu']} ({v['faults']} faults)"
-        assert engine > 0 and tf.stall_ns > 0
+        label, n = f"vCPU {v['vcpu']} ({v['faults']} faults)", tf.faults
+        guest, pctop = v["guest_stall_ns"], tf.stall_ns
+        assert v["faults"] - 1 <= v["guest_stalls"] <= v["faults"], f"{label}: {v['guest_stalls']} slow first touches"
+        assert 0 < pctop <= guest, f"{label}: pctop {pctop} ns outside the guest's {guest} ns"
+        assert guest - pctop <= n * HYPERVISOR_PATH_NS, \
+            f"{label}: guest {guest} ns vs pctop {pctop} ns: {(guest - pctop) / n:.0f} ns per fault apart"
         if strategy == "vcpu-exit":
-            assert engine <= tf.stall_ns, f"{label}: engine {engine} ns outside pctop's {tf.stall_ns} ns"
-            gap = (tf.stall_ns - engine) / tf.faults
+            exits = v["exit_stall_ns"]
+            assert v["faults"] - 1 <= v["exit_stalls"] <= v["faults"]
+            assert 0 < exits <= pctop, f"{label}: the engine's exit stalls {exits} ns outside pctop's {pctop} ns"
+            assert pctop - exits <= n * SYSCALL_PATH_NS, \
+                f"{label}: pctop {pctop} ns vs exits {exits} ns: {(pctop - exits) / n:.0f} ns per fault apart"
         else:
-            assert tf.service_ns < tf.stall_ns
-            gap = abs(engine - tf.service_ns) / tf.faults
-        assert gap <= ENGINE_CLOCK_SLACK_NS, \
-            f"{label}: engine {engine} ns vs pctop stall {tf.stall_ns} / service {tf.service_ns} ns: " \
-            f"{gap:.0f} ns per fault apart"
+            assert (v["exit_stalls"], v["exit_stall_ns"]) == (0, 0)
 
 
 @pytest.mark.kvm
