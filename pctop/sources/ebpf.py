@@ -303,11 +303,18 @@ class EbpfSource:
         t = self._table(name)
         try:
             out = [(k, v) for k, v in t.items_lookup_batch() if k.epoch == epoch]
-            if out:
-                t.items_delete_batch((t.Key * len(out))(*(k for k, _ in out)))
-            return out
         except Exception:  # no batch operations in this kernel (< 5.6) or in this bcc
             return self._take(name, epoch)
+        try:
+            if out:
+                t.items_delete_batch((t.Key * len(out))(*(k for k, _ in out)))
+        except Exception:  # what was read is kept; delete what is left one by one
+            for k, _ in out:
+                try:
+                    del t[k]
+                except KeyError:
+                    pass
+        return out
 
     def _take_page_map(self, epoch: int) -> dict[tuple[int, int], pagemap.Runs]:
         """(pid, uffd fd) -> the pages installed in `epoch`, as coalesced runs."""
