@@ -85,6 +85,9 @@ for op, first, n in plan["ops"]:
         got = uffd.copy(mem.addr + first * PAGE, ctypes.addressof(src), n * PAGE)
     elif op == "zero":
         got = uffd.zeropage(mem.addr + first * PAGE, n * PAGE)
+    elif op == "stride":  # n single pages, one every 64 pages: one page-map word each
+        got = sum(uffd.copy(mem.addr + (first + 64 * i) * PAGE, ctypes.addressof(src), PAGE)
+                  for i in range(n))
     else:
         got = uffd.copy(huge, ctypes.addressof(src), HUGE)
     done.append(got)
@@ -140,9 +143,9 @@ class HugePages:
                 pass
 
 
-def run_installer(src, huge: bool) -> tuple[dict, list[int], object]:
-    """Start the installer, follow it, let it install OPS inside one interval -> (info, results, Reading)."""
-    plan = {"pages": 4096, "ops": OPS + ([["huge", 0, 0]] if huge else []), "huge": huge}
+def run_installer(src, huge: bool, ops=OPS, pages: int = 4096) -> tuple[dict, list[int], object]:
+    """Start the installer, follow it, let it install `ops` inside one interval -> (info, results, Reading)."""
+    plan = {"pages": pages, "ops": ops + ([["huge", 0, 0]] if huge else []), "huge": huge}
     p = subprocess.Popen([sys.executable, "-c", INSTALLER, str(ROOT), json.dumps(plan)],
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
@@ -214,3 +217,28 @@ def test_without_the_page_map_no_ranges_and_no_page_map_entries():
     assert u.installed_ranges is None
     assert all(t.registered_ranges is None for t in r.targets)
     assert entries == 0  # the probes did not record pages at all
+
+
+PAGE_MAP_WORDS = 65536  # BPF_HASH(page_map, ..., 65536) in probes/pctop_state.c
+
+
+@pytest.mark.bpf
+def test_a_full_page_map_counts_the_pages_it_could_not_record(with_page_map):
+    # One page in each of PAGE_MAP_WORDS + 300 words (16 GiB of address space, 257 MiB touched):
+    # the map fills, and every page it cannot hold is counted, none silently dropped.
+    n = PAGE_MAP_WORDS + 300
+    before = with_page_map.debug_counters()["page_map_lost"]
+    info, results, r = run_installer(with_page_map, huge=False, ops=[["stride", 0, n]], pages=64 * n)
+    assert results == [n * PAGE]
+    (u,) = [c for c in r.uffds if c.pid == info["pid"]]
+    assert u.pages_installed == n
+    recorded = page_count(u.installed_ranges)
+    assert u.page_map_lost >= 300 and recorded + u.page_map_lost == n
+    assert with_page_map.debug_counters()["page_map_lost"] - before == u.page_map_lost
+    # what it kept are pages it did install: single pages, 64 pages apart, inside the region
+    assert all(pages == 1 and (a - info["base"]) % (64 * PAGE) == 0 and 0 <= a - info["base"] < 64 * n * PAGE
+               for a, pages in u.installed_ranges)
+    # the next interval starts with room again
+    info2, _, r2 = run_installer(with_page_map, huge=False, ops=[["copy", 5, 3]], pages=16)
+    (u2,) = [c for c in r2.uffds if c.pid == info2["pid"]]
+    assert u2.installed_ranges == ((info2["base"] + 5 * PAGE, 3),) and u2.page_map_lost == 0
