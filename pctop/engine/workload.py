@@ -244,16 +244,16 @@ class KvmWorkload(_WorkloadBase):
         self._exit_stalls = [[0, 0] for _ in range(self.vcpus)]   # [count, ns] per vCPU
         self.stall_clock = "native" if k.native_run() is not None else "python"
         self._tsc_start = _tsc_pair() if k.native_run() is not None else None
-
-    def start(self, on_memory_fault: MemoryFaultHandler | None = None) -> None:
-        # The guest sums accesses slower than SLOW_ACCESS_NS; the threshold in TSC cycles
-        # needs the frequency: measured over a short wait here (once per run).
+        # The guest sums accesses slower than SLOW_ACCESS_NS: the threshold in TSC cycles
+        # needs the TSC rate, roughly (+-2 %): measured over a short wait, before the run.
         hz = None
         if self._tsc_start is not None:
-            time.sleep(0.02)
-            hz = self._tsc_hz()
+            time.sleep(0.002)
+            hz = self._tsc_hz(min_ns=1_000_000)
         for mailbox in self._mailboxes:
             mailbox[g.MB_SLOW_MIN // 8] = round(SLOW_ACCESS_NS * (hz or DEFAULT_TSC_HZ) / 1e9)
+
+    def start(self, on_memory_fault: MemoryFaultHandler | None = None) -> None:
         self._spawn("CPU {}/KVM", on_memory_fault)
 
     def _setup_vcpu(self, i: int) -> k.Vcpu:
@@ -330,14 +330,14 @@ class KvmWorkload(_WorkloadBase):
             out.append(StallClocks(slow, round(cycles * 1e9 / hz) if hz else None, exits, exit_ns))
         return out
 
-    def _tsc_hz(self) -> float | None:
+    def _tsc_hz(self, min_ns: int = 10_000_000) -> float | None:
         """The TSC frequency, from (TSC, CLOCK_MONOTONIC) pairs read now and at set-up
         (the guest reads the host's TSC: rdtsc at CPL3 runs natively under PVM and VMX/SVM
-        without TSC scaling). None without the native helper or before 10 ms passed."""
+        without TSC scaling). None without the native helper or before min_ns passed."""
         if self._tsc_start is None:
             return None
         ns, tsc = _tsc_pair()
-        if ns - self._tsc_start[0] < 10_000_000:
+        if ns - self._tsc_start[0] < min_ns:
             return None
         return (tsc - self._tsc_start[1]) * 1e9 / (ns - self._tsc_start[0])
 
