@@ -441,6 +441,7 @@ TRACEPOINT_PROBE(syscalls, sys_enter_ioctl)
             if (s)
                 account_stall(s, now - t->efault_ts);
             t->efault_ts = 0;
+            t->efault_open = 0;
             dbg_inc(DBG_EXIT_STALLS);
         }
         if (t->vcpu < 0) {
@@ -514,8 +515,17 @@ TRACEPOINT_PROBE(syscalls, sys_exit_ioctl)
     if (!maybe_tracked(tid))
         return 0;
     struct inflight *iop = inflight.lookup(&tid);
-    if (!iop)
+    if (!iop) {
+        /* KVM_RUN is not stashed in flight: a vCPU-exit stall starts when the
+         * memory-fault return leaves the syscall (the issue's "KVM_RUN return"),
+         * not at kvm_userspace_exit, which still has KVM_RUN's tail to run */
+        struct tstate *t = tstate.lookup(&tid);
+        if (t && t->efault_open) {
+            t->efault_ts = bpf_ktime_get_ns();
+            t->efault_open = 0;
+        }
         return 0;
+    }
     struct inflight io = *iop;
     if (inflight.delete(&tid) == 0)
         hint_add(tid, HINT_DEC);
@@ -611,6 +621,7 @@ TRACEPOINT_PROBE(kvm, kvm_userspace_exit)
         if (s)
             __sync_fetch_and_add(&s->memory_fault_exits, 1);
         t->efault_ts = bpf_ktime_get_ns();
+        t->efault_open = 1;
     }
     return 0;
 }

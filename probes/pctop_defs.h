@@ -122,7 +122,8 @@ struct tstate {
     u32 cpu;       /* 1 + the CPU it last ran on, 0 = unknown */
     u8 phase;
     u8 in_run;     /* inside KVM_RUN (a sleep there may be a GUP-path uffd fault) */
-    u8 pad[2];
+    u8 efault_open; /* efault_ts set inside KVM_RUN; its sys_exit moves it to the return */
+    u8 pad;
 };
 
 struct pending_fault {

@@ -162,8 +162,8 @@ def test_stream_off_stall_time_per_vcpu_against_the_engines(engine_run, strategy
 
     pctop (kernel tracepoints, CLOCK_MONOTONIC): uffd / sharded: fault start (on PVM
     kvmmmu:kvm_mmu_pagetable_walk inside KVM_RUN) -> the thread runs again after the
-    uffd wake-up; vcpu-exit: kvm:kvm_userspace_exit with EFAULT -> the next KVM_RUN's
-    sys_enter_ioctl. The engine's `stall_ns` (Python, "seen -> installed") leaves out
+    uffd wake-up; vcpu-exit: the syscall exit of a KVM_RUN that returned a memory fault
+    (kvm:kvm_userspace_exit with EFAULT marks it) -> the next KVM_RUN's sys_enter_ioctl. The engine's `stall_ns` (Python, "seen -> installed") leaves out
     the queue and the run queue, so it is not compared here. Its two other clocks are
     (docs/engine-control.md), neither of them fed by pctop's probes:
       guest_stall_ns: the guest's TSC around each first touch of a page: the whole time
@@ -171,12 +171,14 @@ def test_stream_off_stall_time_per_vcpu_against_the_engines(engine_run, strategy
       exit_stall_ns (vcpu-exit): C code reading CLOCK_MONOTONIC right after KVM_RUN
         returned EFAULT and right before the next KVM_RUN ("stall_clock": "native").
     The spans nest, per fault: exit_stall within pctop's within the guest's. So:
-      * vcpu-exit: exit <= pctop, and pctop - exit = the syscall's return to user mode
-        and the next entry, both inside the kernel: measured 5.5-8.6 us per fault on the
-        2-CPU PVM dev VM (5.6 us with a one-probe tracer alone: not pctop's probe cost;
-        0.8 us of it is KVM_RUN's own tail), i.e. pctop = exit + 2.5-3.7 % at 180-280 us
-        stalls (machine busy) and + 4.6-7.6 % at 80-120 us (quiet). So "within 5 %"
-        holds only for stalls above ~150 us here; the per-fault bound is what holds.
+      * vcpu-exit: exit <= pctop, and pctop - exit = KVM_RUN's return to user mode
+        after its syscall-exit tracepoint, and the next entry: measured 4.4-5.6 us per
+        fault on the 2-CPU PVM dev VM (5.5-8.6 us when pctop started at
+        kvm_userspace_exit; 5.6 us with a one-probe tracer alone: not pctop's probe
+        cost; a plain syscall's whole round trip costs 0.17-0.22 us here with the probes
+        on, so it is KVM_RUN's own return work on this nested VM), i.e. pctop = exit +
+        5.7-8.4 % at 64-82 us stalls (quiet) and + 2.5-3.7 % at 180-280 us (busy). So
+        "within 5 %" holds only for stalls above ~110 us here; the per-fault bound holds.
       * every strategy: pctop <= guest, and guest - pctop = the hypervisor's part the
         kernel's tracepoints do not show on PVM (no kvm_exit/kvm_entry): the exit before
         the first KVM event and, after the wake-up, reloading the vCPU (its MSR writes
