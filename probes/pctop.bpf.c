@@ -174,7 +174,7 @@ TRACEPOINT_PROBE(sched, sched_waking)
         return 0;
     u64 id = bpf_get_current_pid_tgid();
     u32 waker = (u32)id, waker_tgid = id >> 32;
-    struct inflight *io = inflight.lookup(&waker);
+    struct inflight *io = peek_inflight(waker);
     int by_uffd = io && io->kind == IO_UFFD_RESOLVE;
     /* the wake-up inside a uffd ioctl only reaches faults in its range; a
      * known fault address outside it means another wake-up (e.g. an IRQ
@@ -230,10 +230,10 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
         return 0;
     if (tstate.delete(&tid) == 0)
         hint_add(tid, HINT_DEC);
-    if (inflight.delete(&tid) == 0)
-        hint_add(tid, HINT_DEC);
-    if (readstash.delete(&tid) == 0)
-        hint_add(tid, HINT_DEC);
+    struct inflight io;
+    struct read_stash rs;
+    take_inflight(tid, &io);
+    take_read(tid, &rs);
     return 0;
 }
 
@@ -285,10 +285,7 @@ TRACEPOINT_PROBE(syscalls, sys_enter_read)
         return 0;
     u32 tid = (u32)id;
     struct read_stash rs = {.buf = (u64)args->buf, .fd = k.fd, .tgid = k.tgid};
-    if (readstash.insert(&tid, &rs) == 0)
-        hint_add(tid, HINT_INC);
-    else
-        readstash.update(&tid, &rs);
+    stash_read(tid, &rs);
     return 0;
 }
 
@@ -367,12 +364,9 @@ TRACEPOINT_PROBE(syscalls, sys_exit_read)
     u32 tid = (u32)bpf_get_current_pid_tgid();
     if (!maybe_tracked(tid))
         return 0;
-    struct read_stash *rsp = readstash.lookup(&tid);
-    if (!rsp)
+    struct read_stash rs;
+    if (!take_read(tid, &rs))
         return 0;
-    struct read_stash rs = *rsp;
-    if (readstash.delete(&tid) == 0)
-        hint_add(tid, HINT_DEC);
     long ret = args->ret;
     if (targets.lookup(&rs.tgid)) {
         struct uf_stats *s = get_ufstats(rs.tgid, rs.fd);
@@ -404,14 +398,6 @@ static __always_inline u64 read_u64(u64 uaddr)
     u64 v = 0;
     bpf_probe_read_user(&v, sizeof(v), (void *)uaddr);
     return v;
-}
-
-static __always_inline void stash_inflight(u32 tid, struct inflight *io)
-{
-    if (inflight.insert(&tid, io) == 0)
-        hint_add(tid, HINT_INC);
-    else
-        inflight.update(&tid, io); /* an entry left by an ioctl whose exit we missed */
 }
 
 TRACEPOINT_PROBE(syscalls, sys_enter_ioctl)
@@ -514,8 +500,8 @@ TRACEPOINT_PROBE(syscalls, sys_exit_ioctl)
     u32 tid = (u32)bpf_get_current_pid_tgid();
     if (!maybe_tracked(tid))
         return 0;
-    struct inflight *iop = inflight.lookup(&tid);
-    if (!iop) {
+    struct inflight io;
+    if (!take_inflight(tid, &io)) {
         /* KVM_RUN is not stashed in flight: a vCPU-exit stall starts when the
          * memory-fault return leaves the syscall (the issue's "KVM_RUN return"),
          * not at kvm_userspace_exit, which still has KVM_RUN's tail to run */
@@ -526,9 +512,6 @@ TRACEPOINT_PROBE(syscalls, sys_exit_ioctl)
         }
         return 0;
     }
-    struct inflight io = *iop;
-    if (inflight.delete(&tid) == 0)
-        hint_add(tid, HINT_DEC);
     long ret = args->ret;
 
     if (io.kind == IO_KVM_CREATE_VCPU) {

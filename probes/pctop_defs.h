@@ -148,6 +148,18 @@ struct read_stash {
     u32 tgid;
 };
 
+/* A thread's in-flight ioctl / uffd read() in its tid's array slot; owner = the
+ * tid holding the slot, 0 = free (64-bit for the BPF compare-and-swap). */
+struct inflight_slot {
+    u64 owner;
+    struct inflight io;
+};
+
+struct read_slot {
+    u64 owner;
+    struct read_stash rs;
+};
+
 struct tkey {
     u32 tid;
     u32 epoch;

@@ -20,8 +20,6 @@ BPF_TABLE("lru_hash", u64, u64, read_pages, 16384);
 /* Entries in read_pages, so the resolving ioctl skips its lookup in the common
  * case (every message matched). LRU evictions leave it high: a lookup too many. */
 BPF_ARRAY(read_pages_count, s64, 1);
-BPF_HASH(inflight, u32, struct inflight, 16384);
-BPF_HASH(readstash, u32, struct read_stash, 16384);
 BPF_HASH(stats, struct tkey, struct tstats, 65536);
 BPF_PERCPU_ARRAY(stats_zero, struct tstats, 1);
 BPF_HASH(exits, struct exit_key, u64, 65536);
@@ -345,4 +343,131 @@ static __always_inline void page_map_mark(u32 tgid, s32 fd, u64 start, u64 bytes
         else
             page_map_lost(s, hi - lo + 1);
     }
+}
+
+/* ---------------------------------------------------------------- in-flight slots */
+
+/* In-flight uffd/KVM ioctls and uffd read()s, per thread: in an array slot by tid
+ * (no hash bucket lock, which costs ~0.1 us a take on these VMs, on every uffd read
+ * and ioctl); the hash maps hold the rare thread whose slot another tid holds. */
+BPF_ARRAY(inflight_slots, struct inflight_slot, HINT_SLOTS);
+BPF_ARRAY(read_slots, struct read_slot, HINT_SLOTS);
+BPF_HASH(inflight, u32, struct inflight, 16384);
+BPF_HASH(readstash, u32, struct read_stash, 16384);
+#define SPILL_INFLIGHT 0
+#define SPILL_READ 1
+BPF_ARRAY(spilled, s64, 2); /* entries in those two hash maps */
+
+static __always_inline int has_spill(u32 which)
+{
+    s64 *n = spilled.lookup(&which);
+    return n && *n > 0;
+}
+
+static __always_inline void spill_add(u32 which, s64 delta)
+{
+    s64 *n = spilled.lookup(&which);
+    if (n)
+        __sync_fetch_and_add(n, delta);
+}
+
+/* The calling thread's in-flight ioctl: its slot if free or already its own (an
+ * ioctl whose exit we missed), else the hash map. */
+static __always_inline void stash_inflight(u32 tid, struct inflight *io)
+{
+    u32 k = tid & (HINT_SLOTS - 1);
+    struct inflight_slot *sl = inflight_slots.lookup(&k);
+    if (sl) {
+        u64 was = __sync_val_compare_and_swap(&sl->owner, 0, (u64)tid);
+        if (was == 0 || was == tid) {
+            sl->io = *io;
+            if (was == 0)
+                hint_add(tid, HINT_INC);
+            return;
+        }
+    }
+    if (inflight.insert(&tid, io) == 0) {
+        hint_add(tid, HINT_INC);
+        spill_add(SPILL_INFLIGHT, 1);
+    } else {
+        inflight.update(&tid, io);
+    }
+}
+
+/* Read without taking: only the owning thread itself (current) may call this. */
+static __always_inline struct inflight *peek_inflight(u32 tid)
+{
+    u32 k = tid & (HINT_SLOTS - 1);
+    struct inflight_slot *sl = inflight_slots.lookup(&k);
+    if (sl && sl->owner == tid)
+        return &sl->io;
+    return has_spill(SPILL_INFLIGHT) ? inflight.lookup(&tid) : 0;
+}
+
+/* Take (copy out and free) the thread's in-flight ioctl; 0 if it has none. */
+static __always_inline int take_inflight(u32 tid, struct inflight *out)
+{
+    u32 k = tid & (HINT_SLOTS - 1);
+    struct inflight_slot *sl = inflight_slots.lookup(&k);
+    if (sl && sl->owner == tid) {
+        *out = sl->io;
+        sl->owner = 0; /* only the owner frees its slot */
+        hint_add(tid, HINT_DEC);
+        return 1;
+    }
+    if (!has_spill(SPILL_INFLIGHT))
+        return 0;
+    struct inflight *p = inflight.lookup(&tid);
+    if (!p)
+        return 0;
+    *out = *p;
+    if (inflight.delete(&tid) == 0) {
+        hint_add(tid, HINT_DEC);
+        spill_add(SPILL_INFLIGHT, -1);
+    }
+    return 1;
+}
+
+static __always_inline void stash_read(u32 tid, struct read_stash *rs)
+{
+    u32 k = tid & (HINT_SLOTS - 1);
+    struct read_slot *sl = read_slots.lookup(&k);
+    if (sl) {
+        u64 was = __sync_val_compare_and_swap(&sl->owner, 0, (u64)tid);
+        if (was == 0 || was == tid) {
+            sl->rs = *rs;
+            if (was == 0)
+                hint_add(tid, HINT_INC);
+            return;
+        }
+    }
+    if (readstash.insert(&tid, rs) == 0) {
+        hint_add(tid, HINT_INC);
+        spill_add(SPILL_READ, 1);
+    } else {
+        readstash.update(&tid, rs);
+    }
+}
+
+static __always_inline int take_read(u32 tid, struct read_stash *out)
+{
+    u32 k = tid & (HINT_SLOTS - 1);
+    struct read_slot *sl = read_slots.lookup(&k);
+    if (sl && sl->owner == tid) {
+        *out = sl->rs;
+        sl->owner = 0;
+        hint_add(tid, HINT_DEC);
+        return 1;
+    }
+    if (!has_spill(SPILL_READ))
+        return 0;
+    struct read_stash *p = readstash.lookup(&tid);
+    if (!p)
+        return 0;
+    *out = *p;
+    if (readstash.delete(&tid) == 0) {
+        hint_add(tid, HINT_DEC);
+        spill_add(SPILL_READ, -1);
+    }
+    return 1;
 }

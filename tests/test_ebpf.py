@@ -162,6 +162,35 @@ def test_read_faults_per_thread_with_thread_id(follow_all, toucher):
 
 
 @pytest.mark.bpf
+def test_threads_whose_slot_another_tid_holds_spill_to_the_hash_maps(toucher):
+    """In-flight ioctls and reads live in an array slot per tid (tid mod 65536); a thread
+    whose slot another live thread holds uses the hash maps instead. Two such tids are
+    rare, so every slot is taken here by a tid that cannot exist: all threads spill, and
+    the counts must be exactly the same."""
+    _need_ebpf()
+    src = EbpfSource(None, follow_all=True)
+    src.start()
+    try:
+        for name in ("inflight_slots", "read_slots"):
+            table = src._bpf[name]
+            foreign = table.Leaf()
+            foreign.owner = 1 << 40  # above any tid
+            keys = (table.Key * len(table))(*range(len(table)))
+            leaves = (table.Leaf * len(table))(*([foreign] * len(table)))
+            table.items_update_batch(keys, leaves)
+        truth, r = run_toucher(src, toucher, "-t", "2", "-p", "16", "-d", "100", "-b", "4", "-i")
+        check_read_faults(truth, r, 100)
+        u = uffd_of(r, truth["pid"], truth["uffd"])
+        assert (u.msgs_read, u.read_calls, u.copies) == (truth["msgs"], truth["reads"], truth["copies"])
+        # the threads went through the hash maps, and gave every entry back
+        assert all(v.value == 0 for v in src._bpf["spilled"].values())
+        assert len(src._bpf["inflight"]) == len(src._bpf["readstash"]) == 0
+        assert all(v.owner == 1 << 40 for v in src._bpf["inflight_slots"].values())
+    finally:
+        src.close()
+
+
+@pytest.mark.bpf
 def test_read_faults_matched_by_address_on_a_dev_userfaultfd_uffd(follow_all, toucher):
     # No UFFD_FEATURE_THREAD_ID (messages carry no thread), uffd from USERFAULTFD_IOC_NEW.
     before = follow_all.debug_counters()["msg_by_addr"]
