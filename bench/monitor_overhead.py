@@ -54,10 +54,15 @@ class Window(NamedTuple):
     kind: str  # "off" | "on" | "probes-in-bench"
     seconds: float
     faults: int
+    engine_cpu_s: float = 0.0  # CPU time of the engine's processes (destination + source)
 
     @property
     def rate(self) -> float:
         return self.faults / self.seconds
+
+    @property
+    def cpu_us_per_fault(self) -> float:
+        return 1e6 * self.engine_cpu_s / max(1, self.faults)
 
 
 def status(conn: EngineConnection) -> dict:
@@ -71,13 +76,31 @@ def faulting(conn: EngineConnection) -> bool:
         return False
 
 
+def engine_cpu_seconds(pid: int) -> float:
+    """The engine's CPU: its destination process and every process it started (the source).
+    Probe runs are charged to the thread they interrupt, on the fault path mostly the engine's,
+    so CPU per fault shows their cost with far less noise than the fault rate does."""
+    import psutil
+
+    total = 0.0
+    root = psutil.Process(pid)
+    for p in [root, *root.children(recursive=True)]:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
 def measure(conn: EngineConnection, kind: str, seconds: float) -> Window:
-    a, t0 = status(conn), time.monotonic()
+    pid = status(conn)["pid"]
+    a, t0, c0 = status(conn), time.monotonic(), engine_cpu_seconds(pid)
     time.sleep(seconds)
-    b, t1 = status(conn), time.monotonic()
+    b, t1, c1 = status(conn), time.monotonic(), engine_cpu_seconds(pid)
     if b["state"] not in ("postcopy", "paused"):
         raise SystemExit(f"the engine left post-copy ({b['state']}) during a window: give it more --memory")
-    return Window(kind, t1 - t0, b["faults_total"] - a["faults_total"])
+    return Window(kind, t1 - t0, b["faults_total"] - a["faults_total"], c1 - c0)
 
 
 def monitor_window(conn: EngineConnection, pid: int, seconds: float) -> tuple[Window, float]:
@@ -159,11 +182,11 @@ def toggled_probes(conn: EngineConnection, pid: int, pairs: int, seconds: float
     return windows, cost, {k: v for k, v in per.items() if v[0]}
 
 
-def pair_ratios(windows: list[Window]) -> list[float]:
-    """on/off rate of each consecutive (off, on) or (on, off) pair."""
+def pair_ratios(windows: list[Window], metric: str = "rate") -> list[float]:
+    """on/off `metric` (a Window property) of each consecutive (off, on) or (on, off) pair."""
     out = []
     for i in range(0, len(windows) - 1, 2):
-        pair = {w.kind: w.rate for w in windows[i:i + 2]}
+        pair = {w.kind: getattr(w, metric) for w in windows[i:i + 2]}
         out.append(pair["on"] / pair["off"])
     return out
 
@@ -222,6 +245,8 @@ def main() -> int:
             eng.wait()
 
     ratios, toggle_ratios = pair_ratios(windows), pair_ratios(toggled)
+    cpu_ratios = pair_ratios(windows, "cpu_us_per_fault")
+    toggle_cpu_ratios = pair_ratios(toggled, "cpu_us_per_fault")
     on_s = sum(w.seconds for w in windows if w.kind == "on")
     probe_runs = sum(c for c, _ in per_prog.values())
     probe_ns = sum(ns for _, ns in per_prog.values())
@@ -232,9 +257,17 @@ def main() -> int:
         "monitor": {"window_s": a.window, "off_rates": [round(w.rate) for w in windows if w.kind == "off"],
                     "on_rates": [round(w.rate) for w in windows if w.kind == "on"],
                     "ratios": [round(x, 3) for x in ratios], "median_ratio": round(statistics.median(ratios), 3),
-                    "cpu_pct": round(100 * mon_cpu / on_s, 1)},
+                    "cpu_pct": round(100 * mon_cpu / on_s, 1),
+                    "engine_cpu_ratios": [round(x, 3) for x in cpu_ratios],
+                    "engine_cpu_median_ratio": round(statistics.median(cpu_ratios), 3)},
         "probes_alone": {"window_s": a.toggle_window, "ratios": [round(x, 3) for x in toggle_ratios],
-                         "median_ratio": round(statistics.median(toggle_ratios), 3)},
+                         "median_ratio": round(statistics.median(toggle_ratios), 3),
+                         "engine_cpu_ratios": [round(x, 3) for x in toggle_cpu_ratios],
+                         "engine_cpu_median_ratio": round(statistics.median(toggle_cpu_ratios), 3),
+                         "engine_cpu_us_per_fault_off": round(statistics.median(
+                             w.cpu_us_per_fault for w in toggled if w.kind == "off"), 1),
+                         "engine_cpu_us_per_fault_on": round(statistics.median(
+                             w.cpu_us_per_fault for w in toggled if w.kind == "on"), 1)},
         "probe_cost": {"window_s": round(cost.seconds, 2), "faults": cost.faults,
                        "runs_per_fault": round(probe_runs / max(1, cost.faults), 1),
                        "ns_per_run": round(probe_ns / max(1, probe_runs)),
@@ -251,7 +284,10 @@ def main() -> int:
           f"load {result['load_avg_1m']:.1f}, strategy {a.strategy}")
     print(f"pctop monitor: off {m['off_rates']} on {m['on_rates']} faults/s; on/off {m['ratios']}, "
           f"median {m['median_ratio']} (target >= 0.95); monitor CPU {m['cpu_pct']} % of one core")
+    print(f"  engine CPU per fault on/off {m['engine_cpu_ratios']}, median {m['engine_cpu_median_ratio']}")
     print(f"probes alone (toggled): on/off {p['ratios']}, median {p['median_ratio']}")
+    print(f"  engine CPU per fault on/off {p['engine_cpu_ratios']}, median {p['engine_cpu_median_ratio']} "
+          f"({p['engine_cpu_us_per_fault_off']} -> {p['engine_cpu_us_per_fault_on']} us)")
     print(f"probe cost (bpf_stats): {c['runs_per_fault']} runs/fault x {c['ns_per_run']} ns = "
           f"{c['ns_per_fault']} ns per fault, {c['cpu_pct']} % of one CPU")
     print("| program | runs | ns/run |\n|---|---|---|")
