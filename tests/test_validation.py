@@ -79,20 +79,22 @@ class EngineObserved:
 
 @pytest.fixture(scope="module")
 def engine_run(follow_all):
-    """engine_run(strategy, stream) -> EngineObserved; each run is made once and shared."""
-    cache: dict[tuple[str, bool], EngineObserved] = {}
+    """engine_run(strategy, stream, latency_us=0) -> EngineObserved; each run is made once and shared."""
+    cache: dict[tuple[str, bool, int], EngineObserved] = {}
 
-    def get(strategy: str, stream: bool) -> EngineObserved:
-        if (strategy, stream) not in cache:
-            cache[strategy, stream] = _observe(follow_all, strategy, stream)
-        return cache[strategy, stream]
+    def get(strategy: str, stream: bool, latency_us: int = 0) -> EngineObserved:
+        key = (strategy, stream, latency_us)
+        if key not in cache:
+            cache[key] = _observe(follow_all, strategy, stream, latency_us)
+        return cache[key]
 
     return get
 
 
-def _observe(probes, strategy: str, stream: bool) -> EngineObserved:
+def _observe(probes, strategy: str, stream: bool, latency_us: int) -> EngineObserved:
     _need_kvm()
     bg = ["--bandwidth", STREAM_BW] if stream else ["--no-background"]
+    bg += ["--latency", str(latency_us)]
     probes.collect()  # what came before belongs to another interval
     before = probes.debug_counters()
     p = subprocess.run([sys.executable, "-m", "pctop", "demo", "--headless", "--json", "--strategy", strategy,
@@ -187,7 +189,8 @@ def test_stream_off_stall_time_per_vcpu_against_the_engines(engine_run, strategy
         21-30 us per fault for uffd / sharded (pctop = guest - 7.5-13.6 %) and 38-42 us for
         vcpu-exit (pctop = guest - 12-18 %: the vCPU re-enters KVM_RUN and faults once more).
     So "within 5 %" of an independent clock is not met on this machine for any strategy
-    at these stall lengths; the fixed per-fault parts are bounded instead (about twice
+    at loopback's stall lengths (the next test checks it with a link's round trip); the
+    fixed per-fault parts are bounded instead (about twice
     the measured), which a lost or misattributed probe event (>= 1 scheduler tick, or a
     whole fault) still exceeds. The guest's count of slow first touches must be the
     engine's fault count (stream off: every first touch waits), less the one a stopped
@@ -212,6 +215,36 @@ def test_stream_off_stall_time_per_vcpu_against_the_engines(engine_run, strategy
                 f"{label}: pctop {pctop} ns vs exits {exits} ns: {(pctop - exits) / n:.0f} ns per fault apart"
         else:
             assert (v["exit_stalls"], v["exit_stall_ns"]) == (0, 0)
+
+
+# A link's round trip for the source's demand replies: stalls of ~1.2 ms, as a real
+# migration link with page transfer gives, instead of loopback's 70-170 us.
+LINK_LATENCY_US = 1000
+
+
+@pytest.mark.kvm
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_stream_off_stall_time_within_5_percent_over_a_link_with_a_round_trip(engine_run, strategy):
+    """The issue's "per-vCPU stall-time sum within 5 % of the engine's", on stalls of real
+    link length. The fixed per-fault parts the test above bounds (the hypervisor's ~30 us
+    on this nested PVM VM, KVM_RUN's ~5 us return path) are what keeps loopback's short
+    stalls apart by more than 5 %; with the source replying after LINK_LATENCY_US they
+    are a few percent. Clock per strategy: the span each defines (test above):
+      uffd / sharded: the guest's TSC (pctop's stall lies inside it): measured 2.5-3 %
+        apart at 1.2 ms stalls (4.1-4.7 % at 0.7 ms, 7 % at 0.4 ms);
+      vcpu-exit: the engine's native KVM_RUN return -> re-entry clock, the issue's
+        definition of that stall: 0.5-1 % apart (1.0 % at 0.7 ms, 1.8 % at 0.4 ms).
+    """
+    o = engine_run(strategy, False, LINK_LATENCY_US)
+    if o.summary["stall_clock"] != "native":
+        pytest.skip("the engine could not build its native clock helper (no C compiler)")
+    for v, tf in o.vcpus:
+        label = f"vCPU {v['vcpu']} ({v['faults']} faults)"
+        _assert_same_count(tf.faults, v["faults"], o.missed(), f"{label} faults")
+        truth = v["exit_stall_ns"] if strategy == "vcpu-exit" else v["guest_stall_ns"]
+        assert tf.stall_ns >= tf.faults * LINK_LATENCY_US * 1000, f"{label}: setup: stalls shorter than the link"
+        assert abs(tf.stall_ns - truth) <= 0.05 * truth, \
+            f"{label}: pctop {tf.stall_ns} ns vs the engine's {truth} ns ({tf.stall_ns / truth - 1:+.1%})"
 
 
 @pytest.mark.kvm

@@ -58,6 +58,9 @@ def _raise_interrupt(*_):
 @click.option("--bandwidth", type=SIZE, default=DEFAULTS["bandwidth"], show_default=True,
               help="Background stream bytes/s; 0 = unlimited.")
 @click.option("--no-background", is_flag=True, help="No background stream: every first touch is a demand fault.")
+@click.option("--latency", "latency_us", type=click.IntRange(0, 10_000_000), default=0, show_default=True,
+              metavar="US", help="Microseconds the source adds to every demand reply: a real link's round "
+                                 "trip (the demo's link is loopback).")
 @click.option("--prefetch", type=click.IntRange(0, 512), default=0, show_default=True,
               help="Pages after each demand fault the stream sends first.")
 @click.option("--duration", type=click.FloatRange(min=0, min_open=True),
@@ -75,7 +78,7 @@ def _raise_interrupt(*_):
 @click.option("--accel", type=click.Choice(["kvm", "tcg"]), help="--vmm qemu: accelerator (default kvm "
               "when /dev/kvm exists, else tcg).")
 def demo(headless, as_json, memory, vcpus, strategy, readers, pattern, write_ratio, bandwidth,
-         no_background, prefetch, duration, pin, seed, control, workload, corrupt_page, vmm, accel):
+         no_background, latency_us, prefetch, duration, pin, seed, control, workload, corrupt_page, vmm, accel):
     """Run a real post-copy migration of a KVM guest between two processes and verify every page.
 
     The defaults (1G, 2 vCPUs, a 16M/s background stream, a hot set taking most accesses,
@@ -94,7 +97,7 @@ def demo(headless, as_json, memory, vcpus, strategy, readers, pattern, write_rat
     run_engine("demo", as_json, memory=memory, vcpus=vcpus, strategy=strategy, readers=readers, pattern=pattern,
                write_ratio=write_ratio, bandwidth=bandwidth, no_background=no_background, prefetch=prefetch,
                duration=duration, pin=pin, seed=seed, control=control, workload=workload,
-               corrupt_page=corrupt_page)
+               corrupt_page=corrupt_page, latency_us=latency_us)
 
 
 def _check_engine_options(command: str, memory: int, vcpus: int, workload: str) -> None:
@@ -106,7 +109,7 @@ def _check_engine_options(command: str, memory: int, vcpus: int, workload: str) 
 
 def run_engine(command: str, as_json: bool, *, memory, vcpus, strategy, readers, pattern, write_ratio,
                bandwidth, no_background, duration, pin, seed, control, workload, prefetch=0,
-               corrupt_page=None, link: dict | None = None) -> None:
+               corrupt_page=None, latency_us: int = 0, link: dict | None = None) -> None:
     """Run the engine headless (progress on a terminal, or JSON Lines) and exit with its
     status. `link`: EngineConfig fields of the link (pctop engine dest)."""
     from pctop.engine.run import Engine, EngineConfig, EngineError
@@ -115,7 +118,7 @@ def run_engine(command: str, as_json: bool, *, memory, vcpus, strategy, readers,
     cfg = EngineConfig(memory=memory, vcpus=vcpus, strategy=strategy, readers=readers, pattern=pattern,
                        write_ratio=write_ratio, bandwidth=bandwidth, background=not no_background,
                        prefetch=prefetch, duration=duration, seed=seed, control=control, workload=workload,
-                       corrupt_page=corrupt_page, pin=pin, **(link or {}))
+                       corrupt_page=corrupt_page, pin=pin, **{"latency_us": latency_us, **(link or {})})
     log = (lambda m: click.echo(f"pctop {command}: {m}", err=True)) if link else None
     engine = Engine(cfg, log=log)
     kind = "kvm" if engine.workload_cls.__name__ == "KvmWorkload" else "threads"
