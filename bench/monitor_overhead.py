@@ -199,6 +199,7 @@ def main() -> int:
     ap.add_argument("--toggle-window", type=float, default=1.0, help="seconds per probes-alone window")
     ap.add_argument("--strategy", default="uffd", choices=["uffd", "sharded", "vcpu-exit"])
     ap.add_argument("--memory", default="2G", help="guest memory (enough to keep faulting through all windows)")
+    ap.add_argument("--latency", type=int, default=0, help="us the source adds to each demand reply (a link's RTT)")
     ap.add_argument("--json", action="store_true", help="one JSON object instead of the table")
     a = ap.parse_args()
     from pctop.sources.ebpf import ebpf_unavailable_reason
@@ -211,7 +212,7 @@ def main() -> int:
     sock = os.path.join(tmp, "engine.sock")
     eng = subprocess.Popen([sys.executable, "-m", "pctop", "demo", "--headless", "--json", "--workload", "kvm",
                             "--strategy", a.strategy, "--vcpus", "2", "--memory", a.memory, "--pattern", "seq",
-                            "--no-background", "--duration", "600", "--control", sock],
+                            "--no-background", "--latency", str(a.latency), "--duration", "600", "--control", sock],
                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     conn = EngineConnection(sock, timeout=10)
     windows: list[Window] = []
@@ -253,7 +254,7 @@ def main() -> int:
     result = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "host": platform.node(),
         "cpus": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version(),
-        "load_avg_1m": os.getloadavg()[0], "strategy": a.strategy,
+        "load_avg_1m": os.getloadavg()[0], "strategy": a.strategy, "latency_us": a.latency,
         "monitor": {"window_s": a.window, "off_rates": [round(w.rate) for w in windows if w.kind == "off"],
                     "on_rates": [round(w.rate) for w in windows if w.kind == "on"],
                     "ratios": [round(x, 3) for x in ratios], "median_ratio": round(statistics.median(ratios), 3),
@@ -281,7 +282,7 @@ def main() -> int:
         return 0
     m, p, c = result["monitor"], result["probes_alone"], result["probe_cost"]
     print(f"{result['date']}, {result['host']}, {result['cpus']} CPUs, kernel {result['kernel']}, "
-          f"load {result['load_avg_1m']:.1f}, strategy {a.strategy}")
+          f"load {result['load_avg_1m']:.1f}, strategy {a.strategy}, link latency {a.latency} us")
     print(f"pctop monitor: off {m['off_rates']} on {m['on_rates']} faults/s; on/off {m['ratios']}, "
           f"median {m['median_ratio']} (target >= 0.95); monitor CPU {m['cpu_pct']} % of one core")
     print(f"  engine CPU per fault on/off {m['engine_cpu_ratios']}, median {m['engine_cpu_median_ratio']}")
