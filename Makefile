@@ -36,6 +36,7 @@ bench: setup
 	$(PY) bench/startup.py
 	$(PY) bench/engine.py
 	$(PY) bench/monitor_overhead.py
+	$(PY) bench/c_handler_overhead.py
 	$(PY) bench/latency.py
 	$(PY) bench/tui.py
 

@@ -42,6 +42,7 @@ from typing import NamedTuple
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from bench.toggle import ToggledProbes  # noqa: E402
 from pctop.sources.engine import EngineConnection, EngineError  # noqa: E402
 
 BPF_STATS = "/proc/sys/kernel/bpf_stats_enabled"
@@ -142,30 +143,16 @@ def toggled_probes(conn: EngineConnection, pid: int, pairs: int, seconds: float
 
     src = EbpfSource([pid])
     src.start()
-    bpf = src._bpf  # the bench reaches into the source to detach its tracepoints
-    tps = [tp.decode() if isinstance(tp, bytes) else tp for tp in bpf.tracepoint_fds]
-
-    def attach(on: bool) -> None:
-        for tp in tps:
-            cat, event = tp.split(":")
-            if on:
-                bpf.attach_tracepoint(tp=tp, fn_name=f"tracepoint__{cat}__{event}")
-            else:
-                bpf.detach_tracepoint(tp)
-
+    probes = ToggledProbes(src)
     windows: list[Window] = []
-    attached = True
     stats_before = None
     try:
         for r in range(pairs):
             for kind in (("off", "on") if r % 2 == 0 else ("on", "off")):
-                if (kind == "on") != attached:
-                    attach(kind == "on")
-                    attached = kind == "on"
+                probes.set(kind == "on")
                 src.collect()
                 windows.append(measure(conn, kind, seconds))
-        if not attached:
-            attach(True)
+        probes.set(True)
         stats_before = open(BPF_STATS).read().strip()
         with open(BPF_STATS, "w") as f:
             f.write("1")
