@@ -38,7 +38,7 @@ static __always_inline int on_page_fault(u64 addr)
          * previous candidate finished without stalling */
         if (!maybe_tracked(tid))
             return 0;
-        struct tstate *t = tstate.lookup(&tid);
+        struct tstate *t = tstate_of(tid);
         if (t) {
             running_now(tid, t);
             if (t->phase == PH_FAULTED)
@@ -55,8 +55,13 @@ static __always_inline int on_page_fault(u64 addr)
     t->phase = PH_FAULTED;
     t->fault_ts = bpf_ktime_get_ns();
     t->addr = page;
-    struct pending_fault p = {.tid = tid, .tgid = tgid};
-    pending_addr.update(&page, &p);
+    u32 slot = (page >> 12) & (PENDING_SLOTS - 1);
+    struct pending_fault *p = pending_addr.lookup(&slot);
+    if (p) {
+        p->page = page;
+        p->tid = tid;
+        p->tgid = tgid;
+    }
     return 0;
 }
 
@@ -76,7 +81,7 @@ static __always_inline int on_kvm_fault(void)
 {
     u64 id = bpf_get_current_pid_tgid();
     u32 tgid = id >> 32, tid = (u32)id;
-    struct tstate *t = maybe_tracked(tid) ? tstate.lookup(&tid) : 0;
+    struct tstate *t = maybe_tracked(tid) ? tstate_of(tid) : 0;
     if (!t) {
         if (!targets.lookup(&tgid))
             return 0;
@@ -122,7 +127,7 @@ TRACEPOINT_PROBE(sched, sched_switch)
     /* prev_state: 1 = S, 2 = D (handle_userfault sleeps in either);
      * 0 or TASK_REPORT_MAX = preempted, still runnable */
     if (prev && maybe_tracked(prev)) {
-        struct tstate *t = tstate.lookup(&prev);
+        struct tstate *t = tstate_of(prev);
         if (t)
             running_now(prev, t);
         if (t && !(args->prev_state & 3)) {
@@ -150,7 +155,7 @@ TRACEPOINT_PROBE(sched, sched_switch)
         }
     }
     if (next && maybe_tracked(next)) {
-        struct tstate *t = tstate.lookup(&next);
+        struct tstate *t = tstate_of(next);
         if (!t)
             return 0;
         t->cpu = cpu + 1;
@@ -169,7 +174,7 @@ TRACEPOINT_PROBE(sched, sched_waking)
     u32 wakee = args->pid;
     if (!maybe_tracked(wakee))
         return 0;
-    struct tstate *t = tstate.lookup(&wakee);
+    struct tstate *t = tstate_of(wakee);
     if (!t || (t->phase != PH_SLEEPING && t->phase != PH_PREEMPTED && t->phase != PH_FAULTED))
         return 0;
     u64 id = bpf_get_current_pid_tgid();
@@ -228,8 +233,7 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
     u32 tid = args->pid;
     if (!maybe_tracked(tid))
         return 0;
-    if (tstate.delete(&tid) == 0)
-        hint_add(tid, HINT_DEC);
+    drop_tstate(tid);
     struct inflight io;
     struct read_stash rs;
     take_inflight(tid, &io);
@@ -295,7 +299,7 @@ static __always_inline void match_msg(u64 now, u64 addr, u32 ptid)
     u64 page = addr & PAGE_MASK_4K;
     if (ptid) {
         u32 key = ptid;
-        struct tstate *t = tstate.lookup(&key);
+        struct tstate *t = tstate_of(key);
         if (t && t->phase != PH_WOKEN && (t->phase != PH_NONE || t->in_run)) {
             if (t->phase == PH_NONE) {
                 /* read before any fault event (weak path): start from now */
@@ -309,10 +313,11 @@ static __always_inline void match_msg(u64 now, u64 addr, u32 ptid)
             return;
         }
     }
-    struct pending_fault *p = pending_addr.lookup(&page);
-    if (p) {
+    u32 slot = (page >> 12) & (PENDING_SLOTS - 1);
+    struct pending_fault *p = pending_addr.lookup(&slot);
+    if (p && p->page == page) {
         u32 tid = p->tid;
-        struct tstate *t = tstate.lookup(&tid);
+        struct tstate *t = tstate_of(tid);
         if (t && t->addr == page && (t->phase == PH_FAULTED || t->phase == PH_SLEEPING)) {
             if (!t->read_ts)
                 t->read_ts = now;
@@ -505,7 +510,7 @@ TRACEPOINT_PROBE(syscalls, sys_exit_ioctl)
         /* KVM_RUN is not stashed in flight: a vCPU-exit stall starts when the
          * memory-fault return leaves the syscall (the issue's "KVM_RUN return"),
          * not at kvm_userspace_exit, which still has KVM_RUN's tail to run */
-        struct tstate *t = tstate.lookup(&tid);
+        struct tstate *t = tstate_of(tid);
         if (t && t->efault_open) {
             t->efault_ts = bpf_ktime_get_ns();
             t->efault_open = 0;
@@ -577,7 +582,7 @@ TRACEPOINT_PROBE(kvm, kvm_userspace_exit)
 {
     u64 id = bpf_get_current_pid_tgid();
     u32 tgid = id >> 32, tid = (u32)id;
-    struct tstate *t = tstate.lookup(&tid);
+    struct tstate *t = tstate_of(tid);
     if (!t)
         return 0; /* KVM_RUN entry not seen: not followed */
     running_now(tid, t);

@@ -126,10 +126,18 @@ struct tstate {
     u8 pad;
 };
 
+/* The thread that faulted on a page, for messages without a thread id. */
+struct tstate_slot {
+    u64 owner; /* tid holding the slot, 0 = free */
+    struct tstate t;
+};
+
 struct pending_fault {
+    u64 page;
     u32 tid;
     u32 tgid;
 };
+#define PENDING_SLOTS 65536 /* direct-mapped by page number */
 
 struct inflight {
     u64 start;   /* range of a uffd ioctl (user address) */

@@ -14,8 +14,11 @@ BPF_PERCPU_ARRAY(range_zero, struct range_set, 1);
 BPF_HASH(uffd_fds, struct fd_key, u32, 16384);
 BPF_HASH(vcpu_fds, struct fd_key, struct vcpu_fd_val, 16384);
 BPF_HASH(vcpus, u32, struct vcpu_info, 16384);
-BPF_HASH(tstate, u32, struct tstate, 65536);
-BPF_TABLE("lru_hash", u64, struct pending_fault, pending_addr, 65536);
+BPF_HASH(tstate, u32, struct tstate, 65536); /* spill-over of tstate_slots (below) */
+/* Direct-mapped by page number, not an LRU hash: it is written on every fault
+ * (an LRU update costs several times an array store), and pages 256 MiB apart
+ * that fault at the same moment only cost the second one its address match. */
+BPF_ARRAY(pending_addr, struct pending_fault, PENDING_SLOTS);
 BPF_TABLE("lru_hash", u64, u64, read_pages, 16384);
 /* Entries in read_pages, so the resolving ioctl skips its lookup in the common
  * case (every message matched). LRU evictions leave it high: a lookup too many. */
@@ -116,18 +119,75 @@ static __always_inline int followed(u32 tgid, int adopt)
     return 0;
 }
 
+/* Per-thread state lives in an array slot by tid (tid mod HINT_SLOTS, claimed by
+ * compare-and-swap in the thread's own context): every probe looks it up, and an
+ * array lookup is inlined where a hash lookup hashes and walks a bucket. A thread
+ * whose slot another live tid holds keeps its state in the hash map instead, as do
+ * the in-flight ioctls and reads (below); `spilled` counts those hash entries so the
+ * common case never hashes. */
+BPF_ARRAY(tstate_slots, struct tstate_slot, HINT_SLOTS);
+#define SPILL_INFLIGHT 0
+#define SPILL_READ 1
+#define SPILL_TSTATE 2
+BPF_ARRAY(spilled, s64, 3);
+
+static __always_inline int has_spill(u32 which)
+{
+    s64 *n = spilled.lookup(&which);
+    return n && *n > 0;
+}
+
+static __always_inline void spill_add(u32 which, s64 delta)
+{
+    s64 *n = spilled.lookup(&which);
+    if (n)
+        __sync_fetch_and_add(n, delta);
+}
+
+static __always_inline struct tstate *tstate_of(u32 tid)
+{
+    u32 k = tid & (HINT_SLOTS - 1);
+    struct tstate_slot *sl = tstate_slots.lookup(&k);
+    if (sl && sl->owner == tid)
+        return &sl->t;
+    return has_spill(SPILL_TSTATE) ? tstate.lookup(&tid) : 0;
+}
+
 static __always_inline struct tstate *get_tstate(u32 tid, u32 tgid)
 {
-    struct tstate *t = tstate.lookup(&tid);
+    struct tstate *t = tstate_of(tid);
     if (t)
         return t;
     struct tstate z = {};
     z.tgid = tgid;
     z.vcpu = -1;
     z.cpu = bpf_get_smp_processor_id() + 1; /* created in its own context */
-    if (tstate.insert(&tid, &z) == 0)
+    u32 k = tid & (HINT_SLOTS - 1);
+    struct tstate_slot *sl = tstate_slots.lookup(&k);
+    if (sl && __sync_val_compare_and_swap(&sl->owner, 0, (u64)tid) == 0) {
+        sl->t = z;
         hint_add(tid, HINT_INC);
+        return &sl->t;
+    }
+    if (tstate.insert(&tid, &z) == 0) {
+        hint_add(tid, HINT_INC);
+        spill_add(SPILL_TSTATE, 1);
+    }
     return tstate.lookup(&tid);
+}
+
+/* The thread has exited: free its state (its own context). */
+static __always_inline void drop_tstate(u32 tid)
+{
+    u32 k = tid & (HINT_SLOTS - 1);
+    struct tstate_slot *sl = tstate_slots.lookup(&k);
+    if (sl && sl->owner == tid) {
+        sl->owner = 0;
+        hint_add(tid, HINT_DEC);
+    } else if (has_spill(SPILL_TSTATE) && tstate.delete(&tid) == 0) {
+        hint_add(tid, HINT_DEC);
+        spill_add(SPILL_TSTATE, -1);
+    }
 }
 
 static __always_inline struct tstats *get_stats(u32 tid, u32 tgid)
@@ -354,22 +414,6 @@ BPF_ARRAY(inflight_slots, struct inflight_slot, HINT_SLOTS);
 BPF_ARRAY(read_slots, struct read_slot, HINT_SLOTS);
 BPF_HASH(inflight, u32, struct inflight, 16384);
 BPF_HASH(readstash, u32, struct read_stash, 16384);
-#define SPILL_INFLIGHT 0
-#define SPILL_READ 1
-BPF_ARRAY(spilled, s64, 2); /* entries in those two hash maps */
-
-static __always_inline int has_spill(u32 which)
-{
-    s64 *n = spilled.lookup(&which);
-    return n && *n > 0;
-}
-
-static __always_inline void spill_add(u32 which, s64 delta)
-{
-    s64 *n = spilled.lookup(&which);
-    if (n)
-        __sync_fetch_and_add(n, delta);
-}
 
 /* The calling thread's in-flight ioctl: its slot if free or already its own (an
  * ioctl whose exit we missed), else the hash map. */
