@@ -327,10 +327,12 @@ static __always_inline void match_msg(u64 now, u64 addr, u32 ptid)
     }
     /* no thread known for it (weak vCPU fault without THREAD_ID): keep the
      * read time for the COPY that will resolve this page */
-    if (read_pages.insert(&page, &now) == 0)
-        read_pages_live_add(1);
-    else
-        read_pages.update(&page, &now);
+    u32 rslot = (page >> 12) & (PENDING_SLOTS - 1);
+    struct page_time *pt = read_pages.lookup(&rslot);
+    if (pt) {
+        pt->page = page;
+        pt->ts = now;
+    }
     dbg_inc(DBG_MSG_UNMATCHED);
 }
 
@@ -480,14 +482,12 @@ TRACEPOINT_PROBE(syscalls, sys_enter_ioctl)
             bpf_probe_read_user(r, 2 * sizeof(u64), (void *)arg);
         io.start = r[0];
         io.len = (nr == UFFDIO_NR_COPY || nr == UFFDIO_NR_MOVE) ? r[2] : r[1];
-        if (read_pages_live()) { /* only unmatched reads leave entries there */
-            u64 page = io.start & PAGE_MASK_4K;
-            u64 *rt = read_pages.lookup(&page);
-            if (rt) {
-                io.read_ts = *rt;
-                if (read_pages.delete(&page) == 0)
-                    read_pages_live_add(-1);
-            }
+        u64 page = io.start & PAGE_MASK_4K;
+        u32 rslot = (page >> 12) & (PENDING_SLOTS - 1);
+        struct page_time *pt = read_pages.lookup(&rslot);
+        if (pt && pt->page == page) {
+            io.read_ts = pt->ts;
+            pt->page = 0;
         }
         remember_uffd(tgid, fd);
     } else {

@@ -139,6 +139,11 @@ struct pending_fault {
 };
 #define PENDING_SLOTS 65536 /* direct-mapped by page number */
 
+struct page_time {
+    u64 page;
+    u64 ts;
+};
+
 struct inflight {
     u64 start;   /* range of a uffd ioctl (user address) */
     u64 len;

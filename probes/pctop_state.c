@@ -19,10 +19,11 @@ BPF_HASH(tstate, u32, struct tstate, 65536); /* spill-over of tstate_slots (belo
  * (an LRU update costs several times an array store), and pages 256 MiB apart
  * that fault at the same moment only cost the second one its address match. */
 BPF_ARRAY(pending_addr, struct pending_fault, PENDING_SLOTS);
-BPF_TABLE("lru_hash", u64, u64, read_pages, 16384);
-/* Entries in read_pages, so the resolving ioctl skips its lookup in the common
- * case (every message matched). LRU evictions leave it high: a lookup too many. */
-BPF_ARRAY(read_pages_count, s64, 1);
+/* Read times of messages no thread was found for (weak vCPU faults without a
+ * thread id: every fault of a PVM or VMX vCPU whose VMM reads without one), for
+ * the resolving ioctl of that page: direct-mapped by page number like
+ * pending_addr, since both ends run once per such fault. */
+BPF_ARRAY(read_pages, struct page_time, PENDING_SLOTS);
 BPF_HASH(stats, struct tkey, struct tstats, 65536);
 BPF_PERCPU_ARRAY(stats_zero, struct tstats, 1);
 BPF_HASH(exits, struct exit_key, u64, 65536);
@@ -62,21 +63,6 @@ BPF_ARRAY(uffd_tgid_hint, u32, HINT_SLOTS);
 
 #define HINT_INC 1u
 #define HINT_DEC ((u32)-1)
-
-static __always_inline s64 read_pages_live(void)
-{
-    u32 zero = 0;
-    s64 *n = read_pages_count.lookup(&zero);
-    return n ? *n : 0;
-}
-
-static __always_inline void read_pages_live_add(s64 delta)
-{
-    u32 zero = 0;
-    s64 *n = read_pages_count.lookup(&zero);
-    if (n)
-        __sync_fetch_and_add(n, delta);
-}
 
 static __always_inline u64 cfg(u32 slot)
 {
