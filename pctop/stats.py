@@ -40,7 +40,7 @@ from pctop.sources.readings import (
 # Higher wins. KVM_CREATE_VCPU + KVM_RUN seen by the probes is exact; a vCPU
 # fd's index (from /proc) plus KVM_RUN on it, the engine's own word, QEMU's
 # query-cpus-fast (qmp) and debugfs are exact too; thread names are a convention.
-IDENTITY_TRUST = {"kvm_create_vcpu": 5, "kvm_vcpu_fd": 4, "engine": 4, "qmp": 4, "debugfs": 3,
+IDENTITY_TRUST = {"kvm_create_vcpu": 5, "kvm_vcpu_fd": 4, "kvm_exit": 4, "engine": 4, "qmp": 4, "debugfs": 3,
                   "thread_name": 1}
 
 

@@ -115,6 +115,33 @@ TRACEPOINT_PROBE(kvm, kvm_page_fault)
 }
 #endif
 
+#ifdef HAVE_KVM_EXIT
+/* VMX/SVM only (never fires under PVM; its cost there is every VM exit on the
+ * host, one array lookup for threads pctop does not follow). For a followed
+ * vCPU thread: its index from vcpu_id, also for a VM that was running before
+ * pctop started, and a stage-2 fault exit starts a weak fault candidate a
+ * little before kvm_page_fault would. */
+TRACEPOINT_PROBE(kvm, kvm_exit)
+{
+    u32 tid = (u32)bpf_get_current_pid_tgid();
+    if (!maybe_tracked(tid))
+        return 0;
+    struct tstate *t = tstate_of(tid);
+    if (!t)
+        return 0;
+    if (t->vcpu < 0) {
+        t->vcpu = args->vcpu_id;
+        struct vcpu_info vi = {.tgid = t->tgid, .vcpu = args->vcpu_id, .how = HOW_KVM_EXIT};
+        vcpus.update(&tid, &vi);
+    }
+    u32 reason = args->exit_reason;
+    if ((args->isa == KVM_ISA_VMX && (reason & 0xffff) == VMX_EXIT_EPT_VIOLATION) ||
+        (args->isa == KVM_ISA_SVM && reason == SVM_EXIT_NPF))
+        return on_kvm_fault();
+    return 0;
+}
+#endif
+
 /* ---------------------------------------------------------------- scheduler */
 
 TRACEPOINT_PROBE(sched, sched_switch)

@@ -67,6 +67,13 @@
 /* how a vCPU fd's index was learned */
 #define HOW_CREATE_VCPU 1 /* saw KVM_CREATE_VCPU return this fd */
 #define HOW_VCPU_FD 2     /* seeded by user space from /proc/<pid>/fd (anon_inode:kvm-vcpu:N) */
+#define HOW_KVM_EXIT 3    /* kvm:kvm_exit's vcpu_id on the thread (VMX/SVM) */
+
+/* kvm:kvm_exit: isa and the exit reasons of a stage-2 (EPT / NPT) fault */
+#define KVM_ISA_VMX 1
+#define KVM_ISA_SVM 2
+#define VMX_EXIT_EPT_VIOLATION 48
+#define SVM_EXIT_NPF 0x400
 
 /* debug counters (dbg array), reported by EbpfSource.debug_counters() */
 #define DBG_NOT_UFFD_WAKE 0   /* a candidate's sleep ended by something else than a uffd ioctl */

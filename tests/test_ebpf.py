@@ -328,3 +328,16 @@ def test_engine_vcpu_exit_strategy_counts_memory_fault_exits(follow_all):
         assert tf.memory_fault_exits == tf.faults == tf.exits.get("efault", 0) == v["faults"]
         assert tf.faults_no_read == 0 and tf.queued_ns == tf.service_ns == 0  # not uffd stalls
         assert sum(tf.hist) == tf.faults and len(tf.hist) == HIST_BUCKETS
+
+
+@pytest.mark.bpf
+def test_every_tracepoint_tracefs_has_is_attached(by_pid):
+    """Optional KVM probes are compiled in when tracefs has their tracepoint. kvm:kvm_exit
+    and kvm:kvm_page_fault never fire under PVM (platform.md), so on this machine only their
+    compiling and attaching can be checked, not what they do on a VMX/SVM host."""
+    from pctop.sources.ebpf import tracepoint_exists
+    from pctop.sources.tracepoints import OPTIONAL, REQUIRED
+
+    attached = {tp.decode() if isinstance(tp, bytes) else tp for tp in by_pid._bpf.tracepoint_fds}
+    expected = set(REQUIRED) | {tp for tp in OPTIONAL if tracepoint_exists(tp)}
+    assert expected <= attached, sorted(expected - attached)

@@ -80,8 +80,8 @@ PROBE_PARTS = ("pctop_defs.h", "pctop_state.c", "pctop.bpf.c")
 # Must match probes/pctop_defs.h.
 CFG_FOLLOW_ALL, CFG_EPOCH, CFG_PAGE_MAP = 0, 1, 2
 TARGET_GIVEN, TARGET_AUTO, TARGET_HANDLER = 1, 2, 4
-HOW_CREATE_VCPU, HOW_VCPU_FD = 1, 2
-HOW_NAMES = {HOW_CREATE_VCPU: "kvm_create_vcpu", HOW_VCPU_FD: "kvm_vcpu_fd"}
+HOW_CREATE_VCPU, HOW_VCPU_FD, HOW_KVM_EXIT = 1, 2, 3
+HOW_NAMES = {HOW_CREATE_VCPU: "kvm_create_vcpu", HOW_VCPU_FD: "kvm_vcpu_fd", HOW_KVM_EXIT: "kvm_exit"}
 MAX_RANGES = 64
 HINT_SLOTS = 65536
 DEBUG_COUNTERS = ("not_uffd_wake", "missed_wake", "msg_unmatched", "msg_by_ptid", "msg_by_addr",

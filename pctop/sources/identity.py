@@ -6,6 +6,7 @@ Trust order for a vCPU index (design.md), highest first:
   "kvm_vcpu_fd"      the same, for a target already running when pctop
                      started: F's index comes from its /proc/<pid>/fd link
                      (anon_inode:kvm-vcpu:N), the thread from KVM_RUN on F;
+  "kvm_exit"         (VMX/SVM) kvm:kvm_exit's vcpu_id on a followed thread;
   "debugfs"          /sys/kernel/debug/kvm/<pid>-<vmfd>/vcpuN/pid;
   "thread_name"      QEMU "CPU n/KVM", Firecracker "fc_vcpu n", Cloud
                      Hypervisor "vcpuN", crosvm "crosvm_vcpuN" / "vcpu N".
@@ -30,7 +31,7 @@ from pctop.sources.procfs import (UFFD_LINK, VCPU_LINK_PREFIX, debugfs_vcpus, re
                                   vcpu_from_name)
 from pctop.sources.readings import VcpuIdentity
 
-TRUST = ("kvm_create_vcpu", "kvm_vcpu_fd", "debugfs", "thread_name")
+TRUST = ("kvm_create_vcpu", "kvm_vcpu_fd", "kvm_exit", "debugfs", "thread_name")
 # smaps VmFlags set on a VMA registered with a userfaultfd: missing, write-protect, minor.
 UFFD_VMFLAGS = frozenset({"um", "uw", "ui"})
 

@@ -10,7 +10,8 @@ counts KVM_RUN returns by reason and errno (and vCPU-exit mode stalls);
 kvm_page_fault (VMX/SVM) and kvm_mmu_pagetable_walk (shadow paging, PVM) mark
 when a vCPU's fault started when it reaches the uffd through get_user_pages,
 where no exceptions:page_fault_* fires. Without them the stall is timed from
-the vCPU's sleep instead.
+the vCPU's sleep instead. kvm_exit (VMX/SVM) gives a followed vCPU thread its
+index (vcpu_id) and marks an EPT-violation / NPF exit as a fault start.
 """
 
 REQUIRED: tuple[str, ...] = (
@@ -29,6 +30,7 @@ REQUIRED: tuple[str, ...] = (
 OPTIONAL: tuple[str, ...] = (
     "kvm:kvm_userspace_exit",
     "kvm:kvm_page_fault",
+    "kvm:kvm_exit",
     "kvmmmu:kvm_mmu_pagetable_walk",
 )
 
@@ -36,5 +38,6 @@ OPTIONAL: tuple[str, ...] = (
 OPTIONAL_MACROS: dict[str, str] = {
     "kvm:kvm_userspace_exit": "HAVE_KVM_USERSPACE_EXIT",
     "kvm:kvm_page_fault": "HAVE_KVM_PAGE_FAULT",
+    "kvm:kvm_exit": "HAVE_KVM_EXIT",
     "kvmmmu:kvm_mmu_pagetable_walk": "HAVE_KVM_MMU_PAGETABLE_WALK",
 }
