@@ -1,4 +1,4 @@
-/* pctop probes, part 1 of 3: constants and the structs kept in maps.
+/* pctop probes, part 1 of 4: constants and the structs kept in maps.
  * ebpf.py joins pctop_defs.h, pctop_state.c and pctop.bpf.c into one text for
  * bcc (its rewriter only turns map.lookup() etc. into helper calls in the main
  * file, so the parts cannot #include each other). Struct layouts here are read

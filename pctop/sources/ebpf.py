@@ -75,7 +75,7 @@ def probe_dir() -> Path:
 
 PROBE_DIR = probe_dir()
 # Joined in this order into one program text (bcc rewrites map calls only in its main file).
-PROBE_PARTS = ("pctop_defs.h", "pctop_state.c", "pctop.bpf.c")
+PROBE_PARTS = ("pctop_defs.h", "pctop_state.c", "pctop.bpf.c", "pctop_kvm.c")
 
 # Must match probes/pctop_defs.h.
 CFG_FOLLOW_ALL, CFG_EPOCH, CFG_PAGE_MAP = 0, 1, 2
