@@ -193,6 +193,18 @@ def test_threads_whose_slot_another_tid_holds_spill_to_the_hash_maps(toucher):
 
 
 @pytest.mark.bpf
+def test_minor_faults_resolved_with_continue(follow_all, toucher):
+    # Shared memory (a memfd) registered for minor faults: the pages are in the page cache,
+    # the handler maps each with UFFDIO_CONTINUE, as a VMM with shared guest memory does.
+    truth, r = run_toucher(follow_all, toucher, "-t", "2", "-p", "16", "-d", "100", "-b", "4", "-i", "-M")
+    assert sum(t["faults"] for t in truth["touchers"]) == 32
+    check_read_faults(truth, r, 100)
+    u = uffd_of(r, truth["pid"], truth["uffd"])
+    assert (u.msgs_read, u.read_calls) == (truth["msgs"], truth["reads"])
+    assert (u.continues, u.copies, u.pages_installed, u.bytes_installed) == (32, 0, 32, 32 * PAGE)
+
+
+@pytest.mark.bpf
 def test_read_faults_matched_by_address_on_a_dev_userfaultfd_uffd(follow_all, toucher):
     # No UFFD_FEATURE_THREAD_ID (messages carry no thread), uffd from USERFAULTFD_IOC_NEW.
     before = follow_all.debug_counters()["msg_by_addr"]

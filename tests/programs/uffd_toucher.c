@@ -15,6 +15,11 @@
  * -f runs the read handler in a forked child process (it inherits the uffd;
  * its COPYs go to the parent's memory), as Firecracker's handler is a
  * separate process; counts are shared through a MAP_SHARED page.
+ * -M makes the faults minor ones: the region is a shared memfd whose pages
+ * are all in the page cache (written through a second mapping) but not
+ * mapped in the registered one (UFFDIO_REGISTER_MODE_MINOR), and each is
+ * resolved with UFFDIO_CONTINUE instead of UFFDIO_COPY (as a VMM does with
+ * shared guest memory, and KVM's demand_paging_test -u MINOR).
  *
  * At the end it prints one JSON object with, per toucher, the faults the
  * handler resolved for it, the summed service time (read return to COPY
@@ -41,7 +46,7 @@
 #define PAGE 4096UL
 
 static int n_touchers = 2, n_pages = 64, delay_us = 0, batch = 1, prefill = 0;
-static int want_thread_id = 0, use_dev = 0, wait_go = 0, stream_mode = 0, fork_handler = 0;
+static int want_thread_id = 0, use_dev = 0, wait_go = 0, stream_mode = 0, fork_handler = 0, minor_mode = 0;
 static int uffd;
 static char *region;
 static char *src_page;
@@ -75,11 +80,18 @@ static void die(const char *what)
     exit(1);
 }
 
-static int copy_page(unsigned long addr)
+/* Install (COPY) or map (CONTINUE, -M) one page; "copies" counts either. */
+static int resolve_page(unsigned long addr)
 {
-    struct uffdio_copy c = {.dst = addr, .src = (unsigned long)src_page, .len = PAGE, .mode = 0};
-    if (ioctl(uffd, UFFDIO_COPY, &c) < 0 && errno != EEXIST)
-        die("UFFDIO_COPY");
+    if (minor_mode) {
+        struct uffdio_continue c = {.range = {.start = addr, .len = PAGE}, .mode = 0};
+        if (ioctl(uffd, UFFDIO_CONTINUE, &c) < 0 && errno != EEXIST)
+            die("UFFDIO_CONTINUE");
+    } else {
+        struct uffdio_copy c = {.dst = addr, .src = (unsigned long)src_page, .len = PAGE, .mode = 0};
+        if (ioctl(uffd, UFFDIO_COPY, &c) < 0 && errno != EEXIST)
+            die("UFFDIO_COPY");
+    }
     sh->copies++;
     return 0;
 }
@@ -137,7 +149,7 @@ static void *handler_main(void *arg)
             unsigned long addr = buf[i].arg.pagefault.address & ~(PAGE - 1);
             if (delay_us)
                 usleep(delay_us);
-            copy_page(addr);
+            resolve_page(addr);
             struct toucher *t = owner_of(addr);
             if (t) {
                 t->faults++;
@@ -177,7 +189,7 @@ static void *stream_main(void *arg)
             }
             unsigned long addr = (unsigned long)region + ((size_t)k * n_pages + i) * PAGE;
             long long t0 = now_ns();
-            copy_page(addr);
+            resolve_page(addr);
             t->faults++;
             t->service_ns += now_ns() - t0;
         }
@@ -206,7 +218,7 @@ static int open_uffd(void)
 int main(int argc, char **argv)
 {
     int opt;
-    while ((opt = getopt(argc, argv, "t:p:d:b:P:m:iDwf")) != -1) {
+    while ((opt = getopt(argc, argv, "t:p:d:b:P:m:iDwfM")) != -1) {
         switch (opt) {
         case 't': n_touchers = atoi(optarg); break;
         case 'p': n_pages = atoi(optarg); break;
@@ -218,9 +230,10 @@ int main(int argc, char **argv)
         case 'D': use_dev = 1; break;
         case 'w': wait_go = 1; break;
         case 'f': fork_handler = 1; break;
+        case 'M': minor_mode = 1; break;
         default:
             fprintf(stderr, "usage: %s [-t touchers] [-p pages] [-d delay_us] [-b batch] "
-                            "[-P prefill] [-m read|stream] [-i] [-D] [-w] [-f]\n", argv[0]);
+                            "[-P prefill] [-m read|stream] [-i] [-D] [-w] [-f] [-M]\n", argv[0]);
             return 2;
         }
     }
@@ -233,18 +246,31 @@ int main(int argc, char **argv)
     if (sh == MAP_FAILED)
         die("mmap shared");
     size_t len = (size_t)n_touchers * n_pages * PAGE;
-    region = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (minor_mode) {
+        int memfd = memfd_create("uffd_toucher", MFD_CLOEXEC);
+        if (memfd < 0 || ftruncate(memfd, (off_t)len) < 0)
+            die("memfd");
+        region = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED, memfd, 0);
+        char *alias = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED, memfd, 0);
+        if (region == MAP_FAILED || alias == MAP_FAILED)
+            die("mmap memfd");
+        memset(alias, 0x5a, len); /* every page in the page cache, none mapped in region */
+    } else {
+        region = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    }
     src_page = mmap(NULL, PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (region == MAP_FAILED || src_page == MAP_FAILED)
         die("mmap");
     memset(src_page, 0x5a, PAGE);
 
     uffd = open_uffd();
-    struct uffdio_api api = {.api = UFFD_API, .features = want_thread_id ? UFFD_FEATURE_THREAD_ID : 0};
+    struct uffdio_api api = {.api = UFFD_API, .features = (want_thread_id ? UFFD_FEATURE_THREAD_ID : 0) |
+                                                          (minor_mode ? UFFD_FEATURE_MINOR_SHMEM : 0)};
     if (ioctl(uffd, UFFDIO_API, &api) < 0)
         die("UFFDIO_API");
     struct uffdio_register reg = {.range = {.start = (unsigned long)region, .len = len},
-                                  .mode = UFFDIO_REGISTER_MODE_MISSING};
+                                  .mode = minor_mode ? UFFDIO_REGISTER_MODE_MINOR
+                                                     : UFFDIO_REGISTER_MODE_MISSING};
     if (ioctl(uffd, UFFDIO_REGISTER, &reg) < 0)
         die("UFFDIO_REGISTER");
 
@@ -268,7 +294,7 @@ int main(int argc, char **argv)
             usleep(100);
     for (int k = 0; k < n_touchers; k++)
         for (int i = 0; i < prefill; i++)
-            copy_page((unsigned long)region + ((size_t)k * n_pages + i) * PAGE);
+            resolve_page((unsigned long)region + ((size_t)k * n_pages + i) * PAGE);
     sh->copies = 0; /* prefill copies are not fault resolutions */
 
     if (wait_go) {
