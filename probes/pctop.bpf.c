@@ -196,9 +196,7 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
         return 0;
     drop_tstate(tid);
     struct inflight io;
-    struct read_stash rs;
     take_inflight(tid, &io);
-    take_read(tid, &rs);
     return 0;
 }
 
@@ -249,8 +247,8 @@ TRACEPOINT_PROBE(syscalls, sys_enter_read)
     if (!uffd_fds.lookup(&k))
         return 0;
     u32 tid = (u32)id;
-    struct read_stash rs = {.buf = (u64)args->buf, .fd = k.fd, .tgid = k.tgid};
-    stash_read(tid, &rs);
+    struct inflight io = {.kind = IO_UFFD_READ, .arg = (u64)args->buf, .fd = k.fd, .tgid = k.tgid};
+    stash_inflight(tid, &io);
     return 0;
 }
 
@@ -332,9 +330,9 @@ TRACEPOINT_PROBE(syscalls, sys_exit_read)
     u32 tid = (u32)bpf_get_current_pid_tgid();
     if (!maybe_tracked(tid))
         return 0;
-    struct read_stash rs;
-    if (!take_read(tid, &rs))
-        return 0;
+    struct inflight rs;
+    if (!take_inflight(tid, &rs) || rs.kind != IO_UFFD_READ)
+        return 0; /* not a uffd read, or an ioctl whose exit we missed */
     long ret = args->ret;
     if (targets.lookup(&rs.tgid)) {
         struct uf_stats *s = get_ufstats(rs.tgid, rs.fd);
@@ -351,7 +349,7 @@ TRACEPOINT_PROBE(syscalls, sys_exit_read)
     if (!c)
         return 0;
     u32 n = ret / UFFD_MSG_SIZE;
-    c->buf = rs.buf;
+    c->buf = rs.arg;
     c->now = bpf_ktime_get_ns();
     c->i = 0;
     c->n = n < MAX_MSGS ? n : MAX_MSGS;
@@ -467,8 +465,9 @@ TRACEPOINT_PROBE(syscalls, sys_exit_ioctl)
     if (!maybe_tracked(tid))
         return 0;
     struct inflight io;
-    if (!take_inflight(tid, &io)) {
-        /* KVM_RUN is not stashed in flight: a vCPU-exit stall starts when the
+    if (!take_inflight(tid, &io) || io.kind == IO_UFFD_READ) {
+        /* (a read entry: a uffd read() whose exit we missed)
+         * KVM_RUN is not stashed in flight: a vCPU-exit stall starts when the
          * memory-fault return leaves the syscall (the issue's "KVM_RUN return"),
          * not at kvm_userspace_exit, which still has KVM_RUN's tail to run */
         struct tstate *t = tstate_of(tid);

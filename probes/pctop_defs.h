@@ -63,6 +63,7 @@
 #define IO_UFFD_UNREGISTER 3
 #define IO_UFFD_NEW 4
 #define IO_KVM_CREATE_VCPU 5
+#define IO_UFFD_READ 6 /* a read() of a uffd: arg = the buffer */
 
 /* how a vCPU fd's index was learned */
 #define HOW_CREATE_VCPU 1 /* saw KVM_CREATE_VCPU return this fd */
@@ -151,10 +152,12 @@ struct page_time {
     u64 ts;
 };
 
+/* The syscall a thread is in, from its enter to its exit tracepoint: a uffd/KVM
+ * ioctl or a uffd read() (a thread is in one syscall at a time). */
 struct inflight {
     u64 start;   /* range of a uffd ioctl (user address) */
     u64 len;
-    u64 arg;
+    u64 arg;     /* the ioctl's argument; read(): the buffer */
     u64 read_ts; /* read time of a message for the first page of the range (weak matching) */
     u32 cmd;
     s32 fd;
@@ -162,22 +165,11 @@ struct inflight {
     u32 tgid;
 };
 
-struct read_stash {
-    u64 buf;
-    s32 fd;
-    u32 tgid;
-};
-
-/* A thread's in-flight ioctl / uffd read() in its tid's array slot; owner = the
- * tid holding the slot, 0 = free (64-bit for the BPF compare-and-swap). */
+/* A thread's in-flight syscall in its tid's array slot; owner = the tid holding
+ * the slot, 0 = free (64-bit for the BPF compare-and-swap). */
 struct inflight_slot {
     u64 owner;
     struct inflight io;
-};
-
-struct read_slot {
-    u64 owner;
-    struct read_stash rs;
 };
 
 struct tkey {

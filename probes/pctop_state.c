@@ -32,7 +32,7 @@ BPF_HASH(ufstats, struct uf_key, struct uf_stats, 16384);
 BPF_HASH(page_map, struct pm_key, u64, 65536);
 BPF_HASH(page_spans, struct span_key, u64, 4096);
 
-/* The per-thread maps (tstate, inflight, readstash) are consulted on events
+/* The per-thread maps (tstate, inflight) are consulted on events
  * that fire for every thread of the host: each context switch, wake-up, ioctl
  * and read() exit. A count of their entries per tid slot, in an array (lookup
  * inlined, no hashing), lets the common untracked case skip the hash lookups.
@@ -113,9 +113,8 @@ static __always_inline int followed(u32 tgid, int adopt)
  * common case never hashes. */
 BPF_ARRAY(tstate_slots, struct tstate_slot, HINT_SLOTS);
 #define SPILL_INFLIGHT 0
-#define SPILL_READ 1
-#define SPILL_TSTATE 2
-BPF_ARRAY(spilled, s64, 3);
+#define SPILL_TSTATE 1
+BPF_ARRAY(spilled, s64, 2);
 
 static __always_inline int has_spill(u32 which)
 {
@@ -395,14 +394,12 @@ static __always_inline void page_map_mark(u32 tgid, s32 fd, u64 start, u64 bytes
 
 /* In-flight uffd/KVM ioctls and uffd read()s, per thread: in an array slot by tid
  * (no hash bucket lock, which costs ~0.1 us a take on these VMs, on every uffd read
- * and ioctl); the hash maps hold the rare thread whose slot another tid holds. */
+ * and ioctl); the hash map holds the rare thread whose slot another tid holds. */
 BPF_ARRAY(inflight_slots, struct inflight_slot, HINT_SLOTS);
-BPF_ARRAY(read_slots, struct read_slot, HINT_SLOTS);
 BPF_HASH(inflight, u32, struct inflight, 16384);
-BPF_HASH(readstash, u32, struct read_stash, 16384);
 
-/* The calling thread's in-flight ioctl: its slot if free or already its own (an
- * ioctl whose exit we missed), else the hash map. */
+/* The calling thread's in-flight syscall: its slot if free or already its own (a
+ * syscall whose exit we missed), else the hash map. */
 static __always_inline void stash_inflight(u32 tid, struct inflight *io)
 {
     u32 k = tid & (HINT_SLOTS - 1);
@@ -434,7 +431,7 @@ static __always_inline struct inflight *peek_inflight(u32 tid)
     return has_spill(SPILL_INFLIGHT) ? inflight.lookup(&tid) : 0;
 }
 
-/* Take (copy out and free) the thread's in-flight ioctl; 0 if it has none. */
+/* Take (copy out and free) the thread's in-flight syscall; 0 if it has none. */
 static __always_inline int take_inflight(u32 tid, struct inflight *out)
 {
     u32 k = tid & (HINT_SLOTS - 1);
@@ -454,50 +451,6 @@ static __always_inline int take_inflight(u32 tid, struct inflight *out)
     if (inflight.delete(&tid) == 0) {
         hint_add(tid, HINT_DEC);
         spill_add(SPILL_INFLIGHT, -1);
-    }
-    return 1;
-}
-
-static __always_inline void stash_read(u32 tid, struct read_stash *rs)
-{
-    u32 k = tid & (HINT_SLOTS - 1);
-    struct read_slot *sl = read_slots.lookup(&k);
-    if (sl) {
-        u64 was = __sync_val_compare_and_swap(&sl->owner, 0, (u64)tid);
-        if (was == 0 || was == tid) {
-            sl->rs = *rs;
-            if (was == 0)
-                hint_add(tid, HINT_INC);
-            return;
-        }
-    }
-    if (readstash.insert(&tid, rs) == 0) {
-        hint_add(tid, HINT_INC);
-        spill_add(SPILL_READ, 1);
-    } else {
-        readstash.update(&tid, rs);
-    }
-}
-
-static __always_inline int take_read(u32 tid, struct read_stash *out)
-{
-    u32 k = tid & (HINT_SLOTS - 1);
-    struct read_slot *sl = read_slots.lookup(&k);
-    if (sl && sl->owner == tid) {
-        *out = sl->rs;
-        sl->owner = 0;
-        hint_add(tid, HINT_DEC);
-        return 1;
-    }
-    if (!has_spill(SPILL_READ))
-        return 0;
-    struct read_stash *p = readstash.lookup(&tid);
-    if (!p)
-        return 0;
-    *out = *p;
-    if (readstash.delete(&tid) == 0) {
-        hint_add(tid, HINT_DEC);
-        spill_add(SPILL_READ, -1);
     }
     return 1;
 }

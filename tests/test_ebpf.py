@@ -163,7 +163,7 @@ def test_read_faults_per_thread_with_thread_id(follow_all, toucher):
 
 @pytest.mark.bpf
 def test_threads_whose_slot_another_tid_holds_spill_to_the_hash_maps(toucher):
-    """Per-thread state, in-flight ioctls and reads live in an array slot per tid (tid mod
+    """Per-thread state and in-flight ioctls and reads live in an array slot per tid (tid mod
     65536); a thread whose slot another live thread holds uses the hash maps instead. Two
     such tids are rare, so every slot is taken here by a tid that cannot exist: all threads
     spill, and the counts must be exactly the same."""
@@ -171,7 +171,7 @@ def test_threads_whose_slot_another_tid_holds_spill_to_the_hash_maps(toucher):
     src = EbpfSource(None, follow_all=True)
     src.start()
     try:
-        for name in ("tstate_slots", "inflight_slots", "read_slots"):
+        for name in ("tstate_slots", "inflight_slots"):
             table = src._bpf[name]
             foreign = table.Leaf()
             foreign.owner = 1 << 40  # above any tid
@@ -183,9 +183,9 @@ def test_threads_whose_slot_another_tid_holds_spill_to_the_hash_maps(toucher):
         u = uffd_of(r, truth["pid"], truth["uffd"])
         assert (u.msgs_read, u.read_calls, u.copies) == (truth["msgs"], truth["reads"], truth["copies"])
         # the threads went through the hash maps, and gave every in-flight entry back
-        spilled = [v.value for v in src._bpf["spilled"].values()]
-        assert spilled[:2] == [0, 0] and len(src._bpf["inflight"]) == len(src._bpf["readstash"]) == 0
-        assert spilled[2] == len(src._bpf["tstate"])  # threads still alive elsewhere, if any
+        spilled = [v.value for v in src._bpf["spilled"].values()]  # [in-flight syscalls, thread states]
+        assert spilled[0] == 0 and len(src._bpf["inflight"]) == 0
+        assert spilled[1] == len(src._bpf["tstate"])  # threads still alive elsewhere, if any
         for name in ("tstate_slots", "inflight_slots"):
             assert all(v.owner == 1 << 40 for v in src._bpf[name].values())
     finally:
