@@ -56,7 +56,7 @@ static __always_inline int on_page_fault(u64 addr)
     t->phase = PH_FAULTED;
     t->fault_ts = bpf_ktime_get_ns();
     t->addr = page;
-    u32 slot = (page >> 12) & (PENDING_SLOTS - 1);
+    u32 slot = page_slot(page);
     struct pending_fault *p = pending_addr.lookup(&slot);
     if (p) {
         p->page = page;
@@ -272,7 +272,7 @@ static __always_inline void match_msg(u64 now, u64 addr, u32 ptid)
             return;
         }
     }
-    u32 slot = (page >> 12) & (PENDING_SLOTS - 1);
+    u32 slot = page_slot(page);
     struct pending_fault *p = pending_addr.lookup(&slot);
     if (p && p->page == page) {
         u32 tid = p->tid;
@@ -286,8 +286,7 @@ static __always_inline void match_msg(u64 now, u64 addr, u32 ptid)
     }
     /* no thread known for it (weak vCPU fault without THREAD_ID): keep the
      * read time for the COPY that will resolve this page */
-    u32 rslot = (page >> 12) & (PENDING_SLOTS - 1);
-    struct page_time *pt = read_pages.lookup(&rslot);
+    struct page_time *pt = read_pages.lookup(&slot);
     if (pt) {
         pt->page = page;
         pt->ts = now;
@@ -442,8 +441,8 @@ TRACEPOINT_PROBE(syscalls, sys_enter_ioctl)
         io.start = r[0];
         io.len = (nr == UFFDIO_NR_COPY || nr == UFFDIO_NR_MOVE) ? r[2] : r[1];
         u64 page = io.start & PAGE_MASK_4K;
-        u32 rslot = (page >> 12) & (PENDING_SLOTS - 1);
-        struct page_time *pt = read_pages.lookup(&rslot);
+        u32 slot = page_slot(page);
+        struct page_time *pt = read_pages.lookup(&slot);
         if (pt && pt->page == page) {
             io.read_ts = pt->ts;
             pt->page = 0;

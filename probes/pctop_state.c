@@ -24,6 +24,12 @@ BPF_ARRAY(pending_addr, struct pending_fault, PENDING_SLOTS);
  * the resolving ioctl of that page: direct-mapped by page number like
  * pending_addr, since both ends run once per such fault. */
 BPF_ARRAY(read_pages, struct page_time, PENDING_SLOTS);
+
+/* The slot of a 4 KiB-aligned page in those two direct-mapped arrays. */
+static __always_inline u32 page_slot(u64 page)
+{
+    return (page >> 12) & (PENDING_SLOTS - 1);
+}
 BPF_HASH(stats, struct tkey, struct tstats, 65536);
 BPF_PERCPU_ARRAY(stats_zero, struct tstats, 1);
 BPF_HASH(exits, struct exit_key, u64, 65536);
