@@ -106,6 +106,11 @@ def run_live(command: str, out: TextIO, pids, comm, interval: float, count: int 
         stats.close()
 
 
+def _check_page_ranges(command: str, page_ranges: bool, no_ebpf: bool) -> None:
+    if page_ranges and no_ebpf:
+        raise _UsageError(command, "--page-ranges needs the eBPF probes; it cannot go with --no-ebpf")
+
+
 def _open(command: str, pids, comm, interval: float, no_ebpf: bool, engine_sockets, qmp_sockets,
           page_ranges: bool = False):
     """open_live plus, with --qmp, QEMU's own view -> (header, stats, qmp source or None)."""
@@ -113,8 +118,7 @@ def _open(command: str, pids, comm, interval: float, no_ebpf: bool, engine_socke
     from pctop.sources.procfs import TargetNotFound
     from pctop.stats import PageRangesUnavailable, open_live
 
-    if page_ranges and no_ebpf:
-        raise _UsageError(command, "--page-ranges needs the eBPF probes; it cannot go with --no-ebpf")
+    _check_page_ranges(command, page_ranges, no_ebpf)
     try:
         header, stats = open_live(pids, comm, interval, use_ebpf=not no_ebpf,
                                   engine_sockets=engine_sockets, page_ranges=page_ranges)
@@ -179,8 +183,7 @@ def _run_tui(pids, comm, interval: float, no_ebpf: bool, engine_sockets, qmp_soc
 def record(output, pids, comm, interval, count, no_ebpf, engine_sockets, qmp_sockets,
            page_ranges) -> None:
     """Record what `monitor --json` shows to a file, for `pctop replay`."""
-    if page_ranges and no_ebpf:  # before the file is created
-        raise _UsageError("record", "--page-ranges needs the eBPF probes; it cannot go with --no-ebpf")
+    _check_page_ranges("record", page_ranges, no_ebpf)  # before the file is created
     try:
         fh = open(output, "w", encoding="utf-8")
     except OSError as e:

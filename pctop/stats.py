@@ -40,8 +40,8 @@ from pctop.sources.readings import (
 # Higher wins. KVM_CREATE_VCPU + KVM_RUN seen by the probes is exact; a vCPU
 # fd's index (from /proc) plus KVM_RUN on it, the engine's own word, QEMU's
 # query-cpus-fast (qmp) and debugfs are exact too; thread names are a convention.
-IDENTITY_TRUST = {"kvm_create_vcpu": 5, "kvm_vcpu_fd": 4, "kvm_exit": 4, "engine": 4, "qmp": 4, "debugfs": 3,
-                  "thread_name": 1}
+IDENTITY_TRUST = {"kvm_create_vcpu": 5, "kvm_vcpu_fd": 4, "kvm_exit": 4, "engine": 4, "qmp": 4,
+                  "debugfs": 3, "thread_name": 1}
 
 
 @dataclass
@@ -319,9 +319,9 @@ def _with_events(sample: Sample, extra: list[Event]) -> Sample:
 
 # ---- the live feed: sources chosen for this machine -------------------------
 
-
 class PageRangesUnavailable(RuntimeError):
     """Installed page ranges were asked for, but the eBPF probes cannot run (one line why)."""
+
 
 EBPF_MISSING_EFFECT = ("per-vCPU fault counts, stall times, percentiles, histograms, stall parts, "
                        "exits and handler reads/installs are not measured; uffd queue depth, "

@@ -284,7 +284,7 @@ class KvmWorkload(_WorkloadBase):
     def _run_loop(self, i: int, vcpu: k.Vcpu, ready: threading.Event) -> None:
         ready.set()
         on_fault = self._on_memory_fault
-        run, t_enter, t_exit, self.stall_clock = vcpu.timed_runner()
+        run, t_enter, t_exit, _ = vcpu.timed_runner()  # its clock is self.stall_clock
         run_struct = vcpu.run_struct
         memory_fault = run_struct.exit.memory_fault
         mailbox = self._mailboxes[i]

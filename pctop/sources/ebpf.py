@@ -63,7 +63,6 @@ from pctop.sources.readings import (HIST_BUCKETS, Reading, TargetInfo, ThreadFau
 from pctop.sources.tracepoints import OPTIONAL_MACROS
 
 
-
 def probe_dir() -> Path:
     """The BPF C: $PCTOP_PROBES, else pctop/probes in an installed wheel, else the source tree's probes/."""
     if os.environ.get("PCTOP_PROBES"):
