@@ -120,6 +120,15 @@ def threads_of(r: Reading, pid: int) -> dict[int, ThreadFaults]:
     return {t.tid: t for t in r.threads if t.pid == pid}
 
 
+def assert_same_count(got: int, truth: int, allowed_races: int, what: str) -> None:
+    """pctop's count equals the truth, or falls short by at most the named races the probes
+    counted meanwhile (their debug counters) and by at most 0.1 % (issue 5)."""
+    short = truth - got
+    assert short >= 0, f"{what}: pctop counted {got}, more than the {truth} that happened"
+    assert short <= allowed_races and short <= truth // 1000, \
+        f"{what}: pctop {got} vs {truth}: {short} short, named races only {allowed_races}"
+
+
 def uffd_of(r: Reading, pid: int, fd: int) -> UffdCounters:
     found = [u for u in r.uffds if u.pid == pid and u.fd == fd]
     assert found, f"no counters for uffd {fd} of pid {pid}: {r.uffds}"
@@ -318,11 +327,15 @@ def engine_vcpus(truth: dict, r: Reading) -> tuple[int, list[tuple[dict, ThreadF
 @pytest.mark.bpf
 @pytest.mark.kvm
 def test_engine_uffd_strategy_faults_per_vcpu(follow_all):
+    before = follow_all.debug_counters()["missed_wake"]
     truth, r = run_engine(follow_all, "uffd")
+    # a stalled thread switched back in before its uffd wake-up was seen: that fault is dropped
+    missed = follow_all.debug_counters()["missed_wake"] - before
     pid, vcpus = engine_vcpus(truth, r)
     assert sum(v["faults"] for v in truth["per_vcpu"]) > 0
     for v, tf in vcpus:
-        assert tf.faults == v["faults"]  # background off: the engine read every fault
+        # background off: the engine read every fault
+        assert_same_count(tf.faults, v["faults"], missed, f"vCPU {v['vcpu']} faults")
         assert tf.faults_no_read == 0 and tf.memory_fault_exits == 0
         assert tf.queued_ns + tf.service_ns + tf.runq_ns == tf.stall_ns
     reader_tids = {t["tid"] for t in truth["reader_threads"]}

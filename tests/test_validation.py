@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import pytest
 
 from tests.conftest import ROOT
-from tests.test_ebpf import _need_ebpf, follow_all  # noqa: F401  (follow_all: the probes, a fixture)
+from tests.test_ebpf import _need_ebpf, assert_same_count, follow_all  # noqa: F401  (follow_all: a fixture)
 
 pytestmark = pytest.mark.bpf
 
@@ -116,13 +116,6 @@ def _observe(probes, strategy: str, stream: bool, latency_us: int) -> EngineObse
                           {k: after[k] - before[k] for k in after})
 
 
-def _assert_same_count(got: int, truth: int, allowed_races: int, what: str) -> None:
-    short = truth - got
-    assert short >= 0, f"{what}: pctop counted {got}, more than the {truth} that happened"
-    assert short <= allowed_races and short <= truth // 1000, \
-        f"{what}: pctop {got} vs {truth}: {short} short, named races only {allowed_races}"
-
-
 @pytest.mark.kvm
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_stream_off_stalled_faults_per_vcpu_equal_the_engines(engine_run, strategy):
@@ -132,7 +125,7 @@ def test_stream_off_stalled_faults_per_vcpu_equal_the_engines(engine_run, strate
     assert o.summary["faults_total"] >= 2000 and o.summary["pages_background"] <= o.summary["pages_total"]
     for v, tf in o.vcpus:
         assert v["faults"] > 0
-        _assert_same_count(tf.faults, v["faults"], o.missed(), f"vCPU {v['vcpu']} faults")
+        assert_same_count(tf.faults, v["faults"], o.missed(), f"vCPU {v['vcpu']} faults")
         assert tf.faults_no_read == 0  # nothing else installs pages while the guest runs
         assert sum(tf.hist) == tf.faults
         if strategy == "vcpu-exit":
@@ -240,7 +233,7 @@ def test_stream_off_stall_time_within_5_percent_over_a_link_with_a_round_trip(en
         pytest.skip("the engine could not build its native clock helper (no C compiler)")
     for v, tf in o.vcpus:
         label = f"vCPU {v['vcpu']} ({v['faults']} faults)"
-        _assert_same_count(tf.faults, v["faults"], o.missed(), f"{label} faults")
+        assert_same_count(tf.faults, v["faults"], o.missed(), f"{label} faults")
         truth = v["exit_stall_ns"] if strategy == "vcpu-exit" else v["guest_stall_ns"]
         assert tf.stall_ns >= tf.faults * LINK_LATENCY_US * 1000, f"{label}: setup: stalls shorter than the link"
         assert abs(tf.stall_ns - truth) <= 0.05 * truth, \
@@ -279,7 +272,7 @@ def test_stream_on_reads_installs_and_stalls_equal_the_engines(engine_run, strat
             # the stream's wake-up can overtake the tracepoint of the read() that took the
             # message: pctop then files that fault as unread (msg_unmatched counts those)
             races = o.missed() + o.races.get("msg_unmatched", 0)
-            _assert_same_count(tf.faults - tf.faults_no_read, v["faults"], races, f"{label} read faults")
+            assert_same_count(tf.faults - tf.faults_no_read, v["faults"], races, f"{label} read faults")
             assert tf.faults >= v["faults"] - o.missed()
             assert tf.queued_ns + tf.service_ns + tf.runq_ns <= tf.stall_ns
 
