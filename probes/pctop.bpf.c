@@ -82,9 +82,9 @@ TRACEPOINT_PROBE(sched, sched_switch)
 {
     u32 prev = args->prev_pid, next = args->next_pid;
     u32 cpu = bpf_get_smp_processor_id();
-    u32 *cur = cpu_cur.lookup(&cpu);
+    struct cpu_cur_line *cur = cpu_cur.lookup(&cpu);
     if (cur)
-        *cur = next;
+        cur->tid = next;
     /* prev_state: 1 = S, 2 = D (handle_userfault sleeps in either);
      * 0 or TASK_REPORT_MAX = preempted, still runnable */
     if (prev && maybe_tracked(prev)) {
@@ -106,7 +106,9 @@ TRACEPOINT_PROBE(sched, sched_switch)
                 t->early_wake_ts = 0;
             } else if (t->phase == PH_FAULTED) {
                 t->phase = PH_SLEEPING;
-                t->sleep_ts = bpf_ktime_get_ns();
+                /* the stall is timed from the fault when it is known (the
+                 * clock costs ~80 ns a read on these VMs) */
+                t->sleep_ts = t->fault_ts ? t->fault_ts : bpf_ktime_get_ns();
             } else if (t->phase == PH_NONE && t->in_run) {
                 /* a vCPU sleeping inside KVM_RUN with no fault event seen
                  * (VMX without kvm_page_fault): only the wake-up can tell */
@@ -156,8 +158,8 @@ TRACEPOINT_PROBE(sched, sched_waking)
          * on its way to sleep (the wake-up may overtake the switch-out's
          * tracepoint) or it never sleeps: the next switch-out decides. */
         u32 c = t->cpu - 1;
-        u32 *cur = t->cpu ? cpu_cur.lookup(&c) : 0;
-        if (!cur || *cur == wakee) {
+        struct cpu_cur_line *cur = t->cpu ? cpu_cur.lookup(&c) : 0;
+        if (!cur || cur->tid == wakee) {
             t->early_wake_ts = bpf_ktime_get_ns();
             dbg_inc(DBG_WOKEN_ON_CPU);
             return 0;
@@ -182,9 +184,10 @@ TRACEPOINT_PROBE(sched, sched_waking)
         dbg_inc(DBG_READ_VIA_COPY);
     }
     /* a separate handler process (Firecracker-style) becomes visible */
-    if (!targets.lookup(&waker_tgid)) {
+    if (!io->followed && !targets.lookup(&waker_tgid)) {
         u32 flag = TARGET_HANDLER;
         targets.update(&waker_tgid, &flag);
+        io->followed = 1;
     }
     return 0;
 }
@@ -192,9 +195,8 @@ TRACEPOINT_PROBE(sched, sched_waking)
 TRACEPOINT_PROBE(sched, sched_process_exit)
 {
     u32 tid = args->pid;
-    if (!maybe_tracked(tid))
-        return 0;
-    drop_tstate(tid);
+    if (maybe_tracked(tid))
+        drop_tstate(tid);
     struct inflight io;
     take_inflight(tid, &io);
     return 0;
@@ -327,8 +329,6 @@ int parse_uffd_msgs(void *ctx)
 TRACEPOINT_PROBE(syscalls, sys_exit_read)
 {
     u32 tid = (u32)bpf_get_current_pid_tgid();
-    if (!maybe_tracked(tid))
-        return 0;
     struct inflight rs;
     if (!take_inflight(tid, &rs) || rs.kind != IO_UFFD_READ)
         return 0; /* not a uffd read, or an ioctl whose exit we missed */
@@ -419,6 +419,7 @@ TRACEPOINT_PROBE(syscalls, sys_enter_ioctl)
     /* a uffd ioctl (type 0xAA belongs to userfaultfd alone) */
     u32 nr = cmd & 0xff;
     int fol = followed(tgid, 1);
+    io.followed = fol;
     if (cmd == USERFAULTFD_IOC_NEW) {
         io.kind = IO_UFFD_NEW; /* on /dev/userfaultfd; returns the new uffd */
     } else if (cmd == UFFDIO_REGISTER || cmd == UFFDIO_UNREGISTER) {
@@ -461,10 +462,10 @@ TRACEPOINT_PROBE(syscalls, sys_enter_ioctl)
 TRACEPOINT_PROBE(syscalls, sys_exit_ioctl)
 {
     u32 tid = (u32)bpf_get_current_pid_tgid();
-    if (!maybe_tracked(tid))
-        return 0;
     struct inflight io;
     if (!take_inflight(tid, &io) || io.kind == IO_UFFD_READ) {
+        if (!maybe_tracked(tid))
+            return 0;
         /* (a read entry: a uffd read() whose exit we missed)
          * KVM_RUN is not stashed in flight: a vCPU-exit stall starts when the
          * memory-fault return leaves the syscall (the issue's "KVM_RUN return"),
@@ -502,27 +503,33 @@ TRACEPOINT_PROBE(syscalls, sys_exit_ioctl)
         return 0;
     }
     /* IO_UFFD_RESOLVE: per-uffd counters, followed processes only */
-    if (!targets.lookup(&io.tgid))
+    if (!io.followed && !targets.lookup(&io.tgid))
         return 0;
     struct uf_stats *s = get_ufstats(io.tgid, io.fd);
     if (!s)
         return 0;
     u32 nr = io.cmd & 0xff;
-    s64 done = 0; /* bytes the kernel reports as installed (partial on error) */
+    /* Bytes installed: the whole range when the ioctl returns 0 (the kernel
+     * returns 0 only if all of len was done); else the count it wrote back to
+     * user space (partial with -EAGAIN, -errno if none), one user read. */
+    s64 done = 0;
+    u64 done_at = 0; /* offset of that count in the ioctl's struct */
     if (nr == UFFDIO_NR_COPY) {
         __sync_fetch_and_add(&s->copies, 1);
-        done = (s64)read_u64(io.arg + 32);
+        done_at = 32;
     } else if (nr == UFFDIO_NR_MOVE) {
-        done = (s64)read_u64(io.arg + 32);
+        done_at = 32;
     } else if (nr == UFFDIO_NR_ZEROPAGE) {
         __sync_fetch_and_add(&s->zeropages, 1);
-        done = (s64)read_u64(io.arg + 24);
+        done_at = 24;
     } else if (nr == UFFDIO_NR_CONTINUE) {
         __sync_fetch_and_add(&s->continues, 1);
-        done = (s64)read_u64(io.arg + 24);
+        done_at = 24;
     } else if (nr == UFFDIO_NR_WAKE) {
         __sync_fetch_and_add(&s->wakes, 1);
     }
+    if (done_at)
+        done = ret == 0 ? (s64)io.len : (s64)read_u64(io.arg + done_at);
     if (done > 0) {
         __sync_fetch_and_add(&s->bytes_installed, (u64)done);
         __sync_fetch_and_add(&s->pages_installed, (u64)done >> 12);

@@ -163,6 +163,8 @@ struct inflight {
     s32 fd;
     u32 kind;
     u32 tgid;
+    u32 followed; /* tgid was a target at entry (saves a targets lookup per event after) */
+    u32 pad;
 };
 
 /* A thread's in-flight syscall in its tid's array slot; owner = the tid holding

@@ -4,10 +4,17 @@
 
 BPF_ARRAY(config, u64, CFG_SLOTS);
 /* The thread each CPU switched to last: tells whether a thread that looks on
- * CPU has left it in a switch perf did not deliver (see back_on_cpu). */
+ * CPU has left it in a switch perf did not deliver (see back_on_cpu). Written
+ * on every context switch, read from other CPUs: one cache line per CPU, or
+ * neighbouring CPUs' switches would keep taking the line from each other. */
 #define MAX_CPUS 4096
-BPF_ARRAY(cpu_cur, u32, MAX_CPUS);
-BPF_ARRAY(dbg, u64, DBG_SLOTS);
+struct cpu_cur_line {
+    u32 tid;
+    u32 pad[15];
+};
+BPF_ARRAY(cpu_cur, struct cpu_cur_line, MAX_CPUS);
+/* per CPU: bumped on every fault by whichever CPU sees it; user space sums */
+BPF_PERCPU_ARRAY(dbg, u64, DBG_SLOTS);
 BPF_HASH(targets, u32, u32, 4096);
 BPF_HASH(ranges, u32, struct range_set, 1024);
 BPF_PERCPU_ARRAY(range_zero, struct range_set, 1);
@@ -38,12 +45,15 @@ BPF_HASH(ufstats, struct uf_key, struct uf_stats, 16384);
 BPF_HASH(page_map, struct pm_key, u64, 65536);
 BPF_HASH(page_spans, struct span_key, u64, 4096);
 
-/* The per-thread maps (tstate, inflight) are consulted on events
- * that fire for every thread of the host: each context switch, wake-up, ioctl
- * and read() exit. A count of their entries per tid slot, in an array (lookup
- * inlined, no hashing), lets the common untracked case skip the hash lookups.
- * Every successful insert adds one, every successful delete takes one away;
- * all of them happen in the thread's own context, so they never race. */
+/* The per-thread state (tstate) is consulted on events that fire for every
+ * thread of the host: each context switch and wake-up. A count of a tid slot's
+ * states, in an array (lookup inlined, no hashing), lets the common untracked
+ * case skip the lookups. Every successful insert adds one, every successful
+ * delete takes one away; all of them happen in the thread's own context, so
+ * they never race. In-flight syscalls are not counted here: their exits look
+ * at the thread's own in-flight slot instead, which no other CPU writes, where
+ * an update of this array would take its cache line from the CPUs reading it
+ * at every context switch. */
 #define HINT_SLOTS 65536
 BPF_ARRAY(tid_hint, u32, HINT_SLOTS);
 
@@ -80,7 +90,7 @@ static __always_inline void dbg_inc(u32 slot)
 {
     u64 *v = dbg.lookup(&slot);
     if (v)
-        __sync_fetch_and_add(v, 1);
+        *v += 1; /* this CPU's copy, and programs do not nest on one CPU */
 }
 
 /* floor(log2(us)), bucket 0 also takes < 2 us; clamped to the last bucket. */
@@ -347,7 +357,7 @@ static __always_inline void page_map_lost(struct uf_stats *s, u64 pages)
     u32 slot = DBG_PAGE_MAP_LOST;
     u64 *v = dbg.lookup(&slot);
     if (v)
-        __sync_fetch_and_add(v, pages);
+        *v += pages;
 }
 
 /* Record the pages of one install [start, start + bytes) of uffd (tgid, fd):
@@ -411,16 +421,13 @@ static __always_inline void stash_inflight(u32 tid, struct inflight *io)
     u32 k = tid & (HINT_SLOTS - 1);
     struct inflight_slot *sl = inflight_slots.lookup(&k);
     if (sl) {
-        u64 was = __sync_val_compare_and_swap(&sl->owner, 0, (u64)tid);
+        u64 was = sl->owner == tid ? tid : __sync_val_compare_and_swap(&sl->owner, 0, (u64)tid);
         if (was == 0 || was == tid) {
             sl->io = *io;
-            if (was == 0)
-                hint_add(tid, HINT_INC);
             return;
         }
     }
     if (inflight.insert(&tid, io) == 0) {
-        hint_add(tid, HINT_INC);
         spill_add(SPILL_INFLIGHT, 1);
     } else {
         inflight.update(&tid, io);
@@ -445,7 +452,6 @@ static __always_inline int take_inflight(u32 tid, struct inflight *out)
     if (sl && sl->owner == tid) {
         *out = sl->io;
         sl->owner = 0; /* only the owner frees its slot */
-        hint_add(tid, HINT_DEC);
         return 1;
     }
     if (!has_spill(SPILL_INFLIGHT))
@@ -454,9 +460,7 @@ static __always_inline int take_inflight(u32 tid, struct inflight *out)
     if (!p)
         return 0;
     *out = *p;
-    if (inflight.delete(&tid) == 0) {
-        hint_add(tid, HINT_DEC);
+    if (inflight.delete(&tid) == 0)
         spill_add(SPILL_INFLIGHT, -1);
-    }
     return 1;
 }

@@ -257,8 +257,8 @@ class EbpfSource:
 
     def debug_counters(self) -> dict[str, int]:
         """Cumulative counts of the probes' own judgement calls (see DBG_* in the C)."""
-        t = self._table("dbg")
-        return {name: t[t.Key(i)].value for i, name in enumerate(DEBUG_COUNTERS)}
+        t = self._table("dbg")  # per CPU
+        return {name: t.sum(t.Key(i)).value for i, name in enumerate(DEBUG_COUNTERS)}
 
     def prog_stats(self) -> dict[str, tuple[int, int]]:
         """program name -> (run_cnt, run_time_ns), from /proc/self/fdinfo of each program fd.
