@@ -44,7 +44,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from bench.median_ci import median_ci, verdict  # noqa: E402
-from bench.toggle import ToggledProbes  # noqa: E402
+from bench.toggle import EmptyProbes, ToggledProbes  # noqa: E402
 from pctop.sources.engine import EngineConnection, EngineError  # noqa: E402
 
 BPF_STATS = "/proc/sys/kernel/bpf_stats_enabled"
@@ -196,27 +196,35 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
-def toggled_probes(eng: EngineUnderTest, pairs: int, seconds: float
-                   ) -> tuple[list[Window], Window, dict[str, tuple[int, int]]]:
-    """The probes attached / detached in alternating windows (bcc's own attach calls on
-    the one loaded object: no recompiling between windows); then one window with the
-    kernel's per-program accounting on -> (windows, cost window, {program: (runs, ns)})."""
+def toggled_probes(eng: EngineUnderTest, rounds: int, seconds: float
+                   ) -> tuple[dict[str, list[Window]], Window, dict[str, tuple[int, int]]]:
+    """The probes, and empty programs on the same tracepoints (their floor), each attached /
+    detached against an adjacent "off" window (bcc's own attach calls on loaded objects: no
+    recompiling between windows); then one window with the kernel's per-program accounting
+    on -> ({"probes"|"empty": windows in pairs}, cost window, {program: (runs, ns)})."""
     from pctop.sources.ebpf import EbpfSource
 
     src = EbpfSource([eng.pid])
     src.start()
     probes = ToggledProbes(src)
-    windows: list[Window] = []
+    empty = EmptyProbes(probes.tracepoints)
+    probes.set(False)
+    kinds = {"probes": probes, "empty": empty}
+    windows: dict[str, list[Window]] = {k: [] for k in kinds}
     stats_before = None
     try:
-        for r in range(pairs):
-            if eng.fresh_if_needed(2 * seconds + 1):
+        for r in range(rounds):
+            if eng.fresh_if_needed(4 * seconds + 1):
                 src.add_pid(eng.pid)
-            for kind in (("off", "on") if r % 2 == 0 else ("on", "off")):
-                probes.set(kind == "on")
-                src.collect()
-                windows.append(measure(eng, kind, seconds))
-                print(f"probes alone, pair {r}: {kind:3} {windows[-1].rate:8.0f} faults/s", file=sys.stderr)
+            for name in (("probes", "empty") if r % 2 == 0 else ("empty", "probes")):
+                for kind in (("off", "on") if r % 2 == 0 else ("on", "off")):
+                    kinds[name].set(kind == "on")
+                    src.collect()
+                    windows[name].append(measure(eng, kind, seconds))
+                kinds[name].set(False)
+                pair = windows[name][-2:]
+                print(f"toggled, round {r}: {name:6} " + " ".join(f"{w.kind} {w.rate:6.0f}" for w in pair)
+                      + " faults/s", file=sys.stderr)
         probes.set(True)
         stats_before = open(BPF_STATS).read().strip()
         with open(BPF_STATS, "w") as f:
@@ -228,6 +236,7 @@ def toggled_probes(eng: EngineUnderTest, pairs: int, seconds: float
         if stats_before is not None:
             with open(BPF_STATS, "w") as f:
                 f.write(stats_before)
+        empty.close()
         src.close()
     per = {name: (cnt - before.get(name, (0, 0))[0], ns - before.get(name, (0, 0))[1])
            for name, (cnt, ns) in after.items()}
@@ -261,7 +270,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--window", type=float, default=2.0, help="seconds per measured window")
     ap.add_argument("--rounds", type=int, default=4, help="off/on pairs with pctop monitor")
-    ap.add_argument("--toggles", type=int, default=8, help="off/on pairs with the probes alone")
+    ap.add_argument("--toggles", type=int, default=8,
+                    help="off/on pairs with the probes alone, and as many with empty programs")
     ap.add_argument("--toggle-window", type=float, default=1.0, help="seconds per probes-alone window")
     ap.add_argument("--strategy", default="uffd", choices=["uffd", "sharded", "vcpu-exit"])
     ap.add_argument("--memory", default="2G", help="guest memory (enough to keep faulting through all windows)")
@@ -294,6 +304,7 @@ def main() -> int:
             on, cpu = monitor_windows(eng, a.window, 2 if both else 1)
             mon_cpu += cpu
             if both:
+                time.sleep(SETTLE_S)  # the engine runs ~20 % faster for ~1 s after a monitor exits
                 off.append(measure(eng, "off", a.window))
             windows += [off[0], on[0]] + ([on[1], off[1]] if both else [])
             print(f"monitor, pairs {r}-{r + both}: off {[round(w.rate) for w in off]} "
@@ -302,22 +313,22 @@ def main() -> int:
     finally:
         eng.stop()
 
-    ratios, toggle_ratios = pair_ratios(windows), pair_ratios(toggled)
-    cpu_ratios = pair_ratios(windows, "cpu_us_per_fault")
-    toggle_cpu_ratios = pair_ratios(toggled, "cpu_us_per_fault")
     on_s = sum(w.seconds for w in windows if w.kind == "on")
     probe_runs = sum(c for c, _ in per_prog.values())
     probe_ns = sum(ns for _, ns in per_prog.values())
-    def summary(rs: list[float]) -> dict:
-        ci = median_ci(rs)
+
+    def summary(ws: list[Window]) -> dict:
+        rs, cpu = pair_ratios(ws), pair_ratios(ws, "cpu_us_per_fault")
+        ci, cpu_ci = median_ci(rs), median_ci(cpu)
         return {"ratios": [round(x, 3) for x in rs], "median_ratio": round(ci.median, 3),
                 "ci95": [round(ci.low, 3), round(ci.high, 3)], "ci_confidence": round(ci.confidence, 3),
-                "verdict": verdict(ci, TARGET_RATIO)}
-
-    def cpu_summary(rs: list[float]) -> dict:
-        ci = median_ci(rs)
-        return {"engine_cpu_ratios": [round(x, 3) for x in rs], "engine_cpu_median_ratio": round(ci.median, 3),
-                "engine_cpu_ci95": [round(ci.low, 3), round(ci.high, 3)]}
+                "verdict": verdict(ci, TARGET_RATIO),
+                "engine_cpu_ratios": [round(x, 3) for x in cpu], "engine_cpu_median_ratio": round(cpu_ci.median, 3),
+                "engine_cpu_ci95": [round(cpu_ci.low, 3), round(cpu_ci.high, 3)],
+                "engine_cpu_us_per_fault_off": round(statistics.median(
+                    w.cpu_us_per_fault for w in ws if w.kind == "off"), 1),
+                "engine_cpu_us_per_fault_on": round(statistics.median(
+                    w.cpu_us_per_fault for w in ws if w.kind == "on"), 1)}
 
     result = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "host": platform.node(),
@@ -326,13 +337,10 @@ def main() -> int:
         "engine_cpus": sorted(engine_cpus) if engine_cpus else "all", "engine_restarts": eng.restarts,
         "target_ratio": TARGET_RATIO,
         "monitor": {"window_s": a.window, "off_rates": [round(w.rate) for w in windows if w.kind == "off"],
-                    "on_rates": [round(w.rate) for w in windows if w.kind == "on"], **summary(ratios),
-                    "cpu_pct": round(100 * mon_cpu / on_s, 1) if on_s else 0.0, **cpu_summary(cpu_ratios)},
-        "probes_alone": {"window_s": a.toggle_window, **summary(toggle_ratios), **cpu_summary(toggle_cpu_ratios),
-                         "engine_cpu_us_per_fault_off": round(statistics.median(
-                             w.cpu_us_per_fault for w in toggled if w.kind == "off"), 1),
-                         "engine_cpu_us_per_fault_on": round(statistics.median(
-                             w.cpu_us_per_fault for w in toggled if w.kind == "on"), 1)},
+                    "on_rates": [round(w.rate) for w in windows if w.kind == "on"], **summary(windows),
+                    "cpu_pct": round(100 * mon_cpu / on_s, 1) if on_s else 0.0},
+        "probes_alone": {"window_s": a.toggle_window, **summary(toggled["probes"])},
+        "empty_programs": {"window_s": a.toggle_window, **summary(toggled["empty"])},
         "probe_cost": {"window_s": round(cost.seconds, 2), "faults": cost.faults,
                        "runs_per_fault": round(probe_runs / max(1, cost.faults), 1),
                        "ns_per_run": round(probe_ns / max(1, probe_runs)),
@@ -352,15 +360,13 @@ def main() -> int:
         return (f"median {d['median_ratio']} ({d['ci_confidence']:.0%} interval {d['ci95'][0]}-{d['ci95'][1]}, "
                 f"n={len(d['ratios'])}): target >= {TARGET_RATIO} {d['verdict']}")
 
-    print(f"pctop monitor: off {m['off_rates']} on {m['on_rates']} faults/s; on/off {m['ratios']}")
-    print(f"  rate on/off {ci(m)}; monitor CPU {m['cpu_pct']} % of one core")
-    print(f"  engine CPU per fault on/off median {m['engine_cpu_median_ratio']} "
-          f"(interval {m['engine_cpu_ci95'][0]}-{m['engine_cpu_ci95'][1]})")
-    print(f"probes alone (toggled): on/off {p['ratios']}")
-    print(f"  rate on/off {ci(p)}")
-    print(f"  engine CPU per fault on/off median {p['engine_cpu_median_ratio']} "
-          f"(interval {p['engine_cpu_ci95'][0]}-{p['engine_cpu_ci95'][1]}; "
-          f"{p['engine_cpu_us_per_fault_off']} -> {p['engine_cpu_us_per_fault_on']} us)")
+    for label, d in (("pctop monitor (started per pair)", m), ("probes alone (toggled)", p),
+                     ("empty programs on the same tracepoints (toggled; the floor)", result["empty_programs"])):
+        print(f"{label}:\n  rate on/off {ci(d)}")
+        print(f"  engine CPU per fault on/off median {d['engine_cpu_median_ratio']} "
+              f"(interval {d['engine_cpu_ci95'][0]}-{d['engine_cpu_ci95'][1]}; "
+              f"{d['engine_cpu_us_per_fault_off']} -> {d['engine_cpu_us_per_fault_on']} us)")
+    print(f"  monitor process CPU: {m['cpu_pct']} % of one core")
     print(f"probe cost (bpf_stats): {c['runs_per_fault']} runs/fault x {c['ns_per_run']} ns = "
           f"{c['ns_per_fault']} ns per fault, {c['cpu_pct']} % of one CPU")
     print("| program | runs | ns/run |\n|---|---|---|")

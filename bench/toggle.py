@@ -2,9 +2,16 @@
 
 bcc's own attach/detach calls on the one loaded object: toggling costs milliseconds,
 so off and on windows can alternate tightly (ABBA) and compare like with like.
+EmptyProbes is their floor: a program that only returns 0 on each of the same
+tracepoints, i.e. what the kernel's tracepoint and BPF machinery costs before any
+probe logic runs. No tracepoint-based design can cost less.
 """
 
 from __future__ import annotations
+
+
+def _names(tps) -> list[str]:
+    return sorted(tp.decode() if isinstance(tp, bytes) else tp for tp in tps)
 
 
 class ToggledProbes:
@@ -13,16 +20,33 @@ class ToggledProbes:
     def __init__(self, src) -> None:
         self.src = src
         self._bpf = src._bpf  # a bench reaches into the source to detach its tracepoints
-        self._tps = [tp.decode() if isinstance(tp, bytes) else tp for tp in self._bpf.tracepoint_fds]
+        self.tracepoints = _names(self._bpf.tracepoint_fds)
         self.attached = True
 
     def set(self, on: bool) -> None:
         if on == self.attached:
             return
-        for tp in self._tps:
+        for tp in self.tracepoints:
             cat, event = tp.split(":")
             if on:
                 self._bpf.attach_tracepoint(tp=tp, fn_name=f"tracepoint__{cat}__{event}")
             else:
                 self._bpf.detach_tracepoint(tp)
         self.attached = on
+
+
+class EmptyProbes(ToggledProbes):
+    """`return 0` on each of `tracepoints` (category:event), loaded detached."""
+
+    def __init__(self, tracepoints: list[str]) -> None:
+        from bcc import BPF
+
+        text = "".join(f"TRACEPOINT_PROBE({tp.split(':')[0]}, {tp.split(':')[1]}) {{ return 0; }}\n"
+                       for tp in tracepoints)
+        self._bpf = BPF(text=text.encode())  # bcc attaches TRACEPOINT_PROBEs on load
+        self.tracepoints = _names(self._bpf.tracepoint_fds)
+        self.attached = True
+        self.set(False)
+
+    def close(self) -> None:
+        self._bpf.cleanup()
