@@ -7,8 +7,9 @@ pages each of a uffd region; one handler thread reads up to 8 messages per read(
 UFFDIO_COPYs each page (no delay): a demand fault costs ~20-25 us end to end, the fastest
 honest uffd round trip on one host. The probes (EbpfSource following every uffd/KVM user,
 as `pctop monitor` does) are attached and detached between runs without recompiling,
-ABBA, and each pair's on/off fault rate is a ratio; the median is the result. Faults
-per second come from the program's own count and its wall time.
+ABBA, and each pair's on/off fault rate is a ratio; the median is the result, with its
+distribution-free 95 % interval (bench/median_ci.py). Faults per second come from the
+program's own count and its wall time.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from bench.median_ci import median_ci, verdict  # noqa: E402
 from bench.toggle import ToggledProbes  # noqa: E402
 
 
@@ -80,10 +82,12 @@ def main() -> int:
             ratios.append(pair["on"] / pair["off"])
     finally:
         src.close()
+    ci = median_ci(ratios)
     result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "host": platform.node(),
               "cpus": os.cpu_count(), "kernel": platform.release(), "load_avg_1m": os.getloadavg()[0],
               "rates": rates, "ratios": [round(x, 3) for x in ratios],
-              "median_ratio": round(statistics.median(ratios), 3),
+              "median_ratio": round(ci.median, 3), "ci95": [round(ci.low, 3), round(ci.high, 3)],
+              "ci_confidence": round(ci.confidence, 3), "verdict": verdict(ci, 0.95),
               "us_per_fault_off": round(1e6 / statistics.median(rates["off"]), 1),
               "us_per_fault_on": round(1e6 / statistics.median(rates["on"]), 1)}
     if a.json:
@@ -91,7 +95,9 @@ def main() -> int:
         return 0
     print(f"{result['date']}, {result['host']}, {result['cpus']} CPUs, kernel {result['kernel']}, "
           f"load {result['load_avg_1m']:.1f}")
-    print(f"C handler, probes on/off: {result['ratios']}, median {result['median_ratio']}; "
+    print(f"C handler, probes on/off: {result['ratios']}, median {result['median_ratio']} "
+          f"({result['ci_confidence']:.0%} interval {result['ci95'][0]}-{result['ci95'][1]}, "
+          f"target >= 0.95 {result['verdict']}); "
           f"{result['us_per_fault_off']} -> {result['us_per_fault_on']} us per fault (median rates)")
     return 0
 
