@@ -37,6 +37,7 @@ bench: setup
 	$(PY) bench/engine.py
 	$(PY) bench/monitor_overhead.py
 	$(PY) bench/c_handler_overhead.py
+	$(PY) bench/host_overhead.py
 	$(PY) bench/latency.py
 	$(PY) bench/tui.py
 

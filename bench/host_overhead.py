@@ -1,0 +1,108 @@
+"""What pctop costs the rest of the host: processes it does not follow, while it runs.
+
+    .venv/bin/python bench/host_overhead.py [--pairs 20] [--json]
+
+Tracepoints fire for every process: while the probes are attached, every page fault,
+context switch, wake-up, read() and ioctl() on the host runs the tracepoint machinery
+and a program that turns it away. Two small C programs (bench/programs/, built here with
+gcc) time that, neither of them followed: a page-fault loop (ns per fault) and a pipe
+ping-pong between two processes (ns per round trip). The probes (EbpfSource following
+nothing, as `pctop monitor -p PID` for some other PID) are attached and detached between
+runs without recompiling, ABBA; each pair's on/off time is a ratio, reported as a median
+with its distribution-free 95 % interval (bench/median_ci.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from bench.median_ci import median_ci  # noqa: E402
+from bench.toggle import ToggledProbes  # noqa: E402
+
+PROGRAMS = {  # name -> (source, argument, what one unit is)
+    "fault_loop": ("fault_loop.c", "6", "page fault"),
+    "pipe_pingpong": ("pipe_pingpong.c", "50000", "round trip"),
+}
+
+
+def build(out_dir: str) -> dict[str, list[str]]:
+    gcc = shutil.which("gcc")
+    if gcc is None:
+        raise SystemExit("host_overhead: gcc is needed to build bench/programs/*.c")
+    cmds = {}
+    for name, (src, arg, _) in PROGRAMS.items():
+        out = os.path.join(out_dir, name)
+        subprocess.run([gcc, "-O2", "-o", out, os.path.join(ROOT, "bench", "programs", src)], check=True)
+        cmds[name] = [out, arg]
+    return cmds
+
+
+def ns_per_unit(cmd: list[str]) -> float:
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    if p.returncode != 0:
+        raise SystemExit(f"host_overhead: {os.path.basename(cmd[0])} failed: {p.stderr.strip()}")
+    return float(p.stdout)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--pairs", type=int, default=20, help="off/on pairs per program")
+    ap.add_argument("--json", action="store_true", help="one JSON object instead of text")
+    a = ap.parse_args()
+    from pctop.sources.ebpf import EbpfSource, ebpf_unavailable_reason
+
+    why = ebpf_unavailable_reason()
+    if why:
+        print(f"host_overhead: eBPF unavailable: {why}", file=sys.stderr)
+        return 1
+    cmds = build(tempfile.mkdtemp(prefix="pctop-bench-"))
+    src = EbpfSource(None)  # follows nothing: everything it sees is turned away
+    src.start()
+    probes = ToggledProbes(src)
+    out = {}
+    try:
+        for name, cmd in cmds.items():
+            ratios, times = [], {"off": [], "on": []}
+            for r in range(a.pairs):
+                pair = {}
+                for kind in (("off", "on") if r % 2 == 0 else ("on", "off")):
+                    probes.set(kind == "on")
+                    pair[kind] = ns_per_unit(cmd)
+                    times[kind].append(pair[kind])
+                ratios.append(pair["on"] / pair["off"])
+                print(f"{name} pair {r}: off {pair['off']:.0f} on {pair['on']:.0f} ns", file=sys.stderr)
+            ci = median_ci(ratios)
+            out[name] = {"unit": PROGRAMS[name][2], "ns_off": round(statistics.median(times["off"])),
+                         "ns_on": round(statistics.median(times["on"])), "ratios": [round(x, 3) for x in ratios],
+                         "median_ratio": round(ci.median, 3), "ci95": [round(ci.low, 3), round(ci.high, 3)],
+                         "ci_confidence": round(ci.confidence, 3)}
+    finally:
+        src.close()
+    result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "host": platform.node(),
+              "cpus": os.cpu_count(), "kernel": platform.release(), "load_avg_1m": os.getloadavg()[0],
+              "programs": out}
+    if a.json:
+        print(json.dumps(result))
+        return 0
+    print(f"{result['date']}, {result['host']}, {result['cpus']} CPUs, kernel {result['kernel']}, "
+          f"load {result['load_avg_1m']:.1f}")
+    for name, d in out.items():
+        print(f"{name}: {d['ns_off']} -> {d['ns_on']} ns per {d['unit']} (median times); time on/off median "
+              f"{d['median_ratio']} ({d['ci_confidence']:.0%} interval {d['ci95'][0]}-{d['ci95'][1]}, n={a.pairs})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
