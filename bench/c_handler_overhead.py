@@ -29,7 +29,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from bench.median_ci import median_ci, verdict  # noqa: E402
-from bench.toggle import ToggledProbes  # noqa: E402
+from bench.toggle import ToggledProbes, abba_pairs, require_ebpf  # noqa: E402
 
 
 def build_toucher(out_dir: str) -> str:
@@ -58,30 +58,25 @@ def main() -> int:
     ap.add_argument("--pages", type=int, default=20000, help="pages per toucher thread per run")
     ap.add_argument("--json", action="store_true", help="one JSON object instead of text")
     a = ap.parse_args()
-    from pctop.sources.ebpf import EbpfSource, ebpf_unavailable_reason
+    from pctop.sources.ebpf import EbpfSource
 
-    why = ebpf_unavailable_reason()
-    if why:
-        print(f"c_handler_overhead: eBPF unavailable: {why}", file=sys.stderr)
-        return 1
+    require_ebpf("c_handler_overhead")
     toucher = build_toucher(tempfile.mkdtemp(prefix="pctop-bench-"))
     src = EbpfSource(None, follow_all=True)
     src.start()
     probes = ToggledProbes(src)
-    rates: dict[str, list[int]] = {"off": [], "on": []}
-    ratios = []
+
+    def run() -> float:
+        rate = fault_rate(toucher, a.pages)
+        src.collect()  # what a monitor does each interval; keeps the maps small
+        return rate
+
     try:
-        for r in range(a.pairs):
-            pair = {}
-            for kind in (("off", "on") if r % 2 == 0 else ("on", "off")):
-                probes.set(kind == "on")
-                pair[kind] = fault_rate(toucher, a.pages)
-                src.collect()  # what a monitor does each interval; keeps the maps small
-                rates[kind].append(round(pair[kind]))
-                print(f"pair {r}: {kind:3} {pair[kind]:8.0f} faults/s", file=sys.stderr)
-            ratios.append(pair["on"] / pair["off"])
+        pairs = abba_pairs(probes, a.pairs, run, "faults/s, ")
     finally:
         src.close()
+    rates = {"off": [round(off) for off, _ in pairs], "on": [round(on) for _, on in pairs]}
+    ratios = [on / off for off, on in pairs]
     ci = median_ci(ratios)
     result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "host": platform.node(),
               "cpus": os.cpu_count(), "kernel": platform.release(), "load_avg_1m": os.getloadavg()[0],

@@ -29,7 +29,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from bench.median_ci import median_ci  # noqa: E402
-from bench.toggle import ToggledProbes  # noqa: E402
+from bench.toggle import ToggledProbes, abba_pairs, require_ebpf  # noqa: E402
 
 PROGRAMS = {  # name -> (source, argument, what one unit is)
     "fault_loop": ("fault_loop.c", "6", "page fault"),
@@ -61,12 +61,9 @@ def main() -> int:
     ap.add_argument("--pairs", type=int, default=20, help="off/on pairs per program")
     ap.add_argument("--json", action="store_true", help="one JSON object instead of text")
     a = ap.parse_args()
-    from pctop.sources.ebpf import EbpfSource, ebpf_unavailable_reason
+    from pctop.sources.ebpf import EbpfSource
 
-    why = ebpf_unavailable_reason()
-    if why:
-        print(f"host_overhead: eBPF unavailable: {why}", file=sys.stderr)
-        return 1
+    require_ebpf("host_overhead")
     cmds = build(tempfile.mkdtemp(prefix="pctop-bench-"))
     src = EbpfSource(None)  # follows nothing: everything it sees is turned away
     src.start()
@@ -74,18 +71,11 @@ def main() -> int:
     out = {}
     try:
         for name, cmd in cmds.items():
-            ratios, times = [], {"off": [], "on": []}
-            for r in range(a.pairs):
-                pair = {}
-                for kind in (("off", "on") if r % 2 == 0 else ("on", "off")):
-                    probes.set(kind == "on")
-                    pair[kind] = ns_per_unit(cmd)
-                    times[kind].append(pair[kind])
-                ratios.append(pair["on"] / pair["off"])
-                print(f"{name} pair {r}: off {pair['off']:.0f} on {pair['on']:.0f} ns", file=sys.stderr)
-            ci = median_ci(ratios)
-            out[name] = {"unit": PROGRAMS[name][2], "ns_off": round(statistics.median(times["off"])),
-                         "ns_on": round(statistics.median(times["on"])), "ratios": [round(x, 3) for x in ratios],
+            pairs = abba_pairs(probes, a.pairs, lambda: ns_per_unit(cmd), f"{name} ns, ")
+            ci = median_ci([on / off for off, on in pairs])
+            out[name] = {"unit": PROGRAMS[name][2], "ns_off": round(statistics.median(off for off, _ in pairs)),
+                         "ns_on": round(statistics.median(on for _, on in pairs)),
+                         "ratios": [round(on / off, 3) for off, on in pairs],
                          "median_ratio": round(ci.median, 3), "ci95": [round(ci.low, 3), round(ci.high, 3)],
                          "ci_confidence": round(ci.confidence, 3)}
     finally:

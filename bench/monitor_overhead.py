@@ -44,7 +44,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from bench.median_ci import median_ci, verdict  # noqa: E402
-from bench.toggle import EmptyProbes, ToggledProbes  # noqa: E402
+from bench.toggle import EmptyProbes, ToggledProbes, require_ebpf  # noqa: E402
 from pctop.sources.engine import EngineConnection, EngineError  # noqa: E402
 
 BPF_STATS = "/proc/sys/kernel/bpf_stats_enabled"
@@ -282,12 +282,7 @@ def main() -> int:
                          "its path costs fault rate, and the monitor's start-up does not land on it)")
     ap.add_argument("--json", action="store_true", help="one JSON object instead of the table")
     a = ap.parse_args()
-    from pctop.sources.ebpf import ebpf_unavailable_reason
-
-    why = ebpf_unavailable_reason()
-    if why:
-        print(f"monitor_overhead: eBPF unavailable: {why}", file=sys.stderr)
-        return 1
+    require_ebpf("monitor_overhead")
     engine_cpus, bench_cpus = split_cpus(a.engine_cpus)
     if bench_cpus:
         os.sched_setaffinity(0, bench_cpus)  # this process and the monitors it starts

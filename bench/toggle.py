@@ -9,6 +9,34 @@ probe logic runs. No tracepoint-based design can cost less.
 
 from __future__ import annotations
 
+import sys
+from typing import Callable
+
+
+def require_ebpf(bench: str) -> None:
+    """Exit with one line naming what is missing when the probes cannot load here."""
+    from pctop.sources.ebpf import ebpf_unavailable_reason
+
+    why = ebpf_unavailable_reason()
+    if why:
+        print(f"{bench}: eBPF unavailable: {why}", file=sys.stderr)
+        raise SystemExit(1)
+
+
+def abba_pairs(probes: "ToggledProbes", pairs: int, run: Callable[[], float], label: str = ""
+               ) -> list[tuple[float, float]]:
+    """`run()` with the probes off and on, in pairs ordered off-on, on-off, ... so a drift
+    cancels -> [(off, on)] per pair."""
+    out = []
+    for r in range(pairs):
+        pair = {}
+        for kind in (("off", "on") if r % 2 == 0 else ("on", "off")):
+            probes.set(kind == "on")
+            pair[kind] = run()
+        out.append((pair["off"], pair["on"]))
+        print(f"{label}pair {r}: off {pair['off']:.0f} on {pair['on']:.0f}", file=sys.stderr)
+    return out
+
 
 def _names(tps) -> list[str]:
     return sorted(tp.decode() if isinstance(tp, bytes) else tp for tp in tps)
