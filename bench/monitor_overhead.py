@@ -282,6 +282,8 @@ def main() -> int:
                          "its path costs fault rate, and the monitor's start-up does not land on it)")
     ap.add_argument("--json", action="store_true", help="one JSON object instead of the table")
     a = ap.parse_args()
+    if a.rounds < 1 or a.toggles < 1:
+        ap.error("--rounds and --toggles need at least one pair each")
     require_ebpf("monitor_overhead")
     engine_cpus, bench_cpus = split_cpus(a.engine_cpus)
     if bench_cpus:
