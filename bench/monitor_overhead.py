@@ -8,7 +8,7 @@ CPU-bound, so probe time on its path costs fault rate one for one, and a monitor
 this process and the monitor itself run on the other CPUs). It is watched in windows:
   * off: nothing of pctop attached;
   * on:  `pctop monitor --json -p <engine pid> --interval 1` (the real CLI, its output read
-         and dropped); the windows start SETTLE_S after its header (probes compiled and
+         and dropped); the windows start --settle s after its header (probes compiled and
          attached: the one-off start-up is not what a running monitor costs).
 They go off, ON, ON, off (one monitor start-up serves two pairs) so a drift in the engine's
 rate cancels. Then the probes alone, attached/detached in this process without recompiling,
@@ -50,7 +50,7 @@ from pctop.sources.engine import EngineConnection, EngineError  # noqa: E402
 BPF_STATS = "/proc/sys/kernel/bpf_stats_enabled"
 # After the monitor's header: its first collect and the compiler's exit (hundreds of MB
 # unmapped) are a start-up cost, not what an attached monitor costs.
-SETTLE_S = 1.5
+SETTLE_S = 1.5  # default --settle
 MONITOR_START_S = 15.0  # a monitor's compile and attach, with room: what an "on" window adds
 TARGET_RATIO = 0.95  # issue 5: <= 5 % fault-rate loss
 
@@ -165,7 +165,8 @@ def measure(eng: EngineUnderTest, kind: str, seconds: float) -> Window:
     return Window(kind, t1 - t0, b["faults_total"] - a["faults_total"], c1 - c0)
 
 
-def monitor_windows(eng: EngineUnderTest, seconds: float, n: int) -> tuple[list[Window], float]:
+def monitor_windows(eng: EngineUnderTest, seconds: float, n: int, settle: float = SETTLE_S
+                    ) -> tuple[list[Window], float]:
     """n windows back to back with one `pctop monitor --json` attached (one start-up serves
     them all) -> (windows, the monitor's CPU seconds over them)."""
     mon = subprocess.Popen([sys.executable, "-m", "pctop", "monitor", "--json", "--interval", "1", "-p", str(eng.pid)],
@@ -176,7 +177,7 @@ def monitor_windows(eng: EngineUnderTest, seconds: float, n: int) -> tuple[list[
             raise SystemExit(f"pctop monitor runs without eBPF here: {header.get('missing')}")
         # drain its samples so it never blocks on a full pipe
         threading.Thread(target=lambda: [None for _ in mon.stdout], daemon=True).start()
-        time.sleep(SETTLE_S)
+        time.sleep(settle)
         cpu0 = cpu_seconds(mon.pid)
         ws = [measure(eng, "on", seconds) for _ in range(n)]
         cpu1 = cpu_seconds(mon.pid)
@@ -280,6 +281,9 @@ def main() -> int:
                     help="CPUs for the engine, e.g. 0 or 0-1, or 'all'; this bench and the monitors it starts "
                          "run on the others (default 0: the engine is CPU-bound there, so any probe time on "
                          "its path costs fault rate, and the monitor's start-up does not land on it)")
+    ap.add_argument("--settle", type=float, default=SETTLE_S,
+                    help="seconds between a monitor's start (or exit) and the next window; with the engine on "
+                         "every CPU the monitor's compile competes with it, so give its aftermath longer")
     ap.add_argument("--json", action="store_true", help="one JSON object instead of the table")
     a = ap.parse_args()
     if a.rounds < 1 or a.toggles < 1:
@@ -298,10 +302,10 @@ def main() -> int:
             eng.fresh_if_needed(4 * a.window + MONITOR_START_S)
             both = r + 1 < a.rounds
             off = [measure(eng, "off", a.window)]
-            on, cpu = monitor_windows(eng, a.window, 2 if both else 1)
+            on, cpu = monitor_windows(eng, a.window, 2 if both else 1, a.settle)
             mon_cpu += cpu
             if both:
-                time.sleep(SETTLE_S)  # the engine runs ~20 % faster for ~1 s after a monitor exits
+                time.sleep(a.settle)  # the engine runs ~20 % faster for ~1 s after a monitor exits
                 off.append(measure(eng, "off", a.window))
             windows += [off[0], on[0]] + ([on[1], off[1]] if both else [])
             print(f"monitor, pairs {r}-{r + both}: off {[round(w.rate) for w in off]} "
