@@ -56,7 +56,7 @@ TARGET_RATIO = 0.95  # issue 5: <= 5 % fault-rate loss
 
 
 class Window(NamedTuple):
-    kind: str  # "off" | "on" | "probes-in-bench"
+    kind: str  # "off" | "on" | "on+stats" (the bpf_stats window)
     seconds: float
     faults: int
     engine_cpu_s: float = 0.0  # CPU time of the engine's processes (destination + source)
@@ -81,10 +81,11 @@ def faulting(conn: EngineConnection) -> bool:
         return False
 
 
-def engine_cpu_seconds(pid: int) -> float:
-    """The engine's CPU: its destination process and every process it started (the source).
-    Probe runs are charged to the thread they interrupt, on the fault path mostly the engine's,
-    so CPU per fault shows their cost with far less noise than the fault rate does."""
+def cpu_seconds(pid: int) -> float:
+    """CPU time of a process and every process it started: for the engine, its destination
+    and its source. Probe runs are charged to the thread they interrupt, on the fault path
+    mostly the engine's, so CPU per fault shows their cost with far less noise than the
+    fault rate does."""
     import psutil
 
     total = 0.0
@@ -100,8 +101,8 @@ def engine_cpu_seconds(pid: int) -> float:
 
 class EngineUnderTest:
     """The reference engine being measured, on `cpus` (None: anywhere). Restarted between
-    pairs of windows once most of its guest memory has arrived, so a long benchmark never
-    runs out of pages to fault; a pair never spans a restart."""
+    pairs of windows when its guest memory would run out during the next ones, so a long
+    benchmark never runs out of pages to fault; a pair never spans a restart."""
 
     def __init__(self, args, cpus: set[int] | None) -> None:
         self.args, self.cpus = args, cpus
@@ -157,9 +158,9 @@ class EngineUnderTest:
 
 def measure(eng: EngineUnderTest, kind: str, seconds: float) -> Window:
     conn = eng.conn
-    a, t0, c0 = status(conn), time.monotonic(), engine_cpu_seconds(eng.pid)
+    a, t0, c0 = status(conn), time.monotonic(), cpu_seconds(eng.pid)
     time.sleep(seconds)
-    b, t1, c1 = status(conn), time.monotonic(), engine_cpu_seconds(eng.pid)
+    b, t1, c1 = status(conn), time.monotonic(), cpu_seconds(eng.pid)
     if b["state"] not in ("postcopy", "paused"):
         raise SystemExit(f"the engine left post-copy ({b['state']}) during a window: give it more --memory")
     return Window(kind, t1 - t0, b["faults_total"] - a["faults_total"], c1 - c0)
@@ -189,12 +190,6 @@ def monitor_windows(eng: EngineUnderTest, seconds: float, n: int, settle: float 
             mon.kill()
             mon.wait()
     return ws, cpu1 - cpu0
-
-
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
 def toggled_probes(eng: EngineUnderTest, rounds: int, seconds: float

@@ -134,12 +134,13 @@ struct tstate {
     u8 pad;
 };
 
-/* The thread that faulted on a page, for messages without a thread id. */
+/* A thread's state in its tid's array slot (tstate_slots). */
 struct tstate_slot {
     u64 owner; /* tid holding the slot, 0 = free */
     struct tstate t;
 };
 
+/* The thread that faulted on a page, for messages without a thread id. */
 struct pending_fault {
     u64 page;
     u32 tid;
