@@ -132,6 +132,71 @@ def test_unknown_pid_is_target_not_found():
         ProcfsSource([999999999]).check_pids()
 
 
+def _fdinfo_files_open(pid: int) -> int:
+    """How many of this process's fds are open on /proc/<pid>/fdinfo/* files."""
+    n = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            n += os.readlink(f"/proc/self/fd/{fd}").startswith(f"/proc/{pid}/fdinfo/")
+        except OSError:
+            pass
+    return n
+
+
+def test_sampler_rereads_its_open_fdinfo_and_follows_what_the_fd_number_holds():
+    from pctop.engine.uffd import Uffd
+
+    me = os.getpid()
+    s = DepthSampler(HostPaths())
+    with Uffd() as u:
+        s.watch([(me, u.fd)])
+        s.sample_once()
+        s.sample_once()
+        assert _fdinfo_files_open(me) == 1  # opened once, re-read in place
+        number = u.fd
+        # The number now holds something that is not a uffd: no samples from it ...
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, number)
+        s.sample_once()
+        with Uffd() as again:  # ... and then a uffd again: sampled again
+            os.dup2(again.fd, number)
+            s.sample_once()
+            os.close(number)
+        os.close(null)
+        u.fd = os.open(os.devnull, os.O_RDONLY)  # its own close() closes this instead
+    (d,) = s.take()
+    assert (d.pid, d.fd, d.samples) == (me, number, 3)
+    assert (d.pending_max, d.total_max) == (0, 0)
+    s.watch([])
+    s.sample_once()
+    assert _fdinfo_files_open(me) == 0  # an unwatched uffd's file is closed
+    s.close()
+
+
+def test_sampler_drops_the_file_of_a_closed_fd_and_reopens_it_later():
+    me = os.getpid()
+    s = DepthSampler(HostPaths())
+    from pctop.engine.uffd import Uffd
+
+    u = Uffd()
+    s.watch([(me, u.fd)])
+    s.sample_once()
+    number = u.fd
+    u.close()
+    s.sample_once()  # the fd is closed: the read fails and the file is let go
+    assert _fdinfo_files_open(me) == 0
+    with Uffd() as again:
+        if again.fd != number:  # put a uffd under the old number again
+            os.dup2(again.fd, number)
+        s.sample_once()
+        assert _fdinfo_files_open(me) == 1
+        if again.fd != number:
+            os.close(number)
+    assert [d.samples for d in s.take()] == [2]
+    s.close()
+    assert _fdinfo_files_open(me) == 0
+
+
 def test_sampler_refuses_slow_rates():
     with pytest.raises(ValueError):
         DepthSampler(HostPaths(), hz=5)

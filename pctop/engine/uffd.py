@@ -265,24 +265,31 @@ def proc_path(pid: int | str, *parts: str, proc_root: str = "/proc") -> str:
     return os.path.join(proc_root, str(pid), *parts)
 
 
-def read_fdinfo(pid: int | str, fd: int, proc_root: str = "/proc") -> UffdFdinfo:
-    """Queue depth of a uffd from /proc/<pid>/fdinfo/<fd> (pending, total) and
-    the features from its `API: aa:<features>:<ioctls>` line (hex).
-    Raises ValueError if the fd is not a userfaultfd."""
+def parse_fdinfo(text: str) -> UffdFdinfo | None:
+    """pending, total and features (the hex middle of `API: aa:<features>:<ioctls>`) from a
+    uffd's fdinfo text; None if it is not a userfaultfd's."""
     pending = total = features = None
-    with open(proc_path(pid, "fdinfo", str(fd), proc_root=proc_root)) as f:
-        for line in f:
-            key, _, val = line.partition(":")
-            val = val.strip()
-            if key == "pending":
-                pending = int(val)
-            elif key == "total":
-                total = int(val)
-            elif key == "API":
-                features = int(val.split(":")[1], 16)
+    for line in text.splitlines():
+        key, _, val = line.partition(":")
+        if key == "pending":
+            pending = int(val)
+        elif key == "total":
+            total = int(val)
+        elif key == "API":
+            features = int(val.split(":")[1], 16)
     if pending is None or total is None or features is None:
-        raise ValueError(f"/proc/{pid}/fdinfo/{fd} is not a userfaultfd")
+        return None
     return UffdFdinfo(pending, total, features)
+
+
+def read_fdinfo(pid: int | str, fd: int, proc_root: str = "/proc") -> UffdFdinfo:
+    """Queue depth and features of a uffd from /proc/<pid>/fdinfo/<fd>.
+    Raises ValueError if the fd is not a userfaultfd."""
+    with open(proc_path(pid, "fdinfo", str(fd), proc_root=proc_root)) as f:
+        info = parse_fdinfo(f.read())
+    if info is None:
+        raise ValueError(f"/proc/{pid}/fdinfo/{fd} is not a userfaultfd")
+    return info
 
 
 # --- anonymous memory by address (guest RAM, source images) -----------------
