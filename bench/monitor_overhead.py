@@ -166,15 +166,16 @@ def measure(eng: EngineUnderTest, kind: str, seconds: float) -> Window:
     return Window(kind, t1 - t0, b["faults_total"] - a["faults_total"], c1 - c0)
 
 
-def monitor_windows(eng: EngineUnderTest, seconds: float, n: int, settle: float = SETTLE_S
-                    ) -> tuple[list[Window], float]:
-    """n windows back to back with one `pctop monitor --json` attached (one start-up serves
-    them all) -> (windows, the monitor's CPU seconds over them)."""
-    mon = subprocess.Popen([sys.executable, "-m", "pctop", "monitor", "--json", "--interval", "1", "-p", str(eng.pid)],
+def monitor_windows(eng: EngineUnderTest, seconds: float, n: int, settle: float = SETTLE_S,
+                    extra: tuple[str, ...] = ()) -> tuple[list[Window], float]:
+    """n windows back to back with one `pctop monitor --json` (plus `extra` arguments)
+    attached (one start-up serves them all) -> (windows, the monitor's CPU seconds over them)."""
+    mon = subprocess.Popen([sys.executable, "-m", "pctop", "monitor", "--json", "--interval", "1",
+                            "-p", str(eng.pid), *extra],
                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         header = json.loads(mon.stdout.readline())
-        if header.get("probe_tier") != "ebpf":
+        if header.get("probe_tier") != "ebpf" and "--no-ebpf" not in extra:
             raise SystemExit(f"pctop monitor runs without eBPF here: {header.get('missing')}")
         # drain its samples so it never blocks on a full pipe
         threading.Thread(target=lambda: [None for _ in mon.stdout], daemon=True).start()
@@ -279,6 +280,9 @@ def main() -> int:
     ap.add_argument("--settle", type=float, default=SETTLE_S,
                     help="seconds between a monitor's start (or exit) and the next window; with the engine on "
                          "every CPU the monitor's compile competes with it, so give its aftermath longer")
+    ap.add_argument("--monitor-arg", action="append", default=[], metavar="ARG",
+                    help="one more argument for the monitor (repeatable), e.g. --monitor-arg=--no-ebpf: "
+                         "its user space alone, without the probes")
     ap.add_argument("--json", action="store_true", help="one JSON object instead of the table")
     a = ap.parse_args()
     if a.rounds < 1 or a.toggles < 1:
@@ -297,7 +301,7 @@ def main() -> int:
             eng.fresh_if_needed(4 * a.window + MONITOR_START_S)
             both = r + 1 < a.rounds
             off = [measure(eng, "off", a.window)]
-            on, cpu = monitor_windows(eng, a.window, 2 if both else 1, a.settle)
+            on, cpu = monitor_windows(eng, a.window, 2 if both else 1, a.settle, tuple(a.monitor_arg))
             mon_cpu += cpu
             if both:
                 time.sleep(a.settle)  # the engine runs ~20 % faster for ~1 s after a monitor exits
@@ -331,6 +335,7 @@ def main() -> int:
         "cpus": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version(),
         "load_avg_1m": os.getloadavg()[0], "strategy": a.strategy, "latency_us": a.latency,
         "engine_cpus": sorted(engine_cpus) if engine_cpus else "all", "engine_restarts": eng.restarts,
+        "monitor_args": a.monitor_arg,
         "target_ratio": TARGET_RATIO,
         "monitor": {"window_s": a.window, "off_rates": [round(w.rate) for w in windows if w.kind == "off"],
                     "on_rates": [round(w.rate) for w in windows if w.kind == "on"], **summary(windows),
@@ -356,7 +361,8 @@ def main() -> int:
         return (f"median {d['median_ratio']} ({d['ci_confidence']:.0%} interval {d['ci95'][0]}-{d['ci95'][1]}, "
                 f"n={len(d['ratios'])}): target >= {TARGET_RATIO} {d['verdict']}")
 
-    for label, d in (("pctop monitor (started per pair)", m), ("probes alone (toggled)", p),
+    mon_label = " ".join(["pctop monitor", *a.monitor_arg]) + " (started per pair)"
+    for label, d in ((mon_label, m), ("probes alone (toggled)", p),
                      ("empty programs on the same tracepoints (toggled; the floor)", result["empty_programs"])):
         print(f"{label}:\n  rate on/off {ci(d)}")
         print(f"  engine CPU per fault on/off median {d['engine_cpu_median_ratio']} "
