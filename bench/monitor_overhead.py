@@ -1,6 +1,7 @@
 """What watching costs: the engine's fault rate with and without `pctop monitor` attached.
 
-    .venv/bin/python bench/monitor_overhead.py [--rounds 40] [--toggles 200] [--engine-cpus 0] [--json]
+    .venv/bin/python bench/monitor_overhead.py [--rounds 40] [--toggles 200] [--engine-cpus 0]
+        [--monitor-arg=--no-ebpf] [--json]
 
 The reference engine (KVM guest, 2 vCPUs, sequential pattern, background stream off: every
 touch is a demand fault at a steady rate) runs on --engine-cpus (default CPU 0: there it is
