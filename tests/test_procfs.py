@@ -197,6 +197,22 @@ def test_sampler_drops_the_file_of_a_closed_fd_and_reopens_it_later():
     assert _fdinfo_files_open(me) == 0
 
 
+def test_sampler_past_its_open_file_limit_opens_for_each_sample():
+    from pctop.engine.uffd import Uffd
+
+    me = os.getpid()
+    s = DepthSampler(HostPaths())
+    s.max_held = 1
+    with Uffd() as a, Uffd() as b:
+        s.watch([(me, a.fd), (me, b.fd)])
+        s.sample_once()
+        s.sample_once()
+        assert _fdinfo_files_open(me) == 1  # one held, the other opened and closed again
+        assert [(d.fd, d.samples) for d in s.take()] == sorted([(a.fd, 2), (b.fd, 2)])
+    s.close()
+    assert _fdinfo_files_open(me) == 0
+
+
 def test_sampler_refuses_slow_rates():
     with pytest.raises(ValueError):
         DepthSampler(HostPaths(), hz=5)

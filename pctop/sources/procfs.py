@@ -29,7 +29,7 @@ from collections.abc import Iterable
 from typing import NamedTuple
 
 from pctop import rates
-from pctop.engine.uffd import parse_fdinfo
+from pctop.engine.uffd import UffdFdinfo, parse_fdinfo
 from pctop.hostpaths import DEFAULT, HostPaths
 from pctop.sources.readings import Reading, TargetInfo, UffdDepth, VcpuIdentity
 
@@ -192,6 +192,10 @@ class DepthSampler:
     on every read, so a re-read sees what a fresh open would (a closed fd fails, a reused
     number shows the new file)."""
 
+    # Files held open at most: a host with thousands of uffds (sharded, many VMs) must not run
+    # pctop out of fds; past this many, the rest are opened for each sample.
+    max_held = 256
+
     def __init__(self, paths: HostPaths, hz: float = DEFAULT_SAMPLE_HZ) -> None:
         if hz < 20:
             raise ValueError(f"queue depth must be sampled at >= 20 Hz, got {hz}")
@@ -209,13 +213,20 @@ class DepthSampler:
         with self._lock:
             self._watch = tuple(sorted(keys))
 
-    def _read(self, key: tuple[int, int]):
+    def _read(self, key: tuple[int, int]) -> UffdFdinfo | None:
         fd = self._files.get(key)
+        held = fd is not None
         try:
             if fd is None:
-                fd = self._files[key] = os.open(self.paths.proc_path(key[0], "fdinfo", key[1]),
-                                                os.O_RDONLY | os.O_CLOEXEC)
-            return parse_fdinfo(os.pread(fd, 4096, 0).decode("ascii", "replace"))
+                fd = os.open(self.paths.proc_path(key[0], "fdinfo", key[1]), os.O_RDONLY | os.O_CLOEXEC)
+                held = len(self._files) < self.max_held
+                if held:
+                    self._files[key] = fd
+            try:
+                return parse_fdinfo(os.pread(fd, 4096, 0).decode("ascii", "replace"))
+            finally:
+                if not held:
+                    os.close(fd)
         except OSError:  # closed, or the process exited: open afresh next time
             self._drop(key)
         except ValueError:  # a garbled line
