@@ -210,8 +210,12 @@ class DepthSampler:
         self._thread: threading.Thread | None = None
 
     def watch(self, keys: Iterable[tuple[int, int]]) -> None:
+        keys = tuple(sorted(keys))
         with self._lock:
-            self._watch = tuple(sorted(keys))
+            self._watch = keys
+        with self._io_lock:  # an unwatched uffd's file is let go now, not at every sample
+            for key in set(self._files) - set(keys):
+                self._drop(key)
 
     def _read(self, key: tuple[int, int]) -> UffdFdinfo | None:
         fd = self._files.get(key)
@@ -239,12 +243,10 @@ class DepthSampler:
             os.close(fd)
 
     def sample_once(self) -> None:
-        with self._lock:
-            keys = self._watch
         got = []
-        with self._io_lock:
-            for key in set(self._files) - set(keys):
-                self._drop(key)
+        with self._io_lock:  # first, so watch() cannot drop files between the list and the reads
+            with self._lock:
+                keys = self._watch
             for key in keys:
                 info = self._read(key)
                 if info is not None:  # None: gone, or the number now holds something else
