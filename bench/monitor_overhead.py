@@ -45,7 +45,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from bench.median_ci import median_ci, verdict  # noqa: E402
-from bench.toggle import EmptyProbes, ToggledProbes, require_ebpf  # noqa: E402
+from bench.toggle import EmptyProbes, ToggledProbes, abba_order, require_ebpf  # noqa: E402
 from pctop.sources.engine import EngineConnection, EngineError  # noqa: E402
 
 BPF_STATS = "/proc/sys/kernel/bpf_stats_enabled"
@@ -215,7 +215,7 @@ def toggled_probes(eng: EngineUnderTest, rounds: int, seconds: float
             if eng.fresh_if_needed(4 * seconds + 1):
                 src.add_pid(eng.pid)
             for name in (("probes", "empty") if r % 2 == 0 else ("empty", "probes")):
-                for kind in (("off", "on") if r % 2 == 0 else ("on", "off")):
+                for kind in abba_order(r):
                     kinds[name].set(kind == "on")
                     src.collect()
                     windows[name].append(measure(eng, kind, seconds))

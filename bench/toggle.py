@@ -23,6 +23,11 @@ def require_ebpf(bench: str) -> None:
         raise SystemExit(1)
 
 
+def abba_order(r: int) -> tuple[str, str]:
+    """The windows of pair r: off-on, on-off, off-on, ... so a drift cancels."""
+    return ("off", "on") if r % 2 == 0 else ("on", "off")
+
+
 def abba_pairs(probes: "ToggledProbes", pairs: int, run: Callable[[], float], label: str = ""
                ) -> list[tuple[float, float]]:
     """`run()` with the probes off and on, in pairs ordered off-on, on-off, ... so a drift
@@ -30,7 +35,7 @@ def abba_pairs(probes: "ToggledProbes", pairs: int, run: Callable[[], float], la
     out = []
     for r in range(pairs):
         pair = {}
-        for kind in (("off", "on") if r % 2 == 0 else ("on", "off")):
+        for kind in abba_order(r):
             probes.set(kind == "on")
             pair[kind] = run()
         out.append((pair["off"], pair["on"]))
