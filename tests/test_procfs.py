@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from pctop.engine.uffd import Uffd
 from pctop.hostpaths import HostPaths
 from pctop.sources.procfs import (
     DepthSampler,
@@ -144,8 +145,6 @@ def _fdinfo_files_open(pid: int) -> int:
 
 
 def test_sampler_rereads_its_open_fdinfo_and_follows_what_the_fd_number_holds():
-    from pctop.engine.uffd import Uffd
-
     me = os.getpid()
     s = DepthSampler(HostPaths())
     with Uffd() as u:
@@ -176,8 +175,6 @@ def test_sampler_rereads_its_open_fdinfo_and_follows_what_the_fd_number_holds():
 def test_sampler_drops_the_file_of_a_closed_fd_and_reopens_it_later():
     me = os.getpid()
     s = DepthSampler(HostPaths())
-    from pctop.engine.uffd import Uffd
-
     u = Uffd()
     s.watch([(me, u.fd)])
     s.sample_once()
@@ -198,8 +195,6 @@ def test_sampler_drops_the_file_of_a_closed_fd_and_reopens_it_later():
 
 
 def test_sampler_past_its_open_file_limit_opens_for_each_sample():
-    from pctop.engine.uffd import Uffd
-
     me = os.getpid()
     s = DepthSampler(HostPaths())
     s.max_held = 1
