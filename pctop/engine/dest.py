@@ -100,6 +100,7 @@ class Installer:
         ps = self.page_size
         shards = self.shards
         uf = shards[0][0] if len(shards) == 1 else shards[bisect_right(self._shard_starts, page) - 1][0]
+        called = _monotonic_ns()
         r = uf.copy(self.base + page * ps, src, ps)
         if r == ps:
             ok = 1
@@ -123,7 +124,7 @@ class Installer:
             w = self._waiters.pop(page, None) if self._waiters else None
             if w:
                 for seen, vcpu in w:
-                    tel.stall_locked(vcpu, now - seen)
+                    tel.stall_locked(vcpu, now - seen, called - seen if ok else None)
             done = self.present_count >= self.npages
         if done:
             self.all_present.set()
@@ -135,6 +136,7 @@ class Installer:
         installed = eexist = 0
         p = start
         end = start + count
+        called = _monotonic_ns()
         for uf, lo, hi in self.shards:
             if p >= end:
                 break
@@ -172,7 +174,7 @@ class Installer:
         if resolved:
             now = _monotonic_ns()
             for seen, vcpu in resolved:
-                self.tel.stall(vcpu, now - seen)
+                self.tel.stall(vcpu, now - seen, None if eexist else called - seen)
         self.tel.installed(installed if kind == KIND_DEMAND else 0,
                            installed if kind == KIND_BACKGROUND else 0,
                            installed if kind == KIND_PREFETCH else 0, eexist)

@@ -10,7 +10,8 @@ Guest physical layout (`GuestLayout`):
         0x1000 PML4, 0x2000 PDPT, 0x3000 GDT, 0x4000 TSS, 0x5000 code,
         0x6000 stack page, 0x7000.. mailboxes (128 B per vCPU, 8 pages), then one
         page directory per GiB, then the dirty bitmap (1 bit per data page), then
-        one first-touch bitmap per vCPU (same size, bit = page index in its region).
+        one first-touch bitmap per vCPU (same size, bit = page index in its region),
+        then one stall log per vCPU (log_slots u64s: each slow first touch's TSC cycles).
     data slot, GPA DATA_GPA .. + data_size: the migrated RAM (the caller's memory).
 
 Per-vCPU mailbox (128 bytes, written only by that vCPU unless marked host):
@@ -24,7 +25,11 @@ Per-vCPU mailbox (128 bytes, written only by that vCPU unless marked host):
     +48 t0      (scratch: the TSC at the current access's start),
     +56 slow_min (host: the threshold in TSC cycles),
     +64 seen    (host: where this vCPU's first-touch bitmap starts, as a bit
-                 offset from the mailbox), +72 scratch (rax across rdtsc).
+                 offset from the mailbox), +72 scratch (rax across rdtsc),
+    +80 log     (host: GPA of this vCPU's stall log), +88 log_end (host: its end):
+                 slow first touch number k (1-based) stores its cycles at
+                 log + 8 * (k - 1) while that is below log_end, so the host can
+                 bin every stall the guest timed (StallClocks.guest_hist).
 The guest never uses its stack: all vCPUs start with the same rsp.
 The guest's clock is the TSC (rdtsc at CPL3: allowed unless CR4.TSD, native
 under PVM, where it reads the host's TSC). It times each access from just
@@ -44,7 +49,8 @@ Access loop (one iteration = one access; register contract in `entry_registers`)
        64..4024, never into the 64-byte page header the source owns;
        otherwise read the header's first qword;
     3b. t1 = rdtsc; set the page's bit in the first-touch bitmap; if it was clear
-       and t1 - t0 >= slow_min: slow += 1, slow_cycles += t1 - t0;
+       and t1 - t0 >= slow_min: slow += 1, slow_cycles += t1 - t0, and
+       t1 - t0 goes to the stall log while it has room;
     4. touched += 1; after npages accesses passes += 1; after max_passes passes
        (if set) done = 1, then `ud2`. With no IDT that is a triple fault, which
        every KVM (VMX, SVM, PVM) reports as KVM_EXIT_SHUTDOWN: the guest cannot
@@ -70,6 +76,8 @@ MAILBOX_SIZE = 128
 MAILBOX_PAGES = 8           # 256 vCPUs
 MB_TOUCHED, MB_PASSES, MB_TARGET, MB_DONE = 0, 8, 16, 24
 MB_SLOW, MB_SLOW_CYCLES, MB_T0, MB_SLOW_MIN, MB_SEEN, MB_SCRATCH = 32, 40, 48, 56, 64, 72
+MB_LOG, MB_LOG_END = 80, 88
+MAX_LOG_SLOTS = 1 << 16     # per vCPU: 512 KiB of the system slot (touched only as used)
 PAGE_HEADER = 64            # bytes at the start of each data page that a write never touches
 WRITE_OFFSET_MASK = 0xF78   # qword offsets 0..3960, +64 => 64..4024: inside any page >= 4 KiB
 
@@ -235,6 +243,13 @@ def build_code(params: GuestParams) -> Assembler:
     a.jump(b"\x0f\x82", "fast", "jb fast")
     a.emit(b"\x49\xff\x47" + bytes([MB_SLOW]), f"inc qword [r15+{MB_SLOW:#x}]")
     a.emit(b"\x49\x01\x47" + bytes([MB_SLOW_CYCLES]), f"add [r15+{MB_SLOW_CYCLES:#x}], rax")
+    # the stall log: slot k - 1 for slow touch k, while below log_end (rdx is free here)
+    a.emit(b"\x49\x8b\x57" + bytes([MB_SLOW]), f"mov rdx, [r15+{MB_SLOW:#x}]")
+    a.emit(b"\x48\xc1\xe2\x03", "shl rdx, 3")
+    a.emit(b"\x49\x03\x57" + bytes([MB_LOG]), f"add rdx, [r15+{MB_LOG:#x}]")
+    a.emit(b"\x49\x3b\x57" + bytes([MB_LOG_END]), f"cmp rdx, [r15+{MB_LOG_END:#x}]")
+    a.jump(b"\x0f\x87", "fast", "ja fast")             # full: the count and sum go on
+    a.emit(b"\x48\x89\x42\xf8", "mov [rdx-8], rax")
     a.label("fast")
     # 4. counters, passes, finish
     a.emit(b"\x49\xff\x47" + bytes([MB_TOUCHED]), f"inc qword [r15+{MB_TOUCHED:#x}]")
@@ -291,6 +306,8 @@ class GuestLayout(NamedTuple):
     bitmap_gpa: int
     bitmap_size: int
     seen_gpa: int       # vCPU i's first-touch bitmap: seen_gpa + i * bitmap_size
+    log_gpa: int        # vCPU i's stall log: log_gpa + i * log_slots * 8
+    log_slots: int
 
 
 def mailbox_gpa(vcpu: int) -> int:
@@ -305,11 +322,13 @@ def plan_layout(data_size: int, page_size: int, vcpus: int) -> GuestLayout:
     bitmap_gpa = pd_gpa + pds * 0x1000
     bitmap_size = -(-(data_size // page_size) // 64) * 8
     seen_gpa = bitmap_gpa + bitmap_size
-    end = seen_gpa + vcpus * bitmap_size
+    log_gpa = seen_gpa + vcpus * bitmap_size
+    log_slots = min(data_size // page_size, MAX_LOG_SLOTS)
+    end = log_gpa + vcpus * log_slots * 8
     system_size = -(-end // PAGE_2M) * PAGE_2M
     if system_size > DATA_GPA:
         raise ValueError("data region too large for the guest layout")
-    return GuestLayout(system_size, pd_gpa, bitmap_gpa, bitmap_size, seen_gpa)
+    return GuestLayout(system_size, pd_gpa, bitmap_gpa, bitmap_size, seen_gpa, log_gpa, log_slots)
 
 
 def fill_system(mem, layout: GuestLayout, data_size: int, code: bytes) -> None:

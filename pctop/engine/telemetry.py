@@ -27,6 +27,12 @@ class VcpuStats:
     stall_ns: int = 0
     max_ns: int = 0
     hist: list[int] = field(default_factory=lambda: [0] * HIST_BUCKETS)
+    # The handler's clock of the same stalls: uffd read returned (or KVM_RUN returned,
+    # vcpu-exit) -> the UFFDIO_COPY that installed the page was called. It lies inside
+    # every stall the kernel sees, so tests compare it with pctop's histogram stall for
+    # stall. Only faults whose page this engine's own install put in (no EEXIST).
+    handler_stalls: int = 0
+    handler_hist: list[int] = field(default_factory=lambda: [0] * HIST_BUCKETS)
 
 
 @dataclass
@@ -81,15 +87,19 @@ class Telemetry:
         self.stall_clock: str | None = None  # how the workload timed KVM_RUN: native | python
 
     # --- updates (hot path) ---
-    def stall(self, vcpu: int, ns: int) -> None:
-        """One fault of `vcpu` (-1: not a vCPU) that stalled `ns` from seen to installed."""
+    def stall(self, vcpu: int, ns: int, handler_ns: int | None = None) -> None:
+        """One fault of `vcpu` (-1: not a vCPU) that stalled `ns` from seen to installed;
+        handler_ns: seen -> the installing COPY called, when this engine installed it."""
         with self.lock:
-            self.stall_locked(vcpu, ns)
+            self.stall_locked(vcpu, ns, handler_ns)
 
-    def stall_locked(self, vcpu: int, ns: int) -> None:
+    def stall_locked(self, vcpu: int, ns: int, handler_ns: int | None = None) -> None:
         """stall() for a caller already holding self.lock."""
         if 0 <= vcpu < len(self.vcpus):
             v = self.vcpus[vcpu]
+            if handler_ns is not None:
+                v.handler_stalls += 1
+                v.handler_hist[bucket_index(handler_ns / 1000)] += 1
             v.faults += 1
             v.stall_ns += ns
             if ns > v.max_ns:
@@ -172,7 +182,8 @@ class Telemetry:
         """The cumulative counters shared by status replies, progress lines and the summary."""
         with self.lock:
             per_vcpu = [{"vcpu": v.vcpu, "tid": v.tid, "faults": v.faults, "stall_ns": v.stall_ns,
-                         "max_ns": v.max_ns, "hist": list(v.hist)} for v in self.vcpus]
+                         "max_ns": v.max_ns, "hist": list(v.hist), "handler_stalls": v.handler_stalls,
+                         "handler_hist": list(v.handler_hist)} for v in self.vcpus]
             readers = [{"name": r.name, "tid": r.tid, "busy_ns": r.busy_ns, "msgs": r.msgs,
                         "reads": r.reads} for r in self.readers]
             d = {

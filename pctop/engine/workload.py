@@ -33,12 +33,15 @@ from __future__ import annotations
 import ctypes
 import errno
 import mmap
+import struct
 import threading
 import time
 from typing import Callable, NamedTuple
 
 from pctop.engine import guest as g
 from pctop.engine import kvm as k
+from pctop.hist import bucket_index
+from pctop.model import HIST_BUCKETS
 
 PATTERNS = ("seq", "random", "hotset")
 LAYOUTS = ("sharded", "shared")
@@ -67,11 +70,16 @@ class StallClocks(NamedTuple):
       the TSC frequency (None without the native helper). Every fault the vCPU waits for
       is one, whatever resolves it (uffd read, the stream, a KVM_RUN exit).
     exit_*: vcpu-exit strategy, KVM_RUN returned EFAULT -> the next KVM_RUN entry on that
-      thread, read around the ioctl (the workload's stall_clock: "native" or "python")."""
+      thread, read around the ioctl (the workload's stall_clock: "native" or "python").
+    *_hist: the same stalls one by one, in pctop's log2 us buckets (pctop.hist), so a
+      test can compare them stall for stall with pctop's histogram, not only as sums;
+      guest_hist is None when the guest's log overflowed or without the native helper."""
     guest_stalls: int
     guest_stall_ns: int | None
     exit_stalls: int
     exit_stall_ns: int
+    guest_hist: list[int] | None
+    exit_hist: list[int]
 
 
 # A guest access slower than this is a stall. A fault waited for takes >= 20 us here (a
@@ -238,10 +246,14 @@ class KvmWorkload(_WorkloadBase):
         self._vcpus: list[k.Vcpu | None] = [None] * self.vcpus
         self._mailboxes = [(ctypes.c_uint64 * (g.MAILBOX_SIZE // 8)).from_buffer(self._system, g.mailbox_gpa(i))
                            for i in range(self.vcpus)]
+        lay = self.layout_info
         for i, mailbox in enumerate(self._mailboxes):
-            seen = self.layout_info.seen_gpa + i * self.layout_info.bitmap_size
+            seen = lay.seen_gpa + i * lay.bitmap_size
             mailbox[g.MB_SEEN // 8] = (seen - g.mailbox_gpa(i)) * 8   # bts [r15], bit offset
+            mailbox[g.MB_LOG // 8] = lay.log_gpa + i * lay.log_slots * 8
+            mailbox[g.MB_LOG_END // 8] = lay.log_gpa + (i + 1) * lay.log_slots * 8
         self._exit_stalls = [[0, 0] for _ in range(self.vcpus)]   # [count, ns] per vCPU
+        self._exit_hists = [[0] * HIST_BUCKETS for _ in range(self.vcpus)]
         self.stall_clock = "native" if k.native_run() is not None else "python"
         self._tsc_start = _tsc_pair() if k.native_run() is not None else None
         # The guest sums accesses slower than SLOW_ACCESS_NS: the threshold in TSC cycles
@@ -289,13 +301,15 @@ class KvmWorkload(_WorkloadBase):
         memory_fault = run_struct.exit.memory_fault
         mailbox = self._mailboxes[i]
         data_addr, data_size, page_mask = self.data_addr, self.data_size, ~(self.page_size - 1)
-        exit_stall = self._exit_stalls[i]
+        exit_stall, exit_hist = self._exit_stalls[i], self._exit_hists[i]
         efault_at = 0   # when KVM_RUN returned EFAULT; its stall ends at the next entry
         while not self._stopping:
             err = run()
             if efault_at:
-                exit_stall[1] += t_enter.value - efault_at
+                ns = t_enter.value - efault_at
+                exit_stall[1] += ns
                 exit_stall[0] += 1
+                exit_hist[bucket_index(ns / 1000)] += 1
                 efault_at = 0
             if err == 0:
                 reason = run_struct.exit_reason
@@ -325,10 +339,22 @@ class KvmWorkload(_WorkloadBase):
         (see StallClocks); callable from any thread while the guest runs."""
         hz = self._tsc_hz()
         out = []
-        for mailbox, (exits, exit_ns) in zip(self._mailboxes, self._exit_stalls):
+        for i, (mailbox, (exits, exit_ns)) in enumerate(zip(self._mailboxes, self._exit_stalls)):
             slow, cycles = mailbox[g.MB_SLOW // 8], mailbox[g.MB_SLOW_CYCLES // 8]
-            out.append(StallClocks(slow, round(cycles * 1e9 / hz) if hz else None, exits, exit_ns))
+            out.append(StallClocks(slow, round(cycles * 1e9 / hz) if hz else None, exits, exit_ns,
+                                   self._guest_hist(i, slow, hz), list(self._exit_hists[i])))
         return out
+
+    def _guest_hist(self, i: int, slow: int, hz: float | None) -> list[int] | None:
+        """vCPU i's logged slow first touches, binned; None if its log overflowed."""
+        lay = self.layout_info
+        if hz is None or slow > lay.log_slots:
+            return None
+        start = lay.log_gpa + i * lay.log_slots * 8
+        hist = [0] * HIST_BUCKETS
+        for (cycles,) in struct.iter_unpack("<Q", self._system[start:start + slow * 8]):
+            hist[bucket_index(cycles * 1e6 / hz)] += 1
+        return hist
 
     def _tsc_hz(self, min_ns: int = 10_000_000) -> float | None:
         """The TSC frequency, from (TSC, CLOCK_MONOTONIC) pairs read now and at set-up
