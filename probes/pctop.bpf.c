@@ -89,22 +89,31 @@ TRACEPOINT_PROBE(sched, sched_switch)
      * 0 or TASK_REPORT_MAX = preempted, still runnable */
     if (prev && maybe_tracked(prev)) {
         struct tstate *t = tstate_of(prev);
+        u64 now = 0;
+        if (t && t->phase == PH_FAULTED && t->early_wake_ts) {
+            now = bpf_ktime_get_ns();
+            if (now - t->early_wake_ts < EARLY_WAKE_WINDOW_NS) {
+                /* the switch-out of the fault a uffd ioctl woke it from while
+                 * it was on CPU: the wake-up overtook this tracepoint, or came
+                 * before its schedule() and it now waits for a CPU. Either way
+                 * it is runnable, and the stall ends when it runs again. */
+                dbg_inc(DBG_EARLY_WAKE);
+                t->phase = PH_WOKEN;
+                t->sleep_ts = t->fault_ts ? t->fault_ts : now;
+                t->wake_ts = t->early_wake_ts;
+                t->early_wake_ts = 0;
+                t = 0; /* done with prev */
+            }
+        }
         if (t)
             running_now(prev, t);
         if (t && !(args->prev_state & 3)) {
             if (t->phase == PH_FAULTED) {
                 t->phase = PH_PREEMPTED;
-                t->sleep_ts = bpf_ktime_get_ns();
+                t->sleep_ts = now ? now : bpf_ktime_get_ns();
             }
         } else if (t) {
-            if (t->phase == PH_FAULTED && t->early_wake_ts) {
-                /* the uffd wake-up overtook this switch-out's tracepoint: it
-                 * left its CPU and is runnable again */
-                dbg_inc(DBG_EARLY_WAKE);
-                t->phase = PH_WOKEN;
-                t->sleep_ts = t->wake_ts = bpf_ktime_get_ns();
-                t->early_wake_ts = 0;
-            } else if (t->phase == PH_FAULTED) {
+            if (t->phase == PH_FAULTED) {
                 t->phase = PH_SLEEPING;
                 /* the stall is timed from the fault when it is known (the
                  * clock costs ~80 ns a read on these VMs) */
@@ -122,7 +131,15 @@ TRACEPOINT_PROBE(sched, sched_switch)
         if (!t)
             return 0;
         t->cpu = cpu + 1;
-        if (t->phase == PH_SLEEPING) {
+        if (t->phase == PH_SLEEPING && t->early_wake_ts) {
+            /* the uffd wake-up read this thread's CPU before its switch-out
+             * was traced there, and its switch-out then read no wake-up: the
+             * two ran at once on two CPUs */
+            dbg_inc(DBG_EARLY_WAKE);
+            t->phase = PH_WOKEN;
+            t->wake_ts = t->early_wake_ts;
+            back_on_cpu(next, t, bpf_ktime_get_ns());
+        } else if (t->phase == PH_SLEEPING) {
             dbg_inc(DBG_MISSED_WAKE);
             clear_fault(t);
         } else {
@@ -150,22 +167,25 @@ TRACEPOINT_PROBE(sched, sched_waking)
     if (by_uffd && t->addr && io->len &&
         !(t->addr + 4096 > io->start && t->addr < io->start + io->len))
         by_uffd = 0;
+    int on_cpu = 0;
     if (t->phase == PH_FAULTED) {
         if (!by_uffd)
             return 0;
         /* We think it is on CPU. If its CPU switched to another thread since,
          * it left in a switch we did not see: it did stall. Otherwise it is
-         * on its way to sleep (the wake-up may overtake the switch-out's
-         * tracepoint) or it never sleeps: the next switch-out decides. */
+         * still in handle_userfault, before or inside its schedule(): it
+         * waited for this wake-up all the same (a uffd wake-up reaches only
+         * threads queued on the uffd), so it is a stall either way. Its end
+         * is decided by what the thread does next (sched_switch, running_now). */
         u32 c = t->cpu - 1;
         struct cpu_cur_line *cur = t->cpu ? cpu_cur.lookup(&c) : 0;
         if (!cur || cur->tid == wakee) {
-            t->early_wake_ts = bpf_ktime_get_ns();
             dbg_inc(DBG_WOKEN_ON_CPU);
-            return 0;
+            on_cpu = 1;
+        } else {
+            dbg_inc(DBG_LOST_SWITCH_OUT);
+            t->sleep_ts = t->fault_ts;
         }
-        dbg_inc(DBG_LOST_SWITCH_OUT);
-        t->sleep_ts = t->fault_ts;
     }
     if (!by_uffd) {
         dbg_inc(DBG_NOT_UFFD_WAKE);
@@ -177,8 +197,12 @@ TRACEPOINT_PROBE(sched, sched_waking)
         }
         return 0;
     }
-    t->wake_ts = bpf_ktime_get_ns();
-    t->phase = PH_WOKEN;
+    if (on_cpu) {
+        t->early_wake_ts = bpf_ktime_get_ns();
+    } else {
+        t->wake_ts = bpf_ktime_get_ns();
+        t->phase = PH_WOKEN;
+    }
     if (!t->read_ts && !t->addr && io->read_ts) {
         t->read_ts = io->read_ts;
         dbg_inc(DBG_READ_VIA_COPY);
@@ -195,8 +219,12 @@ TRACEPOINT_PROBE(sched, sched_waking)
 TRACEPOINT_PROBE(sched, sched_process_exit)
 {
     u32 tid = args->pid;
-    if (maybe_tracked(tid))
+    if (maybe_tracked(tid)) {
+        struct tstate *t = tstate_of(tid);
+        if (t)
+            running_now(tid, t); /* a stall it was woken from ends before it does */
         drop_tstate(tid);
+    }
     struct inflight io;
     take_inflight(tid, &io);
     return 0;

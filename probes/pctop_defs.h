@@ -84,12 +84,20 @@
 #define DBG_MSG_BY_ADDR 4
 #define DBG_READ_VIA_COPY 5   /* read matched to a weak fault through the COPY's first page */
 #define DBG_EXIT_STALLS 6     /* vCPU-exit mode stalls (EFAULT return -> KVM_RUN again) */
-#define DBG_WOKEN_ON_CPU 7    /* a uffd wake-up reached a candidate still on its CPU: no stall */
+#define DBG_WOKEN_ON_CPU 7    /* a uffd wake-up reached a candidate still on its CPU: a stall */
 #define DBG_LOST_SWITCH_IN 8  /* a woken/preempted thread seen running with no switch-in traced */
 #define DBG_LOST_SWITCH_OUT 9 /* woken by a uffd ioctl after leaving its CPU untraced */
-#define DBG_EARLY_WAKE 10     /* woken by a uffd ioctl just before its traced switch-out */
+#define DBG_EARLY_WAKE 10     /* woken on its CPU, then its fault's switch-out: waits for a CPU */
 #define DBG_PAGE_MAP_LOST 11  /* installed pages the full page map could not record */
-#define DBG_SLOTS 12
+#define DBG_ON_CPU_END 12     /* a stall woken on its CPU that ended there (no switch-out) */
+#define DBG_SLOTS 13
+
+/* A switch-out this soon after a uffd wake-up that reached the thread on its CPU
+ * is the one of that fault (the wake-up overtook its tracepoint, or came before
+ * its schedule()); a later one, or any event of the thread first, means the
+ * thread went on without leaving the CPU. The kernel's path between the two is
+ * a few microseconds; this only bounds how long a misread could stretch a stall. */
+#define EARLY_WAKE_WINDOW_NS 100000ULL
 
 struct uffd_range {
     u64 start, end;

@@ -340,12 +340,20 @@ static __always_inline void back_on_cpu(u32 tid, struct tstate *t, u64 now)
     clear_fault(t);
 }
 
-/* An event in the thread's own context while we still think it is off CPU. */
+/* An event in the thread's own context: if we still think it is off CPU, it
+ * came back in a switch perf did not deliver; if a uffd ioctl woke it while it
+ * was on its CPU and it went on without leaving it, that stall ended at the
+ * wake-up (no run-queue part). */
 static __always_inline void running_now(u32 tid, struct tstate *t)
 {
     if (t->phase == PH_WOKEN || t->phase == PH_PREEMPTED) {
         dbg_inc(DBG_LOST_SWITCH_IN);
         back_on_cpu(tid, t, bpf_ktime_get_ns());
+    } else if (t->phase == PH_FAULTED && t->early_wake_ts) {
+        dbg_inc(DBG_ON_CPU_END);
+        t->phase = PH_WOKEN;
+        t->wake_ts = t->early_wake_ts;
+        back_on_cpu(tid, t, t->early_wake_ts);
     }
 }
 

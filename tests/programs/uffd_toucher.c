@@ -15,6 +15,10 @@
  * -f runs the read handler in a forked child process (it inherits the uffd;
  * its COPYs go to the parent's memory), as Firecracker's handler is a
  * separate process; counts are shared through a MAP_SHARED page.
+ * -S makes the read handler spin on its non-blocking uffd (read() until it
+ * returns a message, no poll()): it takes a message the moment it is queued,
+ * often before the faulting thread has left its CPU, so the wake-up reaches a
+ * thread that is still on it (the probes must count that stall too).
  * -M makes the faults minor ones: the region is a shared memfd whose pages
  * are all in the page cache (written through a second mapping) but not
  * mapped in the registered one (UFFDIO_REGISTER_MODE_MINOR), and each is
@@ -47,6 +51,7 @@
 
 static int n_touchers = 2, n_pages = 64, delay_us = 0, batch = 1, prefill = 0;
 static int want_thread_id = 0, use_dev = 0, wait_go = 0, stream_mode = 0, fork_handler = 0, minor_mode = 0;
+static int spin_handler = 0;
 static int uffd;
 static char *region;
 static char *src_page;
@@ -129,10 +134,15 @@ static void *handler_main(void *arg)
     long done = 0;
     while (!sh->started)
         usleep(100);
+    long long idle_since = now_ns();
     while (done < expected) {
-        struct pollfd p = {.fd = uffd, .events = POLLIN};
-        if (poll(&p, 1, 2000) <= 0)
-            break; /* nothing for 2 s: give up, the JSON shows it */
+        if (!spin_handler) {
+            struct pollfd p = {.fd = uffd, .events = POLLIN};
+            if (poll(&p, 1, 2000) <= 0)
+                break; /* nothing for 2 s: give up, the JSON shows it */
+        } else if (now_ns() - idle_since > 2000000000LL) {
+            break;
+        }
         ssize_t r = read(uffd, buf, sizeof(buf[0]) * batch);
         sh->reads++;
         if (r < 0) {
@@ -140,6 +150,7 @@ static void *handler_main(void *arg)
                 continue;
             die("read");
         }
+        idle_since = now_ns();
         long long t_read = now_ns();
         int n = (int)(r / sizeof(buf[0]));
         sh->msgs += n;
@@ -218,7 +229,7 @@ static int open_uffd(void)
 int main(int argc, char **argv)
 {
     int opt;
-    while ((opt = getopt(argc, argv, "t:p:d:b:P:m:iDwfM")) != -1) {
+    while ((opt = getopt(argc, argv, "t:p:d:b:P:m:iDwfMS")) != -1) {
         switch (opt) {
         case 't': n_touchers = atoi(optarg); break;
         case 'p': n_pages = atoi(optarg); break;
@@ -231,9 +242,10 @@ int main(int argc, char **argv)
         case 'w': wait_go = 1; break;
         case 'f': fork_handler = 1; break;
         case 'M': minor_mode = 1; break;
+        case 'S': spin_handler = 1; break;
         default:
             fprintf(stderr, "usage: %s [-t touchers] [-p pages] [-d delay_us] [-b batch] "
-                            "[-P prefill] [-m read|stream] [-i] [-D] [-w] [-f] [-M]\n", argv[0]);
+                            "[-P prefill] [-m read|stream] [-i] [-D] [-w] [-f] [-M] [-S]\n", argv[0]);
             return 2;
         }
     }
