@@ -75,6 +75,9 @@ class UffdSample:
     # installed, as sorted (start address, 4 KiB pages) runs, and pages the map missed.
     installed_ranges: tuple[tuple[int, int], ...] | None = None
     page_map_lost: int | None = None
+    # A separate handler's uffd (Firecracker's, CRIU's lazy-pages daemon): the pid of the
+    # process whose faults it resolves; None when it serves its own process.
+    serves_pid: int | None = None
 
 
 @dataclass(frozen=True)
@@ -102,6 +105,11 @@ class Target:
     migration: Migration | None = None
     # With --page-ranges only: the uffd-registered ranges, (start address, 4 KiB pages)
     registered_ranges: tuple[tuple[int, int], ...] | None = None
+    # One migration in two processes: the faulting process (the VMM, a restored task) is
+    # `served_by` the handler processes whose uffds resolve its faults; they list it in
+    # `serves`. Learned from the handler's wake-ups and from a uffd sent over SCM_RIGHTS.
+    serves: tuple[int, ...] = ()
+    served_by: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)

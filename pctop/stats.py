@@ -92,7 +92,8 @@ def merge_readings(readings: Iterable[Reading]) -> Merged:
                     else ti.handler_cpu_pct,
                     thread_names={**ti.thread_names, **old.thread_names},
                     registered_ranges=old.registered_ranges if old.registered_ranges is not None
-                    else ti.registered_ranges)
+                    else ti.registered_ranges,
+                    serves=old.serves or ti.serves)
         for mi in r.migrations:
             m.migrations.setdefault(mi.pid, mi)
         m.gone.update(r.gone)
@@ -152,7 +153,8 @@ def uffd_sample(fd: int, c: UffdCounters | None, d: UffdDepth | None, interval_s
         installs_per_s=rates.per_second(c.pages_installed, interval_s),
         bytes_per_s=rates.per_second(c.bytes_installed, interval_s),
         installed_ranges=c.installed_ranges,
-        page_map_lost=c.page_map_lost if c.installed_ranges is not None else None)
+        page_map_lost=c.page_map_lost if c.installed_ranges is not None else None,
+        serves_pid=c.serves_pid)
 
 
 def migration_sample(mi: MigrationInfo, prev_received: int | None, interval_s: float) -> Migration:
@@ -203,8 +205,14 @@ def build_sample(merged: Merged, memory: Memory, *, now: float, interval_s: floa
     for src, text in merged.notes:
         events.append(Event(now, "source", f"{src}: {text}"))
 
+    served_by: dict[int, list[int]] = {}
+    for pid, ti in merged.targets.items():
+        for to in ti.serves:
+            served_by.setdefault(to, []).append(pid)
     targets = []
-    for pid in sorted(memory.comms):
+    # a separate handler process right after the process it serves: one migration, side by side
+    serves_of = {pid: ti.serves for pid, ti in merged.targets.items() if ti.serves}
+    for pid in sorted(memory.comms, key=lambda p: (min(serves_of[p]) if p in serves_of else p, p)):
         ti = merged.targets.get(pid)
         if ti and ti.comm:
             memory.comms[pid] = ti.comm
@@ -226,7 +234,8 @@ def build_sample(merged: Merged, memory: Memory, *, now: float, interval_s: floa
                 memory.pages_received[pid] = mi.pages_received
         targets.append(Target(pid=pid, comm=memory.comms[pid], vcpus=tuple(vcpus), uffds=uffds,
                               handler_cpu_pct=ti.handler_cpu_pct if ti else None, migration=mig,
-                              registered_ranges=ti.registered_ranges if ti else None))
+                              registered_ranges=ti.registered_ranges if ti else None,
+                              serves=ti.serves if ti else (), served_by=tuple(sorted(served_by.get(pid, ())))))
     for pid in gone_now:
         _forget(memory, pid)
     for key in exited_with_faults:

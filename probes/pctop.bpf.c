@@ -1,7 +1,7 @@
 /* pctop probes: post-copy (userfaultfd) stalls and KVM_RUN exits, from
  * tracepoints only (no kprobes/fentry, which many kernels lack).
  *
- * Part 3 of 4 (after pctop_defs.h and pctop_state.c): the programs of the
+ * Part 3 of 5 (after pctop_defs.h and pctop_state.c): the programs of the
  * fault path; KVM's own tracepoints follow in pctop_kvm.c.
  * Compiled by bcc at run time (pctop/sources/ebpf.py). Optional tracepoints
  * are guarded by HAVE_* macros that the loader defines when tracefs has them.
@@ -27,6 +27,40 @@
  */
 
 /* ---------------------------------------------------------------- faults */
+
+/* Is tid still in a fault on `page` whose message nobody read yet? */
+static __always_inline struct tstate *unread_fault_on(u32 tid, u64 page)
+{
+    if (!tid)
+        return 0;
+    struct tstate *t = tstate_of(tid);
+    if (t && t->addr == page && !t->read_ts &&
+        (t->phase == PH_FAULTED || t->phase == PH_SLEEPING || t->phase == PH_PREEMPTED))
+        return t;
+    return 0;
+}
+
+/* Add tid to the page's faulters, after those still waiting unread (several
+ * threads can fault on one page: each queues its own message, oldest read first). */
+static __always_inline void note_pending(struct pending_fault *p, u64 page, u32 tid, u32 tgid)
+{
+    if (p->page == page && p->tgid == tgid) {
+#pragma unroll
+        for (int i = 0; i < PENDING_TIDS; i++) {
+            if (p->tid[i] == tid || !unread_fault_on(p->tid[i], page)) {
+                p->tid[i] = tid;
+                return;
+            }
+        }
+        return; /* more than PENDING_TIDS at once: the later ones match no read */
+    }
+    p->page = page;
+    p->tgid = tgid;
+    p->tid[0] = tid;
+#pragma unroll
+    for (int i = 1; i < PENDING_TIDS; i++)
+        p->tid[i] = 0;
+}
 
 static __always_inline int on_page_fault(u64 addr)
 {
@@ -58,11 +92,8 @@ static __always_inline int on_page_fault(u64 addr)
     t->addr = page;
     u32 slot = page_slot(page);
     struct pending_fault *p = pending_addr.lookup(&slot);
-    if (p) {
-        p->page = page;
-        p->tid = tid;
-        p->tgid = tgid;
-    }
+    if (p)
+        note_pending(p, page, tid, tgid);
     return 0;
 }
 
@@ -207,11 +238,19 @@ TRACEPOINT_PROBE(sched, sched_waking)
         t->read_ts = io->read_ts;
         dbg_inc(DBG_READ_VIA_COPY);
     }
-    /* a separate handler process (Firecracker-style) becomes visible */
-    if (!io->followed && !targets.lookup(&waker_tgid)) {
-        u32 flag = TARGET_HANDLER;
-        targets.update(&waker_tgid, &flag);
-        io->followed = 1;
+    /* a separate handler process (Firecracker-style) becomes visible, and
+     * which process it serves */
+    if (waker_tgid != t->tgid) {
+        if (!io->followed && !targets.lookup(&waker_tgid)) {
+            adopt(waker_tgid, TARGET_HANDLER, 1);
+            io->followed = 1;
+        }
+        struct fd_key k = {.tgid = waker_tgid, .fd = io->fd};
+        u32 *to = serves.lookup(&k);
+        if (!to || *to != t->tgid) {
+            u32 v = t->tgid;
+            serves.update(&k, &v);
+        }
     }
     return 0;
 }
@@ -305,13 +344,14 @@ static __always_inline void match_msg(u64 now, u64 addr, u32 ptid)
     u32 slot = page_slot(page);
     struct pending_fault *p = pending_addr.lookup(&slot);
     if (p && p->page == page) {
-        u32 tid = p->tid;
-        struct tstate *t = tstate_of(tid);
-        if (t && t->addr == page && (t->phase == PH_FAULTED || t->phase == PH_SLEEPING)) {
-            if (!t->read_ts)
+#pragma unroll
+        for (int i = 0; i < PENDING_TIDS; i++) {
+            struct tstate *t = unread_fault_on(p->tid[i], page);
+            if (t) {
                 t->read_ts = now;
-            dbg_inc(DBG_MSG_BY_ADDR);
-            return;
+                dbg_inc(DBG_MSG_BY_ADDR);
+                return;
+            }
         }
     }
     /* no thread known for it (weak vCPU fault without THREAD_ID): keep the
@@ -333,6 +373,8 @@ struct msg_cursor {
     u64 now;
     u32 i;
     u32 n;
+    u32 tgid; /* the reader's */
+    u32 pad;
 };
 BPF_PERCPU_ARRAY(msg_cursor, struct msg_cursor, 1);
 BPF_PROG_ARRAY(msg_parser, 1);
@@ -349,6 +391,8 @@ int parse_uffd_msgs(void *ctx)
     c->i++;
     if (m.event == UFFD_EVENT_PAGEFAULT)
         match_msg(c->now, m.address, m.ptid);
+    else if (m.event == UFFD_EVENT_FORK)
+        remember_uffd(c->tgid, (s32)(u32)m.flags); /* made in this read(), in the reader */
     if (c->i < c->n)
         msg_parser.call(ctx, 0);
     return 0;
@@ -361,6 +405,14 @@ TRACEPOINT_PROBE(syscalls, sys_exit_read)
     if (!take_inflight(tid, &rs) || rs.kind != IO_UFFD_READ)
         return 0; /* not a uffd read, or an ioctl whose exit we missed */
     long ret = args->ret;
+    if (ret > 0 && (ret % UFFD_MSG_SIZE)) {
+        /* a uffd returns whole messages only: the fd number is another file now
+         * (closed and reused in a way no traced call showed) */
+        struct fd_key k = {.tgid = rs.tgid, .fd = rs.fd};
+        uffd_fds.delete(&k);
+        dbg_inc(DBG_NOT_UFFD_READ);
+        return 0;
+    }
     if (targets.lookup(&rs.tgid)) {
         struct uf_stats *s = get_ufstats(rs.tgid, rs.fd);
         if (s) {
@@ -377,6 +429,7 @@ TRACEPOINT_PROBE(syscalls, sys_exit_read)
         return 0;
     u32 n = ret / UFFD_MSG_SIZE;
     c->buf = rs.arg;
+    c->tgid = rs.tgid;
     c->now = bpf_ktime_get_ns();
     c->i = 0;
     c->n = n < MAX_MSGS ? n : MAX_MSGS;
@@ -479,6 +532,14 @@ TRACEPOINT_PROBE(syscalls, sys_enter_ioctl)
         remember_uffd(tgid, fd);
     } else {
         remember_uffd(tgid, fd); /* UFFDIO_API etc.: still tells this fd is a uffd */
+        if (cmd == UFFDIO_API && fol) {
+            u64 features = read_u64(arg + 8); /* struct uffdio_api: api, features, ioctls */
+            if (features & UFFD_FEATURE_EVENT_FORK) {
+                struct range_set *rs = range_set_of(tgid);
+                if (rs)
+                    rs->event_fork = 1;
+            }
+        }
         return 0;
     }
     /* kept for every process: the wake-up test needs to know that the waker
@@ -491,10 +552,10 @@ TRACEPOINT_PROBE(syscalls, sys_exit_ioctl)
 {
     u32 tid = (u32)bpf_get_current_pid_tgid();
     struct inflight io;
-    if (!take_inflight(tid, &io) || io.kind == IO_UFFD_READ) {
+    if (!take_inflight(tid, &io) || io.kind == IO_UFFD_READ || io.kind >= IO_CLONE) {
         if (!maybe_tracked(tid))
             return 0;
-        /* (a read entry: a uffd read() whose exit we missed)
+        /* (a read, clone or recvmsg entry: a syscall whose exit we missed)
          * KVM_RUN is not stashed in flight: a vCPU-exit stall starts when the
          * memory-fault return leaves the syscall (the issue's "KVM_RUN return"),
          * not at kvm_userspace_exit, which still has KVM_RUN's tail to run */

@@ -1,4 +1,4 @@
-/* pctop probes, part 1 of 4: constants and the structs kept in maps.
+/* pctop probes, part 1 of 5: constants and the structs kept in maps.
  * ebpf.py joins pctop_defs.h, pctop_state.c and pctop.bpf.c into one text for
  * bcc (its rewriter only turns map.lookup() etc. into helper calls in the main
  * file, so the parts cannot #include each other). Struct layouts here are read
@@ -11,11 +11,15 @@
 #define PAGE_MASK_4K (~0xfffULL)
 #define UFFD_MSG_SIZE 32
 #define UFFD_EVENT_PAGEFAULT 0x12
+#define UFFD_EVENT_FORK 0x13 /* arg: the child's new uffd, an fd of the reader's process */
+#define UFFD_FEATURE_EVENT_FORK 2
+#define CLONE_THREAD 0x10000
 
 /* ioctl numbers (x86-64 encodings; the type byte is (cmd >> 8) & 0xff). */
 #define IOC_TYPE_UFFD 0xAA
 #define IOC_TYPE_KVM 0xAE
 #define USERFAULTFD_IOC_NEW 0xaa00
+#define UFFDIO_API 0xc018aa3f
 #define UFFDIO_REGISTER 0xc020aa00
 #define UFFDIO_UNREGISTER 0x8010aa01
 #define UFFDIO_NR_WAKE 0x02
@@ -46,7 +50,10 @@
 /* targets map flags */
 #define TARGET_GIVEN 1    /* pid given by the user */
 #define TARGET_AUTO 2     /* follow_all: it called userfaultfd()/a uffd or KVM ioctl */
-#define TARGET_HANDLER 4  /* it resolved a fault of a followed thread (e.g. a separate uffd handler) */
+#define TARGET_HANDLER 4  /* it resolved a fault of a followed thread (e.g. a separate uffd handler),
+                           * or received a followed process's uffd over a unix socket */
+#define TARGET_CHILD 8    /* forked by a followed process whose uffd has EVENT_FORK: its
+                           * registrations (and faults) start at birth */
 
 /* per-thread fault phase */
 #define PH_NONE 0
@@ -64,6 +71,7 @@
 #define IO_UFFD_NEW 4
 #define IO_KVM_CREATE_VCPU 5
 #define IO_UFFD_READ 6 /* a read() of a uffd: arg = the buffer */
+#define IO_CLONE 7     /* clone/clone3/fork/vfork of a process with an EVENT_FORK uffd: arg = flags */
 
 /* how a vCPU fd's index was learned */
 #define HOW_CREATE_VCPU 1 /* saw KVM_CREATE_VCPU return this fd */
@@ -90,7 +98,11 @@
 #define DBG_EARLY_WAKE 10     /* woken on its CPU, then its fault's switch-out: waits for a CPU */
 #define DBG_PAGE_MAP_LOST 11  /* installed pages the full page map could not record */
 #define DBG_ON_CPU_END 12     /* a stall woken on its CPU that ended there (no switch-out) */
-#define DBG_SLOTS 13
+#define DBG_UFFD_CLOSED 13    /* a known uffd's fd closed (or replaced by dup2/dup3) */
+#define DBG_NOT_UFFD_READ 14  /* a read() of a "uffd" fd that returned no whole messages: forgotten */
+#define DBG_SCM_UFFD 15       /* uffds received over a unix socket */
+#define DBG_FORK_CHILD 16     /* children followed from birth (EVENT_FORK) */
+#define DBG_SLOTS 17
 
 /* A switch-out this soon after a uffd wake-up that reached the thread on its CPU
  * is the one of that fault (the wake-up overtook its tracepoint, or came before
@@ -106,6 +118,8 @@ struct uffd_range {
 struct range_set {
     u32 n;        /* slots in use (may contain holes start == end) */
     u32 overflow; /* more than MAX_RANGES registrations: match everything */
+    u32 event_fork; /* a uffd of the process asked for UFFD_FEATURE_EVENT_FORK */
+    u32 pad;
     struct uffd_range r[MAX_RANGES];
 };
 
@@ -148,11 +162,14 @@ struct tstate_slot {
     struct tstate t;
 };
 
-/* The thread that faulted on a page, for messages without a thread id. */
+/* The threads that faulted on a page, oldest first (the kernel hands out a
+ * uffd's messages oldest first), for messages without a thread id. */
+#define PENDING_TIDS 4
 struct pending_fault {
     u64 page;
-    u32 tid;
+    u32 tid[PENDING_TIDS];
     u32 tgid;
+    u32 pad;
 };
 #define PENDING_SLOTS 65536 /* direct-mapped by page number */
 
@@ -245,6 +262,20 @@ struct span_key {
     u32 epoch;
     u32 pad;
     u64 start;
+};
+
+/* A uffd on its way to another process over a unix socket (SCM_RIGHTS): the
+ * positions of the uffds among the fds of the sender's message. */
+struct scm_pending {
+    u32 count;      /* sends not yet received */
+    u32 positions;  /* bit i: the i-th fd sent is a uffd */
+    u32 sender;     /* tgid */
+    u32 pad;
+};
+#define SCM_MAX_FDS 4 /* fds of one SCM_RIGHTS message looked at */
+
+struct comm_name {
+    char c[16];
 };
 
 struct uffd_msg_head {

@@ -1,4 +1,4 @@
-/* pctop probes, part 2 of 4: the maps and the helpers every program uses
+/* pctop probes, part 2 of 5: the maps and the helpers every program uses
  * (configuration, per-thread state, per-interval statistics, uffd ranges).
  * See pctop.bpf.c for the life of a fault these serve. */
 
@@ -16,6 +16,15 @@ BPF_ARRAY(cpu_cur, struct cpu_cur_line, MAX_CPUS);
 /* per CPU: bumped on every fault by whichever CPU sees it; user space sums */
 BPF_PERCPU_ARRAY(dbg, u64, DBG_SLOTS);
 BPF_HASH(targets, u32, u32, 4096);
+/* A followed process's name, taken when it is adopted (in its own context or,
+ * for a fork child, its parent's): it outlives the process, whose /proc entry
+ * may be gone before user space reads it. */
+BPF_HASH(comms, u32, struct comm_name, 4096);
+/* Which process a uffd resolves faults for, when that is another process than
+ * the one holding it (a separate handler): learned from its wake-ups and from
+ * SCM_RIGHTS. key = the holder's (tgid, fd), value = the faulting tgid. */
+BPF_HASH(serves, struct fd_key, u32, 4096);
+BPF_ARRAY(scm_pending, struct scm_pending, 1);
 BPF_HASH(ranges, u32, struct range_set, 1024);
 BPF_PERCPU_ARRAY(range_zero, struct range_set, 1);
 BPF_HASH(uffd_fds, struct fd_key, u32, 16384);
@@ -109,13 +118,24 @@ static __always_inline u32 hist_bucket(u64 ns)
 
 /* Is this process followed? In follow_all mode, `adopt` adds it (the caller
  * saw it use userfaultfd or KVM, so none of its later faults is missed). */
-static __always_inline int followed(u32 tgid, int adopt)
+/* Follow tgid from now on. `own`: the caller runs in that process (or, for a
+ * fork child, in its parent), so the current comm is its name. */
+static __always_inline void adopt(u32 tgid, u32 flag, int own)
+{
+    targets.update(&tgid, &flag);
+    if (own) {
+        struct comm_name c = {};
+        bpf_get_current_comm(&c.c, sizeof(c.c));
+        comms.update(&tgid, &c);
+    }
+}
+
+static __always_inline int followed(u32 tgid, int adopt_it)
 {
     if (targets.lookup(&tgid))
         return 1;
-    if (adopt && cfg(CFG_FOLLOW_ALL)) {
-        u32 flag = TARGET_AUTO;
-        targets.update(&tgid, &flag);
+    if (adopt_it && cfg(CFG_FOLLOW_ALL)) {
+        adopt(tgid, TARGET_AUTO, 1);
         return 1;
     }
     return 0;
@@ -257,19 +277,24 @@ static __always_inline int uffd_range_hit(u32 tgid, u64 addr)
     return 0;
 }
 
-static __always_inline void uffd_range_add(u32 tgid, u64 start, u64 len)
+static __always_inline struct range_set *range_set_of(u32 tgid)
 {
     struct range_set *rs = ranges.lookup(&tgid);
-    if (!rs) {
-        u32 zero = 0;
-        struct range_set *z = range_zero.lookup(&zero);
-        if (!z)
-            return;
-        ranges.insert(&tgid, z);
-        rs = ranges.lookup(&tgid);
-        if (!rs)
-            return;
-    }
+    if (rs)
+        return rs;
+    u32 zero = 0;
+    struct range_set *z = range_zero.lookup(&zero);
+    if (!z)
+        return 0;
+    ranges.insert(&tgid, z);
+    return ranges.lookup(&tgid);
+}
+
+static __always_inline void uffd_range_add(u32 tgid, u64 start, u64 len)
+{
+    struct range_set *rs = range_set_of(tgid);
+    if (!rs)
+        return;
     u32 n = rs->n;
     /* reuse a hole left by UFFDIO_UNREGISTER first */
     FOR_EACH_RANGE(i, n) {

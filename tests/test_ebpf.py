@@ -56,15 +56,20 @@ def _need_ebpf() -> None:
         pytest.skip(f"eBPF unavailable: {why}")
 
 
-@pytest.fixture(scope="module")
-def toucher(tmp_path_factory) -> Path:
+def build_program(tmp_path_factory, name: str) -> Path:
+    """Compile tests/programs/<name>.c with gcc into a temporary folder."""
     gcc = shutil.which("gcc")
     if gcc is None:
-        pytest.skip("gcc not installed (needed to build tests/programs/uffd_toucher.c)")
-    out = tmp_path_factory.mktemp("programs") / "uffd_toucher"
-    subprocess.run([gcc, "-O2", "-Wall", "-Werror", "-pthread", "-o", str(out),
-                    str(PROGRAMS / "uffd_toucher.c")], check=True)
+        pytest.skip(f"gcc not installed (needed to build tests/programs/{name}.c)")
+    out = tmp_path_factory.mktemp("programs") / name
+    subprocess.run([gcc, "-O2", "-Wall", "-Werror", "-pthread", "-o", str(out), str(PROGRAMS / f"{name}.c")],
+                   check=True)
     return out
+
+
+@pytest.fixture(scope="module")
+def toucher(tmp_path_factory) -> Path:
+    return build_program(tmp_path_factory, "uffd_toucher")
 
 
 @pytest.fixture(scope="module")

@@ -9,10 +9,16 @@ stalled, from the first fault, and nothing else counted as a uffd's.
 
 from __future__ import annotations
 
+import json
+import subprocess
+from pathlib import Path
+
 import pytest
 
-from tests.test_ebpf import (assert_same_count, follow_all, run_toucher, threads_of,  # noqa: F401  (fixtures)
-                             toucher)
+from pctop.sources.readings import Reading
+from pctop.stats import Memory, build_sample, merge_readings
+from tests.test_ebpf import (assert_same_count, build_program, follow_all,  # noqa: F401  (fixtures)
+                             run_toucher, threads_of, toucher, uffd_of)
 
 pytestmark = pytest.mark.bpf
 
@@ -41,3 +47,102 @@ def test_a_spinning_handler_that_wakes_the_thread_before_it_leaves_its_cpu(follo
     assert tf.faults_no_read == 0 and sum(tf.hist) == tf.faults
     assert tf.queued_ns + tf.service_ns + tf.runq_ns == tf.stall_ns
     assert tf.stall_ns <= t["touch_ns"]
+
+
+# ---- tests/programs/uffd_scenarios.c --------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def scenarios(tmp_path_factory) -> Path:
+    return build_program(tmp_path_factory, "uffd_scenarios")
+
+
+def run_scenario(src, prog: Path, *args: str) -> tuple[dict, Reading, dict]:
+    """Run one scenario to completion inside one interval of `src`: (its truth, the
+    probes' reading, the probes' debug-counter deltas)."""
+    src.collect()
+    before = src.debug_counters()
+    p = subprocess.run([str(prog), *args], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    r = src.collect()
+    return json.loads(p.stdout), r, _debug_delta(src, before)
+
+
+def test_a_child_forked_with_event_fork_is_followed_from_its_first_fault(follow_all, scenarios):
+    """UFFD_FEATURE_EVENT_FORK: the child inherits the registration and faults at once on
+    it; the parent's handler reads the fork event, which makes the child's uffd in the
+    handler's own process, inside that read(), and resolves the child's faults through it.
+    Every one of the child's stalls counts (it was followed only from the next /proc
+    scan), and so does every read of the child's uffd, the first one included (the probes
+    knew it as a uffd only from its first ioctl)."""
+    truth, r, races = run_scenario(follow_all, scenarios, "fork", "-p", "512")
+    assert truth["child_ok"] and truth["fork_events"] == 1 and truth["child_msgs"] == 512
+    child = threads_of(r, truth["child"]).get(truth["child"])
+    assert child is not None, f"the child's faults were not seen ({races})"
+    assert_same_count(child.faults, truth["child_msgs"], races.get("missed_wake", 0), "the child's stalls")
+    assert child.faults_no_read == 0
+    u = uffd_of(r, truth["pid"], truth["child_uffd"])
+    assert (u.msgs_read, u.read_calls, u.copies) == (truth["child_msgs"], truth["child_reads"], truth["child_copies"])
+    (target,) = [t for t in r.targets if t.pid == truth["child"]]  # exited already, still named
+    assert target.comm == "uffd_scenarios"
+
+
+@pytest.mark.parametrize("thread_id", [False, True], ids=["by-address", "thread-id"])
+def test_a_uffd_received_over_a_unix_socket_by_a_separate_handler(follow_all, scenarios, thread_id):
+    """The faulting process makes the uffd and sends it (SCM_RIGHTS) to a handler process
+    that did not exist as a uffd user before: its first read() comes before any ioctl on
+    that fd. Every read counts, every stall is a read stall on the thread that faulted,
+    and the handler's uffd says whose faults it serves."""
+    truth, r, races = run_scenario(follow_all, scenarios, "scm", "-t", "3", "-p", "128", *(["-i"] if thread_id else []))
+    assert truth["msgs"] == 3 * 128
+    got = threads_of(r, truth["pid"])
+    for t in truth["touchers"]:
+        tf = got.get(t["tid"])
+        assert tf is not None, f"toucher {t['tid']} not seen ({races})"
+        assert_same_count(tf.faults, t["faults"], races.get("missed_wake", 0), f"toucher {t['tid']}")
+        assert tf.faults_no_read == 0, f"toucher {t['tid']}: {tf.faults_no_read} of {tf.faults} unread ({races})"
+    u = uffd_of(r, truth["handler_pid"], truth["handler_uffd"])
+    assert (u.msgs_read, u.read_calls, u.copies) == (truth["msgs"], truth["reads"], truth["copies"])
+    assert u.serves_pid == truth["pid"]
+    assert races.get("scm_uffd", 0) >= 1
+    # one migration in two processes: the handler names the process it serves, and the
+    # Sample lists them side by side, linked both ways
+    (handler,) = [t for t in r.targets if t.pid == truth["handler_pid"]]
+    assert handler.serves == (truth["pid"],) and handler.comm == "uffd_scenarios"
+    sample = build_sample(merge_readings([r]), Memory(), now=1.0, interval_s=1.0, seq=1, probe_tier="ebpf",
+                          sources=("ebpf",))
+    pids = [t.pid for t in sample.targets]
+    assert pids.index(truth["handler_pid"]) == pids.index(truth["pid"]) + 1
+    by_pid = {t.pid: t for t in sample.targets}
+    assert by_pid[truth["pid"]].served_by == (truth["handler_pid"],)
+    assert by_pid[truth["handler_pid"]].serves == (truth["pid"],)
+
+
+def test_a_closed_uffd_whose_number_is_reused_is_not_read_as_one(follow_all, scenarios):
+    """A program that makes a uffd (to probe support, say), closes it and opens a file,
+    which gets the same number, and one whose uffd number dup2() replaces: reads of those
+    files are not uffd reads (they showed as uffd rows with thousands of messages)."""
+    truth, r, races = run_scenario(follow_all, scenarios, "reuse", "-p", "200")
+    assert truth["reads"] == 400
+    for fd in truth["reused"]:
+        rows = [u for u in r.uffds if u.pid == truth["pid"] and u.fd == fd]
+        assert all(u.msgs_read == 0 and u.read_calls == 0 for u in rows), rows
+    assert races.get("uffd_closed", 0) >= 2
+
+
+@pytest.mark.parametrize("thread_id", [False, True], ids=["by-address", "thread-id"])
+def test_threads_faulting_on_one_page_each_stall_and_only_the_first_is_read(follow_all, scenarios, thread_id):
+    """Three threads fault on one page in turn; one message is read (the oldest, thread 0's)
+    and one copy wakes all three. Each stalled once per page; only thread 0's was read."""
+    n = 64
+    truth, r, races = run_scenario(follow_all, scenarios, "samepage", "-t", "3", "-p", str(n),
+                                   *(["-i"] if thread_id else []))
+    assert truth["msgs"] == n and truth["leftover"] == 0
+    if thread_id:
+        assert truth["first_read"] == n  # the kernel handed out thread 0's message each time
+    got = threads_of(r, truth["pid"])
+    for i, tid in enumerate(truth["tids"]):
+        tf = got.get(tid)
+        assert tf is not None, f"thread {i} not seen ({races})"
+        assert_same_count(tf.faults, n, races.get("missed_wake", 0), f"thread {i} stalls")
+        assert tf.faults_no_read == (0 if i == 0 else tf.faults), f"thread {i}: {tf} ({races})"

@@ -74,18 +74,19 @@ def probe_dir() -> Path:
 
 PROBE_DIR = probe_dir()
 # Joined in this order into one program text (bcc rewrites map calls only in its main file).
-PROBE_PARTS = ("pctop_defs.h", "pctop_state.c", "pctop.bpf.c", "pctop_kvm.c")
+PROBE_PARTS = ("pctop_defs.h", "pctop_state.c", "pctop.bpf.c", "pctop_fds.c", "pctop_kvm.c")
 
 # Must match probes/pctop_defs.h.
 CFG_FOLLOW_ALL, CFG_EPOCH, CFG_PAGE_MAP = 0, 1, 2
-TARGET_GIVEN, TARGET_AUTO, TARGET_HANDLER = 1, 2, 4
+TARGET_GIVEN, TARGET_AUTO, TARGET_HANDLER, TARGET_CHILD = 1, 2, 4, 8
 HOW_CREATE_VCPU, HOW_VCPU_FD, HOW_KVM_EXIT = 1, 2, 3
 HOW_NAMES = {HOW_CREATE_VCPU: "kvm_create_vcpu", HOW_VCPU_FD: "kvm_vcpu_fd", HOW_KVM_EXIT: "kvm_exit"}
 MAX_RANGES = 64
 HINT_SLOTS = 65536
 DEBUG_COUNTERS = ("not_uffd_wake", "missed_wake", "msg_unmatched", "msg_by_ptid", "msg_by_addr",
                   "read_via_copy", "exit_stalls", "woken_on_cpu",
-                  "lost_switch_in", "lost_switch_out", "early_wake", "page_map_lost", "on_cpu_end")
+                  "lost_switch_in", "lost_switch_out", "early_wake", "page_map_lost", "on_cpu_end",
+                  "uffd_closed", "not_uffd_read", "scm_uffd", "fork_child")
 FALLBACK_IDENTITY_TTL_S = 5.0
 
 # include/uapi/linux/kvm.h KVM_EXIT_*; index = exit_reason.
@@ -232,21 +233,28 @@ class EbpfSource:
         for (pid, tid), ex in exit_counts.items():  # exits but no stall this interval
             threads.append(ThreadFaults(pid, tid, 0, 0, 0, 0, 0, 0, 0, (0,) * HIST_BUCKETS, exits=ex))
         pm = (lambda key: installed.pop(key, ())) if self.page_map else (lambda key: None)
+        serves = self._serves()  # before a gone pid's entries are dropped
         uffds = [UffdCounters(pid=k.tgid, fd=k.fd, msgs_read=v.msgs_read, read_calls=v.read_calls,
                               copies=v.copies, zeropages=v.zeropages, continues=v.continues,
                               wakes=v.wakes, pages_installed=v.pages_installed,
                               bytes_installed=v.bytes_installed, eexist=v.eexist,
-                              installed_ranges=pm((k.tgid, k.fd)), page_map_lost=v.page_map_lost)
+                              installed_ranges=pm((k.tgid, k.fd)), page_map_lost=v.page_map_lost,
+                              serves_pid=serves.get((k.tgid, k.fd)))
                  for k, v in ufs]
         # pages whose install raced the epoch flip: counted last interval, mapped in this one
         uffds += [UffdCounters(pid=pid, fd=fd, installed_ranges=runs) for (pid, fd), runs in installed.items()]
 
         kernel_ids = self._kernel_identities()  # before a gone pid's entries are dropped
+        comms = self._kernel_comms()
+        served: dict[int, set[int]] = {}
+        for (pid, _fd), to in serves.items():
+            served.setdefault(pid, set()).add(to)
         gone = self._refresh_targets()
         self._prune_uffd_fds()
-        targets = tuple(TargetInfo(pid=pid, comm=read_comm(self.paths, pid) or "",
-                                   registered_ranges=self._registered(pid) if self.page_map else None)
-                        for pid in sorted(self._known))
+        targets = tuple(TargetInfo(pid=pid, comm=read_comm(self.paths, pid) or comms.get(pid, ""),
+                                   registered_ranges=self._registered(pid) if self.page_map else None,
+                                   serves=tuple(sorted(served.get(pid, ()))))
+                        for pid in sorted(set(self._known) | set(gone)))
         idents = self._identities(kernel_ids, gone)
         events, self._events = tuple(self._events), []
         return Reading(source=self.name, threads=tuple(sorted(threads, key=lambda t: (t.pid, t.tid))),
@@ -366,10 +374,10 @@ class EbpfSource:
         t = self._table("ranges")
         k = t.Key(pid)
         have: list[tuple[int, int]] = []
-        overflow = 0
+        overflow = event_fork = 0
         if k in t:
             cur = t[k]
-            overflow = cur.overflow
+            overflow, event_fork = cur.overflow, cur.event_fork
             have = [(cur.r[i].start, cur.r[i].end) for i in range(min(cur.n, MAX_RANGES))
                     if cur.r[i].start != cur.r[i].end]
         merged = sorted(set(have) | set(spans))
@@ -380,6 +388,7 @@ class EbpfSource:
             leaf.r[i].start, leaf.r[i].end = lo, hi
         leaf.n = min(len(merged), MAX_RANGES)
         leaf.overflow = overflow
+        leaf.event_fork = event_fork
         t[k] = leaf
 
     def _refresh_targets(self) -> list[int]:
@@ -415,13 +424,13 @@ class EbpfSource:
     def _forget(self, pid: int) -> None:
         self._known.pop(pid, None)
         self._fallback.pop(pid, None)
-        for name in ("targets", "ranges"):
+        for name in ("targets", "ranges", "comms"):
             t = self._table(name)
             try:
                 del t[t.Key(pid)]
             except KeyError:
                 pass
-        for name in ("vcpu_fds", "vcpus"):  # uffd_fds: _prune_uffd_fds
+        for name in ("vcpu_fds", "vcpus", "serves"):  # uffd_fds: _prune_uffd_fds
             t = self._table(name)
             for k, v in t.items():
                 if (getattr(k, "tgid", None) if name != "vcpus" else v.tgid) == pid:
@@ -430,6 +439,15 @@ class EbpfSource:
                     except KeyError:
                         pass
         self._vcpus_seen = {x for x in self._vcpus_seen if x[0] != pid}
+
+    def _serves(self) -> dict[tuple[int, int], int]:
+        """(handler pid, uffd fd) -> the pid whose faults that uffd resolves (another process)."""
+        return {(k.tgid, k.fd): v.value for k, v in self._table("serves").items()}
+
+    def _kernel_comms(self) -> dict[int, str]:
+        """Names the probes took when they adopted a process (they outlive its /proc entry)."""
+        return {k.value: bytes(v.c).split(b"\0", 1)[0].decode(errors="replace")
+                for k, v in self._table("comms").items()}
 
     def _kernel_identities(self) -> dict[int, dict[int, tuple[int, str]]]:
         """pid -> {tid: (vCPU index, how)} as the probes learned them (KVM_CREATE_VCPU/fd + KVM_RUN)."""

@@ -50,6 +50,7 @@ class UffdCounters(NamedTuple):
     # coalesced (start address, 4 KiB pages) runs in the target's address space; None when off.
     installed_ranges: tuple[tuple[int, int], ...] | None = None
     page_map_lost: int = 0  # installed pages the page map could not record (its map was full)
+    serves_pid: int | None = None  # the other process whose faults this uffd resolves (a separate handler)
 
 
 class UffdDepth(NamedTuple):
@@ -78,6 +79,7 @@ class TargetInfo(NamedTuple):
     thread_names: dict[int, str] = {}
     # uffd-registered ranges (start address, 4 KiB pages) as registered, with the page map on
     registered_ranges: tuple[tuple[int, int], ...] | None = None
+    serves: tuple[int, ...] = ()  # other processes whose faults this one's uffds resolve
 
 
 class MigrationInfo(NamedTuple):

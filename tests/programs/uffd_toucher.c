@@ -46,6 +46,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "wchan.h"
+
 #define MAX_TOUCHERS 64
 #define PAGE 4096UL
 
@@ -170,19 +172,6 @@ static void *handler_main(void *arg)
         }
     }
     return NULL;
-}
-
-static int asleep_in_uffd(pid_t tid)
-{
-    char path[64], w[64] = "";
-    snprintf(path, sizeof(path), "/proc/self/task/%d/wchan", tid);
-    FILE *f = fopen(path, "r");
-    if (!f)
-        return 0;
-    if (!fgets(w, sizeof(w), f))
-        w[0] = 0;
-    fclose(f);
-    return strcmp(w, "handle_userfault") == 0;
 }
 
 /* stream mode: never read; COPY the page a toucher sleeps on */

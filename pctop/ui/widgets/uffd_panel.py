@@ -32,6 +32,8 @@ def uffd_text(sample: Sample | None, history: History, width: int) -> Text:
                 out.append("\n")
             first = False
             out.append(f"{t.comm} {t.pid} fd {u.fd}", style="bold")
+            if u.serves_pid is not None:  # a separate handler: whose faults it resolves
+                out.append(f" → pid {u.serves_pid}")
             if t.handler_cpu_pct is not None:
                 out.append(f"  handler CPU {t.handler_cpu_pct:.0f}%")
             out.append(f"\n reads {fmt_rate(u.reads_per_s)}/s  installs {fmt_rate(u.installs_per_s)}/s")
