@@ -337,7 +337,7 @@ EBPF_MISSING_EFFECT = ("per-vCPU fault counts, stall times, percentiles, histogr
                        "vCPU identity and handler CPU come from /proc")
 
 
-def _start_ebpf(pids: tuple[int, ...], follow_all: bool, page_map: bool = False):
+def _start_ebpf(pids: tuple[int, ...], follow_all: bool, page_map: bool = False, comm: str | None = None):
     """(started EbpfSource, None) or (None, why not). bcc is imported only here."""
     try:
         from pctop.sources import ebpf
@@ -348,7 +348,7 @@ def _start_ebpf(pids: tuple[int, ...], follow_all: bool, page_map: bool = False)
     reason = ebpf.ebpf_unavailable_reason()
     if reason:
         return None, reason
-    src = ebpf.EbpfSource(list(pids), follow_all, page_map=page_map)
+    src = ebpf.EbpfSource(list(pids), follow_all, page_map=page_map, comm=comm)
     try:
         src.start()
     except Exception as e:  # probes failed to compile/attach: run on procfs
@@ -394,7 +394,7 @@ def open_live(pids: Sequence[int] = (), comm: str | None = None, interval: float
         if use_ebpf:
             initial = pids + tuple(find_by_comm(paths, comm, exclude=(os.getpid(),)) if comm else ())
             ebpf_src, why = _start_ebpf(initial, follow_all=not pids and comm is None,
-                                        page_map=page_ranges)
+                                        page_map=page_ranges, comm=comm)
         else:
             ebpf_src, why = None, "disabled by --no-ebpf"
         if page_ranges and ebpf_src is None:

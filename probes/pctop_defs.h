@@ -40,7 +40,8 @@
 #define CFG_FOLLOW_ALL 0
 #define CFG_EPOCH 1
 #define CFG_PAGE_MAP 2 /* 1: record which pages each install covered (page_map, page_spans) */
-#define CFG_SLOTS 3
+#define CFG_FOLLOW_COMM 3 /* 1: follow a process from its exec when its name is comm_filter's */
+#define CFG_SLOTS 4
 
 /* page map: one u64 bitmask per 64 pages (256 KiB) of a uffd's installs */
 #define PAGE_MAP_WORD_SHIFT 18

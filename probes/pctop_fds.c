@@ -114,6 +114,32 @@ TRACEPOINT_PROBE(sched, sched_process_fork)
     return 0;
 }
 
+/* ---------------------------------------------------------------- exec, for --comm */
+
+/* A process started after pctop whose name is the one asked for is followed from
+ * its exec (the name is set by then), not from the next /proc scan: its first
+ * faults may come right after. */
+TRACEPOINT_PROBE(sched, sched_process_exec)
+{
+    if (!cfg(CFG_FOLLOW_COMM))
+        return 0;
+    u32 zero = 0;
+    struct comm_name *want = comm_filter.lookup(&zero);
+    if (!want)
+        return 0;
+    struct comm_name c = {};
+    bpf_get_current_comm(&c.c, sizeof(c.c));
+#pragma unroll
+    for (int i = 0; i < 16; i++) {
+        if (c.c[i] != want->c[i])
+            return 0;
+        if (!c.c[i])
+            break;
+    }
+    adopt(bpf_get_current_pid_tgid() >> 32, TARGET_GIVEN, 1);
+    return 0;
+}
+
 /* ---------------------------------------------------------------- SCM_RIGHTS */
 
 /* The fds of the first control message of a user msghdr, if it is SCM_RIGHTS:

@@ -25,6 +25,8 @@ BPF_HASH(comms, u32, struct comm_name, 4096);
  * SCM_RIGHTS. key = the holder's (tgid, fd), value = the faulting tgid. */
 BPF_HASH(serves, struct fd_key, u32, 4096);
 BPF_ARRAY(scm_pending, struct scm_pending, 1);
+/* `--comm NAME`: the name, as the kernel keeps it (at most 15 bytes, NUL-padded) */
+BPF_ARRAY(comm_filter, struct comm_name, 1);
 BPF_HASH(ranges, u32, struct range_set, 1024);
 BPF_PERCPU_ARRAY(range_zero, struct range_set, 1);
 BPF_HASH(uffd_fds, struct fd_key, u32, 16384);

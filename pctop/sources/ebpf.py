@@ -77,7 +77,8 @@ PROBE_DIR = probe_dir()
 PROBE_PARTS = ("pctop_defs.h", "pctop_state.c", "pctop.bpf.c", "pctop_fds.c", "pctop_kvm.c")
 
 # Must match probes/pctop_defs.h.
-CFG_FOLLOW_ALL, CFG_EPOCH, CFG_PAGE_MAP = 0, 1, 2
+CFG_FOLLOW_ALL, CFG_EPOCH, CFG_PAGE_MAP, CFG_FOLLOW_COMM = 0, 1, 2, 3
+COMM_LEN = 16  # TASK_COMM_LEN: the kernel keeps 15 bytes of a name
 TARGET_GIVEN, TARGET_AUTO, TARGET_HANDLER, TARGET_CHILD = 1, 2, 4, 8
 HOW_CREATE_VCPU, HOW_VCPU_FD, HOW_KVM_EXIT = 1, 2, 3
 HOW_NAMES = {HOW_CREATE_VCPU: "kvm_create_vcpu", HOW_VCPU_FD: "kvm_vcpu_fd", HOW_KVM_EXIT: "kvm_exit"}
@@ -155,9 +156,11 @@ class EbpfSource:
     name = "ebpf"
 
     def __init__(self, pids: list[int] | None = None, follow_all: bool = False, *,
-                 page_map: bool = False, paths: HostPaths = DEFAULT) -> None:
+                 page_map: bool = False, comm: str | None = None, paths: HostPaths = DEFAULT) -> None:
+        """comm: also follow every process that execs with this name, from its exec."""
         self.paths = paths
         self.follow_all = follow_all
+        self.comm = comm
         # Record which pages every install covered (one map update per install): opt-in.
         self.page_map = page_map
         self._initial = list(pids or ())
@@ -189,6 +192,12 @@ class EbpfSource:
         self._set_config(CFG_FOLLOW_ALL, int(self.follow_all))
         self._set_config(CFG_EPOCH, self._epoch)
         self._set_config(CFG_PAGE_MAP, int(self.page_map))
+        if self.comm:
+            t = self._table("comm_filter")
+            leaf = t.Leaf()
+            leaf.c = self.comm.encode()[:COMM_LEN - 1]  # a c_char array takes bytes, NUL-padded
+            t[t.Key(0)] = leaf
+            self._set_config(CFG_FOLLOW_COMM, 1)
         for pid in self._initial:
             self.add_pid(pid)
 
