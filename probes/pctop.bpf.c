@@ -180,11 +180,51 @@ TRACEPOINT_PROBE(sched, sched_switch)
     return 0;
 }
 
+/* A thread in a uffd fault wakes whoever waits to read that uffd (handle_userfault's
+ * wake_up_poll). Until one of the thread's messages was matched to a read, such a
+ * wakee may be a handler that got the uffd from another process and whose reads we
+ * cannot tell from others yet: note it, so its next read of an unknown fd is looked at. */
+static __always_inline void maybe_reader(u32 wakee)
+{
+    u32 waker = (u32)bpf_get_current_pid_tgid();
+    if (!maybe_tracked(waker))
+        return;
+    struct tstate *t = tstate_of(waker);
+    if (!t || t->phase != PH_FAULTED || t->reader_known)
+        return;
+    u32 slot = wakee & (HINT_SLOTS - 1);
+    u32 *h = reader_hint.lookup(&slot);
+    if (!h || *h == wakee)
+        return;
+    if (!*h) {
+        u32 zero = 0;
+        s64 *n = maybe_readers.lookup(&zero);
+        if (n)
+            __sync_fetch_and_add(n, 1);
+    }
+    *h = wakee;
+}
+
+static __always_inline void reader_seen(u32 tid)
+{
+    u32 slot = tid & (HINT_SLOTS - 1);
+    u32 *h = reader_hint.lookup(&slot);
+    if (h && *h == tid) {
+        *h = 0;
+        u32 zero = 0;
+        s64 *n = maybe_readers.lookup(&zero);
+        if (n)
+            __sync_fetch_and_add(n, -1);
+    }
+}
+
 TRACEPOINT_PROBE(sched, sched_waking)
 {
     u32 wakee = args->pid;
-    if (!maybe_tracked(wakee))
+    if (!maybe_tracked(wakee)) {
+        maybe_reader(wakee);
         return 0;
+    }
     struct tstate *t = tstate_of(wakee);
     if (!t || (t->phase != PH_SLEEPING && t->phase != PH_PREEMPTED && t->phase != PH_FAULTED))
         return 0;
@@ -308,16 +348,50 @@ TRACEPOINT_PROBE(syscalls, sys_exit_userfaultfd)
 TRACEPOINT_PROBE(syscalls, sys_enter_read)
 {
     u64 id = bpf_get_current_pid_tgid();
+    u32 tid = (u32)id;
     u32 slot = (id >> 32) & (HINT_SLOTS - 1);
     u32 *h = uffd_tgid_hint.lookup(&slot);
-    if (!h || !*h)
-        return 0;
     struct fd_key k = {.tgid = id >> 32, .fd = (s32)args->fd};
-    if (!uffd_fds.lookup(&k))
+    struct inflight io = {.arg = (u64)args->buf, .fd = k.fd, .tgid = k.tgid};
+    if (h && *h && uffd_fds.lookup(&k)) {
+        io.kind = IO_UFFD_READ;
+        stash_inflight(tid, &io);
         return 0;
-    u32 tid = (u32)id;
-    struct inflight io = {.kind = IO_UFFD_READ, .arg = (u64)args->buf, .fd = k.fd, .tgid = k.tgid};
+    }
+    u32 zero = 0;
+    s64 *n = maybe_readers.lookup(&zero);
+    if (!n || *n <= 0)
+        return 0;
+    u32 rslot = tid & (HINT_SLOTS - 1);
+    u32 *r = reader_hint.lookup(&rslot);
+    if (!r || *r != tid)
+        return 0;
+    io.kind = IO_MAYBE_UFFD_READ;
     stash_inflight(tid, &io);
+    return 0;
+}
+
+/* A read() of an fd not known as a uffd, by a thread a fault woke: it is a uffd
+ * if it returned whole messages, the first a page fault of a thread that waits on
+ * that page (by its thread id, or by the page's faulters). Returns the faulting
+ * process, 0 if not. */
+static __always_inline u32 first_read_of_a_uffd(struct inflight *rs, long ret)
+{
+    if (ret < UFFD_MSG_SIZE || (ret % UFFD_MSG_SIZE))
+        return 0;
+    struct uffd_msg_head m = {};
+    if (bpf_probe_read_user(&m, sizeof(m), (void *)rs->arg))
+        return 0;
+    if (m.event != UFFD_EVENT_PAGEFAULT || m.reserved1 || m.reserved2 || m.reserved3)
+        return 0;
+    u64 page = m.address & PAGE_MASK_4K;
+    struct tstate *t = m.ptid ? tstate_of(m.ptid) : 0;
+    if (t && t->phase != PH_NONE && t->phase != PH_WOKEN)
+        return t->tgid;
+    u32 slot = page_slot(page);
+    struct pending_fault *p = pending_addr.lookup(&slot);
+    if (p && p->page == page && unread_fault_on(p->tid[0], page))
+        return p->tgid;
     return 0;
 }
 
@@ -336,6 +410,7 @@ static __always_inline void match_msg(u64 now, u64 addr, u32 ptid)
             }
             if (!t->read_ts)
                 t->read_ts = now;
+            t->reader_known = 1;
             t->addr = page; /* the message names the page it waits for */
             dbg_inc(DBG_MSG_BY_PTID);
             return;
@@ -349,6 +424,7 @@ static __always_inline void match_msg(u64 now, u64 addr, u32 ptid)
             struct tstate *t = unread_fault_on(p->tid[i], page);
             if (t) {
                 t->read_ts = now;
+                t->reader_known = 1;
                 dbg_inc(DBG_MSG_BY_ADDR);
                 return;
             }
@@ -402,9 +478,25 @@ TRACEPOINT_PROBE(syscalls, sys_exit_read)
 {
     u32 tid = (u32)bpf_get_current_pid_tgid();
     struct inflight rs;
-    if (!take_inflight(tid, &rs) || rs.kind != IO_UFFD_READ)
-        return 0; /* not a uffd read, or an ioctl whose exit we missed */
+    if (!take_inflight(tid, &rs))
+        return 0;
     long ret = args->ret;
+    if (rs.kind == IO_MAYBE_UFFD_READ) {
+        reader_seen(tid);
+        u32 faulting = first_read_of_a_uffd(&rs, ret);
+        if (!faulting)
+            return 0;
+        remember_uffd(rs.tgid, rs.fd);
+        dbg_inc(DBG_READER_FOUND);
+        if (faulting != rs.tgid) {
+            if (!targets.lookup(&rs.tgid))
+                adopt(rs.tgid, TARGET_HANDLER, 1);
+            struct fd_key k = {.tgid = rs.tgid, .fd = rs.fd};
+            serves.update(&k, &faulting);
+        }
+    } else if (rs.kind != IO_UFFD_READ) {
+        return 0; /* an ioctl, clone or other entry whose exit we missed */
+    }
     if (ret > 0 && (ret % UFFD_MSG_SIZE)) {
         /* a uffd returns whole messages only: the fd number is another file now
          * (closed and reused in a way no traced call showed) */

@@ -51,8 +51,8 @@
 /* targets map flags */
 #define TARGET_GIVEN 1    /* pid given by the user */
 #define TARGET_AUTO 2     /* follow_all: it called userfaultfd()/a uffd or KVM ioctl */
-#define TARGET_HANDLER 4  /* it resolved a fault of a followed thread (e.g. a separate uffd handler),
-                           * or received a followed process's uffd over a unix socket */
+#define TARGET_HANDLER 4  /* it resolved or read a fault of a followed thread (a separate uffd
+                           * handler, e.g. one that got the uffd over a unix socket) */
 #define TARGET_CHILD 8    /* forked by a followed process whose uffd has EVENT_FORK: its
                            * registrations (and faults) start at birth */
 
@@ -73,6 +73,7 @@
 #define IO_KVM_CREATE_VCPU 5
 #define IO_UFFD_READ 6 /* a read() of a uffd: arg = the buffer */
 #define IO_CLONE 7     /* clone/clone3/fork/vfork of a process with an EVENT_FORK uffd: arg = flags */
+#define IO_MAYBE_UFFD_READ 8 /* a read() of an fd not known as a uffd, by a thread a fault woke */
 
 /* how a vCPU fd's index was learned */
 #define HOW_CREATE_VCPU 1 /* saw KVM_CREATE_VCPU return this fd */
@@ -101,7 +102,7 @@
 #define DBG_ON_CPU_END 12     /* a stall woken on its CPU that ended there (no switch-out) */
 #define DBG_UFFD_CLOSED 13    /* a known uffd's fd closed (or replaced by dup2/dup3) */
 #define DBG_NOT_UFFD_READ 14  /* a read() of a "uffd" fd that returned no whole messages: forgotten */
-#define DBG_SCM_UFFD 15       /* uffds received over a unix socket */
+#define DBG_READER_FOUND 15   /* uffds learned from their first read (received from another process) */
 #define DBG_FORK_CHILD 16     /* children followed from birth (EVENT_FORK) */
 #define DBG_SLOTS 17
 
@@ -154,7 +155,7 @@ struct tstate {
     u8 phase;
     u8 in_run;     /* inside KVM_RUN (a sleep there may be a GUP-path uffd fault) */
     u8 efault_open; /* efault_ts set inside KVM_RUN; its sys_exit moves it to the return */
-    u8 pad;
+    u8 reader_known; /* a handler read one of its messages: the uffd's reader is known */
 };
 
 /* A thread's state in its tid's array slot (tstate_slots). */
@@ -264,16 +265,6 @@ struct span_key {
     u32 pad;
     u64 start;
 };
-
-/* A uffd on its way to another process over a unix socket (SCM_RIGHTS): the
- * positions of the uffds among the fds of the sender's message. */
-struct scm_pending {
-    u32 count;      /* sends not yet received */
-    u32 positions;  /* bit i: the i-th fd sent is a uffd */
-    u32 sender;     /* tgid */
-    u32 pad;
-};
-#define SCM_MAX_FDS 4 /* fds of one SCM_RIGHTS message looked at */
 
 struct comm_name {
     char c[16];

@@ -6,9 +6,9 @@
  *   - a fork with UFFD_FEATURE_EVENT_FORK gives the child the parent's
  *     registrations, and its faults start at once: the child is followed from
  *     its birth (sched_process_fork), with the parent's ranges;
- *   - a uffd sent over a unix socket (SCM_RIGHTS: Firecracker's and CRIU's
- *     handlers get theirs so) is known as a uffd in the receiver from the
- *     recvmsg() that brings it, before its first read.
+ *   - a uffd that reaches a process some other way (over a unix socket with
+ *     SCM_RIGHTS, as Firecracker's and CRIU's handlers get theirs; pidfd_getfd)
+ *     is learned from its first read (pctop.bpf.c, maybe_reader).
  * Each program returns after one array lookup for processes without uffds. */
 
 /* ---------------------------------------------------------------- close, dup2, dup3 */
@@ -137,110 +137,5 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
             break;
     }
     adopt(bpf_get_current_pid_tgid() >> 32, TARGET_GIVEN, 1);
-    return 0;
-}
-
-/* ---------------------------------------------------------------- SCM_RIGHTS */
-
-/* The fds of the first control message of a user msghdr, if it is SCM_RIGHTS:
- * how many (at most SCM_MAX_FDS are copied to fds). */
-static __always_inline u32 scm_fds(u64 msghdr, s32 *fds)
-{
-    u64 ctl[2] = {}; /* struct user_msghdr: msg_control @32, msg_controllen @40 */
-    if (bpf_probe_read_user(ctl, sizeof(ctl), (void *)(msghdr + 32)) || !ctl[0] || ctl[1] < 16)
-        return 0;
-    struct {
-        u64 len;
-        s32 level, type;
-    } h = {};
-    if (bpf_probe_read_user(&h, sizeof(h), (void *)ctl[0]))
-        return 0;
-    if (h.level != 1 || h.type != 1 || h.len < 20) /* SOL_SOCKET, SCM_RIGHTS */
-        return 0;
-    u32 n = (h.len - 16) / 4;
-    if (n > SCM_MAX_FDS)
-        n = SCM_MAX_FDS;
-    bpf_probe_read_user(fds, SCM_MAX_FDS * sizeof(s32), (void *)(ctl[0] + 16));
-    return n;
-}
-
-TRACEPOINT_PROBE(syscalls, sys_enter_sendmsg)
-{
-    u32 tgid = bpf_get_current_pid_tgid() >> 32;
-    if (!has_uffds(tgid))
-        return 0;
-    s32 fds[SCM_MAX_FDS] = {};
-    u32 n = scm_fds((u64)args->msg, fds);
-    u32 positions = 0;
-#pragma unroll
-    for (int i = 0; i < SCM_MAX_FDS; i++) {
-        struct fd_key k = {.tgid = tgid, .fd = fds[i]};
-        if (i < n && uffd_fds.lookup(&k))
-            positions |= 1u << i;
-    }
-    if (!positions)
-        return 0;
-    u32 zero = 0;
-    struct scm_pending *p = scm_pending.lookup(&zero);
-    if (p) {
-        p->positions = positions;
-        p->sender = tgid;
-        __sync_fetch_and_add(&p->count, 1);
-    }
-    return 0;
-}
-
-/* Any process may receive it, and the receiver is usually waiting in recvmsg()
- * before the send: every recvmsg's msghdr is noted (one array store, no lock),
- * and its exit looks at it only while a send is pending. */
-struct recv_arg {
-    u32 tid;
-    u32 pad;
-    u64 msg;
-};
-BPF_ARRAY(recv_args, struct recv_arg, HINT_SLOTS);
-
-TRACEPOINT_PROBE(syscalls, sys_enter_recvmsg)
-{
-    u32 tid = (u32)bpf_get_current_pid_tgid();
-    u32 slot = tid & (HINT_SLOTS - 1);
-    struct recv_arg *a = recv_args.lookup(&slot);
-    if (a) {
-        a->tid = tid;
-        a->msg = (u64)args->msg;
-    }
-    return 0;
-}
-
-TRACEPOINT_PROBE(syscalls, sys_exit_recvmsg)
-{
-    u32 zero = 0;
-    struct scm_pending *p = scm_pending.lookup(&zero);
-    if (!p || !p->count || args->ret < 0)
-        return 0;
-    u64 id = bpf_get_current_pid_tgid();
-    u32 tid = (u32)id, tgid = id >> 32;
-    u32 slot = tid & (HINT_SLOTS - 1);
-    struct recv_arg *a = recv_args.lookup(&slot);
-    if (!a || a->tid != tid)
-        return 0;
-    s32 fds[SCM_MAX_FDS] = {};
-    u32 n = scm_fds(a->msg, fds);
-    if (!n)
-        return 0;
-    u32 positions = p->positions, sender = p->sender;
-    __sync_fetch_and_add(&p->count, -1);
-    if (tgid != sender && !targets.lookup(&tgid))
-        adopt(tgid, TARGET_HANDLER, 1);
-#pragma unroll
-    for (int i = 0; i < SCM_MAX_FDS; i++) {
-        if (i < n && (positions & (1u << i))) {
-            remember_uffd(tgid, fds[i]);
-            struct fd_key k = {.tgid = tgid, .fd = fds[i]};
-            if (tgid != sender)
-                serves.update(&k, &sender);
-            dbg_inc(DBG_SCM_UFFD);
-        }
-    }
     return 0;
 }

@@ -21,10 +21,9 @@ BPF_HASH(targets, u32, u32, 4096);
  * may be gone before user space reads it. */
 BPF_HASH(comms, u32, struct comm_name, 4096);
 /* Which process a uffd resolves faults for, when that is another process than
- * the one holding it (a separate handler): learned from its wake-ups and from
- * SCM_RIGHTS. key = the holder's (tgid, fd), value = the faulting tgid. */
+ * the one holding it (a separate handler): learned from its reads and wake-ups.
+ * key = the holder's (tgid, fd), value = the faulting tgid. */
 BPF_HASH(serves, struct fd_key, u32, 4096);
-BPF_ARRAY(scm_pending, struct scm_pending, 1);
 /* `--comm NAME`: the name, as the kernel keeps it (at most 15 bytes, NUL-padded) */
 BPF_ARRAY(comm_filter, struct comm_name, 1);
 BPF_HASH(ranges, u32, struct range_set, 1024);
@@ -67,6 +66,13 @@ BPF_HASH(page_spans, struct span_key, u64, 4096);
  * at every context switch. */
 #define HINT_SLOTS 65536
 BPF_ARRAY(tid_hint, u32, HINT_SLOTS);
+
+/* Threads a fault woke whose process is not known to hold that uffd (a handler
+ * that got it from another process): its next read() of an unknown fd is looked
+ * at (pctop.bpf.c maybe_reader). Slot by tid; `maybe_readers` counts the set
+ * slots, so every other read() of the host costs one lookup of a hot word. */
+BPF_ARRAY(reader_hint, u32, HINT_SLOTS);
+BPF_ARRAY(maybe_readers, s64, 1);
 
 static __always_inline int maybe_tracked(u32 tid)
 {

@@ -87,7 +87,7 @@ HINT_SLOTS = 65536
 DEBUG_COUNTERS = ("not_uffd_wake", "missed_wake", "msg_unmatched", "msg_by_ptid", "msg_by_addr",
                   "read_via_copy", "exit_stalls", "woken_on_cpu",
                   "lost_switch_in", "lost_switch_out", "early_wake", "page_map_lost", "on_cpu_end",
-                  "uffd_closed", "not_uffd_read", "scm_uffd", "fork_child")
+                  "uffd_closed", "not_uffd_read", "reader_found", "fork_child")
 FALLBACK_IDENTITY_TTL_S = 5.0
 
 # include/uapi/linux/kvm.h KVM_EXIT_*; index = exit_reason.

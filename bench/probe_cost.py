@@ -1,0 +1,113 @@
+"""Probe program time per engine fault (bpf_stats), for several source trees side by side.
+
+    .venv/bin/python bench/probe_cost.py [--tree DIR ...] [--rounds 6] [--strategy uffd] [--json]
+
+As root. Each round runs, for every tree in turn (the order alternates between
+rounds, so drift on a shared machine falls on both alike), one measurement in a
+fresh process whose imports come from that tree: its EbpfSource follows every
+uffd user, kernel.bpf_stats_enabled is on, and that tree's reference engine
+migrates a 2-vCPU, 32 MiB guest with the stream off (every first touch is a
+demand fault). The figure is the summed run_time_ns of all probe programs over
+the engine's faults, and the same per program. Without --tree it compares the
+working tree with nothing (one column). To compare with an older commit:
+`git worktree add /tmp/old <commit>` and pass `--tree /tmp/old --tree .`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BPF_STATS = "/proc/sys/kernel/bpf_stats_enabled"
+
+# Runs inside the tree under test (its own pctop on sys.path): prints one JSON line.
+MEASURE = r"""
+import json, subprocess, sys
+from pctop.sources.ebpf import EbpfSource
+strategy = sys.argv[1]
+src = EbpfSource(None, follow_all=True)
+src.start()
+try:
+    src.collect()
+    before = src.prog_stats()
+    p = subprocess.run([sys.executable, "-m", "pctop", "demo", "--headless", "--json", "--strategy", strategy,
+                        "--workload", "kvm", "--vcpus", "2", "--memory", "32M", "--pattern", "random",
+                        "--control", "", "--no-background"], capture_output=True, text=True, timeout=300)
+    after = src.prog_stats()
+finally:
+    src.close()
+if p.returncode:
+    sys.exit("the engine failed: " + p.stderr.strip()[-300:])
+faults = json.loads(p.stdout.splitlines()[-1])["faults_total"]
+per = {k: after[k][1] - before.get(k, (0, 0))[1] for k in after}
+print(json.dumps({"faults": faults, "ns": {k: v for k, v in per.items() if v}}))
+"""
+
+
+def measure(tree: str, strategy: str) -> dict:
+    env = dict(os.environ, PYTHONPATH=tree)
+    env.pop("PCTOP_PROBES", None)
+    p = subprocess.run([sys.executable, "-c", MEASURE, strategy], capture_output=True, text=True, cwd=tree,
+                       env=env, timeout=600)
+    if p.returncode:
+        raise SystemExit(f"probe_cost: {tree}: {p.stderr.strip().splitlines()[-1:]}")
+    return json.loads(p.stdout.splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tree", action="append", default=[], help="a source tree (repeatable); default: this one")
+    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--strategy", default="uffd", choices=["uffd", "sharded", "vcpu-exit"])
+    ap.add_argument("--json", action="store_true")
+    a = ap.parse_args()
+    if a.rounds < 1:
+        raise SystemExit("probe_cost: --rounds must be at least 1")
+    trees = [os.path.abspath(t) for t in a.tree] or [ROOT]
+    for t in trees:
+        if not os.path.isfile(os.path.join(t, "pctop", "sources", "ebpf.py")):
+            raise SystemExit(f"probe_cost: {t} is not a pctop source tree")
+    print(f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {platform.node()}, {os.cpu_count()} CPUs, "
+          f"kernel {platform.release()}, strategy {a.strategy}", file=sys.stderr)
+    old_stats = open(BPF_STATS).read().strip()
+    results: dict[str, list[dict]] = {t: [] for t in trees}
+    try:
+        with open(BPF_STATS, "w") as f:
+            f.write("1")
+        for r in range(a.rounds):
+            for t in (trees if r % 2 == 0 else trees[::-1]):
+                m = measure(t, a.strategy)
+                results[t].append(m)
+                print(f"[{r + 1}/{a.rounds}] {t}: {sum(m['ns'].values()) / m['faults']:.0f} ns/fault "
+                      f"({m['faults']} faults)", file=sys.stderr, flush=True)
+    finally:
+        with open(BPF_STATS, "w") as f:
+            f.write(old_stats)
+    summary = {}
+    for t, ms in results.items():
+        per_fault = [sum(m["ns"].values()) / m["faults"] for m in ms]
+        progs: dict[str, list[float]] = {}
+        for m in ms:
+            for k, v in m["ns"].items():
+                progs.setdefault(k, []).append(v / m["faults"])
+        summary[t] = {"median_ns_per_fault": statistics.median(per_fault), "runs": per_fault,
+                      "programs": {k: statistics.median(v) for k, v in sorted(progs.items())}}
+    if a.json:
+        print(json.dumps(summary))
+        return
+    for t, s in summary.items():
+        print(f"{t}: {s['median_ns_per_fault']:.0f} ns per fault (median of {len(s['runs'])}: "
+              + ", ".join(f"{x:.0f}" for x in s["runs"]) + ")")
+        for k, v in sorted(s["programs"].items(), key=lambda kv: -kv[1]):
+            print(f"    {k:<40} {v:7.0f}")
+
+
+if __name__ == "__main__":
+    main()
