@@ -25,6 +25,10 @@ of them at file scope (a map called `config`, say) would not compile. Such
 names are renamed inside vmlinux.h only (a small "hide" header included around
 it), found by comparing the probe text's definitions with the tree's list of
 kernel names.
+
+The first BTF build of a probe text is tried in a child process (bcc 0.26
+crashes the process it runs in after a fatal compiler error); if it fails,
+the caller goes on to the next way instead of dying.
 """
 
 from __future__ import annotations
@@ -374,12 +378,50 @@ def kernel_source(way: Way) -> Iterator[None]:
             os.environ["BCC_KERNEL_SOURCE"] = before
 
 
-def prepare(way: Way, text: str, paths: HostPaths = DEFAULT) -> list[str]:
-    """Make what `way` needs to compile `text`; the extra cflags. Raises BuildError."""
+# Compiles and loads in a child: bcc 0.26 crashes its process (SIGSEGV) after a fatal
+# compiler error, so a tree this kernel's vmlinux.h breaks must fail there, not in pctop.
+_TRIAL = """
+import sys
+from bcc import BPF
+BPF(text=sys.stdin.read().encode(), cflags=sys.argv[1:]).cleanup()
+"""
+
+
+def _trial_build(tree: str, text: str, cflags: list[str]) -> None:
+    """Build `text` with `tree` once in a child process; a marker in the tree remembers
+    success for this text and these flags, so later starts skip it. Raises BuildError."""
+    digest = hashlib.sha256("\0".join([text, *cflags]).encode()).hexdigest()[:16]
+    marker = os.path.join(tree, "include", "pctop", f"built-{digest}")
+    if os.path.exists(marker):
+        return
+    import sys
+
+    env = dict(os.environ, BCC_KERNEL_SOURCE=tree, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    try:
+        r = subprocess.run([sys.executable, "-c", _TRIAL, *cflags], input=text, capture_output=True,
+                           text=True, timeout=300, env=env)
+    except subprocess.TimeoutExpired:
+        raise BuildError("the trial build took over 300 s") from None
+    if r.returncode != 0:
+        errors = [line for line in r.stderr.splitlines() if "error:" in line]
+        why = errors[0].strip() if errors else (r.stderr.strip().splitlines() or ["no output"])[-1]
+        how = f"killed by signal {-r.returncode}" if r.returncode < 0 else f"exit status {r.returncode}"
+        raise BuildError(f"trial build failed ({how}): {why}")
+    try:
+        _write_atomic(marker, "")
+    except OSError:
+        pass  # only a cache: the next start tries again
+
+
+def prepare(way: Way, text: str, cflags: list[str], paths: HostPaths = DEFAULT) -> list[str]:
+    """Make what `way` needs to compile `text`: the cflags to compile with. For BTF that is
+    the tree, and a trial build the first time. Raises BuildError."""
     if way.name != BTF or way.kernel_dir is None:
-        return []
+        return cflags
     tree = make_btf_tree(paths)
     try:
-        return btf_cflags(tree, text)
+        flags = cflags + btf_cflags(tree, text)
     except OSError as e:
         raise BuildError(f"cannot use {tree}: {e.strerror}") from None
+    _trial_build(tree, text, flags)
+    return flags

@@ -262,3 +262,29 @@ def test_own_headers_then_btf_then_stand_in(tmp_path, headers_for, btf, expected
     assert r.status == ("OK" if expected else "MISSING")
     if expected:
         assert r.detail.startswith(f"{expected[0]}: ")
+
+
+@pytest.mark.bpf
+def test_a_btf_build_that_fails_gives_way_to_stand_in_headers(tmp_path):
+    need_root()
+    need_btf_and_bpftool()
+    from pctop.hostpaths import DEFAULT
+    from pctop.sources.ebpf import EbpfSource, ebpf_unavailable_reason
+
+    why = ebpf_unavailable_reason()
+    if why:
+        pytest.skip(f"eBPF unavailable: {why}")
+    paths = HostPaths(proc=DEFAULT.proc, cache=str(tmp_path))
+    if [w.name for w in pb.ways(paths)] != [pb.BTF, pb.STAND_IN]:
+        pytest.skip("needs a host whose own headers are missing and stand-in ones linked (pctop doctor --fix)")
+    tree = Path(pb.make_btf_tree(paths))
+    (tree / "include/linux/kconfig.h").write_text('#error "a BTF tree this kernel cannot use"\n')
+    src = EbpfSource([], paths=paths)
+    src.start()
+    try:
+        events = src.collect().events
+    finally:
+        src.close()
+    assert src.built_with.name == pb.STAND_IN
+    assert events[0].startswith("probes did not build with BTF: "), events
+    assert events[1].startswith("probes built with stand-in headers: "), events

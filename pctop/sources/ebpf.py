@@ -207,9 +207,9 @@ class EbpfSource:
         failed: list[str] = []
         for way in probe_build.ways(self.paths):
             try:
-                extra = probe_build.prepare(way, text, self.paths)
+                flags = probe_build.prepare(way, text, cflags, self.paths)
                 with probe_build.kernel_source(way):
-                    bpf = BPF(text=text.encode(), cflags=cflags + extra)
+                    bpf = BPF(text=text.encode(), cflags=flags)
             except Exception as e:  # bcc raises a bare Exception when clang fails
                 failed.append(f"{way.name}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
                 continue
