@@ -270,17 +270,21 @@ def _write_atomic(path: str, data: str) -> None:
 
 
 def _sweep(parent: str, keep: str) -> None:
-    """Drop trees of other kernels' BTF and generations killed half-way (older than STALE_TMP_S)."""
+    """Drop trees of other kernels' BTF and whatever a killed pctop left half-made
+    (.tmp-* older than STALE_TMP_S; younger ones may be another pctop's, being made)."""
     now = time.time()
     for entry in os.scandir(parent):
-        if entry.path == keep or not entry.is_dir(follow_symlinks=False):
+        if entry.path == keep:
             continue
         try:
-            if entry.name.startswith(".tmp-") and now - entry.stat().st_mtime < STALE_TMP_S:
-                continue  # another pctop is making it right now
+            if entry.name.startswith(".tmp-") and now - entry.stat(follow_symlinks=False).st_mtime < STALE_TMP_S:
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+            elif entry.name.startswith(".tmp-"):
+                os.unlink(entry.path)
         except FileNotFoundError:
             continue
-        shutil.rmtree(entry.path, ignore_errors=True)
 
 
 def make_btf_tree(paths: HostPaths = DEFAULT) -> str:
@@ -420,6 +424,7 @@ def prepare(way: Way, text: str, cflags: list[str], paths: HostPaths = DEFAULT) 
         return cflags
     tree = make_btf_tree(paths)
     try:
+        _sweep(os.path.join(tree, "include", "pctop"), keep="")  # files written after the tree
         flags = cflags + btf_cflags(tree, text)
     except OSError as e:
         raise BuildError(f"cannot use {tree}: {e.strerror}") from None

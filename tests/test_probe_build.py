@@ -128,8 +128,11 @@ def test_stale_trees_and_killed_generations_are_swept(tmp_path):
     running = btf_dir / ".tmp-running"
     for d in (old_kernel, killed, running):
         (d / "include").mkdir(parents=True)
+    killed_file = btf_dir / ".tmp-file"
+    killed_file.write_text("half")
     an_hour_ago = time.time() - 3600
-    os.utime(killed, (an_hour_ago, an_hour_ago))
+    for p in (killed, killed_file):
+        os.utime(p, (an_hour_ago, an_hour_ago))
     tree = pb.make_btf_tree(HostPaths(cache=str(tmp_path)))
     assert sorted(p.name for p in btf_dir.iterdir()) == sorted([os.path.basename(tree), running.name])
 

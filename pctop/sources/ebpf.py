@@ -43,6 +43,10 @@ not followed yet; without UFFD_FEATURE_THREAD_ID a read is matched to its
 fault by page address, and for vCPU faults with no host address (VMX,
 PVM native guests) by the first page of the COPY that resolves it.
 
+How bcc gets the kernel's types (own headers, BTF, stand-in headers) is
+picked in pctop/probe_build.py; start() keeps the way in built_with and says
+it in the first reading's events.
+
 Importing this module does not import bcc; start() does.
 Smoke tool: `python -m pctop.sources.ebpf --help`.
 """
