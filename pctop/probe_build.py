@@ -140,22 +140,24 @@ _keys: dict[tuple, str] = {}
 
 
 def _btf_key(btf: str) -> str:
-    """A digest of the BTF and of the files pctop writes beside it: a rebuilt kernel with the
-    same release, or a pctop that writes other stubs, gets its own tree."""
+    """A digest of the BTF itself: a rebuilt kernel with the same release gets its own tree."""
     st = os.stat(btf)
     seen = (btf, st.st_ino, st.st_size, st.st_mtime_ns)
     if seen not in _keys:
-        h = hashlib.sha256((_KCONFIG_H + repr(sorted(_STUBS.items()))).encode())  # the tree's own files
+        h = hashlib.sha256()
         with open(btf, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 h.update(block)
-        _keys[seen] = h.hexdigest()[:16]
+        _keys[seen] = h.hexdigest()[:12]
     return _keys[seen]
 
 
 def btf_tree(paths: HostPaths = DEFAULT) -> str:
-    """The include tree for the running kernel's BTF (it may not exist yet)."""
-    return os.path.join(cache_dir(paths), "btf", f"{platform.release()}-{_btf_key(btf_file(paths))}")
+    """The include tree for the running kernel's BTF (it may not exist yet), named
+    <release>-<BTF digest>-<digest of the files pctop writes beside vmlinux.h>, so a pctop
+    that writes other stubs gets its own tree."""
+    own = hashlib.sha256((_KCONFIG_H + repr(sorted(_STUBS.items()))).encode()).hexdigest()[:8]
+    return os.path.join(cache_dir(paths), "btf", f"{platform.release()}-{_btf_key(btf_file(paths))}-{own}")
 
 
 def tree_made(tree: str) -> bool:
@@ -269,12 +271,14 @@ def _write_atomic(path: str, data: str) -> None:
         raise
 
 
-def _sweep(parent: str, keep: str) -> None:
-    """Drop trees of other kernels' BTF and whatever a killed pctop left half-made
-    (.tmp-* older than STALE_TMP_S; younger ones may be another pctop's, being made)."""
+def _sweep(parent: str, keep: str = "") -> None:
+    """Drop trees of other kernels' BTF (not those of another pctop version: it may be
+    running) and whatever a killed pctop left half-made (.tmp-* older than STALE_TMP_S;
+    younger ones may be another pctop's, being made)."""
     now = time.time()
+    btf_part = os.path.basename(keep).rsplit("-", 1)[0] + "-" if keep else None
     for entry in os.scandir(parent):
-        if entry.path == keep:
+        if btf_part and entry.name.startswith(btf_part):
             continue
         try:
             if entry.name.startswith(".tmp-") and now - entry.stat(follow_symlinks=False).st_mtime < STALE_TMP_S:
@@ -424,7 +428,7 @@ def prepare(way: Way, text: str, cflags: list[str], paths: HostPaths = DEFAULT) 
         return cflags
     tree = make_btf_tree(paths)
     try:
-        _sweep(os.path.join(tree, "include", "pctop"), keep="")  # files written after the tree
+        _sweep(os.path.join(tree, "include", "pctop"))  # files written after the tree
         flags = cflags + btf_cflags(tree, text)
     except OSError as e:
         raise BuildError(f"cannot use {tree}: {e.strerror}") from None

@@ -123,18 +123,21 @@ def test_racing_pctops_make_one_tree_and_leave_no_litter(tmp_path):
 def test_stale_trees_and_killed_generations_are_swept(tmp_path):
     need_btf_and_bpftool()
     btf_dir = tmp_path / "btf"
-    old_kernel = btf_dir / "5.10.0-old-0123456789abcdef"
+    paths = HostPaths(cache=str(tmp_path))
+    old_kernel = btf_dir / "5.10.0-old-0123456789ab-01234567"
+    other_pctop = btf_dir / (os.path.basename(pb.btf_tree(paths)).rsplit("-", 1)[0] + "-76543210")
     killed = btf_dir / ".tmp-killed"
     running = btf_dir / ".tmp-running"
-    for d in (old_kernel, killed, running):
+    for d in (old_kernel, other_pctop, killed, running):
         (d / "include").mkdir(parents=True)
     killed_file = btf_dir / ".tmp-file"
     killed_file.write_text("half")
     an_hour_ago = time.time() - 3600
     for p in (killed, killed_file):
         os.utime(p, (an_hour_ago, an_hour_ago))
-    tree = pb.make_btf_tree(HostPaths(cache=str(tmp_path)))
-    assert sorted(p.name for p in btf_dir.iterdir()) == sorted([os.path.basename(tree), running.name])
+    tree = pb.make_btf_tree(paths)
+    kept = [os.path.basename(tree), other_pctop.name, running.name]
+    assert sorted(p.name for p in btf_dir.iterdir()) == sorted(kept)
 
 
 def test_unreadable_btf_is_one_line_and_leaves_nothing(tmp_path):
