@@ -4,7 +4,8 @@ The real test hides every header this host has: a private mount namespace
 (unshare -m) puts empty tmpfs over /lib/modules and /usr/src, and a child
 pctop there builds the probes from /sys/kernel/btf/vmlinux into a fresh cache,
 then counts the faults of tests/programs/uffd_toucher.c exactly, like
-tests/test_ebpf.py. The choice between ways is checked on folder trees made
+tests/test_ebpf.py. Another reads struct task_struct through vmlinux.h and
+gets this kernel's answers. The choice between ways is checked on folder trees made
 here (a host with its own headers cannot be made real otherwise); the BTF
 they name is this kernel's own.
 """
@@ -34,6 +35,16 @@ def need_btf_and_bpftool() -> None:
         pytest.skip(f"this kernel has no BTF ({REAL_BTF})")
     if pb.bpftool() is None:
         pytest.skip("bpftool not installed (apt-get install bpftool)")
+
+
+def need_ebpf_and_btf() -> None:
+    need_root()
+    need_btf_and_bpftool()
+    from pctop.sources.ebpf import ebpf_unavailable_reason
+
+    why = ebpf_unavailable_reason()
+    if why:
+        pytest.skip(f"eBPF unavailable: {why}")
 
 
 def run_without_headers(*cmd: str, cache: Path) -> subprocess.CompletedProcess:
@@ -72,13 +83,7 @@ print(json.dumps({"built_with": src.built_with.name, "truth": truth, "events": l
 
 @pytest.mark.bpf
 def test_probes_build_from_btf_and_count_faults_with_headers_hidden(toucher, tmp_path):
-    need_root()
-    need_btf_and_bpftool()
-    from pctop.sources.ebpf import ebpf_unavailable_reason
-
-    why = ebpf_unavailable_reason()
-    if why:
-        pytest.skip(f"eBPF unavailable: {why}")
+    need_ebpf_and_btf()
     cache = tmp_path / "cache"
     r = run_without_headers(sys.executable, "-c", CHILD, str(toucher), cache=cache)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -102,6 +107,47 @@ def test_doctor_names_btf_when_headers_are_hidden(tmp_path):
     (build,) = [c for c in doc["checks"] if c["name"] == "probe build"]
     assert build["status"] == "OK" and build["detail"].startswith("BTF: "), build
     assert "stand-in" not in build["detail"]  # /usr/src is hidden: nothing to fall back to
+
+
+# Reads the calling task's tgid and its parent's through struct task_struct, as vmlinux.h lays
+# it out, and says what getpid()/getppid() say. (With Debian's 6.1 headers standing in for 6.18,
+# the same program read 4294936705 and 0 here: another kernel's layout.)
+LAYOUT_CHILD = '''
+import json, os
+from pctop import probe_build as pb
+text = """
+BPF_ARRAY(out, u32, 2);
+TRACEPOINT_PROBE(syscalls, sys_enter_getppid)
+{
+    if (bpf_get_current_pid_tgid() >> 32 != WANT)
+        return 0;
+    struct task_struct *t = (struct task_struct *)bpf_get_current_task();
+    u32 k0 = 0, k1 = 1, tgid = t->tgid, parent = t->real_parent->tgid;
+    out.update(&k0, &tgid);
+    out.update(&k1, &parent);
+    return 0;
+}
+"""
+way = pb.btf_way()
+flags = pb.prepare(way, text, [f"-DWANT={os.getpid()}"])
+from bcc import BPF
+with pb.kernel_source(way):
+    b = BPF(text=text.encode(), cflags=flags)
+ppid = os.getppid()
+print(json.dumps({"read": [b["out"][0].value, b["out"][1].value], "truth": [os.getpid(), ppid]}))
+'''
+
+
+@pytest.mark.bpf
+def test_struct_layouts_are_the_running_kernels(tmp_path):
+    """What BTF gives that stand-in headers cannot: kernel structs as this kernel lays them out."""
+    need_ebpf_and_btf()
+    env = dict(os.environ, PCTOP_CACHE=str(tmp_path))
+    r = subprocess.run([sys.executable, "-c", LAYOUT_CHILD], capture_output=True, text=True, env=env,
+                       cwd=ROOT, timeout=120)
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)
+    assert got["read"] == got["truth"]
 
 
 # ---- the tree in the cache --------------------------------------------------------------
@@ -272,14 +318,10 @@ def test_own_headers_then_btf_then_stand_in(tmp_path, headers_for, btf, expected
 
 @pytest.mark.bpf
 def test_a_btf_build_that_fails_gives_way_to_stand_in_headers(tmp_path):
-    need_root()
-    need_btf_and_bpftool()
+    need_ebpf_and_btf()
     from pctop.hostpaths import DEFAULT
-    from pctop.sources.ebpf import EbpfSource, ebpf_unavailable_reason
+    from pctop.sources.ebpf import EbpfSource
 
-    why = ebpf_unavailable_reason()
-    if why:
-        pytest.skip(f"eBPF unavailable: {why}")
     paths = HostPaths(proc=DEFAULT.proc, cache=str(tmp_path))
     if [w.name for w in pb.ways(paths)] != [pb.BTF, pb.STAND_IN]:
         pytest.skip("needs a host whose own headers are missing and stand-in ones linked (pctop doctor --fix)")
