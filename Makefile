@@ -34,6 +34,7 @@ test: setup
 # Benchmarks are run by hand (minutes; results go to bench/RESULTS.md by hand).
 bench: setup
 	$(PY) bench/startup.py
+	$(PY) bench/probe_build.py
 	$(PY) bench/engine.py
 	$(PY) bench/monitor_overhead.py
 	$(PY) bench/c_handler_overhead.py

@@ -15,7 +15,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
-import glob
 import importlib.util
 import mmap
 import os
@@ -24,6 +23,7 @@ import shutil
 import subprocess
 from typing import Callable, NamedTuple
 
+from pctop import probe_build
 from pctop.hostpaths import DEFAULT, HostPaths
 
 OK, MISSING, INFO = "OK", "MISSING", "INFO"
@@ -86,23 +86,6 @@ def _mounted(paths: HostPaths, fstype: str, mountpoint: str) -> bool:
     return False
 
 
-def headers_fallback_candidates(paths: HostPaths = DEFAULT) -> tuple[str, str] | None:
-    """The newest Debian-style (build, source) header pair under /usr/src, if any.
-
-    bcc only needs headers for tracepoint-only programs, so headers of another
-    kernel release work when the exact ones do not exist (platform.md).
-    """
-    builds = sorted(glob.glob(os.path.join(paths.usr_src, "linux-headers-*-amd64")))
-    for build in reversed(builds):
-        common = build[: -len("-amd64")] + "-common"
-        if os.path.isdir(os.path.join(build, "include")) or os.path.isdir(common):
-            return build, common if os.path.isdir(common) else build
-    generic = sorted(glob.glob(os.path.join(paths.usr_src, "linux-headers-*-generic")))
-    if generic:
-        return generic[-1], generic[-1]
-    return None
-
-
 # --- checks --------------------------------------------------------------------------------------
 
 
@@ -146,22 +129,27 @@ def check_bcc(paths: HostPaths = DEFAULT) -> CheckResult:
                        "apt-get install python3-bpfcc   (PyPI's package named 'bcc' is unrelated)")
 
 
-def check_headers(paths: HostPaths = DEFAULT) -> CheckResult:
+def check_probe_build(paths: HostPaths = DEFAULT) -> CheckResult:
+    """Which way bcc will get the kernel's types (pctop.probe_build): own headers, BTF, stand-in."""
+    found = probe_build.ways(paths)
+    if found:
+        best = found[0]
+        later = f"; then {', '.join(w.name for w in found[1:])}" if found[1:] else ""
+        hint = ""
+        if best.name == probe_build.STAND_IN and os.path.isfile(probe_build.btf_file(paths)):
+            hint = "; apt-get install bpftool to build from this kernel's BTF instead"
+        return CheckResult("probe build", OK, f"{best.name}: {best.detail}{later}{hint}")
     rel = platform.release()
     build = os.path.join(paths.lib_modules, rel, "build")
-    if os.path.isdir(os.path.join(build, "include")):
-        target = os.path.realpath(build)
-        exact = rel in os.path.basename(target)
-        kind = "matching" if exact else "fallback (another release; fine for tracepoint-only probes)"
-        return CheckResult("kernel headers", OK, f"{kind}: {build} -> {target}")
-    if os.path.exists(os.path.join(paths.sys, "kernel", "kheaders.tar.xz")):
-        return CheckResult("kernel headers", OK, "from /sys/kernel/kheaders.tar.xz (CONFIG_IKHEADERS)")
-    cand = headers_fallback_candidates(paths)
+    if os.path.isfile(probe_build.btf_file(paths)):
+        return CheckResult("probe build", MISSING, f"no headers for {rel}, and no bpftool to read its BTF",
+                           "apt-get install bpftool   (the probes then build from /sys/kernel/btf/vmlinux)")
+    cand = probe_build.headers_fallback_candidates(paths)
     if cand:
-        return CheckResult("kernel headers", MISSING,
-                           f"no headers for {rel}; {os.path.basename(cand[0])} can stand in",
+        return CheckResult("probe build", MISSING,
+                           f"no headers or BTF for {rel}; {os.path.basename(cand[0])} can stand in",
                            "pctop doctor --fix   (links them under /lib/modules/$(uname -r))")
-    return CheckResult("kernel headers", MISSING, f"no headers for {rel} under {build}",
+    return CheckResult("probe build", MISSING, f"no headers for {rel} under {build}, no BTF",
                        f"apt-get install linux-headers-{rel} || apt-get install linux-headers-amd64; "
                        "then pctop doctor --fix")
 
@@ -214,7 +202,8 @@ def check_kprobes(paths: HostPaths = DEFAULT) -> CheckResult:
     btf = os.path.exists(os.path.join(paths.sys, "kernel", "btf", "vmlinux"))
     return CheckResult("kprobes/fentry", INFO,
                        f"kprobes {'available' if kp else 'absent'}, BTF {'present' if btf else 'absent'}"
-                       " (pctop needs neither: tracepoints only)", required=False)
+                       " (pctop attaches to tracepoints only; BTF may build them, see probe build)",
+                       required=False)
 
 
 def _kvm_vendor(paths: HostPaths) -> str:
@@ -353,7 +342,7 @@ def check_netem(paths: HostPaths = DEFAULT) -> CheckResult:
 
 
 CHECKS: list[Callable[[HostPaths], CheckResult | list[CheckResult]]] = [
-    check_kernel, check_privilege, check_bcc, check_headers, check_tracefs, check_debugfs,
+    check_kernel, check_privilege, check_bcc, check_probe_build, check_tracefs, check_debugfs,
     check_tracepoints, check_kprobes, check_kvm, check_userfaultfd, check_qemu, check_netem,
 ]
 
@@ -381,8 +370,15 @@ def fix_host(paths: HostPaths = DEFAULT) -> list[str]:
         _mount("debugfs", "none", paths.debugfs, done)
     rel = platform.release()
     build = os.path.join(paths.lib_modules, rel, "build")
+    found = probe_build.ways(paths)
+    if found and found[0].name == probe_build.BTF and not probe_build.tree_made(found[0].kernel_dir):
+        try:  # now rather than at the first start
+            done.append(f"BTF: made vmlinux.h for the probes in {probe_build.make_btf_tree(paths)}")
+        except probe_build.BuildError as e:
+            done.append(f"BTF: {e}")
+    # Stand-in headers stay linked as the last way, should a BTF build fail.
     if not os.path.isdir(os.path.join(build, "include")):
-        cand = headers_fallback_candidates(paths)
+        cand = probe_build.headers_fallback_candidates(paths)
         if cand is None:
             done.append("headers: none under /usr/src to link; "
                         "apt-get install linux-headers-amd64 (Debian) or linux-headers-generic (Ubuntu)")

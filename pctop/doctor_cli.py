@@ -12,7 +12,7 @@ from pctop import doctor as d
 
 @click.command("doctor")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of lines.")
-@click.option("--fix", is_flag=True, help="Mount tracefs/debugfs and link stand-in kernel headers, then check.")
+@click.option("--fix", is_flag=True, help="Mount tracefs/debugfs, make the BTF tree, link stand-in kernel headers, then check.")
 def doctor(as_json: bool, fix: bool) -> None:
     """Check what pctop needs (eBPF, KVM, userfaultfd) and say how to fix what is missing.
 

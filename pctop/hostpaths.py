@@ -1,8 +1,9 @@
 """Where pctop looks for the host's pseudo-filesystems and system folders.
 
-Every /proc, /sys, /dev, /lib/modules and /usr/src path pctop reads goes
-through one HostPaths object (psutil's PROCFS_PATH idea), so tests can point
-a check at a missing or fake tree without mocking anything that exists.
+Every /proc, /sys, /dev, /lib/modules and /usr/src path pctop reads, and the
+cache it writes (pctop/probe_build.py), goes through one HostPaths object
+(psutil's PROCFS_PATH idea), so tests can point a check at a missing or fake
+tree without mocking anything that exists.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ class HostPaths:
     dev: str = "/dev"
     lib_modules: str = "/lib/modules"
     usr_src: str = "/usr/src"
+    cache: str = "/var/cache/pctop"
 
     @property
     def tracefs(self) -> str:
@@ -31,4 +33,5 @@ class HostPaths:
         return os.path.join(self.proc, *map(str, parts))
 
 
-DEFAULT = HostPaths(proc=os.environ.get("PCTOP_PROC", "/proc"))
+DEFAULT = HostPaths(proc=os.environ.get("PCTOP_PROC", "/proc"),
+                    cache=os.environ.get("PCTOP_CACHE", "/var/cache/pctop"))

@@ -3,7 +3,9 @@
  * bcc (its rewriter only turns map.lookup() etc. into helper calls in the main
  * file, so the parts cannot #include each other). Struct layouts here are read
  * back by user space through bcc's generated ctypes. */
+#ifndef PCTOP_BTF /* built from BTF (pctop/probe_build.py), vmlinux.h already has every kernel type */
 #include <uapi/linux/ptrace.h>
+#endif
 
 #define HIST_BUCKETS 24
 #define MAX_RANGES 64 /* registered ranges tracked per process; more => every fault is a candidate */

@@ -13,10 +13,15 @@ for p in python3 python3-venv python3-pip python3-bpfcc iproute2 gcc libc6-dev q
     have "$p" || need+=("$p")
 done
 
-# bcc compiles probes against kernel headers. Prefer the running kernel's
-# own package; otherwise the distribution's generic headers stand in (enough
-# for tracepoint-only programs; `pctop doctor --fix` links them).
+# bcc compiles the probes against the running kernel's own headers, else its
+# BTF (/sys/kernel/btf/vmlinux, dumped by bpftool), else the distribution's
+# generic headers standing in (pctop/probe_build.py; `pctop doctor --fix`
+# links them). The stand-in is fetched too, as the last resort should a BTF
+# build fail.
 rel=$(uname -r)
+if [ -f /sys/kernel/btf/vmlinux ] && ! command -v bpftool >/dev/null && [ ! -x /usr/sbin/bpftool ]; then
+    need+=("BPFTOOL")
+fi
 if [ ! -d "/lib/modules/$rel/build/include" ] && ! ls -d /usr/src/linux-headers-*-amd64 /usr/src/linux-headers-*-generic >/dev/null 2>&1; then
     need+=("HEADERS")
 fi
@@ -37,6 +42,9 @@ for p in "${need[@]}"; do
         for h in "linux-headers-$rel" linux-headers-amd64 linux-headers-generic; do
             if apt-cache show "$h" >/dev/null 2>&1; then pkgs+=("$h"); break; fi
         done
+    elif [ "$p" = BPFTOOL ]; then
+        # Debian packages it; where apt has none, the headers above must do.
+        if apt-cache show bpftool >/dev/null 2>&1; then pkgs+=(bpftool); fi
     else
         pkgs+=("$p")
     fi

@@ -43,6 +43,10 @@ not followed yet; without UFFD_FEATURE_THREAD_ID a read is matched to its
 fault by page address, and for vCPU faults with no host address (VMX,
 PVM native guests) by the first page of the COPY that resolves it.
 
+How bcc gets the kernel's types (own headers, BTF, stand-in headers) is
+picked in pctop/probe_build.py; start() keeps the way in built_with and says
+it in the first reading's events.
+
 Importing this module does not import bcc; start() does.
 Smoke tool: `python -m pctop.sources.ebpf --help`.
 """
@@ -54,7 +58,7 @@ import os
 import time
 from pathlib import Path
 
-from pctop import doctor
+from pctop import doctor, probe_build
 from pctop.hostpaths import DEFAULT, HostPaths
 from pctop.sources import identity, pagemap
 from pctop.sources.procfs import UFFD_LINK, read_comm
@@ -126,7 +130,7 @@ def tracepoint_exists(tp: str, paths: HostPaths = DEFAULT) -> bool:
 
 def ebpf_unavailable_reason(paths: HostPaths = DEFAULT) -> str | None:
     """Why the probes cannot run here (one line with the fix), or None. Cheap: no bcc import."""
-    checks = (doctor.check_privilege, doctor.check_bcc, doctor.check_tracefs, doctor.check_headers)
+    checks = (doctor.check_privilege, doctor.check_bcc, doctor.check_tracefs, doctor.check_probe_build)
     for check in checks:
         r = check(paths)
         if r.failed:
@@ -171,6 +175,7 @@ class EbpfSource:
         self._fallback: dict[int, tuple[float, dict[int, tuple[int, str]]]] = {}
         self._events: list[str] = []
         self.startup_s: float | None = None  # compile + load + attach, measured by start()
+        self.built_with: probe_build.Way | None = None  # how start() got the kernel's types
         self.attached: tuple[str, ...] = ()
 
     # ---- life cycle -----------------------------------------------------------------------
@@ -182,8 +187,7 @@ class EbpfSource:
         from bcc import BPF  # the one place bcc is imported
 
         t0 = time.monotonic()
-        cflags = probe_cflags(self.paths)
-        self._bpf = BPF(text=probe_text().encode(), cflags=cflags)
+        self._bpf = self._compile(BPF, probe_text(), probe_cflags(self.paths))
         parser = self._bpf.load_func(b"parse_uffd_msgs", BPF.TRACEPOINT)
         self._bpf[b"msg_parser"][ct.c_int(0)] = ct.c_int(parser.fd)
         self.startup_s = time.monotonic() - t0
@@ -200,6 +204,26 @@ class EbpfSource:
             self._set_config(CFG_FOLLOW_COMM, 1)
         for pid in self._initial:
             self.add_pid(pid)
+
+    def _compile(self, BPF, text: str, cflags: list[str]):
+        """Compile and load the probes the best way this host offers (pctop.probe_build);
+        a way that fails gives way to the next, so stand-in headers stay the last resort."""
+        failed: list[str] = []
+        for way in probe_build.ways(self.paths):
+            try:
+                flags = probe_build.prepare(way, text, cflags, self.paths)
+                with probe_build.kernel_source(way):
+                    bpf = BPF(text=text.encode(), cflags=flags)
+            except Exception as e:  # bcc raises a bare Exception when clang fails
+                failed.append(f"{way.name}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+                continue
+            if way.name == probe_build.BTF:  # its detail no longer says "at the first start"
+                way = probe_build.btf_way(self.paths) or way
+            self.built_with = way
+            self._events.extend(f"probes did not build with {f}" for f in failed)
+            self._events.append(f"probes built with {way.name}: {way.detail}")
+            return bpf
+        raise EbpfUnavailable("probes did not build: " + ("; ".join(failed) or "no kernel headers or BTF"))
 
     def close(self) -> None:
         if self._bpf is not None:
@@ -538,7 +562,8 @@ def main(argv: list[str] | None = None) -> int:
     stats_before = None
     try:
         src.start()
-        print(json.dumps({"startup_s": round(src.startup_s or 0, 3), "attached": src.attached}), flush=True)
+        print(json.dumps({"startup_s": round(src.startup_s or 0, 3), "attached": src.attached,
+                          "built_with": src.built_with.name if src.built_with else None}), flush=True)
         if a.prog_stats:
             stats_before = Path(BPF_STATS_SYSCTL).read_text().strip()
             Path(BPF_STATS_SYSCTL).write_text("1")
