@@ -218,7 +218,10 @@ def build_sample(merged: Merged, memory: Memory, *, now: float, interval_s: floa
             memory.comms[pid] = ti.comm
         tids = {t for p, t in merged.threads if p == pid} | {t for p, t in memory.identities if p == pid}
         vcpus = sorted((vcpu_sample(merged.threads.get((pid, tid)), memory.identities.get((pid, tid)),
-                                    tid, memory.thread_names.get((pid, tid), ""), interval_s)
+                                    # a process's main thread is named like the process: the
+                                    # name of one that exited before /proc was read
+                                    tid, memory.thread_names.get((pid, tid))
+                                    or (memory.comms[pid] if tid == pid else ""), interval_s)
                         for tid in tids), key=_vcpu_sort_key)
         fds = {f for p, f in merged.counters if p == pid} | {f for p, f in merged.depths if p == pid}
         uffds = tuple(uffd_sample(fd, merged.counters.get((pid, fd)), merged.depths.get((pid, fd)),

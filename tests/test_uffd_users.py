@@ -88,6 +88,10 @@ def test_a_child_forked_with_event_fork_is_followed_from_its_first_fault(follow_
     assert (u.msgs_read, u.read_calls, u.copies) == (truth["child_msgs"], truth["child_reads"], truth["child_copies"])
     (target,) = [t for t in r.targets if t.pid == truth["child"]]  # exited already, still named
     assert target.comm == "uffd_scenarios"
+    sample = build_sample(merge_readings([r]), Memory(), now=1.0, interval_s=1.0, seq=1, probe_tier="ebpf",
+                          sources=("ebpf",))
+    (row,) = [v for t in sample.targets if t.pid == truth["child"] for v in t.vcpus]
+    assert (row.tid, row.name, row.faults) == (truth["child"], "uffd_scenarios", child.faults)
 
 
 @pytest.mark.parametrize("thread_id", [False, True], ids=["by-address", "thread-id"])
