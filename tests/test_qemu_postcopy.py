@@ -150,19 +150,26 @@ def test_stall_per_vcpu_at_least_qemu_blocktime(watched):
     w = watched["watcher"]
     qemu_ms = watched["dst_info"]["postcopy-vcpu-blocktime"]
     stall_ns: dict[int, int] = {}
+    faults: dict[int, int] = {}
     vmm_ms: dict[int, float] = {}
     for t in w.dest_targets():
         for v in t.vcpus:
             if v.vcpu is None:
                 continue
             stall_ns[v.vcpu] = stall_ns.get(v.vcpu, 0) + v.stall_ns
+            faults[v.vcpu] = faults.get(v.vcpu, 0) + v.faults
             vmm_ms[v.vcpu] = vmm_ms.get(v.vcpu, 0.0) + (v.vmm_blocktime_ms or 0.0)
     assert sorted(stall_ns) == list(range(len(qemu_ms)))
     for idx, ms in enumerate(qemu_ms):
         assert ms > 0
         # QEMU 7.2 loses a wait when the vCPU faults again before it marks the previous
-        # fault resolved (docs/qemu.md); pctop times each sleep from the outside.
-        assert stall_ns[idx] >= ms * 1_000_000, (idx, stall_ns[idx], ms)
+        # fault resolved (docs/qemu.md); pctop times each sleep from the outside, so it
+        # sees at least QEMU's blocktime, up to QEMU's rounding: each wait is the
+        # difference of two clock reads truncated to the ms, off by less than 1 ms either
+        # way, about 0.41 ms sd, and such errors add up over n waits to ~0.41 * sqrt(n) ms.
+        # Six times that: a lost class of stalls (or their run-queue part) still fails it.
+        rounding_ns = 6 * 0.41e6 * faults[idx] ** 0.5 + 1e6
+        assert stall_ns[idx] + rounding_ns >= ms * 1_000_000, (idx, stall_ns[idx], ms, faults[idx])
         # The Samples carry QEMU's number too: per-interval growth that adds up to it.
         assert vmm_ms[idx] == pytest.approx(ms)
 
