@@ -10,6 +10,7 @@
 #define HIST_BUCKETS 24
 #define MAX_RANGES 64 /* registered ranges tracked per process; more => every fault is a candidate */
 #define MAX_MSGS 32   /* uffd_msg records matched per read() (tail-call chain); msgs_read is always exact */
+#define HINT_SLOTS 65536 /* per-thread array slots (tid mod HINT_SLOTS), pctop_state.c */
 #define PAGE_MASK_4K (~0xfffULL)
 #define UFFD_MSG_SIZE 32
 #define UFFD_EVENT_PAGEFAULT 0x12

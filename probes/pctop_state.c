@@ -64,7 +64,6 @@ BPF_HASH(page_spans, struct span_key, u64, 4096);
  * at the thread's own in-flight slot instead, which no other CPU writes, where
  * an update of this array would take its cache line from the CPUs reading it
  * at every context switch. */
-#define HINT_SLOTS 65536
 BPF_ARRAY(tid_hint, u32, HINT_SLOTS);
 
 /* Threads a fault woke whose process is not known to hold that uffd (a handler

@@ -64,34 +64,25 @@ from pctop.sources import identity, pagemap
 from pctop.sources.procfs import UFFD_LINK, read_comm
 from pctop.sources.readings import (HIST_BUCKETS, Reading, TargetInfo, ThreadFaults,
                                     UffdCounters, VcpuIdentity)
+from pctop.sources.probe_defs import DEFS, PROBE_DIR, slots_named
 from pctop.sources.tracepoints import OPTIONAL_MACROS
 
 
-def probe_dir() -> Path:
-    """The BPF C: $PCTOP_PROBES, else pctop/probes in an installed wheel, else the source tree's probes/."""
-    if os.environ.get("PCTOP_PROBES"):
-        return Path(os.environ["PCTOP_PROBES"])
-    package = Path(__file__).resolve().parents[1]
-    installed = package / "probes"
-    return installed if installed.is_dir() else package.parent / "probes"
-
-
-PROBE_DIR = probe_dir()
 # Joined in this order into one program text (bcc rewrites map calls only in its main file).
 PROBE_PARTS = ("pctop_defs.h", "pctop_state.c", "pctop.bpf.c", "pctop_fds.c", "pctop_kvm.c")
 
 # Must match probes/pctop_defs.h.
-CFG_FOLLOW_ALL, CFG_EPOCH, CFG_PAGE_MAP, CFG_FOLLOW_COMM = 0, 1, 2, 3
+# From probes/pctop_defs.h, the one place they are written (pctop.sources.probe_defs);
+# -1 where the header is missing (ebpf_unavailable_reason then says so).
+CFG_FOLLOW_ALL, CFG_EPOCH, CFG_PAGE_MAP, CFG_FOLLOW_COMM = (DEFS.get(f"CFG_{n}", -1) for n in (
+    "FOLLOW_ALL", "EPOCH", "PAGE_MAP", "FOLLOW_COMM"))
+TARGET_GIVEN, TARGET_HANDLER = DEFS.get("TARGET_GIVEN", -1), DEFS.get("TARGET_HANDLER", -1)
+HOW_VCPU_FD = DEFS.get("HOW_VCPU_FD", -1)
+HOW_NAMES = {DEFS.get("HOW_CREATE_VCPU", -1): "kvm_create_vcpu", HOW_VCPU_FD: "kvm_vcpu_fd",
+             DEFS.get("HOW_KVM_EXIT", -1): "kvm_exit"}
+MAX_RANGES, HINT_SLOTS = DEFS.get("MAX_RANGES", -1), DEFS.get("HINT_SLOTS", -1)
 COMM_LEN = 16  # TASK_COMM_LEN: the kernel keeps 15 bytes of a name
-TARGET_GIVEN, TARGET_AUTO, TARGET_HANDLER, TARGET_CHILD = 1, 2, 4, 8
-HOW_CREATE_VCPU, HOW_VCPU_FD, HOW_KVM_EXIT = 1, 2, 3
-HOW_NAMES = {HOW_CREATE_VCPU: "kvm_create_vcpu", HOW_VCPU_FD: "kvm_vcpu_fd", HOW_KVM_EXIT: "kvm_exit"}
-MAX_RANGES = 64
-HINT_SLOTS = 65536
-DEBUG_COUNTERS = ("not_uffd_wake", "missed_wake", "msg_unmatched", "msg_by_ptid", "msg_by_addr",
-                  "read_via_copy", "exit_stalls", "woken_on_cpu",
-                  "lost_switch_in", "lost_switch_out", "early_wake", "page_map_lost", "on_cpu_end",
-                  "uffd_closed", "not_uffd_read", "reader_found", "fork_child")
+DEBUG_COUNTERS = slots_named("DBG_")  # dbg array slots, by name
 FALLBACK_IDENTITY_TTL_S = 5.0
 
 # include/uapi/linux/kvm.h KVM_EXIT_*; index = exit_reason.

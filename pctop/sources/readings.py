@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import NamedTuple, Protocol
 
-HIST_BUCKETS = 24
+from pctop.model import HIST_BUCKETS  # re-exported: one value for every layer  # noqa: F401
 
 
 class ThreadFaults(NamedTuple):
