@@ -66,6 +66,8 @@ from __future__ import annotations
 import struct
 from typing import NamedTuple
 
+from pctop.asm import Assembler
+
 PAGE_2M = 2 << 20
 GIB = 1 << 30
 DATA_GPA = 1 * GIB          # the data slot's guest physical base (2 MiB aligned)
@@ -92,45 +94,6 @@ EFER = 0xD01        # NXE | LMA | LME | SCE
 RFLAGS = 0x2        # reserved bit 1; interrupts off
 
 PTE_P, PTE_RW, PTE_US, PTE_A, PTE_D, PTE_PS = 1, 2, 4, 0x20, 0x40, 0x80
-
-
-class Instruction(NamedTuple):
-    offset: int
-    data: bytes
-    asm: str
-
-
-class Assembler:
-    """Collects hand-encoded instructions; resolves rel32 jumps to labels at the end."""
-
-    def __init__(self) -> None:
-        self.insns: list[Instruction] = []
-        self.labels: dict[str, int] = {}
-        self._fixups: list[tuple[int, int, str]] = []   # (insn index, rel32 position, label)
-        self.size = 0
-
-    def emit(self, data: bytes, asm: str) -> None:
-        self.insns.append(Instruction(self.size, data, asm))
-        self.size += len(data)
-
-    def label(self, name: str) -> None:
-        self.labels[name] = self.size
-
-    def jump(self, opcode: bytes, label: str, asm: str) -> None:
-        """A jmp/jcc with a rel32 displacement to `label` (filled in by assemble())."""
-        self._fixups.append((len(self.insns), len(opcode), label))
-        self.emit(opcode + b"\0\0\0\0", asm)
-
-    def assemble(self) -> bytes:
-        for index, pos, label in self._fixups:
-            insn = self.insns[index]
-            rel = self.labels[label] - (insn.offset + len(insn.data))
-            data = insn.data[:pos] + struct.pack("<i", rel)
-            self.insns[index] = insn._replace(data=data)
-        return b"".join(insn.data for insn in self.insns)
-
-    def listing(self) -> str:
-        return "\n".join(f"{i.offset:04x}  {i.data.hex(' '):<32} {i.asm}" for i in self.insns)
 
 
 class GuestParams(NamedTuple):

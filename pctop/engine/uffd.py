@@ -20,6 +20,8 @@ import select
 import struct
 from typing import NamedTuple
 
+from pctop.fdinfo import UffdFdinfo, parse_fdinfo  # noqa: F401  (re-exported: read_fdinfo returns it)
+
 # --- ABI facts (include/uapi/linux/userfaultfd.h, x86-64) -------------------
 
 UFFD_API = 0xAA
@@ -105,14 +107,6 @@ class FaultMsg(NamedTuple):
     address: int
     flags: int  # UFFD_PAGEFAULT_FLAG_*
     ptid: int  # faulting thread id (needs UFFD_FEATURE_THREAD_ID), else 0
-
-
-class UffdFdinfo(NamedTuple):
-    """/proc/<pid>/fdinfo/<fd> of a uffd: queue depth gauges and negotiated features."""
-
-    pending: int  # faults queued, not yet read
-    total: int  # pending + read but not yet woken
-    features: int
 
 
 def _check(ret: int, what: str) -> None:
@@ -263,23 +257,6 @@ def iter_faults(raw: bytes):
 
 def proc_path(pid: int | str, *parts: str, proc_root: str = "/proc") -> str:
     return os.path.join(proc_root, str(pid), *parts)
-
-
-def parse_fdinfo(text: str) -> UffdFdinfo | None:
-    """pending, total and features (the hex middle of `API: aa:<features>:<ioctls>`) from a
-    uffd's fdinfo text; None if it is not a userfaultfd's."""
-    pending = total = features = None
-    for line in text.splitlines():
-        key, _, val = line.partition(":")
-        if key == "pending":
-            pending = int(val)
-        elif key == "total":
-            total = int(val)
-        elif key == "API":
-            features = int(val.split(":")[1], 16)
-    if pending is None or total is None or features is None:
-        return None
-    return UffdFdinfo(pending, total, features)
 
 
 def read_fdinfo(pid: int | str, fd: int, proc_root: str = "/proc") -> UffdFdinfo:

@@ -42,7 +42,7 @@ from __future__ import annotations
 import struct
 from typing import NamedTuple
 
-from pctop.engine.guest import Assembler
+from pctop.asm import Assembler
 
 LOAD_ADDR = 0x7C00
 MAILBOX_GPA = 0x6000

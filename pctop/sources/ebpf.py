@@ -59,12 +59,13 @@ import time
 from pathlib import Path
 
 from pctop import doctor, probe_build
+from pctop.fdinfo import UFFD_LINK
 from pctop.hostpaths import DEFAULT, HostPaths
 from pctop.sources import identity, pagemap
-from pctop.sources.procfs import UFFD_LINK, read_comm
+from pctop.sources.procfs import read_comm
+from pctop.sources.probe_defs import DEFS, PROBE_DIR, slots_named
 from pctop.sources.readings import (HIST_BUCKETS, Reading, TargetInfo, ThreadFaults,
                                     UffdCounters, VcpuIdentity)
-from pctop.sources.probe_defs import DEFS, PROBE_DIR, slots_named
 from pctop.sources.tracepoints import OPTIONAL_MACROS
 
 

@@ -26,8 +26,9 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Mapping
 
+from pctop.fdinfo import UFFD_LINK
 from pctop.hostpaths import DEFAULT, HostPaths
-from pctop.sources.procfs import (UFFD_LINK, VCPU_LINK_PREFIX, debugfs_vcpus, read_threads,
+from pctop.sources.procfs import (VCPU_LINK_PREFIX, debugfs_vcpus, read_threads,
                                   vcpu_from_name)
 from pctop.sources.readings import VcpuIdentity
 

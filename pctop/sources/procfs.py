@@ -29,11 +29,11 @@ from collections.abc import Iterable
 from typing import NamedTuple
 
 from pctop import rates
-from pctop.engine.uffd import UffdFdinfo, parse_fdinfo
+from pctop.fdinfo import UFFD_LINK, UffdFdinfo, parse_fdinfo
 from pctop.hostpaths import DEFAULT, HostPaths
 from pctop.sources.readings import Reading, TargetInfo, UffdDepth, VcpuIdentity
 
-UFFD_LINK = "anon_inode:[userfaultfd]"
+
 VCPU_LINK_PREFIX = "anon_inode:kvm-vcpu:"
 # QEMU "CPU 3/KVM", Firecracker "fc_vcpu 3", Cloud Hypervisor "vcpu3", crosvm "crosvm_vcpu3".
 _VCPU_NAMES = (re.compile(r"^CPU (\d+)/KVM$"), re.compile(r"^fc_vcpu ?(\d+)$"),
