@@ -1,5 +1,5 @@
-/* pctop probes, part 1 of 5: constants and the structs kept in maps.
- * ebpf.py joins pctop_defs.h, pctop_state.c and pctop.bpf.c into one text for
+/* pctop probes, part 1 of 6: constants and the structs kept in maps.
+ * ebpf.py joins the six parts (PROBE_PARTS) into one text for
  * bcc (its rewriter only turns map.lookup() etc. into helper calls in the main
  * file, so the parts cannot #include each other). Struct layouts here are read
  * back by user space through bcc's generated ctypes. */

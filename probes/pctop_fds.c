@@ -1,6 +1,6 @@
-/* pctop probes, part 4 of 5 (after pctop_defs.h, pctop_state.c and
- * pctop.bpf.c): uffds that change hands. A uffd's fd number is what ties a
- * read() or an ioctl to a uffd, and processes pass uffds around:
+/* pctop probes, part 5 of 6 (after pctop_defs.h, pctop_state.c, pctop.bpf.c
+ * and pctop_handler.c): uffds that change hands. A uffd's fd number is what
+ * ties a read() or an ioctl to a uffd, and processes pass uffds around:
  *   - close / dup2 / dup3 end an fd's life as a uffd (its number is reused at
  *     once by the next open, whose reads must not count as messages);
  *   - a fork with UFFD_FEATURE_EVENT_FORK gives the child the parent's

@@ -1,5 +1,5 @@
-/* pctop probes, part 5 of 5 (after pctop_defs.h, pctop_state.c, pctop.bpf.c and
- * pctop_fds.c): KVM's tracepoints, all optional (HAVE_* from the loader when
+/* pctop probes, part 6 of 6 (after the other five, PROBE_PARTS in
+ * pctop/sources/ebpf.py): KVM's tracepoints, all optional (HAVE_* from the loader when
  * tracefs has them). A vCPU's fault start where no exception fires, its index
  * from kvm_exit (VMX/SVM), and KVM_RUN's returns to user space by reason and
  * errno, which time the vCPU-exit strategy's stalls. */

@@ -1,4 +1,4 @@
-/* pctop probes, part 2 of 5: the maps and the helpers every program uses
+/* pctop probes, part 2 of 6: the maps and the helpers every program uses
  * (configuration, per-thread state, per-interval statistics, uffd ranges).
  * See pctop.bpf.c for the life of a fault these serve. */
 

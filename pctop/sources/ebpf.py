@@ -70,7 +70,8 @@ from pctop.sources.tracepoints import OPTIONAL_MACROS
 
 
 # Joined in this order into one program text (bcc rewrites map calls only in its main file).
-PROBE_PARTS = ("pctop_defs.h", "pctop_state.c", "pctop.bpf.c", "pctop_fds.c", "pctop_kvm.c")
+PROBE_PARTS = ("pctop_defs.h", "pctop_state.c", "pctop.bpf.c", "pctop_handler.c", "pctop_fds.c",
+               "pctop_kvm.c")
 
 # Must match probes/pctop_defs.h.
 # From probes/pctop_defs.h, the one place they are written (pctop.sources.probe_defs);
