@@ -82,28 +82,49 @@ def _install_stop_handlers(stop: threading.Event) -> None:
 
 
 def run_live(command: str, out: TextIO, pids, comm, interval: float, count: int | None,
-             no_ebpf: bool, engine_sockets, qmp_sockets=(), page_ranges: bool = False) -> None:
-    """Header, then one Sample per interval to `out`, until count, a signal or a closed pipe."""
+             no_ebpf: bool, engine_sockets, qmp_sockets=(), page_ranges: bool = False,
+             export: str | None = None) -> None:
+    """Header, then one Sample per interval to `out`, until count, a signal or a closed pipe.
+    export: also serve the Samples on /metrics at this [HOST:]PORT (pctop.export_cli)."""
     stop = threading.Event()
     _install_stop_handlers(stop)
     header, stats, _ = _open(command, pids, comm, interval, no_ebpf, engine_sockets, qmp_sockets,
                              page_ranges)
+    server = None
     writer = NdjsonWriter(out)
     try:
+        if export is not None:
+            stats, server = _serve(command, export, header, stats)
         writer.write(header)
-        n = 0
-        due = time.monotonic() + interval
-        while not stop.wait(max(0.0, due - time.monotonic())):
-            writer.write(stats.collect())
-            n += 1
-            if count is not None and n >= count:
-                break
-            # Keep the cadence; after a stall (CPU starved) restart it rather than burst.
-            due = max(due + interval, time.monotonic())
+        sample_loop(stats, interval, count, stop, writer.write)
     except BrokenPipeError:
         _quiet_stdout()
     finally:
+        if server is not None:
+            server.close()
         stats.close()
+
+
+def sample_loop(stats, interval: float, count: int | None, stop: threading.Event, emit) -> None:
+    """emit(stats.collect()) once per interval until `count` samples or `stop`."""
+    n = 0
+    due = time.monotonic() + interval
+    while not stop.wait(max(0.0, due - time.monotonic())):
+        emit(stats.collect())
+        n += 1
+        if count is not None and n >= count:
+            break
+        # Keep the cadence; after a stall (CPU starved) restart it rather than burst.
+        due = max(due + interval, time.monotonic())
+
+
+def _serve(command: str, listen: str, header, stats):
+    """--export: (stats whose Samples also feed /metrics, the server to close)."""
+    from pctop.export.server import Tee
+    from pctop.export_cli import start_server
+
+    exporter, server = start_server(command, listen, header)
+    return Tee(stats, exporter), server
 
 
 def _check_page_ranges(command: str, page_ranges: bool, no_ebpf: bool) -> None:
@@ -152,8 +173,11 @@ def _quiet_stdout() -> None:
 @_live_options
 @click.option("--json", "as_json", is_flag=True,
               help="Print JSON Lines (a header, then one sample per interval) instead of the TUI.")
+@click.option("--export", metavar="[HOST:]PORT",
+              help="Also serve what is shown as Prometheus metrics on /metrics, like `pctop export` "
+                   "(host 127.0.0.1 unless given; docs/metrics.md).")
 def monitor(pids, comm, interval, count, no_ebpf, engine_sockets, qmp_sockets, page_ranges,
-            as_json) -> None:
+            as_json, export) -> None:
     """Watch post-copy stalls live: per-vCPU faults and latency, uffd queue depth.
 
     Fields are documented in docs/schema.md.
@@ -162,18 +186,30 @@ def monitor(pids, comm, interval, count, no_ebpf, engine_sockets, qmp_sockets, p
         if page_ranges:
             raise _UsageError("monitor", "--page-ranges goes with --json (or `pctop record`): "
                                          "the dashboard does not show page ranges")
-        _run_tui(pids, comm, interval, no_ebpf, engine_sockets, qmp_sockets)
+        _run_tui(pids, comm, interval, no_ebpf, engine_sockets, qmp_sockets, export)
         return
     run_live("monitor", sys.stdout, pids, comm, interval, count, no_ebpf, engine_sockets, qmp_sockets,
-             page_ranges)
+             page_ranges, export)
 
 
-def _run_tui(pids, comm, interval: float, no_ebpf: bool, engine_sockets, qmp_sockets=()) -> None:
+def _run_tui(pids, comm, interval: float, no_ebpf: bool, engine_sockets, qmp_sockets=(),
+             export: str | None = None) -> None:
     """The dashboard (pctop.ui); Textual is imported only on this path."""
     from pctop import ui
 
     header, stats, qmp = _open("monitor", pids, comm, interval, no_ebpf, engine_sockets, qmp_sockets)
-    ui.run_live(header, stats, interval, controls=qmp)  # None: the engine's controls, if any
+    server = None
+    if export is not None:
+        try:
+            stats, server = _serve("monitor", export, header, stats)
+        except BaseException:
+            stats.close()
+            raise
+    try:
+        ui.run_live(header, stats, interval, controls=qmp)  # None: the engine's controls, if any
+    finally:
+        if server is not None:
+            server.close()
 
 
 @click.command("record", cls=_Command)
