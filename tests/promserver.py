@@ -74,8 +74,9 @@ class Prometheus:
 
 
 def _config(jobs: dict[str, list[str]], rule_files: list[str]) -> str:
-    lines = ["global:", f"  scrape_interval: {SCRAPE_S}s", f"  scrape_timeout: {SCRAPE_S}s",
-             f"  evaluation_interval: {SCRAPE_S}s"]
+    every = f"{round(SCRAPE_S * 1000)}ms"  # Prometheus takes no fractions ("0.5s")
+    lines = ["global:", f"  scrape_interval: {every}", f"  scrape_timeout: {every}",
+             f"  evaluation_interval: {every}"]
     if rule_files:
         lines += ["rule_files:"] + [f"  - {json.dumps(f)}" for f in rule_files]
     lines.append("scrape_configs:")
@@ -112,7 +113,12 @@ def prometheus(jobs: dict[str, list[str]], rule_files: list[str] = ()):
                     log.seek(0)
                     pytest.fail(f"prometheus did not start (exit {p.poll()}): {log.read()[-2000:]}")
                 time.sleep(0.1)
-            yield Prometheus(url)
+            prom = Prometheus(url)
+            # Prometheus applies its targets some seconds after it is ready (discovery updates
+            # are throttled): wait for the first scrape of each, up or not, so none is missed.
+            n = sum(len(t) for t in jobs.values())
+            prom.wait("up", lambda r: len(r) == n, what="the first scrape of every target")
+            yield prom
         finally:
             p.terminate()
             try:
