@@ -147,3 +147,12 @@ def test_histogram_quantile_is_within_one_bucket_of_pctops_percentile(run, q):
                               at=run.t2)
         theirs = float(r["value"][1]) * 1e6
         assert abs(hist.bucket_index(theirs) - hist.bucket_index(ours)) <= 1, (vcpu, q, ours, theirs)
+
+
+def test_the_alert_rules_load_and_evaluate_on_the_real_series(run):
+    groups = run.prom.api("rules")["groups"]
+    rules = [r for g in groups for r in g["rules"]]
+    assert len(rules) == 7 and all(r["health"] == "ok" and not r.get("lastError") for r in rules), rules
+    # --no-ebpf: the procfs tier, so "degraded" was pending (its `for` is 5 minutes)
+    pending = run.prom.query('ALERTS{alertname="PctopDegraded",alertstate="pending"}', at=run.t2)
+    assert len(pending) == 1 and pending[0]["metric"]["tier"] == "procfs"
