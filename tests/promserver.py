@@ -137,8 +137,8 @@ def exporter(*args: str, stdout=subprocess.DEVNULL, netns: str | None = None):
     """Run `pctop ARGS` (ARGS must make it serve /metrics, e.g. export --listen 127.0.0.1:0);
     yield (Popen, metrics URL); stop it with SIGTERM (then SIGKILL) however the test ends."""
     cmd = [sys.executable, "-m", "pctop", *args]
-    if netns:
-        cmd = ["ip", "netns", "exec", netns, *cmd]
+    if netns:  # only the network namespace: `ip netns exec` would remount /sys, hiding tracefs
+        cmd = ["nsenter", f"--net=/run/netns/{netns}", *cmd]
     p = subprocess.Popen(cmd, stdout=stdout, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     try:
         line = p.stderr.readline()
