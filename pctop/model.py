@@ -2,7 +2,7 @@
 
 Sources produce Readings (pctop.sources.readings); pctop.stats turns them
 into a Sample once per interval; the TUI, the NDJSON writer (--json, record)
-and, later, the Prometheus exporter render Samples; replay reads them back.
+and the Prometheus exporter (pctop.export) render Samples; replay reads them back.
 Field names here are the NDJSON/record names, documented in docs/schema.md.
 Bump SCHEMA_VERSION on any incompatible change.
 """
