@@ -11,8 +11,6 @@ import shutil
 import subprocess
 
 import pytest
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import ROOT
@@ -69,9 +67,7 @@ def sample(seq: int, *targets: Target, interval_s: float = 1.0, events=()) -> Sa
 
 
 def scrape(ex: Exporter, openmetrics: bool = False) -> str:
-    reg = CollectorRegistry(auto_describe=False)
-    reg.register(ex)
-    return (generate_openmetrics if openmetrics else generate_latest)(reg).decode()
+    return ex.render(openmetrics).decode()
 
 
 def series(text: str) -> dict[tuple[str, tuple], float]:
@@ -324,16 +320,29 @@ def test_promtool_check_metrics_passes_on_the_exposition():
     assert r.returncode == 0 and not r.stdout.strip() and not r.stderr.strip(), r.stdout + r.stderr
 
 
-def test_the_openmetrics_exposition_parses_with_the_same_series():
-    """promtool reads only the text format; OpenMetrics (what Prometheus asks for) is checked
-    by prometheus_client's strict OpenMetrics parser."""
+def _om_series(text: str) -> dict:
     from prometheus_client.openmetrics.parser import text_string_to_metric_families as om_families
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value for f in om_families(text) for s in f.samples}
 
+
+def test_the_openmetrics_exposition_has_the_same_series_and_values():
+    """promtool reads only the text format; OpenMetrics (what Prometheus asks for) is checked
+    by prometheus_client's strict OpenMetrics parser, series by series against the text."""
     ex = Exporter(HEADER)
-    ex.observe(sample(1, rich_target(pid=1)))
-    om = {s.name for f in om_families(scrape(ex, openmetrics=True)) for s in f.samples}
-    text = {s.name for f in text_string_to_metric_families(scrape(ex)) for s in f.samples}
-    assert om == text
+    ex.observe(sample(1, rich_target(pid=1), rich_target(pid=2, comm="fc_vmm")))
+    om = scrape(ex, openmetrics=True)
+    assert om.endswith("\n# EOF\n")
+    assert _om_series(om) == series(scrape(ex))
+
+
+def test_label_values_and_help_are_escaped():
+    """A process names itself (prctl): quotes, backslashes and newlines must come back intact."""
+    comm = 'a"b\\c\nd'
+    ex = Exporter(HEADER)
+    ex.observe(sample(1, rich_target(pid=1, comm=comm)))
+    for text, parse in ((scrape(ex), series), (scrape(ex, openmetrics=True), _om_series)):
+        vms = {dict(k[1]).get("vm") for k in parse(text)} - {None}
+        assert vms == {comm}
 
 
 # ---- docs/metrics.md: one source with the JSON schema ----------------------------

@@ -102,3 +102,17 @@ def test_a_non_loopback_address_is_served_with_a_warning():
         p.terminate()
         p.wait(timeout=20)
         assert "not loopback" in p.stderr.read()
+
+
+def test_other_paths_are_404_and_head_has_no_body():
+    import urllib.error
+    import urllib.request
+
+    with exporter("export", "--no-ebpf", "--interval", "0.2", "--listen", "127.0.0.1:0") as (_, url):
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(url.replace("/metrics", "/nothing"), timeout=10)
+        assert e.value.code == 404
+        req = urllib.request.Request(url, method="HEAD")
+        with urllib.request.urlopen(req, timeout=10) as r:
+            assert r.status == 200 and r.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+            assert r.read() == b""

@@ -2,6 +2,6 @@
 
 metrics.py names every metric (the one table docs/metrics.md is made from),
 collector.py turns Samples into cumulative series, server.py serves them.
-Nothing here imports the engine, the collectors or the UI: only pctop.model
-(and pctop.hist for the bucket edges) and prometheus_client.
+text.py writes the exposition formats. Nothing here imports the engine, the
+collectors or the UI: only pctop.model, and nothing outside the standard library.
 """

@@ -2,11 +2,11 @@
 
 A Sample carries what happened in one interval; Prometheus wants counters that only
 grow. `Exporter.observe()` adds each interval's counts to running totals per series
-(vm, pid, vCPU index / uffd fd) and keeps the last interval's gauges; `collect()`
-(prometheus_client's custom-collector protocol) renders them at scrape time. Names,
-help and labels come from pctop/export/metrics.py.
+(vm, pid, vCPU index / uffd fd) and keeps the last interval's gauges; `render()`
+writes them at scrape time (pctop/export/text.py). Names, help and labels come from
+pctop/export/metrics.py.
 
-Thread-safety: observe() runs in the thread that collects Samples, collect() in the
+Thread-safety: observe() runs in the thread that collects Samples, render() in the
 HTTP server's threads; one lock guards the totals.
 """
 
@@ -14,22 +14,13 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from typing import Iterator
 
-from prometheus_client.metrics_core import (
-    CounterMetricFamily,
-    GaugeMetricFamily,
-    HistogramMetricFamily,
-    InfoMetricFamily,
-    Metric as Family,
-)
-from prometheus_client.utils import floatToGoString
-
-from pctop.export.metrics import METRICS, STATES, bucket_edges_s
+from pctop.export.metrics import STATES, bucket_edges_s
+from pctop.export.text import Exposition, label_string, number
 from pctop.model import HIST_BUCKETS, SCHEMA_VERSION, Header, Migration, Sample, Target
 
 OTHER = "other"  # the vcpu label of faulting threads that are not vCPUs, summed
-_LE = [floatToGoString(e) for e in bucket_edges_s()] + ["+Inf"]
+_LE = [repr(e) for e in bucket_edges_s()] + ["+Inf"]
 _PARTS = (("queued", "queued_ns"), ("service", "service_ns"), ("runqueue", "runq_ns"))
 _OPS = (("copy", "copies"), ("zeropage", "zeropages"), ("continue", "continues"), ("wake", "wakes"))
 _QEMU_GAUGES = (("qemu_blocktime", "postcopy_blocktime_ms", 1e-3), ("qemu_requests", "postcopy_requests", 1),
@@ -66,6 +57,8 @@ class UffdTotals:
 @dataclass
 class TargetTotals:
     vm: str
+    labels: str = ""  # vm="...",pid="...": built once, when the series appears or the vm changes
+    vm_in_labels: str = ""
     vcpus: dict[str, VcpuTotals] = field(default_factory=dict)
     uffds: dict[int, UffdTotals] = field(default_factory=dict)
     handler_cpu_s: float = 0.0
@@ -77,7 +70,7 @@ def vcpu_label(vcpu: int | None) -> str:
 
 
 class Exporter:
-    """Running totals over a Sample stream; a prometheus_client collector."""
+    """Running totals over a Sample stream, rendered as /metrics."""
 
     def __init__(self, header: Header | None = None) -> None:
         self._lock = threading.Lock()
@@ -119,6 +112,8 @@ class Exporter:
             tt = self._targets[t.pid] = TargetTotals(vm=t.comm)
         if t.comm:
             tt.vm = t.comm
+        if not tt.labels or tt.vm != tt.vm_in_labels:
+            tt.labels, tt.vm_in_labels = label_string(("vm", "pid"), (tt.vm, t.pid)), tt.vm
         for v in t.vcpus:
             vt = tt.vcpus.setdefault(vcpu_label(v.vcpu), VcpuTotals())
             vt.faults += v.faults
@@ -156,132 +151,134 @@ class Exporter:
 
     # ---- scrapes ---------------------------------------------------------------
 
-    def collect(self) -> Iterator[Family]:
+    def render(self, openmetrics: bool = False) -> bytes:
+        """The body of one scrape of /metrics. A target that left the Samples is in it
+        one last time, then forgotten."""
         with self._lock:
-            families = self._families()
-            for pid in self._gone:  # scraped once more since they left: now they go
+            out = Exposition(openmetrics)
+            for render in (self._vcpu_series, self._uffd_series, self._target_series, self._migration_series):
+                mark = len(out.parts)
+                try:
+                    render(out)
+                except Exception:  # a bug in one part must not cost the whole scrape
+                    del out.parts[mark:]
+                    self._scrape_errors += 1
+            self._self_series(out)
+            for pid in self._gone:
                 self._targets.pop(pid, None)
             self._gone.clear()
-        return iter(families)
+            return out.body()
 
-    def _families(self) -> list[Family]:
-        out: list[Family] = []
-        for render in (self._vcpu_families, self._uffd_families, self._target_families,
-                       self._migration_families):
-            try:
-                out += render()
-            except Exception:  # a bug in one renderer must not cost the whole scrape
-                self._scrape_errors += 1
-        out += self._self_families()
-        return out
-
-    def _vcpu_families(self) -> list[Family]:
-        fam = {k: _family(k) for k in ("vcpu_faults", "vcpu_stall", "vcpu_stall_part", "vcpu_no_read",
-                                       "vcpu_exits", "vcpu_mf_exits", "qemu_vcpu_blocktime")}
+    def _vcpus(self):
         for pid, tt in sorted(self._targets.items()):
             for vcpu, vt in sorted(tt.vcpus.items(), key=lambda kv: _vcpu_order(kv[0])):
-                lv = [tt.vm, str(pid), vcpu]
-                fam["vcpu_faults"].add_metric(lv, vt.faults)
-                cum, buckets = 0, []
-                for le, n in zip(_LE, vt.hist):
-                    cum += n
-                    buckets.append((le, cum))
-                fam["vcpu_stall"].add_metric(lv, buckets, sum_value=vt.stall_ns / 1e9)
-                for (part, _), ns in zip(_PARTS, vt.parts_ns):
-                    fam["vcpu_stall_part"].add_metric(lv + [part], ns / 1e9)
-                fam["vcpu_no_read"].add_metric(lv, vt.no_read)
-                for reason, n in sorted(vt.exits.items()):
-                    fam["vcpu_exits"].add_metric(lv + [reason], n)
-                fam["vcpu_mf_exits"].add_metric(lv, vt.memory_fault_exits)
-                if vt.vmm_blocktime_ms is not None:
-                    fam["qemu_vcpu_blocktime"].add_metric(lv, vt.vmm_blocktime_ms / 1e3)
-        return list(fam.values())
+                yield tt.labels + f',vcpu="{vcpu}"', vt
 
-    def _uffd_families(self) -> list[Family]:
-        keys = ("uffd_pending_mean", "uffd_pending_max", "uffd_in_service_mean", "uffd_unresolved_max",
-                "uffd_msgs", "uffd_pages", "uffd_bytes", "uffd_ioctls", "uffd_eexist")
-        fam = {k: _family(k) for k in keys}
-        for pid, tt in sorted(self._targets.items()):
-            for fd, ut in sorted(tt.uffds.items()):
-                lv = [tt.vm, str(pid), str(fd)]
-                for k, value in zip(keys, (ut.pending_mean, ut.pending_max, ut.in_service_mean,
-                                           ut.unresolved_max, ut.msgs_read, ut.pages, ut.bytes)):
-                    fam[k].add_metric(lv, value)
-                for (op, _), n in zip(_OPS, ut.ops):
-                    fam["uffd_ioctls"].add_metric(lv + [op], n)
-                fam["uffd_eexist"].add_metric(lv, ut.eexist)
-        return list(fam.values())
+    def _vcpu_series(self, out: Exposition) -> None:
+        vcpus = list(self._vcpus())
+        w = out.parts.append
+        name = out.family("vcpu_faults")
+        for lv, vt in vcpus:
+            w(f"{name}{{{lv}}} {vt.faults}\n")
+        name = out.family("vcpu_stall")
+        bucket, count, total = name + "_bucket", name + "_count", name + "_sum"
+        for lv, vt in vcpus:
+            cum = 0
+            for le, n in zip(_LE, vt.hist):
+                cum += n
+                w(f'{bucket}{{{lv},le="{le}"}} {cum}\n')
+            w(f"{count}{{{lv}}} {cum}\n{total}{{{lv}}} {number(vt.stall_ns / 1e9)}\n")
+        name = out.family("vcpu_stall_part")
+        for lv, vt in vcpus:
+            for (part, _), ns in zip(_PARTS, vt.parts_ns):
+                w(f'{name}{{{lv},part="{part}"}} {number(ns / 1e9)}\n')
+        name = out.family("vcpu_no_read")
+        for lv, vt in vcpus:
+            w(f"{name}{{{lv}}} {vt.no_read}\n")
+        name = out.family("vcpu_exits")
+        for lv, vt in vcpus:
+            for reason, n in sorted(vt.exits.items()):
+                out.sample(name, lv + "," + label_string(("reason",), (reason,)), n)
+        name = out.family("vcpu_mf_exits")
+        for lv, vt in vcpus:
+            w(f"{name}{{{lv}}} {vt.memory_fault_exits}\n")
+        name = out.family("qemu_vcpu_blocktime")
+        for lv, vt in vcpus:
+            if vt.vmm_blocktime_ms is not None:
+                out.sample(name, lv, vt.vmm_blocktime_ms / 1e3)
 
-    def _target_families(self) -> list[Family]:
-        fam = _family("handler_cpu")
-        for pid, tt in sorted(self._targets.items()):
-            fam.add_metric([tt.vm, str(pid)], tt.handler_cpu_s)
-        return [fam]
+    def _uffd_series(self, out: Exposition) -> None:
+        uffds = [(tt.labels + f',fd="{fd}"', ut) for _, tt in sorted(self._targets.items())
+                 for fd, ut in sorted(tt.uffds.items())]
+        for key, attr in (("uffd_pending_mean", "pending_mean"), ("uffd_pending_max", "pending_max"),
+                          ("uffd_in_service_mean", "in_service_mean"), ("uffd_unresolved_max", "unresolved_max"),
+                          ("uffd_msgs", "msgs_read"), ("uffd_pages", "pages"), ("uffd_bytes", "bytes")):
+            name = out.family(key)
+            for lv, ut in uffds:
+                out.sample(name, lv, getattr(ut, attr))
+        name = out.family("uffd_ioctls")
+        for lv, ut in uffds:
+            for (op, _), n in zip(_OPS, ut.ops):
+                out.sample(name, lv + f',op="{op}"', n)
+        name = out.family("uffd_eexist")
+        for lv, ut in uffds:
+            out.sample(name, lv, ut.eexist)
 
-    def _migration_families(self) -> list[Family]:
-        keys = ("mig_state", "mig_progress", "mig_bandwidth", "mig_limit", "mig_eta", "qemu_status")
-        fam = {k: _family(k) for k in keys + tuple(k for k, _, _ in _QEMU_GAUGES)}
-        for pid, tt in sorted(self._targets.items()):
-            m = tt.migration
-            if m is None:
-                continue
-            lv = [tt.vm, str(pid), m.source]
-            states = STATES if m.state in STATES else STATES + (m.state,)
-            for s in states:
-                fam["mig_state"].add_metric(lv + [s], 1.0 if s == m.state else 0.0)
-            if m.pages_total and m.pages_received is not None:
-                fam["mig_progress"].add_metric(lv, min(1.0, m.pages_received / m.pages_total))
-            if m.bandwidth_bps is not None:
-                fam["mig_bandwidth"].add_metric(lv, m.bandwidth_bps)
-            limit = m.extra.get("bandwidth_limit_bps")
-            if isinstance(limit, (int, float)):
-                fam["mig_limit"].add_metric(lv, limit)
-            if m.eta_s is not None:
-                fam["mig_eta"].add_metric(lv, m.eta_s)
-            if m.source == "qmp":
-                qlv = [tt.vm, str(pid), str(m.extra.get("role", "destination"))]
-                for key, field_, scale in _QEMU_GAUGES:
-                    v = m.extra.get(field_)
-                    if isinstance(v, (int, float)) and not isinstance(v, bool):
-                        fam[key].add_metric(qlv, v * scale)
-                if m.extra.get("qemu_status"):
-                    fam["qemu_status"].add_metric(qlv + [str(m.extra["qemu_status"])], 1.0)
-        return list(fam.values())
+    def _target_series(self, out: Exposition) -> None:
+        name = out.family("handler_cpu")
+        for _, tt in sorted(self._targets.items()):
+            out.sample(name, tt.labels, tt.handler_cpu_s)
 
-    def _self_families(self) -> list[Family]:
-        build = _family("build")
-        build.add_metric([self._version, str(SCHEMA_VERSION)], {})
-        probe = _family("probe")
+    def _migration_series(self, out: Exposition) -> None:
+        migs = [(tt, tt.migration) for _, tt in sorted(self._targets.items()) if tt.migration is not None]
+        name = out.family("mig_state")
+        for tt, m in migs:
+            lv = tt.labels + "," + label_string(("source",), (m.source,))
+            for s in (STATES if m.state in STATES else STATES + (m.state,)):
+                out.sample(name, lv + "," + label_string(("state",), (s,)), 1 if s == m.state else 0)
+        for key, value in (("mig_progress", _progress), ("mig_bandwidth", lambda m: m.bandwidth_bps),
+                           ("mig_limit", lambda m: _number_or_none(m.extra.get("bandwidth_limit_bps"))),
+                           ("mig_eta", lambda m: m.eta_s)):
+            name = out.family(key)
+            for tt, m in migs:
+                v = value(m)
+                if v is not None:
+                    out.sample(name, tt.labels + "," + label_string(("source",), (m.source,)), v)
+        qemu = [(tt.labels + "," + label_string(("role",), (m.extra.get("role", "destination"),)), m.extra)
+                for tt, m in migs if m.source == "qmp"]
+        for key, field_, scale in _QEMU_GAUGES:
+            name = out.family(key)
+            for lv, extra in qemu:
+                v = _number_or_none(extra.get(field_))
+                if v is not None:
+                    out.sample(name, lv, v * scale)
+        name = out.family("qemu_status")
+        for lv, extra in qemu:
+            if extra.get("qemu_status"):
+                out.sample(name, lv + "," + label_string(("status",), (extra["qemu_status"],)), 1)
+
+    def _self_series(self, out: Exposition) -> None:
+        out.sample(out.family("build"), label_string(("version", "schema"), (self._version, SCHEMA_VERSION)), 1)
+        name = out.family("probe")
         if self._tier:
-            probe.add_metric([self._tier, self._missing], {})
-        samples = _family("samples")
-        samples.add_metric([], self._samples)
-        out = [build, probe, samples]
+            out.sample(name, label_string(("tier", "missing"), (self._tier, self._missing)), 1)
+        out.sample(out.family("samples"), "", self._samples)
+        name = out.family("last_sample")
         if self._last_time is not None:
-            last = _family("last_sample")
-            last.add_metric([], self._last_time)
-            out.append(last)
-        targets = _family("targets")
-        targets.add_metric([], len(set(self._targets) - self._gone))
-        errors = _family("collect_errors")
-        errors.add_metric([], self._collect_errors)
-        scrape = _family("scrape_errors")
-        scrape.add_metric([], self._scrape_errors)
-        return out + [targets, errors, scrape]
+            out.sample(name, "", self._last_time)
+        out.sample(out.family("targets"), "", len(set(self._targets) - self._gone))
+        out.sample(out.family("collect_errors"), "", self._collect_errors)
+        out.sample(out.family("scrape_errors"), "", self._scrape_errors)
 
 
-def _family(key: str) -> Family:
-    m = METRICS[key]
-    labels = list(m.labels)
-    if m.kind == "counter":
-        return CounterMetricFamily(m.full, m.help, labels=labels)
-    if m.kind == "gauge":
-        return GaugeMetricFamily(m.full, m.help, labels=labels)
-    if m.kind == "histogram":
-        return HistogramMetricFamily(m.full, m.help, labels=labels)
-    if m.kind == "info":
-        return InfoMetricFamily(m.full.removesuffix("_info"), m.help, labels=labels)
-    raise ValueError(f"unknown metric kind {m.kind!r} for {key}")
+def _progress(m: Migration) -> float | None:
+    if m.pages_total and m.pages_received is not None:
+        return min(1.0, m.pages_received / m.pages_total)
+    return None
+
+
+def _number_or_none(v) -> float | None:
+    return v if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
 
 def _vcpu_order(label: str) -> tuple[int, int]:
