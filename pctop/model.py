@@ -110,6 +110,8 @@ class Target:
     # `serves`. Learned from the handler's wake-ups and from a uffd sent over SCM_RIGHTS.
     serves: tuple[int, ...] = ()
     served_by: tuple[int, ...] = ()
+    # The guest's name on the VMM's command line (QEMU's -name); None (left out of the JSON) if none
+    vm_name: str | None = None
 
 
 @dataclass(frozen=True)
@@ -176,9 +178,9 @@ _NESTED: dict[tuple[type, str], type] = {
 }
 
 
-# Opt-in fields (--page-ranges): left out of the JSON when not measured (None), so
-# lines without the option do not grow; a reader takes a missing one as None.
-_OPT_IN = ("installed_ranges", "page_map_lost", "registered_ranges")
+# Opt-in fields (--page-ranges; vm_name when the VMM names the guest): left out of the JSON
+# when not known (None), so lines without them do not grow; a reader takes a missing one as None.
+_OPT_IN = ("installed_ranges", "page_map_lost", "registered_ranges", "vm_name")
 _RANGES = frozenset({"installed_ranges", "registered_ranges"})  # lists of [start, pages]
 
 

@@ -379,3 +379,11 @@ def test_every_json_field_a_metric_names_exists_in_the_model_and_in_schema_md():
                 elif sub:  # a key of Migration.extra: documented in schema.md's extra list
                     field = sub
             assert f"`{field}`" in schema, f"{path} ({m.full}) is not described in docs/schema.md"
+
+
+def test_the_vm_label_is_the_guests_name_when_the_vmm_gives_one():
+    ex = Exporter(HEADER)
+    ex.observe(sample(1, dataclasses.replace(rich_target(pid=1, comm="qemu-system-x86"), vm_name="web-7"),
+                      rich_target(pid=2, comm="fc_vmm")))
+    vms = {(dict(k[1])["pid"], dict(k[1])["vm"]) for k in series(scrape(ex)) if k[0] == "pctop_handler_cpu_seconds_total"}
+    assert vms == {("1", "web-7"), ("2", "fc_vmm")}

@@ -100,8 +100,11 @@ def test_one_prometheus_holds_both_hosts(fleet):
     tiers = {r["metric"]["instance"]: r["metric"]["tier"] for r in _range(fleet, "pctop_probe_info")}
     assert tiers == {fleet.src: "procfs", fleet.dst: "ebpf"}
     # each host watches its own QEMU
-    pids = {(r["metric"]["instance"], r["metric"]["pid"]) for r in _range(fleet, "pctop_handler_cpu_seconds_total")}
-    assert (fleet.src, str(fleet.src_pid)) in pids and (fleet.dst, str(fleet.dst_pid)) in pids
+    # each host watches its own QEMU, named by its -name (tests start them as pctop-source/-destination)
+    seen = {(r["metric"]["instance"], r["metric"]["pid"], r["metric"]["vm"])
+            for r in _range(fleet, "pctop_handler_cpu_seconds_total")}
+    assert {(fleet.src, str(fleet.src_pid), "pctop-source"),
+            (fleet.dst, str(fleet.dst_pid), "pctop-destination")} <= seen
 
 
 def test_the_migration_is_seen_from_both_ends(fleet):

@@ -107,11 +107,12 @@ class Exporter:
             self._gone |= set(self._targets) - present
 
     def _add_target(self, t: Target, interval_s: float) -> None:
+        vm = t.vm_name or t.comm  # the guest's name when the VMM was started with one
         tt = self._targets.get(t.pid)
         if tt is None:
-            tt = self._targets[t.pid] = TargetTotals(vm=t.comm)
-        if t.comm:
-            tt.vm = t.comm
+            tt = self._targets[t.pid] = TargetTotals(vm=vm)
+        if vm:
+            tt.vm = vm
         if not tt.labels or tt.vm != tt.vm_in_labels:
             tt.labels, tt.vm_in_labels = label_string(("vm", "pid"), (tt.vm, t.pid)), tt.vm
         for v in t.vcpus:

@@ -27,7 +27,8 @@ STATES = ("precopy", "postcopy", "paused", "recovering", "completed", "failed", 
 
 # Label meanings, shared by every metric that has the label.
 LABELS = {
-    "vm": "the VM: the target's command name (`comm` in the JSON; QEMU sets it with `-name ...,process=`)",
+    "vm": "the VM: the guest's name on the VMM's command line (`vm_name` in the JSON: QEMU's `-name "
+          "guest=NAME` or `-name NAME`), else the process's command name (`comm`)",
     "pid": "the target's process id",
     "vcpu": "vCPU index; `other` sums the faulting threads that are not vCPUs (thread ids are never labels)",
     "fd": "the userfaultfd's file descriptor number in the target",

@@ -92,6 +92,28 @@ def read_comm(paths: HostPaths, pid: int) -> str | None:
     return None if text is None else text.rstrip("\n")
 
 
+def qemu_guest_name(argv: list[str]) -> str | None:
+    """The guest name of a QEMU command line: `-name guest=NAME,...` or `-name NAME,...`
+    (QEMU's own syntax, where `,,` is a literal comma); None without -name."""
+    for flag, value in zip(argv, argv[1:]):
+        if flag not in ("-name", "--name"):
+            continue
+        for part in re.split(r"(?<!,),(?!,)", value):
+            key, eq, rest = part.partition("=")
+            if not eq:
+                return part.replace(",,", ",") or None
+            if key == "guest":
+                return rest.replace(",,", ",") or None
+        return None
+    return None
+
+
+def read_vm_name(paths: HostPaths, pid: int) -> str | None:
+    """The guest name a VMM was started with, from /proc/PID/cmdline (QEMU's -name)."""
+    text = _read(paths.proc_path(pid, "cmdline"))
+    return qemu_guest_name(text.split("\0")) if text else None
+
+
 def scan_fds(paths: HostPaths, pid: int) -> ProcFds | None:
     """The uffds and vCPU fds a process holds; None if it is gone or unreadable."""
     fd_dir = paths.proc_path(pid, "fd")
@@ -317,6 +339,7 @@ class ProcfsSource:
         self._uffds: dict[int, tuple[int, ...]] = {}
         self._vcpus: dict[int, int] = {}  # pid -> how many vCPUs it has fds of, at the last refresh
         self._ticks: dict[int, dict[int, int]] = {}  # pid -> tid -> cpu ticks at last collect
+        self._vm_names: dict[int, str | None] = {}  # pid -> guest name, read once (argv does not change)
         self._last = monotonic()
         self._sampler = DepthSampler(paths, sample_hz)
 
@@ -348,6 +371,7 @@ class ProcfsSource:
                 self._uffds.pop(pid, None)
                 self._vcpus.pop(pid, None)
                 self._ticks.pop(pid, None)
+                self._vm_names.pop(pid, None)
         for pid in self._wanted():
             if pid in self._targets:
                 continue
@@ -394,7 +418,10 @@ class ProcfsSource:
             threads = read_threads(self.paths, pid)
             vcpus = self._identify(pid, threads, identities)
             cpu = self._handler_cpu(pid, threads, vcpus, self._vcpus.get(pid, 0), interval)
-            infos.append(TargetInfo(pid, comm, cpu, {tid: ts.name for tid, ts in threads.items()}))
+            if pid not in self._vm_names:
+                self._vm_names[pid] = read_vm_name(self.paths, pid)
+            infos.append(TargetInfo(pid, comm, cpu, {tid: ts.name for tid, ts in threads.items()},
+                                    vm_name=self._vm_names[pid]))
         return Reading(source=self.name, depths=tuple(self._sampler.take()),
                        identities=tuple(identities), targets=tuple(infos), gone=tuple(gone),
                        events=tuple(notes))

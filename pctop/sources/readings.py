@@ -80,6 +80,7 @@ class TargetInfo(NamedTuple):
     # uffd-registered ranges (start address, 4 KiB pages) as registered, with the page map on
     registered_ranges: tuple[tuple[int, int], ...] | None = None
     serves: tuple[int, ...] = ()  # other processes whose faults this one's uffds resolve
+    vm_name: str | None = None  # the guest's name on the VMM's command line (QEMU's -name), if any
 
 
 class MigrationInfo(NamedTuple):
