@@ -11,7 +11,15 @@ import threading
 
 import click
 
-from pctop.monitor_cli import _Command, _install_stop_handlers, _live_options, _open, _UsageError, sample_loop
+from pctop.monitor_cli import (
+    _Command,
+    _install_stop_handlers,
+    _live_options,
+    _open,
+    _UsageError,
+    qmp_ends,
+    sample_loop,
+)
 
 LISTEN_HELP = ("[HOST:]PORT to serve /metrics on for Prometheus (default host 127.0.0.1; "
                "another address only when given: the endpoint has no authentication, README 'Fleet').")
@@ -38,7 +46,8 @@ def start_server(command: str, listen: str, header):
 @click.command("export", cls=_Command)
 @_live_options
 @click.option("--listen", default="127.0.0.1:9863", show_default=True, metavar="[HOST:]PORT", help=LISTEN_HELP)
-def export(pids, comm, interval, count, no_ebpf, engine_sockets, qmp_sockets, page_ranges, listen) -> None:
+def export(pids, comm, interval, count, no_ebpf, engine_sockets, qmp_sockets, qmp_source, page_ranges,
+           listen) -> None:
     """Serve Prometheus metrics on /metrics, headless, for the same targets as `monitor`.
 
     Metrics are listed in docs/metrics.md; how to scrape them in docs/fleet.md.
@@ -48,6 +57,7 @@ def export(pids, comm, interval, count, no_ebpf, engine_sockets, qmp_sockets, pa
     if page_ranges:
         raise _UsageError("export", "--page-ranges is not exported (address ranges are not metrics); "
                                     "use `pctop monitor --json --page-ranges`")
+    qmp_sockets = qmp_ends("export", qmp_sockets, qmp_source)
     stop = threading.Event()
     _install_stop_handlers(stop)
     header, stats, _ = _open("export", pids, comm, interval, no_ebpf, engine_sockets, qmp_sockets)

@@ -65,6 +65,9 @@ def _live_options(f: Callable) -> Callable:
         click.option("--qmp", "qmp_sockets", multiple=True, metavar="SOCKET",
                      help="QEMU's QMP socket: the migration destination's, then optionally the "
                           "source's (docs/qemu.md)."),
+        click.option("--qmp-source", metavar="SOCKET",
+                     help="QEMU's QMP socket of the migration's source, when this host runs the "
+                          "source (without --qmp) or the destination's is given with --qmp."),
         click.option("--page-ranges", is_flag=True,
                      help="Also record which pages each uffd installed (address ranges per "
                           "interval; one more probe map update per install). JSON output only."),
@@ -127,6 +130,17 @@ def _serve(command: str, listen: str, header, stats):
     return Tee(stats, exporter), server
 
 
+def qmp_ends(command: str, qmp_sockets, qmp_source: str | None) -> tuple:
+    """--qmp DEST [--qmp SOURCE] and --qmp-source SOURCE -> the sockets for attach():
+    (DEST, SOURCE), (DEST,) or (None, SOURCE) on a host that runs only the source."""
+    qmp_sockets = tuple(qmp_sockets)
+    if qmp_source is None:
+        return qmp_sockets
+    if len(qmp_sockets) > 1:
+        raise _UsageError(command, "give the source's QMP socket once: as a second --qmp or as --qmp-source")
+    return (qmp_sockets[0] if qmp_sockets else None, qmp_source)
+
+
 def _check_page_ranges(command: str, page_ranges: bool, no_ebpf: bool) -> None:
     if page_ranges and no_ebpf:
         raise _UsageError(command, "--page-ranges needs the eBPF probes; it cannot go with --no-ebpf")
@@ -176,12 +190,13 @@ def _quiet_stdout() -> None:
 @click.option("--export", metavar="[HOST:]PORT",
               help="Also serve what is shown as Prometheus metrics on /metrics, like `pctop export` "
                    "(host 127.0.0.1 unless given; docs/metrics.md).")
-def monitor(pids, comm, interval, count, no_ebpf, engine_sockets, qmp_sockets, page_ranges,
+def monitor(pids, comm, interval, count, no_ebpf, engine_sockets, qmp_sockets, qmp_source, page_ranges,
             as_json, export) -> None:
     """Watch post-copy stalls live: per-vCPU faults and latency, uffd queue depth.
 
     Fields are documented in docs/schema.md.
     """
+    qmp_sockets = qmp_ends("monitor", qmp_sockets, qmp_source)
     if not as_json:
         if page_ranges:
             raise _UsageError("monitor", "--page-ranges goes with --json (or `pctop record`): "
@@ -216,9 +231,10 @@ def _run_tui(pids, comm, interval: float, no_ebpf: bool, engine_sockets, qmp_soc
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, writable=True),
               help="File to write (JSON Lines, flushed line by line).")
 @_live_options
-def record(output, pids, comm, interval, count, no_ebpf, engine_sockets, qmp_sockets,
+def record(output, pids, comm, interval, count, no_ebpf, engine_sockets, qmp_sockets, qmp_source,
            page_ranges) -> None:
     """Record what `monitor --json` shows to a file, for `pctop replay`."""
+    qmp_sockets = qmp_ends("record", qmp_sockets, qmp_source)
     _check_page_ranges("record", page_ranges, no_ebpf)  # before the file is created
     try:
         fh = open(output, "w", encoding="utf-8")

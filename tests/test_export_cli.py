@@ -116,3 +116,9 @@ def test_other_paths_are_404_and_head_has_no_body():
         with urllib.request.urlopen(req, timeout=10) as r:
             assert r.status == 200 and r.headers["Content-Type"].startswith("text/plain; version=0.0.4")
             assert r.read() == b""
+
+
+def test_the_source_socket_is_given_once():
+    r = run_pctop("export", "--no-ebpf", "--qmp", "/nonexistent/d", "--qmp", "/nonexistent/s",
+                  "--qmp-source", "/nonexistent/s2")
+    assert r.returncode == 2 and "give the source's QMP socket once" in r.stderr and r.stderr.count("\n") == 1

@@ -2,8 +2,9 @@
 every query against it.
 
 Two "hosts" (network namespaces joined to the root namespace, tests/netns.py HostNs): on the
-source host `pctop export -p SOURCE_QEMU`, on the destination host `pctop export -p DEST_QEMU
---qmp DEST --qmp SOURCE` (with its eBPF probes: the destination is where the faults are).
+source host `pctop export -p SOURCE_QEMU --qmp-source SOURCE`, on the destination host
+`pctop export -p DEST_QEMU --qmp DEST` (with its eBPF probes: the destination is where the
+faults are). Each knows only its own QEMU, as on two real hosts.
 A Prometheus in the root namespace scrapes both across the veth links every 0.5 s while two
 QEMUs migrate pctop's boot-sector guest with post-copy (about 4 s, tests/test_qemu_postcopy.py).
 The source host's exporter runs on /proc only: its QEMU takes no post-copy faults, and one set
@@ -72,9 +73,10 @@ def fleet():
             try:
                 mig.boot()
                 s, d = mig.pair.source, mig.pair.destination
-                with exporter("export", "--no-ebpf", "-p", str(s.pid), "--interval", "0.25",
-                              "--listen", src, netns=src_host.ns), \
-                        exporter("export", "-p", str(d.pid), "--qmp", d.qmp_path, "--qmp", s.qmp_path,
+                # each host knows only its own QEMU, as on two real hosts
+                with exporter("export", "--no-ebpf", "-p", str(s.pid), "--qmp-source", s.qmp_path,
+                              "--interval", "0.25", "--listen", src, netns=src_host.ns), \
+                        exporter("export", "-p", str(d.pid), "--qmp", d.qmp_path,
                                  "--interval", "0.25", "--listen", dst, netns=dst_host.ns):
                     prom.wait("up == 1", lambda r: len(r) == 2, what="both exporters up")
                     start = time.time()
@@ -108,8 +110,9 @@ def test_one_prometheus_holds_both_hosts(fleet):
 
 
 def test_the_migration_is_seen_from_both_ends(fleet):
-    roles = {(r["metric"]["pid"], r["metric"]["role"]) for r in _range(fleet, "pctop_qemu_migration_status")}
-    assert roles == {(str(fleet.dst_pid), "destination"), (str(fleet.src_pid), "source")}
+    roles = {(r["metric"]["instance"], r["metric"]["pid"], r["metric"]["role"])
+             for r in _range(fleet, "pctop_qemu_migration_status")}
+    assert roles == {(fleet.dst, str(fleet.dst_pid), "destination"), (fleet.src, str(fleet.src_pid), "source")}
     statuses = {(r["metric"]["role"], r["metric"]["status"])
                 for r in _range(fleet, "pctop_qemu_migration_status == 1")}
     assert {("destination", "postcopy-active"), ("source", "postcopy-active"),
@@ -118,9 +121,13 @@ def test_the_migration_is_seen_from_both_ends(fleet):
     (faults,) = fleet.prom.query(f'sum(max_over_time(pctop_vcpu_stall_faults_total{{instance="{fleet.dst}",'
                                  f'vcpu!="other"}}[1h]))', at=fleet.end)
     assert float(faults["value"][1]) > 0
-    (req,) = fleet.prom.query(f'max(max_over_time(pctop_qemu_postcopy_requests{{pid="{fleet.dst_pid}"}}[1h]))',
+    # the source's RAM counters, from the source host: post-copy requests and a finished progress
+    (req,) = fleet.prom.query(f'max(max_over_time(pctop_qemu_postcopy_requests{{instance="{fleet.src}"}}[1h]))',
                               at=fleet.end)
     assert float(req["value"][1]) > 0
+    (progress,) = fleet.prom.query(f'max(max_over_time(pctop_migration_progress_ratio{{instance="{fleet.src}"}}[1h]))',
+                                   at=fleet.end)
+    assert float(progress["value"][1]) == 1
 
 
 def _dashboard_exprs() -> list[tuple[str, str]]:
