@@ -122,3 +122,64 @@ def test_the_source_socket_is_given_once():
     r = run_pctop("export", "--no-ebpf", "--qmp", "/nonexistent/d", "--qmp", "/nonexistent/s",
                   "--qmp-source", "/nonexistent/s2")
     assert r.returncode == 2 and "give the source's QMP socket once" in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_the_dashboard_serves_metrics_while_it_runs():
+    """monitor --export with the TUI (in a pty, as a user's terminal): /metrics answers while
+    the dashboard shows, and q closes both."""
+    import fcntl
+    import os
+    import pty
+    import signal
+    import struct
+    import sys
+    import termios
+    import urllib.error
+
+    from tests.conftest import ROOT
+    from tests.promserver import free_port
+    from tests.test_ui_demo import read_until
+
+    port = free_port()
+    with holder(2) as (_, pid, fd):
+        master, slave = pty.openpty()
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 100, 0, 0))
+        proc = subprocess.Popen([sys.executable, "-m", "pctop", "monitor", "--no-ebpf", "-p", str(pid),
+                                 "--interval", "0.2", "--export", f"127.0.0.1:{port}"],
+                                stdin=slave, stdout=slave, stderr=slave, cwd=ROOT,
+                                env=dict(os.environ, TERM="xterm-256color"), start_new_session=True)
+        os.close(slave)
+        try:
+            out = read_until(master, b"DEGRADED", 60)
+            assert b"DEGRADED" in out, out[-2000:]
+            url = f"http://127.0.0.1:{port}/metrics"
+            text = _wait_value(url, "pctop_uffd_pending_faults_max", lambda v: v >= 2)
+            assert {dict(k)["fd"] for k in _values(text, "pctop_uffd_pending_faults_max")} == {str(fd)}
+            os.write(master, b"q")
+            read_until(master, b"\x00never", 1)
+            assert proc.wait(30) == 0
+            with pytest.raises(urllib.error.URLError):
+                scrape(url)  # the endpoint went with the dashboard
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            os.close(master)
+
+
+def test_export_imports_neither_textual_nor_bcc_nor_prometheus_client():
+    """prometheus_client is a test dependency only (pctop/export/text.py writes the formats)."""
+    import sys
+
+    from tests.conftest import ROOT
+    code = ("import sys, json\n"
+            "from pctop.cli import cli\n"
+            "try:\n"
+            "    cli.main(['export', '--no-ebpf', '--count', '1', '--interval', '0.1', '--listen', '127.0.0.1:0'],"
+            " prog_name='pctop', standalone_mode=False)\n"
+            "except SystemExit:\n"
+            "    pass\n"
+            "print(json.dumps(sorted(m for m in ('textual', 'bcc', 'prometheus_client') if m in sys.modules)))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert r.returncode == 0 and "serving http://127.0.0.1:" in r.stderr, r.stderr
+    assert json.loads(r.stdout.strip().splitlines()[-1]) == []
