@@ -59,6 +59,9 @@ class UffdSample:
     pending_max: int = 0
     total_mean: float = 0.0
     total_max: int = 0
+    # most faults read but not yet resolved at one sampling instant (fdinfo total - pending);
+    # None (left out of the JSON) when no source sampled the queue
+    in_service_max: int | None = None
     msgs_read: int = 0
     read_calls: int = 0
     pages_installed: int = 0
@@ -178,9 +181,9 @@ _NESTED: dict[tuple[type, str], type] = {
 }
 
 
-# Opt-in fields (--page-ranges; vm_name when the VMM names the guest): left out of the JSON
+# Opt-in fields (--page-ranges; vm_name, in_service_max when known): left out of the JSON
 # when not known (None), so lines without them do not grow; a reader takes a missing one as None.
-_OPT_IN = ("installed_ranges", "page_map_lost", "registered_ranges", "vm_name")
+_OPT_IN = ("installed_ranges", "page_map_lost", "registered_ranges", "vm_name", "in_service_max")
 _RANGES = frozenset({"installed_ranges", "registered_ranges"})  # lists of [start, pages]
 
 

@@ -147,6 +147,7 @@ def uffd_sample(fd: int, c: UffdCounters | None, d: UffdDepth | None, interval_s
         fd=fd,
         pending_mean=d.pending_mean if d else 0.0, pending_max=d.pending_max if d else 0,
         total_mean=d.total_mean if d else 0.0, total_max=d.total_max if d else 0,
+        in_service_max=d.in_service_max if d else None,
         msgs_read=c.msgs_read, read_calls=c.read_calls,
         pages_installed=c.pages_installed, bytes_installed=c.bytes_installed,
         copies=c.copies, zeropages=c.zeropages, continues=c.continues, wakes=c.wakes,

@@ -49,7 +49,7 @@ def rich_target(pid: int = 100, comm: str = "qemu-vm1", faults: int = 3, tid: in
                           faults_no_read=1, exits={"mmio": 4, "efault": 2}, memory_fault_exits=2,
                           vmm_blocktime_ms=0.5),
                VcpuSample(vcpu=None, tid=tid + 1, faults=1, stall_ns=3_000, hist=_hist(b1=1))),
-        uffds=(UffdSample(fd=12, pending_mean=2.5, pending_max=7, total_mean=4.0, total_max=9,
+        uffds=(UffdSample(fd=12, pending_mean=2.5, pending_max=7, total_mean=4.0, total_max=9, in_service_max=4,
                           msgs_read=5, pages_installed=6, bytes_installed=6 * 4096, copies=5, zeropages=1,
                           wakes=1, eexist=1),),
         handler_cpu_pct=50.0,
@@ -140,7 +140,7 @@ def test_values_are_in_base_units():
     u = dict(vm="qemu-vm1", pid="100", fd="12")
     assert value(text, "pctop_uffd_installed_bytes_total", **u) == 6 * 4096
     assert value(text, "pctop_uffd_in_service_faults_mean", **u) == 1.5  # total - pending
-    assert value(text, "pctop_uffd_unresolved_faults_max", **u) == 9
+    assert value(text, "pctop_uffd_in_service_faults_max", **u) == 4
     assert value(text, "pctop_uffd_ioctls_total", op="zeropage", **u) == 1
     states = {dict(k[1])["state"]: v for k, v in series(text).items() if k[0] == "pctop_migration_state"}
     assert states == {s: float(s == "postcopy") for s in STATES}

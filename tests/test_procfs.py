@@ -288,6 +288,7 @@ def test_fake_discovery_depth_identity_and_handler_cpu(fake):
     assert t.handler_cpu_pct == pytest.approx(50.0)
     (d,) = r.depths
     assert (d.fd, d.pending_mean, d.pending_max, d.total_mean, d.total_max) == (3, 2.0, 2, 5.0, 5)
+    assert d.in_service_max == 3  # total - pending of the same read
     assert [(i.tid, i.vcpu, i.how) for i in r.identities] == [(4243, 0, "thread_name")]
 
 

@@ -51,7 +51,7 @@ class UffdTotals:
     pending_mean: float = 0.0
     pending_max: int = 0
     in_service_mean: float = 0.0
-    unresolved_max: int = 0
+    in_service_max: int | None = None
 
 
 @dataclass
@@ -140,11 +140,12 @@ class Exporter:
             ut.eexist += u.eexist
             ut.pending_mean, ut.pending_max = u.pending_mean, u.pending_max
             ut.in_service_mean = max(0.0, u.total_mean - u.pending_mean)
-            ut.unresolved_max = u.total_max
+            ut.in_service_max = u.in_service_max
         for fd, ut in tt.uffds.items():
             if fd not in reported:
                 ut.pending_mean = ut.in_service_mean = 0.0
-                ut.pending_max = ut.unresolved_max = 0
+                ut.pending_max = 0
+                ut.in_service_max = None if ut.in_service_max is None else 0
         if t.handler_cpu_pct is not None:
             tt.handler_cpu_s += max(0.0, t.handler_cpu_pct) / 100 * interval_s
         if t.migration is not None:
@@ -212,11 +213,13 @@ class Exporter:
         uffds = [(tt.labels + f',fd="{fd}"', ut) for _, tt in sorted(self._targets.items())
                  for fd, ut in sorted(tt.uffds.items())]
         for key, attr in (("uffd_pending_mean", "pending_mean"), ("uffd_pending_max", "pending_max"),
-                          ("uffd_in_service_mean", "in_service_mean"), ("uffd_unresolved_max", "unresolved_max"),
+                          ("uffd_in_service_mean", "in_service_mean"), ("uffd_in_service_max", "in_service_max"),
                           ("uffd_msgs", "msgs_read"), ("uffd_pages", "pages"), ("uffd_bytes", "bytes")):
             name = out.family(key)
             for lv, ut in uffds:
-                out.sample(name, lv, getattr(ut, attr))
+                v = getattr(ut, attr)
+                if v is not None:  # in_service_max: only where the queue was sampled
+                    out.sample(name, lv, v)
         name = out.family("uffd_ioctls")
         for lv, ut in uffds:
             for (op, _), n in zip(_OPS, ut.ops):

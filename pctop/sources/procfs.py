@@ -227,7 +227,7 @@ class DepthSampler:
         self._io_lock = threading.Lock()  # the open files: the thread and take() both sample
         self._watch: tuple[tuple[int, int], ...] = ()
         self._files: dict[tuple[int, int], int] = {}  # (pid, fd) -> our fd of its fdinfo
-        self._acc: dict[tuple[int, int], list[int]] = {}  # n, sum_p, max_p, sum_t, max_t
+        self._acc: dict[tuple[int, int], list[int]] = {}  # n, sum_p, max_p, sum_t, max_t, max(t - p)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -275,12 +275,13 @@ class DepthSampler:
                     got.append((key, info.pending, info.total))
         with self._lock:
             for key, pending, total in got:
-                a = self._acc.setdefault(key, [0, 0, 0, 0, 0])
+                a = self._acc.setdefault(key, [0, 0, 0, 0, 0, 0])
                 a[0] += 1
                 a[1] += pending
                 a[2] = max(a[2], pending)
                 a[3] += total
                 a[4] = max(a[4], total)
+                a[5] = max(a[5], total - pending)  # in service: both read at the same instant
 
     def take(self) -> list[UffdDepth]:
         """Mean/max since the last take; a watched uffd with no sample yet is
@@ -292,7 +293,7 @@ class DepthSampler:
         with self._lock:
             acc, self._acc = self._acc, {}
             watched = set(self._watch)
-        return [UffdDepth(pid, fd, rates.mean(a[1], a[0]), a[2], rates.mean(a[3], a[0]), a[4], a[0])
+        return [UffdDepth(pid, fd, rates.mean(a[1], a[0]), a[2], rates.mean(a[3], a[0]), a[4], a[0], a[5])
                 for (pid, fd), a in sorted(acc.items()) if (pid, fd) in watched]
 
     def _run(self) -> None:

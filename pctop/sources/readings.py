@@ -63,6 +63,7 @@ class UffdDepth(NamedTuple):
     total_mean: float
     total_max: int
     samples: int
+    in_service_max: int | None = None  # most faults read but not yet resolved at one sample (total - pending)
 
 
 class VcpuIdentity(NamedTuple):
