@@ -211,7 +211,9 @@ A target's series appear when pctop first reports it. Counters only grow: a vCPU
 faults in an interval keeps its series (and its value); one seen again later goes on from
 there. A target that exits stays in `/metrics` for one more scrape after its last interval
 (so the last faults are scraped) and is then removed; if its pid returns, its counters start
-again from 0, which Prometheus's `rate()` and `increase()` treat as a counter reset."""
+again from 0, which Prometheus's `rate()` and `increase()` treat as a counter reset. The `vm`
+label is the name known at the scrape: a target first seen before its name (an interval or two
+after pctop starts) goes on under a new series, its counters continuing from where they were."""
 
 
 if __name__ == "__main__":
