@@ -20,6 +20,7 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
     "demo": ("pctop.engine.demo_cli", "demo", "Run the reference engine: a real post-copy migration of a KVM guest."),
     "ctl": ("pctop.ctl_cli", "ctl", "Send one command to a running engine's control socket (pause, latency, drop-link, ...)."),
     "doctor": ("pctop.doctor_cli", "doctor", "Check what pctop needs and say how to fix what is missing."),
+    "export": ("pctop.export_cli", "export", "Serve Prometheus metrics on /metrics (headless; docs/metrics.md)."),
     "engine": ("pctop.engine.engine_cli", "engine", "Run the engine's source and destination as two processes (TCP, two hosts)."),
     "monitor": ("pctop.monitor_cli", "monitor", "Watch post-copy stalls live (--json: JSON Lines)."),
     "qemu": ("pctop.qemu_cli", "qemu", "Steer a QEMU post-copy migration over QMP (pause, recover, bandwidth, ...)."),

@@ -2,7 +2,7 @@
 
 Sources produce Readings (pctop.sources.readings); pctop.stats turns them
 into a Sample once per interval; the TUI, the NDJSON writer (--json, record)
-and, later, the Prometheus exporter render Samples; replay reads them back.
+and the Prometheus exporter (pctop.export) render Samples; replay reads them back.
 Field names here are the NDJSON/record names, documented in docs/schema.md.
 Bump SCHEMA_VERSION on any incompatible change.
 """
@@ -59,6 +59,9 @@ class UffdSample:
     pending_max: int = 0
     total_mean: float = 0.0
     total_max: int = 0
+    # most faults read but not yet resolved at one sampling instant (fdinfo total - pending);
+    # None (left out of the JSON) when no source sampled the queue
+    in_service_max: int | None = None
     msgs_read: int = 0
     read_calls: int = 0
     pages_installed: int = 0
@@ -110,6 +113,8 @@ class Target:
     # `serves`. Learned from the handler's wake-ups and from a uffd sent over SCM_RIGHTS.
     serves: tuple[int, ...] = ()
     served_by: tuple[int, ...] = ()
+    # The guest's name on the VMM's command line (QEMU's -name); None (left out of the JSON) if none
+    vm_name: str | None = None
 
 
 @dataclass(frozen=True)
@@ -176,9 +181,9 @@ _NESTED: dict[tuple[type, str], type] = {
 }
 
 
-# Opt-in fields (--page-ranges): left out of the JSON when not measured (None), so
-# lines without the option do not grow; a reader takes a missing one as None.
-_OPT_IN = ("installed_ranges", "page_map_lost", "registered_ranges")
+# Opt-in fields (--page-ranges; vm_name, in_service_max when known): left out of the JSON
+# when not known (None), so lines without them do not grow; a reader takes a missing one as None.
+_OPT_IN = ("installed_ranges", "page_map_lost", "registered_ranges", "vm_name", "in_service_max")
 _RANGES = frozenset({"installed_ranges", "registered_ranges"})  # lists of [start, pages]
 
 

@@ -65,6 +65,9 @@ def _live_options(f: Callable) -> Callable:
         click.option("--qmp", "qmp_sockets", multiple=True, metavar="SOCKET",
                      help="QEMU's QMP socket: the migration destination's, then optionally the "
                           "source's (docs/qemu.md)."),
+        click.option("--qmp-source", metavar="SOCKET",
+                     help="QEMU's QMP socket of the migration's source, when this host runs the "
+                          "source (without --qmp) or the destination's is given with --qmp."),
         click.option("--page-ranges", is_flag=True,
                      help="Also record which pages each uffd installed (address ranges per "
                           "interval; one more probe map update per install). JSON output only."),
@@ -82,28 +85,60 @@ def _install_stop_handlers(stop: threading.Event) -> None:
 
 
 def run_live(command: str, out: TextIO, pids, comm, interval: float, count: int | None,
-             no_ebpf: bool, engine_sockets, qmp_sockets=(), page_ranges: bool = False) -> None:
-    """Header, then one Sample per interval to `out`, until count, a signal or a closed pipe."""
+             no_ebpf: bool, engine_sockets, qmp_sockets=(), page_ranges: bool = False,
+             export: str | None = None) -> None:
+    """Header, then one Sample per interval to `out`, until count, a signal or a closed pipe.
+    export: also serve the Samples on /metrics at this [HOST:]PORT (pctop.export_cli)."""
     stop = threading.Event()
     _install_stop_handlers(stop)
     header, stats, _ = _open(command, pids, comm, interval, no_ebpf, engine_sockets, qmp_sockets,
                              page_ranges)
+    server = None
     writer = NdjsonWriter(out)
     try:
+        if export is not None:
+            stats, server = _serve(command, export, header, stats)
         writer.write(header)
-        n = 0
-        due = time.monotonic() + interval
-        while not stop.wait(max(0.0, due - time.monotonic())):
-            writer.write(stats.collect())
-            n += 1
-            if count is not None and n >= count:
-                break
-            # Keep the cadence; after a stall (CPU starved) restart it rather than burst.
-            due = max(due + interval, time.monotonic())
+        sample_loop(stats, interval, count, stop, writer.write)
     except BrokenPipeError:
         _quiet_stdout()
     finally:
+        if server is not None:
+            server.close()
         stats.close()
+
+
+def sample_loop(stats, interval: float, count: int | None, stop: threading.Event, emit) -> None:
+    """emit(stats.collect()) once per interval until `count` samples or `stop`."""
+    n = 0
+    due = time.monotonic() + interval
+    while not stop.wait(max(0.0, due - time.monotonic())):
+        emit(stats.collect())
+        n += 1
+        if count is not None and n >= count:
+            break
+        # Keep the cadence; after a stall (CPU starved) restart it rather than burst.
+        due = max(due + interval, time.monotonic())
+
+
+def _serve(command: str, listen: str, header, stats):
+    """--export: (stats whose Samples also feed /metrics, the server to close)."""
+    from pctop.export.server import Tee
+    from pctop.export_cli import start_server
+
+    exporter, server = start_server(command, listen, header)
+    return Tee(stats, exporter), server
+
+
+def qmp_ends(command: str, qmp_sockets, qmp_source: str | None) -> tuple:
+    """--qmp DEST [--qmp SOURCE] and --qmp-source SOURCE -> the sockets for attach():
+    (DEST, SOURCE), (DEST,) or (None, SOURCE) on a host that runs only the source."""
+    qmp_sockets = tuple(qmp_sockets)
+    if qmp_source is None:
+        return qmp_sockets
+    if len(qmp_sockets) > 1:
+        raise _UsageError(command, "give the source's QMP socket once: as a second --qmp or as --qmp-source")
+    return (qmp_sockets[0] if qmp_sockets else None, qmp_source)
 
 
 def _check_page_ranges(command: str, page_ranges: bool, no_ebpf: bool) -> None:
@@ -152,37 +187,54 @@ def _quiet_stdout() -> None:
 @_live_options
 @click.option("--json", "as_json", is_flag=True,
               help="Print JSON Lines (a header, then one sample per interval) instead of the TUI.")
-def monitor(pids, comm, interval, count, no_ebpf, engine_sockets, qmp_sockets, page_ranges,
-            as_json) -> None:
+@click.option("--export", metavar="[HOST:]PORT",
+              help="Also serve what is shown as Prometheus metrics on /metrics, like `pctop export` "
+                   "(host 127.0.0.1 unless given; docs/metrics.md).")
+def monitor(pids, comm, interval, count, no_ebpf, engine_sockets, qmp_sockets, qmp_source, page_ranges,
+            as_json, export) -> None:
     """Watch post-copy stalls live: per-vCPU faults and latency, uffd queue depth.
 
     Fields are documented in docs/schema.md.
     """
+    qmp_sockets = qmp_ends("monitor", qmp_sockets, qmp_source)
     if not as_json:
         if page_ranges:
             raise _UsageError("monitor", "--page-ranges goes with --json (or `pctop record`): "
                                          "the dashboard does not show page ranges")
-        _run_tui(pids, comm, interval, no_ebpf, engine_sockets, qmp_sockets)
+        _run_tui(pids, comm, interval, no_ebpf, engine_sockets, qmp_sockets, export)
         return
     run_live("monitor", sys.stdout, pids, comm, interval, count, no_ebpf, engine_sockets, qmp_sockets,
-             page_ranges)
+             page_ranges, export)
 
 
-def _run_tui(pids, comm, interval: float, no_ebpf: bool, engine_sockets, qmp_sockets=()) -> None:
+def _run_tui(pids, comm, interval: float, no_ebpf: bool, engine_sockets, qmp_sockets=(),
+             export: str | None = None) -> None:
     """The dashboard (pctop.ui); Textual is imported only on this path."""
     from pctop import ui
 
     header, stats, qmp = _open("monitor", pids, comm, interval, no_ebpf, engine_sockets, qmp_sockets)
-    ui.run_live(header, stats, interval, controls=qmp)  # None: the engine's controls, if any
+    server = None
+    if export is not None:
+        try:
+            stats, server = _serve("monitor", export, header, stats)
+        except BaseException:
+            stats.close()
+            raise
+    try:
+        ui.run_live(header, stats, interval, controls=qmp)  # None: the engine's controls, if any
+    finally:
+        if server is not None:
+            server.close()
 
 
 @click.command("record", cls=_Command)
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, writable=True),
               help="File to write (JSON Lines, flushed line by line).")
 @_live_options
-def record(output, pids, comm, interval, count, no_ebpf, engine_sockets, qmp_sockets,
+def record(output, pids, comm, interval, count, no_ebpf, engine_sockets, qmp_sockets, qmp_source,
            page_ranges) -> None:
     """Record what `monitor --json` shows to a file, for `pctop replay`."""
+    qmp_sockets = qmp_ends("record", qmp_sockets, qmp_source)
     _check_page_ranges("record", page_ranges, no_ebpf)  # before the file is created
     try:
         fh = open(output, "w", encoding="utf-8")

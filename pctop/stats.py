@@ -52,6 +52,7 @@ class Memory:
     identities: dict[tuple[int, int], VcpuIdentity] = field(default_factory=dict)
     thread_names: dict[tuple[int, int], str] = field(default_factory=dict)
     pages_received: dict[int, int] = field(default_factory=dict)  # for migration ETA
+    vm_names: dict[int, str] = field(default_factory=dict)  # pid -> guest name, once a source knew it
 
 
 @dataclass
@@ -93,7 +94,8 @@ def merge_readings(readings: Iterable[Reading]) -> Merged:
                     thread_names={**ti.thread_names, **old.thread_names},
                     registered_ranges=old.registered_ranges if old.registered_ranges is not None
                     else ti.registered_ranges,
-                    serves=old.serves or ti.serves)
+                    serves=old.serves or ti.serves,
+                    vm_name=old.vm_name or ti.vm_name)
         for mi in r.migrations:
             m.migrations.setdefault(mi.pid, mi)
         m.gone.update(r.gone)
@@ -145,6 +147,7 @@ def uffd_sample(fd: int, c: UffdCounters | None, d: UffdDepth | None, interval_s
         fd=fd,
         pending_mean=d.pending_mean if d else 0.0, pending_max=d.pending_max if d else 0,
         total_mean=d.total_mean if d else 0.0, total_max=d.total_max if d else 0,
+        in_service_max=d.in_service_max if d else None,
         msgs_read=c.msgs_read, read_calls=c.read_calls,
         pages_installed=c.pages_installed, bytes_installed=c.bytes_installed,
         copies=c.copies, zeropages=c.zeropages, continues=c.continues, wakes=c.wakes,
@@ -235,10 +238,13 @@ def build_sample(merged: Merged, memory: Memory, *, now: float, interval_s: floa
             mig = migration_sample(mi, memory.pages_received.get(pid), interval_s)
             if mi.pages_received is not None:
                 memory.pages_received[pid] = mi.pages_received
+        if ti and ti.vm_name:
+            memory.vm_names[pid] = ti.vm_name
         targets.append(Target(pid=pid, comm=memory.comms[pid], vcpus=tuple(vcpus), uffds=uffds,
                               handler_cpu_pct=ti.handler_cpu_pct if ti else None, migration=mig,
                               registered_ranges=ti.registered_ranges if ti else None,
-                              serves=ti.serves if ti else (), served_by=tuple(sorted(served_by.get(pid, ())))))
+                              serves=ti.serves if ti else (), served_by=tuple(sorted(served_by.get(pid, ()))),
+                              vm_name=memory.vm_names.get(pid)))
     for pid in gone_now:
         _forget(memory, pid)
     for key in exited_with_faults:
@@ -250,6 +256,7 @@ def build_sample(merged: Merged, memory: Memory, *, now: float, interval_s: floa
 
 def _forget(memory: Memory, pid: int) -> None:
     memory.comms.pop(pid, None)
+    memory.vm_names.pop(pid, None)
     memory.pages_received.pop(pid, None)
     for d in (memory.identities, memory.thread_names):
         for key in [k for k in d if k[0] == pid]:

@@ -8,8 +8,9 @@ need=()
 have() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "ok installed"; }
 
 # qemu-system-x86: `pctop demo --vmm qemu` and its tests; libcap2-bin: capsh for the doctor tests;
-# nftables: the link-failure tests drop and lose packets on their own veth link.
-for p in python3 python3-venv python3-pip python3-bpfcc iproute2 gcc libc6-dev qemu-system-x86 libcap2-bin nftables; do
+# nftables: the link-failure tests drop and lose packets on their own veth link;
+# prometheus: the exporter's tests scrape it with a real Prometheus and check it with promtool.
+for p in python3 python3-venv python3-pip python3-bpfcc iproute2 gcc libc6-dev qemu-system-x86 libcap2-bin nftables prometheus; do
     have "$p" || need+=("$p")
 done
 

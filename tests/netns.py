@@ -41,7 +41,30 @@ def can_make_netns() -> str | None:
     return None
 
 
-class VethLink:
+def _move_in(ns: str, dev: str, addr: str) -> None:
+    """Move a veth end into a namespace, give it a /30 address and bring it (and lo) up."""
+    _sh(_IP, "link", "set", dev, "netns", ns)
+    _sh(_IP, "-n", ns, "addr", "add", addr + "/30", "dev", dev)
+    _sh(_IP, "-n", ns, "link", "set", dev, "up")
+    _sh(_IP, "-n", ns, "link", "set", "lo", "up")
+
+
+class _Namespaces:
+    """Made on entry, deleted on exit, also when making them fails half-way."""
+
+    def __enter__(self):
+        try:
+            self._make()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class VethLink(_Namespaces):
     def __init__(self, tag: str = ""):
         n = os.getpid() % 250 + 1
         self.ns = {"a": f"pctop{tag}a{os.getpid()}", "b": f"pctop{tag}b{os.getpid()}"}
@@ -50,23 +73,12 @@ class VethLink:
         self._nft_tables: set[str] = set()
 
     # --- set-up / tear-down ---
-    def __enter__(self) -> "VethLink":
-        try:
-            for side in "ab":
-                _sh(_IP, "netns", "add", self.ns[side])
-            _sh(_IP, "link", "add", self.dev["a"], "type", "veth", "peer", "name", self.dev["b"])
-            for side in "ab":
-                _sh(_IP, "link", "set", self.dev[side], "netns", self.ns[side])
-                _sh(_IP, "-n", self.ns[side], "addr", "add", self.addr[side] + "/30", "dev", self.dev[side])
-                _sh(_IP, "-n", self.ns[side], "link", "set", self.dev[side], "up")
-                _sh(_IP, "-n", self.ns[side], "link", "set", "lo", "up")
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def _make(self) -> None:
+        for side in "ab":
+            _sh(_IP, "netns", "add", self.ns[side])
+        _sh(_IP, "link", "add", self.dev["a"], "type", "veth", "peer", "name", self.dev["b"])
+        for side in "ab":
+            _move_in(self.ns[side], self.dev[side], self.addr[side])
 
     def close(self) -> None:
         for side in "ab":  # deleting a namespace deletes its end of the veth pair, and so the pair
@@ -116,3 +128,26 @@ class VethLink:
         else:
             self._nft(side, "add", "rule", "inet", table, "out", "oifname", self.dev[side],
                       "numgen", "random", "mod", "100", "<", str(percent), "drop")
+
+
+class HostNs(_Namespaces):
+    """One network namespace joined to the root namespace by a veth pair: a stand-in "host"
+    that a process in the root namespace (a Prometheus) reaches at `addr`
+    (10.214.N.2; the root end is 10.214.N.1, N picked per tag and test process).
+    Processes inside still share the machine's pids and files (they see every QEMU)."""
+
+    def __init__(self, tag: str, n: int):
+        self.ns = f"pctop{tag}{os.getpid()}"
+        self.dev = (f"ph{tag}{os.getpid() % 10000}", f"pn{tag}{os.getpid() % 10000}")
+        self.root_addr, self.addr = f"10.214.{n}.1", f"10.214.{n}.2"
+
+    def _make(self) -> None:
+        _sh(_IP, "netns", "add", self.ns)
+        _sh(_IP, "link", "add", self.dev[0], "type", "veth", "peer", "name", self.dev[1])
+        _sh(_IP, "addr", "add", self.root_addr + "/30", "dev", self.dev[0])
+        _sh(_IP, "link", "set", self.dev[0], "up")
+        _move_in(self.ns, self.dev[1], self.addr)
+
+    def close(self) -> None:
+        _sh(_IP, "netns", "del", self.ns, check=False)  # takes its end of the pair, and so the pair
+        _sh(_IP, "link", "del", self.dev[0], check=False)  # in case the move into the namespace failed

@@ -288,6 +288,7 @@ def test_fake_discovery_depth_identity_and_handler_cpu(fake):
     assert t.handler_cpu_pct == pytest.approx(50.0)
     (d,) = r.depths
     assert (d.fd, d.pending_mean, d.pending_max, d.total_mean, d.total_max) == (3, 2.0, 2, 5.0, 5)
+    assert d.in_service_max == 3  # total - pending of the same read
     assert [(i.tid, i.vcpu, i.how) for i in r.identities] == [(4243, 0, "thread_name")]
 
 
@@ -366,3 +367,18 @@ def test_parse_stat_with_parentheses_in_comm():
                                         ("crosvm_vcpu1", 1), ("fault-default", None), ("CPU 3", None)])
 def test_vcpu_from_name(name, idx):
     assert vcpu_from_name(name) == idx
+
+
+@pytest.mark.parametrize("argv, name", [
+    (["qemu-system-x86_64", "-m", "64", "-name", "pctop-source,debug-threads=on"], "pctop-source"),
+    (["qemu", "-name", "guest=web-7,process=qemu-web-7,debug-threads=on"], "web-7"),
+    (["qemu", "-name", "debug-threads=on,guest=db"], "db"),
+    (["qemu", "-name", "a,,b,debug-threads=on"], "a,b"),  # QEMU's escaped comma
+    (["qemu", "-name", "process=p"], None),
+    (["qemu", "-m", "64"], None),
+    (["fc_vmm", "--api-sock", "/x"], None),
+    (["qemu", "-name"], None),
+])
+def test_qemu_guest_name_reads_the_name_option(argv, name):
+    from pctop.sources.procfs import qemu_guest_name
+    assert qemu_guest_name(argv) == name

@@ -148,7 +148,7 @@ def status_to_reading(status: dict[str, Any], prev: _Prev, source: str = "engine
     for u in uffds:
         # One instantaneous reading; the procfs sampler's mean/max wins when present.
         p, t = int(u.get("pending", 0)), int(u.get("total", 0))
-        depths.append(UffdDepth(pid, int(u["fd"]), float(p), p, float(t), t, 1))
+        depths.append(UffdDepth(pid, int(u["fd"]), float(p), p, float(t), t, 1, max(0, t - p)))
     if len(uffds) == 1:
         counters.append(UffdCounters(pid, int(uffds[0]["fd"]), msgs_read=diff["msgs"],
                                      read_calls=diff["reads"],

@@ -92,6 +92,28 @@ def read_comm(paths: HostPaths, pid: int) -> str | None:
     return None if text is None else text.rstrip("\n")
 
 
+def qemu_guest_name(argv: list[str]) -> str | None:
+    """The guest name of a QEMU command line: `-name guest=NAME,...` or `-name NAME,...`
+    (QEMU's own syntax, where `,,` is a literal comma); None without -name."""
+    for flag, value in zip(argv, argv[1:]):
+        if flag not in ("-name", "--name"):
+            continue
+        for part in re.split(r"(?<!,),(?!,)", value):
+            key, eq, rest = part.partition("=")
+            if not eq:
+                return part.replace(",,", ",") or None
+            if key == "guest":
+                return rest.replace(",,", ",") or None
+        return None
+    return None
+
+
+def read_vm_name(paths: HostPaths, pid: int) -> str | None:
+    """The guest name a VMM was started with, from /proc/PID/cmdline (QEMU's -name)."""
+    text = _read(paths.proc_path(pid, "cmdline"))
+    return qemu_guest_name(text.split("\0")) if text else None
+
+
 def scan_fds(paths: HostPaths, pid: int) -> ProcFds | None:
     """The uffds and vCPU fds a process holds; None if it is gone or unreadable."""
     fd_dir = paths.proc_path(pid, "fd")
@@ -205,7 +227,7 @@ class DepthSampler:
         self._io_lock = threading.Lock()  # the open files: the thread and take() both sample
         self._watch: tuple[tuple[int, int], ...] = ()
         self._files: dict[tuple[int, int], int] = {}  # (pid, fd) -> our fd of its fdinfo
-        self._acc: dict[tuple[int, int], list[int]] = {}  # n, sum_p, max_p, sum_t, max_t
+        self._acc: dict[tuple[int, int], list[int]] = {}  # n, sum_p, max_p, sum_t, max_t, max(t - p)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -253,12 +275,13 @@ class DepthSampler:
                     got.append((key, info.pending, info.total))
         with self._lock:
             for key, pending, total in got:
-                a = self._acc.setdefault(key, [0, 0, 0, 0, 0])
+                a = self._acc.setdefault(key, [0, 0, 0, 0, 0, 0])
                 a[0] += 1
                 a[1] += pending
                 a[2] = max(a[2], pending)
                 a[3] += total
                 a[4] = max(a[4], total)
+                a[5] = max(a[5], total - pending)  # in service: both read at the same instant
 
     def take(self) -> list[UffdDepth]:
         """Mean/max since the last take; a watched uffd with no sample yet is
@@ -270,7 +293,7 @@ class DepthSampler:
         with self._lock:
             acc, self._acc = self._acc, {}
             watched = set(self._watch)
-        return [UffdDepth(pid, fd, rates.mean(a[1], a[0]), a[2], rates.mean(a[3], a[0]), a[4], a[0])
+        return [UffdDepth(pid, fd, rates.mean(a[1], a[0]), a[2], rates.mean(a[3], a[0]), a[4], a[0], a[5])
                 for (pid, fd), a in sorted(acc.items()) if (pid, fd) in watched]
 
     def _run(self) -> None:
@@ -317,6 +340,7 @@ class ProcfsSource:
         self._uffds: dict[int, tuple[int, ...]] = {}
         self._vcpus: dict[int, int] = {}  # pid -> how many vCPUs it has fds of, at the last refresh
         self._ticks: dict[int, dict[int, int]] = {}  # pid -> tid -> cpu ticks at last collect
+        self._vm_names: dict[int, str | None] = {}  # pid -> guest name, read once (argv does not change)
         self._last = monotonic()
         self._sampler = DepthSampler(paths, sample_hz)
 
@@ -348,6 +372,7 @@ class ProcfsSource:
                 self._uffds.pop(pid, None)
                 self._vcpus.pop(pid, None)
                 self._ticks.pop(pid, None)
+                self._vm_names.pop(pid, None)
         for pid in self._wanted():
             if pid in self._targets:
                 continue
@@ -394,7 +419,10 @@ class ProcfsSource:
             threads = read_threads(self.paths, pid)
             vcpus = self._identify(pid, threads, identities)
             cpu = self._handler_cpu(pid, threads, vcpus, self._vcpus.get(pid, 0), interval)
-            infos.append(TargetInfo(pid, comm, cpu, {tid: ts.name for tid, ts in threads.items()}))
+            if pid not in self._vm_names:
+                self._vm_names[pid] = read_vm_name(self.paths, pid)
+            infos.append(TargetInfo(pid, comm, cpu, {tid: ts.name for tid, ts in threads.items()},
+                                    vm_name=self._vm_names[pid]))
         return Reading(source=self.name, depths=tuple(self._sampler.take()),
                        identities=tuple(identities), targets=tuple(infos), gone=tuple(gone),
                        events=tuple(notes))

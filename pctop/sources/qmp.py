@@ -109,8 +109,9 @@ class QmpSource:
 
     name = "qmp"
 
-    def __init__(self, dest_socket: str, source_socket: str | None = None, timeout: float = 3.0) -> None:
-        self.dest = QmpEnd("destination", dest_socket, timeout)
+    def __init__(self, dest_socket: str | None, source_socket: str | None = None, timeout: float = 3.0) -> None:
+        # Either end may be missing: a host that runs only the source has only the source's socket.
+        self.dest = QmpEnd("destination", dest_socket, timeout) if dest_socket else None
         self.src = QmpEnd("source", source_socket, timeout) if source_socket else None
         self._blocktime_before: list[int] | None = None
 
@@ -131,7 +132,7 @@ class QmpSource:
         except BaseException:
             self.close()
             raise
-        if self.src is not None and self.src.pid == self.dest.pid:
+        if self.src is not None and self.dest is not None and self.src.pid == self.dest.pid:
             self.close()
             raise QmpError(f"{self.dest.path} and {self.src.path} are the same QEMU (pid {self.dest.pid})")
 
@@ -208,13 +209,19 @@ class QmpSource:
 
     def _control(self, cmd: str, arg: Any) -> str:
         src = self.src.conn if self.src else None
+        dst = self.dest.conn if self.dest else None
 
         def need_source() -> QmpConnection:
             if src is None:
                 raise QmpError(f"{cmd} goes to the source QEMU: give its socket as a second --qmp")
             return src
+
+        def need_dest() -> QmpConnection:
+            if dst is None:
+                raise QmpError(f"{cmd} goes to the destination QEMU: give its socket with --qmp")
+            return dst
         if cmd == "enable-postcopy":
-            done = [f"destination: {', '.join(control.enable_postcopy(self.dest.conn, True))}"]
+            done = [f"destination: {', '.join(control.enable_postcopy(need_dest(), True))}"]
             if src is not None:
                 done.append(f"source: {', '.join(control.enable_postcopy(src, False))}")
             return "enabled " + "; ".join(done)
@@ -225,11 +232,11 @@ class QmpSource:
             control.set_bandwidth(need_source(), int(arg or 0))
             return f"max-postcopy-bandwidth = {int(arg or 0)} B/s"
         if cmd == "drop-link":
-            control.pause(src or self.dest.conn)
+            control.pause(src or need_dest())
             return "paused the migration (migrate-pause)"
         if cmd == "recover":
             uri = arg or control.local_uri()
-            control.recover(self.dest.conn, need_source(), uri)
+            control.recover(need_dest(), need_source(), uri)
             return f"recovering over {uri}"
         raise QmpError(f"unknown command for QEMU: {cmd}")
 
@@ -239,7 +246,8 @@ class QmpSource:
 
 
 def attach(header, stats, sockets) -> tuple[Any, QmpSource | None]:
-    """Add a QmpSource over `sockets` (destination first, then optionally the source)
+    """Add a QmpSource over `sockets` (destination first, or None on a host that runs only
+    the source, then optionally the source)
     to a live Stats from pctop.stats.open_live -> (header naming it, the source).
 
     It goes after the per-thread measuring sources (ebpf, engine) and before procfs,
@@ -249,11 +257,11 @@ def attach(header, stats, sockets) -> tuple[Any, QmpSource | None]:
     from dataclasses import replace
 
     sockets = list(sockets or ())
-    if not sockets:
+    if not any(sockets):
         return header, None
     if len(sockets) > 2:
         raise QmpError("--qmp takes the destination's socket, then optionally the source's (at most two)")
-    qmp = QmpSource(sockets[0], sockets[1] if len(sockets) > 1 else None)
+    qmp = QmpSource(sockets[0], sockets[1] if len(sockets) > 1 else None)  # (None, SOURCE): source only
     qmp.start()
     names = [s.name for s in stats.sources]
     stats.sources.insert(names.index("procfs") if "procfs" in names else len(names), qmp)

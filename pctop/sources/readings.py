@@ -63,6 +63,7 @@ class UffdDepth(NamedTuple):
     total_mean: float
     total_max: int
     samples: int
+    in_service_max: int | None = None  # most faults read but not yet resolved at one sample (total - pending)
 
 
 class VcpuIdentity(NamedTuple):
@@ -80,6 +81,7 @@ class TargetInfo(NamedTuple):
     # uffd-registered ranges (start address, 4 KiB pages) as registered, with the page map on
     registered_ranges: tuple[tuple[int, int], ...] | None = None
     serves: tuple[int, ...] = ()  # other processes whose faults this one's uffds resolve
+    vm_name: str | None = None  # the guest's name on the VMM's command line (QEMU's -name), if any
 
 
 class MigrationInfo(NamedTuple):
