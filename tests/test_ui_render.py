@@ -30,6 +30,22 @@ def test_numbers_fit_their_columns():
     assert all(len(fmt_rate(x)) <= 6 for x in (0.1, 9.99, 99.9, 999.9, 99_999, 9e8, 5e11))
 
 
+def test_unit_is_picked_after_rounding_so_cells_never_overflow():
+    # Values just under a unit boundary round up into the next unit, not to 4 digits.
+    assert fmt_us(99_960) == "100ms"
+    assert fmt_us(999.6) == "1.0ms"
+    assert fmt_us(999_600) == "1.0s"
+    assert fmt_us(9.96) == "10µs"
+    assert fmt_rate(9.96) == "10"
+    assert fmt_rate(999.6) == "1.0k"
+    assert fmt_rate(99_960) == "100k"
+    # Every value near a boundary from 0.01 to 1e12 (latency: to 1e10 us, 2.7 hours)
+    # fits the 6-wide latency and rate columns.
+    xs = [m * 10 ** e for e in range(-2, 12) for m in (0.9996, 0.99996, 1, 1.5, 9.96, 9.9996)]
+    assert max(len(fmt_us(x)) for x in xs if x < 1e10) <= 6
+    assert max(len(fmt_rate(x)) for x in xs) <= 6
+
+
 def test_bucket_labels_are_lower_bounds():
     assert [bucket_label(n) for n in (0, 9, 10, 20)] == ["1µs", "512µs", "1ms", "1s"]
 

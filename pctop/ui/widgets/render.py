@@ -55,17 +55,34 @@ def latency_severity(us: float | None) -> Severity:
     return OK
 
 
+def _digits(v: float, decimals_below: float) -> str:
+    """v with one decimal while it stays under `decimals_below` once rounded, else none."""
+    s = f"{v:.1f}"
+    return s if float(s) < decimals_below else f"{v:.0f}"
+
+
+def _scaled(x: float, steps: tuple[tuple[float, str, float], ...]) -> str:
+    """x in the first unit of `steps` (divisor, unit, decimals below) whose rounded
+    figure stays under 1000: the unit is picked after rounding, so 999.6 us is 1.0ms,
+    never a 4-digit 1000us that overflows its column."""
+    for div, unit, dec in steps:
+        s = _digits(x / div, dec)
+        if float(s) < 1000:
+            return s + unit
+    return s + unit
+
+
+_RATE_STEPS = ((1.0, "", 10.0), (1e3, "k", 100.0), (1e6, "M", 100.0), (1e9, "G", 100.0), (1e12, "T", 100.0))
+_US_STEPS = ((1.0, "µs", 10.0), (1e3, "ms", 100.0), (1e6, "s", 100.0))
+
+
 def fmt_rate(x: float | None) -> str:
     """A per-second rate in at most 6 characters."""
     if x is None:
         return "-"
     if x == 0:
         return "0"
-    for div, unit in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if x >= div:
-            v = x / div
-            return f"{v:.1f}{unit}" if v < 100 else f"{v:.0f}{unit}"
-    return f"{x:.1f}" if x < 10 else f"{x:.0f}"
+    return _scaled(x, _RATE_STEPS)
 
 
 def fmt_count(n: int) -> str:
@@ -77,12 +94,7 @@ def fmt_us(us: float | None) -> str:
     """A duration given in microseconds, in at most 6 characters."""
     if us is None:
         return "-"
-    if us < 1000:
-        return f"{us:.0f}µs" if us >= 10 else f"{us:.1f}µs"
-    if us < 1e6:
-        ms = us / 1000
-        return f"{ms:.1f}ms" if ms < 100 else f"{ms:.0f}ms"
-    return f"{us / 1e6:.1f}s"
+    return _scaled(us, _US_STEPS)
 
 
 def fmt_bytes(n: float | None, per_s: bool = False) -> str:
