@@ -66,8 +66,24 @@ def cli(ctx: click.Context) -> None:
         ctx.invoke(cli.get_command(ctx, default))
 
 
+def _command_name(argv: list[str]) -> str:
+    words = [a for a in argv if not a.startswith("-")][:1]
+    return " ".join(["pctop"] + [w for w in words if w in SUBCOMMANDS])
+
+
 def main() -> None:
+    """Run the command; every way it ends is one line at most and a status of pctop.exits."""
+    from pctop import exits
+
+    exits.raise_on_termination()
     try:
-        cli.main(prog_name="pctop", standalone_mode=True)
-    except KeyboardInterrupt:
-        sys.exit(130)
+        rv = cli.main(prog_name="pctop", standalone_mode=False)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except (click.exceptions.Abort, KeyboardInterrupt) as e:
+        cause = e if isinstance(e, KeyboardInterrupt) else e.__context__
+        cause = cause if isinstance(cause, KeyboardInterrupt) else KeyboardInterrupt()
+        click.echo(f"{_command_name(sys.argv[1:])}: {exits.what(cause)}", err=True)
+        sys.exit(exits.status_of(cause))
+    sys.exit(rv if isinstance(rv, int) else 0)

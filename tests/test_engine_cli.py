@@ -23,6 +23,8 @@ def _run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     (["--write-ratio", "2"], "--write-ratio"),
     (["--memory", "1000"], "multiple of 4K"),
     (["--bandwidth", "fast"], "--bandwidth"),
+    # More than any test machine holds: refused before a process allocates it.
+    (["--memory", "1000T", "--headless"], "available"),
 ])
 def test_bad_values_are_one_line_exit_2(args, needle):
     p = _run(*args)
@@ -76,3 +78,12 @@ def test_cli_corrupted_page_exits_1_and_lists_it():
     s = lines[-1]
     assert rc == 1
     assert s["mismatches"] == 1 and s["mismatch_list"][0][0] == 5 and not s["ok"]
+
+
+def test_source_child_without_memory_says_so_in_one_line(tmp_path):
+    # The demo checks memory first; should the source still fail to allocate (the host's
+    # memory went meanwhile), it says so in one line and its parent names the exit.
+    p = subprocess.run([sys.executable, "-m", "pctop.engine.source", "--npages", str(1 << 40),
+                        "--listen", f"unix:{tmp_path}/s.sock"], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 1 and "Traceback" not in p.stderr
+    assert p.stderr.strip().splitlines() == [f"pctop engine source: error: cannot hold a {(1 << 40) * 4096 >> 20} MiB image in memory"]

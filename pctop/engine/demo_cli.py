@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import sys
 
 import click
 
+from pctop import exits
 from pctop.monitor_cli import _Command, _UsageError
 from pctop.sizes import format_size, parse_size
 
@@ -34,10 +34,6 @@ class SizeType(click.ParamType):
 
 
 SIZE = SizeType()
-
-
-def _raise_interrupt(*_):
-    raise KeyboardInterrupt
 
 
 @click.command("demo", cls=_Command, context_settings={"help_option_names": ["-h", "--help"]})
@@ -100,9 +96,15 @@ def demo(headless, as_json, memory, vcpus, strategy, readers, pattern, write_rat
                corrupt_page=corrupt_page, latency_us=latency_us)
 
 
-def _check_engine_options(command: str, memory: int, vcpus: int, workload: str) -> None:
+def _check_engine_options(command: str, memory: int, vcpus: int, workload: str, copies: int = 2) -> None:
+    """copies: how many times `memory` this host holds (the demo: the source's image and the guest)."""
     if memory < 4096 * vcpus or memory % 4096:
         raise _UsageError(command, f"--memory must be a multiple of 4K with at least 4K per vCPU, got {memory}")
+    room = available_memory()
+    if room is not None and memory * copies > room:
+        held = "the source's image and the guest's memory, both on this host" if copies == 2 else "the guest"
+        raise _UsageError(command, f"--memory {format_size(memory)} needs {format_size(memory * copies)} ({held}); "
+                                   f"this machine has {format_size(room)} available (MemAvailable + SwapFree)")
     if workload == "kvm" and not os.path.exists("/dev/kvm"):
         raise _UsageError(command, "--workload kvm needs /dev/kvm, which is missing")
 
@@ -114,7 +116,7 @@ def run_engine(command: str, as_json: bool, *, memory, vcpus, strategy, readers,
     status. `link`: EngineConfig fields of the link (pctop engine dest)."""
     from pctop.engine.run import Engine, EngineConfig, EngineError
 
-    _check_engine_options(command, memory, vcpus, workload)
+    _check_engine_options(command, memory, vcpus, workload, copies=1 if link else 2)
     cfg = EngineConfig(memory=memory, vcpus=vcpus, strategy=strategy, readers=readers, pattern=pattern,
                        write_ratio=write_ratio, bandwidth=bandwidth, background=not no_background,
                        prefetch=prefetch, duration=duration, seed=seed, control=control, workload=workload,
@@ -125,8 +127,7 @@ def run_engine(command: str, as_json: bool, *, memory, vcpus, strategy, readers,
     if kind == "threads":
         why = "as asked" if workload == "threads" else "/dev/kvm not available"
         click.echo(f"pctop {command}: {why}, running the thread workload (workload: threads)", err=True)
-    if threading_main():
-        signal.signal(signal.SIGTERM, _raise_interrupt)
+    exits.raise_on_termination()
     tty = sys.stderr.isatty()
 
     def emit(obj: dict) -> None:
@@ -156,6 +157,14 @@ def run_engine(command: str, as_json: bool, *, memory, vcpus, strategy, readers,
 
     try:
         s = engine.run(on_tick=tick, tick_s=1.0)
+    except KeyboardInterrupt as e:  # Ctrl+C, SIGTERM, SIGHUP: the engine has torn down
+        if tty:
+            sys.stderr.write("\n")
+        inst = getattr(engine, "installer", None)
+        got = f"{inst.present_count}/{engine.npages} pages had arrived" if inst else "nothing had started"
+        click.echo(f"pctop {command}: {exits.what(e)} before the migration finished ({got}); not verified",
+                   err=True)
+        sys.exit(exits.status_of(e))
     except (EngineError, OSError, RuntimeError, ValueError) as e:
         if tty:
             sys.stderr.write("\n")
@@ -168,6 +177,16 @@ def run_engine(command: str, as_json: bool, *, memory, vcpus, strategy, readers,
     else:
         _print_summary(s)
     sys.exit(0 if s["ok"] else 1)
+
+
+def available_memory(meminfo: str = "/proc/meminfo") -> int | None:
+    """Bytes this host can still give a process (MemAvailable + SwapFree), None if unknown."""
+    try:
+        with open(meminfo) as f:
+            kib = {k: int(v.split()[0]) for k, v in (line.split(":", 1) for line in f if ":" in line)}
+        return (kib["MemAvailable"] + kib.get("SwapFree", 0)) * 1024
+    except (OSError, KeyError, ValueError, IndexError):
+        return None
 
 
 def _run_with_tui(ctx: click.Context, control: str | None) -> None:
@@ -206,11 +225,6 @@ def _run_qemu(ctx: click.Context, headless: bool, as_json: bool, accel: str | No
     given = ctx.get_parameter_source("bandwidth") == click.core.ParameterSource.COMMANDLINE
     mode = "json" if as_json else "headless" if headless else "tui"
     sys.exit(qemu_demo.run(mode, accel, bandwidth if given and bandwidth else None))
-
-
-def threading_main() -> bool:
-    import threading
-    return threading.current_thread() is threading.main_thread()
 
 
 def _print_summary(s: dict) -> None:

@@ -226,6 +226,13 @@ class Engine:
                 raise EngineError("the source process did not build its image within 120 s")
         line = out.readline()
         out.close()
+        if not line:
+            try:
+                rc = self.source_proc.wait(5)
+            except subprocess.TimeoutExpired:
+                rc = None
+            raise EngineError(f"the source process exited with status {rc} before it listened "
+                              "(its own message, if any, is above)")
         try:
             return json.loads(line)["address"]
         except (ValueError, KeyError):

@@ -373,13 +373,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--demand-cpus", default="", help="CPU per demand channel, comma-separated, -1 = any")
     a = ap.parse_args(argv)
     _die_with_parent()
+    # Ctrl+C and a closed terminal reach the whole process group: the parent (the
+    # destination) decides, tears down and closes the link, which ends this process;
+    # if the parent dies instead, PR_SET_PDEATHSIG does.
+    for sig in (signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
     cpus = [int(c) for c in a.demand_cpus.split(",") if c]
 
     def announce(bound) -> None:
         print(json.dumps({"type": "listening", "address": str(bound)}), flush=True)
-    return serve_source(parse_address(a.listen), a.npages, a.seed, a.page_size, bandwidth=a.bandwidth,
-                        background=not a.no_background, prefetch=a.prefetch, wait_s=a.wait,
-                        demand_cpus=cpus, on_listening=announce, quiet=True)
+    try:
+        return serve_source(parse_address(a.listen), a.npages, a.seed, a.page_size, bandwidth=a.bandwidth,
+                            background=not a.no_background, prefetch=a.prefetch, wait_s=a.wait,
+                            demand_cpus=cpus, on_listening=announce, quiet=True)
+    except MemoryError:
+        print(f"pctop engine source: error: cannot hold a {a.npages * a.page_size >> 20} MiB image in memory", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -1,0 +1,55 @@
+"""How runs end, as a user ends them in a terminal: Ctrl+C, SIGTERM, a closed terminal
+(SIGHUP), `q`. Whatever ends a run: one line, no traceback, the exit status of
+pctop.exits, no process and no temporary folder left behind (README "Exit status")."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+from tests.term import Term
+
+
+def need_uffd() -> None:
+    from pctop.engine.uffd import Uffd
+
+    try:
+        Uffd().close()
+    except OSError as e:
+        pytest.skip(f"userfaultfd unavailable: {e}")
+
+
+# Threads and a slow stream: the run outlasts the test, whatever the machine.
+SLOW_DEMO = ["demo", "--workload", "threads", "--memory", "256M", "--bandwidth", "2M", "--duration", "60"]
+
+
+@pytest.mark.parametrize("how,status,word", [
+    ("ctrl-c", 130, "interrupted"),
+    ("sigterm", 128 + signal.SIGTERM, "ended by SIGTERM"),
+    ("hangup", 128 + signal.SIGHUP, "ended by SIGHUP"),
+])
+def test_headless_demo_ends_cleanly_however_it_is_stopped(tmp_path, how, status, word):
+    need_uffd()
+    t = Term(SLOW_DEMO + ["--headless"], tmp_path / "tmp")
+    try:
+        assert t.read_until(b"postcopy", 60), t.text()[-2000:]
+        assert t.seen, "the source runs as a child process"
+        if how == "ctrl-c":
+            t.type(b"\x03")
+        elif how == "sigterm":
+            os.kill(t.proc.pid, signal.SIGTERM)
+        else:
+            t.hang_up()
+        assert t.wait(30) == status, t.text()[-2000:]
+        procs, files = t.leftovers()
+        assert procs == [] and files == []
+        if how != "hangup":  # after a hang-up nobody can read the terminal
+            text = t.text()
+            assert "Traceback" not in text and "Aborted" not in text, text
+            last = [ln for ln in text.replace("\r", "\n").splitlines() if ln.strip()][-1]
+            assert last.startswith(f"pctop demo: {word} before the migration finished"), text[-1000:]
+            assert "not verified" in last
+    finally:
+        t.close()
