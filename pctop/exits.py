@@ -44,11 +44,11 @@ def what(e: KeyboardInterrupt) -> str:
 
 def _raise(signum: int, _frame) -> None:
     if signum == signal.SIGHUP:
-        _detach_terminal()
+        detach_terminal()
     raise Interrupted(signum)
 
 
-def _detach_terminal() -> None:
+def detach_terminal() -> None:
     """The terminal is gone: writes to it would fail (EIO) in every cleanup path and at
     exit, so stdout/stderr that were the terminal now go to /dev/null (files and pipes stay)."""
     try:

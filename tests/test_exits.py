@@ -5,6 +5,7 @@ pctop.exits, no process and no temporary folder left behind (README "Exit status
 from __future__ import annotations
 
 import os
+import re
 import signal
 
 import pytest
@@ -19,6 +20,15 @@ def need_uffd() -> None:
         Uffd().close()
     except OSError as e:
         pytest.skip(f"userfaultfd unavailable: {e}")
+
+
+def stop(t: Term, how: str) -> None:
+    if how == "sigterm":
+        os.kill(t.proc.pid, signal.SIGTERM)
+    elif how == "hangup":
+        t.hang_up()
+    else:
+        t.type({"q": b"q", "ctrl-q": b"\x11", "ctrl-c": b"\x03"}[how])
 
 
 # Threads and a slow stream: the run outlasts the test, whatever the machine.
@@ -36,12 +46,7 @@ def test_headless_demo_ends_cleanly_however_it_is_stopped(tmp_path, how, status,
     try:
         assert t.read_until(b"postcopy", 60), t.text()[-2000:]
         assert t.seen, "the source runs as a child process"
-        if how == "ctrl-c":
-            t.type(b"\x03")
-        elif how == "sigterm":
-            os.kill(t.proc.pid, signal.SIGTERM)
-        else:
-            t.hang_up()
+        stop(t, how)
         assert t.wait(30) == status, t.text()[-2000:]
         procs, files = t.leftovers()
         assert procs == [] and files == []
@@ -51,5 +56,32 @@ def test_headless_demo_ends_cleanly_however_it_is_stopped(tmp_path, how, status,
             last = [ln for ln in text.replace("\r", "\n").splitlines() if ln.strip()][-1]
             assert last.startswith(f"pctop demo: {word} before the migration finished"), text[-1000:]
             assert "not verified" in last
+    finally:
+        t.close()
+
+
+@pytest.mark.parametrize("how,status,line", [
+    ("q", 130, "pctop demo: quit before the migration finished; not verified"),
+    ("ctrl-q", 130, "pctop demo: quit before the migration finished; not verified"),
+    ("ctrl-c", 130, "pctop demo: interrupted"),
+    ("sigterm", 128 + signal.SIGTERM, "pctop demo: ended by SIGTERM"),
+    ("hangup", 128 + signal.SIGHUP, None),
+])
+def test_dashboard_demo_ends_cleanly_however_it_is_stopped(tmp_path, how, status, line):
+    need_uffd()
+    t = Term(SLOW_DEMO, tmp_path / "tmp")
+    try:
+        assert t.read_until(b"POSTCOPY", 90), t.text()[-2000:]
+        assert len(t.seen) >= 2, "the engine and its source run as child processes"
+        stop(t, how)
+        assert t.wait(40) == status, t.text()[-2000:]
+        procs, files = t.leftovers()
+        assert procs == [] and files == []
+        if line:
+            text = t.text()
+            assert "Traceback" not in text and "Aborted" not in text, text[-2000:]
+            # After the dashboard has restored the screen, exactly one line.
+            tail = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", text.rsplit("\x1b[?1049l", 1)[-1])
+            assert [ln.strip() for ln in tail.replace("\r", "\n").splitlines() if ln.strip()] == [line]
     finally:
         t.close()

@@ -79,7 +79,8 @@ def demo(headless, as_json, memory, vcpus, strategy, readers, pattern, write_rat
 
     The defaults (1G, 2 vCPUs, a 16M/s background stream, a hot set taking most accesses,
     10 % writes) make a run of about 20-30 s on a 2-CPU machine: long enough to watch the
-    fault storm, the stream catching up and the stalls fading. Exit status: 0 verified, 1 failed (integrity or engine error), 2 bad usage.
+    fault storm, the stream catching up and the stalls fading. Exit status: 0 verified, 1 failed (integrity or engine error), 2 bad usage,
+    130 quit (q) or interrupted (Ctrl+C) before the end, 143/129 ended by SIGTERM/SIGHUP.
     """
     if vmm == "qemu":
         _run_qemu(click.get_current_context(), headless, as_json, accel, bandwidth)
@@ -210,7 +211,10 @@ def _run_with_tui(ctx: click.Context, control: str | None) -> None:
         except EngineError as e:
             click.echo(f"pctop demo: error: {e}", err=True)
             sys.exit(1)
-    sys.exit(0 if rc is None else rc)
+    if rc is None:
+        click.echo("pctop demo: quit before the migration finished; not verified", err=True)
+        sys.exit(exits.INTERRUPTED)
+    sys.exit(rc)
 
 
 def _run_qemu(ctx: click.Context, headless: bool, as_json: bool, accel: str | None, bandwidth: int) -> None:

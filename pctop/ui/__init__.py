@@ -23,12 +23,18 @@ from pctop.ui.feeds import LiveFeed, ReplayFeed
 
 
 def run_feed(feed: Any, interval: float | None = None) -> None:
+    """Raises pctop.exits.Interrupted when Ctrl+C, SIGTERM or SIGHUP ended the app."""
+    from pctop import exits
     from pctop.ui.app import PctopApp
 
+    app = PctopApp(feed, interval=interval)
     try:
-        PctopApp(feed, interval=interval).run()
+        app.run()
     finally:
         feed.close()
+        exits.raise_on_termination()  # the app's handlers are gone with its loop
+    if app.ended_by is not None:
+        raise exits.Interrupted(app.ended_by)
 
 
 def engine_controls(stats: Any) -> Any:
@@ -62,7 +68,7 @@ def run_demo(engine_argv: list[str], control_path: str, interval: float = 1.0,
     that it never shares a GIL with the dashboard; the dashboard watches it
     with its controls live. Quitting the dashboard stops the engine. Prints
     the engine's own output (its verification summary) afterwards and returns
-    its exit status, or None when the dashboard quit first and stopped it. Raises pctop.sources.engine.EngineError if it never
+    its exit status, or None (and prints nothing) when the dashboard quit first and stopped it. Raises pctop.sources.engine.EngineError if it never
     opens its socket (the message quotes the end of its stderr).
     """
     import subprocess
@@ -95,10 +101,12 @@ def run_demo(engine_argv: list[str], control_path: str, interval: float = 1.0,
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        if stopped:  # its output only says it was stopped; the caller says so itself
+            return None
         for fh, stream in ((out, sys.stdout), (err, sys.stderr)):
             fh.seek(0)
             stream.write(fh.read())
-        return None if stopped else proc.returncode
+        return proc.returncode
 
 
 class _DemoStats:

@@ -9,7 +9,10 @@ Samples and the History it derives from them.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
+import signal
+import threading
 import time
 from typing import Any, Iterable
 
@@ -20,6 +23,7 @@ from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
 from textual.worker import get_current_worker
 
+from pctop import exits
 from pctop.model import HIST_BUCKETS, Event, Sample, StallParts
 from pctop.ui.feeds import INTERVAL_STEPS, SPEED_STEPS, step_in
 from pctop.ui.history import HISTORY_LEN, History, state_events
@@ -98,7 +102,9 @@ class PctopApp(App[None]):
     TITLE = "pctop"
     HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (140, "-wide")]
     VERTICAL_BREAKPOINTS = [(0, "-short"), (44, "-tall")]
-    BINDINGS = [k[1] for k in KEYS]
+    # Ctrl+C quits, as in htop, bpftop and kvm_stat (Textual only hints at ctrl+q);
+    # like Ctrl+C in a shell it counts as an interruption (exit status 130).
+    BINDINGS = [k[1] for k in KEYS] + [Binding("ctrl+c", "interrupt", "Quit", show=False, priority=True)]
 
     def __init__(self, feed: Any, *, interval: float | None = None) -> None:
         super().__init__()
@@ -119,6 +125,7 @@ class PctopApp(App[None]):
         self._had_migration = False
         self.refused: set[str] = set()  # commands the engine answered "unknown" to
         self.control_log: list[dict] = []  # replies, newest last (tests read it)
+        self.ended_by: int | None = None  # the signal that ended the app (Ctrl+C counts as SIGINT)
 
     # -- layout ------------------------------------------------------------
     def compose(self) -> ComposeResult:
@@ -145,7 +152,29 @@ class PctopApp(App[None]):
         self.query_one("#timeline").border_title = "timeline"
         self.query_one(VcpuTable).focus()
         self._render_header()
+        self._catch_termination()
         self._pump()
+
+    def _catch_termination(self) -> None:
+        """SIGTERM and SIGHUP (a closed terminal) end the app like `q`, so whoever runs it
+        can clean up (pctop.ui.run_feed re-raises them as pctop.exits.Interrupted)."""
+        if self.is_headless or threading.current_thread() is not threading.main_thread():
+            return
+        loop = asyncio.get_running_loop()
+
+        def handler(signum: int, _frame) -> None:
+            if signum == signal.SIGHUP:
+                exits.detach_terminal()
+            loop.call_soon_threadsafe(self._end, signum)
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, handler)
+
+    def _end(self, signum: int) -> None:
+        self.ended_by = signum
+        self.exit()
+
+    def action_interrupt(self) -> None:
+        self._end(signal.SIGINT)
 
     def on_unmount(self) -> None:
         self.feed.close()
@@ -275,6 +304,8 @@ class PctopApp(App[None]):
             ok = self._action_available(b.action.split("(")[0])
             why = UNAVAILABLE.get(section, "")
             rows.append(KeyHelp(section, b.key_display or b.key, title.removeprefix(f"{section}: "), ok, why))
+            if b.action == "quit":
+                rows.append(KeyHelp(section, "ctrl+c", "Quit, as interrupted (exit status 130)"))
         rows.append(KeyHelp("Palette", "ctrl+p", "Command palette: every action above by name"))
         return rows
 
