@@ -29,6 +29,14 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
 }
 
 
+class _Stopped(Exception):
+    """Carries the KeyboardInterrupt (or pctop.exits.Interrupted) that ended a command."""
+
+    def __init__(self, cause: KeyboardInterrupt) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
 class LazyGroup(click.Group):
     """A click group that imports a subcommand's module only when it is run."""
 
@@ -40,6 +48,14 @@ class LazyGroup(click.Group):
             module, attr, _ = SUBCOMMANDS[name]
             return getattr(importlib.import_module(module), attr)
         return super().get_command(ctx, name)
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt as e:
+            # Past click's own handler, which would add a blank line and "Aborted!":
+            # main() says what ended the run.
+            raise _Stopped(e) from None
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         # Use the static help text so that `pctop --help` imports nothing.
@@ -81,8 +97,8 @@ def main() -> None:
     except click.ClickException as e:
         e.show()
         sys.exit(e.exit_code)
-    except (click.exceptions.Abort, KeyboardInterrupt) as e:
-        cause = e if isinstance(e, KeyboardInterrupt) else e.__context__
+    except (_Stopped, click.exceptions.Abort, KeyboardInterrupt) as e:
+        cause = e.cause if isinstance(e, _Stopped) else e if isinstance(e, KeyboardInterrupt) else e.__context__
         cause = cause if isinstance(cause, KeyboardInterrupt) else KeyboardInterrupt()
         click.echo(f"{_command_name(sys.argv[1:])}: {exits.what(cause)}", err=True)
         sys.exit(exits.status_of(cause))

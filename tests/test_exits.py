@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -85,3 +88,37 @@ def test_dashboard_demo_ends_cleanly_however_it_is_stopped(tmp_path, how, status
             assert [ln.strip() for ln in tail.replace("\r", "\n").splitlines() if ln.strip()] == [line]
     finally:
         t.close()
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("how,args,status", [
+    ("q", [], 130),                                          # the dashboard
+    ("ctrl-c", ["--headless"], 130),
+    ("hangup", [], 128 + signal.SIGHUP),                     # tmux kill-session, a closed window
+])
+def test_qemu_demo_in_post_copy_leaves_no_qemu_and_no_folder(how, args, status):
+    from pctop.qemu.launch import qemu_unavailable_reason
+    from tests.conftest import need_root
+
+    need_root()
+    reason = qemu_unavailable_reason("tcg")
+    if reason:
+        pytest.skip(reason)
+    # A destination QEMU in post-copy ignores SIGTERM (and spins): pctop must kill it.
+    tmp = Path(tempfile.mkdtemp(prefix="pctop-t-"))  # short: QMP socket paths must fit 108 bytes
+    t = Term(["demo", "--vmm", "qemu", "--accel", "tcg", "--bandwidth", "256K", *args], tmp)
+    try:
+        assert t.read_until(b"postcopy-active" if args else b"POSTCOPY", 120), t.text()[-2000:]
+        qemus = [p for p in t.seen if "qemu" in open(f"/proc/{p}/comm").read()]
+        assert len(qemus) == 2
+        stop(t, how)
+        assert t.wait(30) == status, t.text()[-2000:]
+        procs, files = t.leftovers()
+        assert procs == [] and files == []
+        if how != "hangup":
+            text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", t.text())
+            assert "Traceback" not in text and "not connected" not in text, text[-2000:]
+            assert "pctop demo: stopped before the migration finished, not migrated; stopping both QEMUs" in text
+    finally:
+        t.close()
+        shutil.rmtree(tmp, ignore_errors=True)

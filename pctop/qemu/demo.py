@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from pctop.exits import INTERRUPTED
 from pctop.model import Sample
 from pctop.qemu.migration import MIB, MigrationSettings, QemuMigration
 
@@ -122,6 +123,7 @@ def _progress_line(t: Tally) -> str:
 def run(mode: str, accel: str, postcopy_bandwidth: int | None = None, interval: float = 0.5) -> int:
     """mode: "tui" | "headless" | "json". Returns the exit status (0: migrated and the
     guest runs on the destination)."""
+    from pctop.qemu.launch import QemuUnavailable
     from pctop.qemu.qmp import QmpError
     from pctop.sources.qmp import attach
     from pctop.stats import open_live
@@ -129,9 +131,11 @@ def run(mode: str, accel: str, postcopy_bandwidth: int | None = None, interval: 
     settings = MigrationSettings(accel=accel, vcpus=2, region_mib=16,
                                  postcopy_bandwidth=postcopy_bandwidth or 2 * MIB)
     mig = QemuMigration(settings)
-    say = (lambda m: None) if mode != "headless" else (lambda m: print(f"pctop demo: {m}", file=sys.stderr))
+    say = (lambda m: None) if mode != "headless" else _tell
     say(f"starting source and destination QEMU ({accel}, {settings.vcpus} vCPUs, {settings.memory_mib} MiB, "
         f"guest writes {settings.region_mib} MiB, post-copy capped at {settings.postcopy_bandwidth >> 10} KiB/s)")
+    driver: threading.Thread | None = None
+    outcome: dict[str, Any] = {}
     try:
         mig.boot()
         pair = mig.pair
@@ -146,14 +150,13 @@ def run(mode: str, accel: str, postcopy_bandwidth: int | None = None, interval: 
         tally = Tally(pair.destination.pid)
         rec = RecordingStats(stats, tally)
         rec.collect()  # the probes follow both QEMUs before the destination registers its memory
-        outcome: dict[str, Any] = {}
 
         def drive() -> None:
             try:
                 outcome["source"] = mig.run(on_step=say, precopy_s=PRECOPY_S)
                 outcome["passes"] = [mig.guest_passes(mig.dst, i) for i in range(settings.vcpus)]
-            except (QmpError, OSError) as e:
-                outcome["error"] = str(e)
+            except BaseException as e:  # reported by _finish; a stopped run's errors are not
+                outcome["error"] = str(e) or type(e).__name__
 
         driver = threading.Thread(target=drive, name="qemu-demo-driver", daemon=True)
         driver.start()
@@ -167,12 +170,27 @@ def run(mode: str, accel: str, postcopy_bandwidth: int | None = None, interval: 
         if "passes" in outcome:
             time.sleep(0.3)
             guest_runs = all(mig.guest_passes(mig.dst, i) > n for i, n in enumerate(outcome["passes"]))
-    except QmpError as e:
-        print(f"pctop demo: error: {e}", file=sys.stderr)
+    except (QmpError, QemuUnavailable) as e:
+        _tell(f"error: {e}")
         return 1
     finally:
-        mig.close()
+        if driver is not None and driver.is_alive():
+            # Quit, Ctrl+C or a signal mid-run: say why the next seconds are quiet.
+            outcome["stopped"] = True
+            _tell("stopped before the migration finished, not migrated; stopping both QEMUs")
+        mig.close(log=_tell)
+        if driver is not None:
+            driver.join(timeout=5)  # its QMP calls fail now; nothing of it is reported
     return _finish(mode, tally, outcome, guest_runs, mig)
+
+
+def _tell(line: str) -> None:
+    # On a terminal, first clear the progress line that may be drawn there (\r, no newline).
+    start = "\r\x1b[K" if sys.stderr.isatty() else ""
+    try:
+        print(f"{start}pctop demo: {line}", file=sys.stderr, flush=True)
+    except OSError:  # the terminal is gone
+        pass
 
 
 def _headless(mode: str, header, rec: RecordingStats, driver: threading.Thread, interval: float) -> None:
@@ -202,6 +220,8 @@ def _headless(mode: str, header, rec: RecordingStats, driver: threading.Thread, 
 
 
 def _finish(mode: str, tally: Tally, outcome: dict, guest_runs: bool, mig: QemuMigration) -> int:
+    if outcome.get("stopped"):  # said in run()
+        return INTERRUPTED
     ok = "source" in outcome and guest_runs
     if mode == "json":
         print(json.dumps({"type": "qemu-summary", "ok": ok, "error": outcome.get("error"),

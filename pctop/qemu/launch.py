@@ -10,8 +10,10 @@ Migration goes over TCP on 127.0.0.1.
 
 Under PVM (platform.md) `-cpu host` aborts; the default CPU model works, and
 with `cpu="host"` we pass `host,-arch-capabilities`, which also works.
-`QemuPair.stop()` (also on `with` exit) kills both processes and waits for them;
-if pctop itself dies first, the kernel sends them SIGTERM (PR_SET_PDEATHSIG).
+`QemuPair.stop()` (also on `with` exit) stops both processes and waits for them
+(SIGTERM, then SIGKILL after a short grace: a destination QEMU in post-copy ignores
+SIGTERM and spins); if pctop itself dies first, the kernel kills them
+(PR_SET_PDEATHSIG with SIGKILL, for the same reason).
 """
 
 from __future__ import annotations
@@ -112,11 +114,13 @@ def qemu_argv(cfg: QemuConfig, role: str, qmp_paths: list[str], disk: str) -> li
 
 
 PR_SET_PDEATHSIG = 1
+STOP_GRACE_S = 2.0  # a QEMU that stops at all does so in well under a second
 
 
 def _die_with_parent() -> None:
-    """In the child before exec: SIGTERM when the thread that started us exits."""
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    """In the child before exec: SIGKILL when the thread that started us exits (the
+    disk is opened with snapshot=on, so there is nothing for QEMU to save)."""
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 def _wait_for_socket(qp: QemuProcess, timeout: float) -> None:
@@ -167,19 +171,21 @@ class QemuPair:
                                     preexec_fn=_die_with_parent)
         return QemuProcess(role, proc, qmp, ctl, log)
 
-    def stop(self) -> None:
-        for qp in (self.destination, self.source):
-            if qp is None or qp.proc.poll() is not None:
-                continue
+    def stop(self, grace: float = STOP_GRACE_S, log=None) -> None:
+        """SIGTERM both; SIGKILL whichever still runs after `grace` seconds, and say so
+        through `log` (a callable taking one line)."""
+        running = [qp for qp in (self.destination, self.source) if qp is not None and qp.proc.poll() is None]
+        for qp in running:
             qp.proc.send_signal(signal.SIGTERM)
-        for qp in (self.destination, self.source):
-            if qp is None:
-                continue
+        deadline = time.monotonic() + grace
+        for qp in running:
             try:
-                qp.proc.wait(timeout=5)
+                qp.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 qp.proc.kill()
                 qp.proc.wait(timeout=5)
+                if log:
+                    log(f"the {qp.role} QEMU (pid {qp.pid}) ignored SIGTERM for {grace:.0f} s; killed it")
         if self._own_dir:
             shutil.rmtree(self.workdir, ignore_errors=True)
 

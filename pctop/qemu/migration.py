@@ -162,11 +162,12 @@ class QemuMigration:
                                f"(source log: {self.pair.source.log_tail()})")
             time.sleep(0.1)
 
-    def close(self) -> None:
+    def close(self, log=None) -> None:
+        """Disconnect and stop both QEMUs; `log` hears of any that had to be killed."""
         for conn in (self.src, self.dst):
             if conn is not None:
                 conn.close()
-        self.pair.stop()
+        self.pair.stop(log=log)
 
     def __enter__(self) -> "QemuMigration":
         self.boot()
