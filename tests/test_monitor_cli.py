@@ -177,3 +177,27 @@ def test_record_page_ranges_shows_which_pages_were_installed_and_replays(tmp_pat
     r = run_pctop("replay", str(out), "--json")
     assert r.returncode == 0, r.stderr
     assert r.stdout == out.read_text()
+
+
+def test_replay_json_of_a_file_that_is_not_a_recording_exits_2(tmp_path):
+    f = tmp_path / "other.ndjson"
+    f.write_text('{"hello": 1}\n')
+    r = run_pctop("replay", str(f), "--json")
+    assert (r.returncode, r.stdout) == (2, "")
+    assert r.stderr == f"pctop replay: error: {f}: no header line; not a pctop recording\n"
+
+
+@pytest.mark.parametrize("content, says", [
+    (b"\x7fELF\x02\x01\x01\x00\x00\x00\xff\xfe", "line 1: not UTF-8 text (a binary file?); not a pctop recording"),
+    (b'{"type": "header", "host": "h}', "line 1: not valid JSON: unterminated string starting at column 28 "
+                                        "(the line is truncated: the recording was cut off)"),
+    (b'{"type": "header", "host": "h}\n', "line 1: not valid JSON: invalid control character at column 31"),
+    (b'{"type": "header", "host": "h"}\n',
+     "line 1: not a valid header record: the header lacks the field(s) kernel, probe_tier, and sources"),
+])
+def test_replay_errors_say_what_is_wrong_in_the_users_words(tmp_path, content, says):
+    f = tmp_path / "bad.ndjson"
+    f.write_bytes(content)
+    r = run_pctop("replay", str(f), "--json")
+    assert r.returncode == 2
+    assert r.stderr == f"pctop replay: error: {f}: {says}\n"

@@ -67,6 +67,18 @@ def test_replay_command_shows_the_recording():
     assert rc == 0
 
 
+def test_replay_of_a_cut_recording_shows_it_up_to_the_cut_then_names_the_line(tmp_path):
+    lines = (ROOT / "tests/data/engine-uffd-ebpf.ndjson").read_text().splitlines(keepends=True)
+    cut = tmp_path / "cut.ndjson"
+    cut.write_text("".join(lines[:8]) + lines[8][:50])
+    rc, out = run_in_pty([sys.executable, "-m", "pctop", "replay", str(cut), "--speed", "64"],
+                         b"the recording ends here")
+    assert b"POSTCOPY" in out and b"the recording ends here" in out, out[-3000:]
+    assert rc == 2
+    tail = out.rsplit(b"\x1b[?1049l", 1)[-1].decode()
+    assert f"pctop replay: error: {cut}: line 9: not valid JSON" in tail and "cut off" in tail
+
+
 def test_monitor_command_opens_the_dashboard_without_targets():
     from tests.conftest import need_root
 

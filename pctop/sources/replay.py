@@ -15,6 +15,7 @@ that is not a JSON object is an error.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,8 +32,8 @@ def parse_record(text: str, where: str) -> Header | Sample | None:
         return None
     try:
         d = json.loads(text)
-    except ValueError as e:
-        raise RecordingError(f"{where}: not valid JSON ({e.msg})") from None
+    except json.JSONDecodeError as e:
+        raise RecordingError(f"{where}: not valid JSON: {e.msg.lower().removesuffix(' at')} at column {e.colno}") from None
     if not isinstance(d, dict):
         raise RecordingError(f"{where}: expected a JSON object, got {type(d).__name__}")
     kind = d.get("type")
@@ -48,8 +49,31 @@ def parse_record(text: str, where: str) -> Header | Sample | None:
     except (TypeError, ValueError, AttributeError) as e:
         if isinstance(e, RecordingError):
             raise
-        raise RecordingError(f"{where}: not a valid {kind} record ({e})") from None
+        raise RecordingError(f"{where}: not a valid {kind} record: {_plain(e)}") from None
     return None
+
+
+_MISSING = re.compile(r"(\w+)\.__init__\(\) missing \d+ required (?:positional|keyword-only) "
+                      r"arguments?: (.*)")
+_UNEXPECTED = re.compile(r"(\w+)\.__init__\(\) got an unexpected keyword argument (.*)")
+
+
+def _plain(e: Exception) -> str:
+    """A record's construction error in the recording's words, not Python's."""
+    text = str(e)
+    m = _MISSING.match(text)
+    if m:
+        return f"{_noun(m.group(1))} lacks the field(s) {m.group(2).replace(chr(39), '')}"
+    m = _UNEXPECTED.match(text)
+    if m:
+        return f"{_noun(m.group(1))} has an unknown field {m.group(2).replace(chr(39), '')}"
+    return text
+
+
+def _noun(cls_name: str) -> str:
+    """VcpuSample -> 'a vcpu entry'; Header -> 'the header'."""
+    return {"Header": "the header", "Sample": "the sample"}.get(
+        cls_name, f"a {cls_name.removesuffix('Sample').lower() or cls_name.lower()} entry")
 
 
 class Recording:
@@ -98,18 +122,21 @@ class Recording:
                 if rec is not None:
                     self._accept(rec, where)
             except UnicodeDecodeError:
-                self.error = RecordingError(f"{where}: not UTF-8 text")
+                self.error = RecordingError(f"{where}: not UTF-8 text (a binary file?); "
+                                            "not a pctop recording")
             except RecordingError as e:
                 self.error = e
             if self.error is not None:
-                if not raw.endswith(b"\n"):
+                # Only a line that began like a record and stops short is a cut-off recording.
+                if not raw.endswith(b"\n") and raw.startswith(b'{"') and "JSON" in str(self.error):
                     self.error = RecordingError(f"{self.error} (the line is truncated: the "
                                                 "recording was cut off)")
                 raise self.error
             if rec is not None:
                 yield rec
-        if final and self.header is None and self._lineno == 0:
-            self.error = RecordingError(f"{self.path}: empty file, not a pctop recording")
+        if final and self.header is None:
+            what = "empty file" if self._lineno == 0 else "no header line"
+            self.error = RecordingError(f"{self.path}: {what}; not a pctop recording")
             raise self.error
 
     def _accept(self, rec: Header | Sample, where: str) -> None:

@@ -57,8 +57,12 @@ def run_live(header: Any, stats: Any, interval: float = 1.0, controls: Any = Non
 
 
 def run_replay(path: str | Path, speed: float = 1.0, paused: bool = False) -> None:
-    """Raises pctop.sources.replay.RecordingError (one-line message) for a bad file."""
-    run_feed(ReplayFeed.open(path, speed=speed, paused=paused))
+    """Raises pctop.sources.replay.RecordingError (one-line message) for a bad file,
+    at once when nothing of it can be shown, else after showing it up to the bad line."""
+    feed = ReplayFeed.open(path, speed=speed, paused=paused)
+    run_feed(feed)
+    if feed.error is not None:
+        raise feed.error
 
 
 def run_demo(engine_argv: list[str], control_path: str, interval: float = 1.0,
