@@ -41,13 +41,19 @@ def read_until(fd: int, needle: bytes, timeout: float) -> bytes:
     return buf
 
 
-def run_in_pty(argv: list[str], wait_for: bytes, timeout: float = 60) -> tuple[int, bytes]:
-    """Start argv in a 100x30 pty, wait for `wait_for` on screen, press q; (exit status, output)."""
+def spawn_in_pty(argv: list[str]) -> tuple[subprocess.Popen, int]:
+    """argv on a 100x30 pty: (process, the pty's master fd)."""
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 100, 0, 0))
     proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, cwd=ROOT,
                             env=dict(os.environ, TERM="xterm-256color"), start_new_session=True)
     os.close(slave)
+    return proc, master
+
+
+def run_in_pty(argv: list[str], wait_for: bytes, timeout: float = 60) -> tuple[int, bytes]:
+    """Start argv in a 100x30 pty, wait for `wait_for` on screen, press q; (exit status, output)."""
+    proc, master = spawn_in_pty(argv)
     try:
         out = read_until(master, wait_for, timeout)
         os.write(master, b"q")
@@ -124,4 +130,31 @@ def test_demo_opens_the_dashboard_and_q_stops_the_engine():
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+        os.close(master)
+
+
+def test_demo_that_completes_keeps_its_last_view_and_says_verified():
+    from pctop.engine.uffd import Uffd
+
+    try:
+        Uffd().close()
+    except OSError as e:
+        pytest.skip(f"userfaultfd unavailable: {e}")
+    # A short run: threads for 4 s, then the rest pulled; it ends while the dashboard watches.
+    argv = [sys.executable, "-m", "pctop", "demo", "--workload", "threads", "--memory", "128M",
+            "--bandwidth", "4M", "--pattern", "hotset", "--duration", "4"]
+    proc, master = spawn_in_pty(argv)
+    try:
+        out = read_until(master, b"demo finished: verified", 120)
+        assert b"demo finished: verified" in out, out[-3000:]
+        out = out.split(b"demo finished: verified", 1)[1] + read_until(master, b"\x00never", 3)
+        # The end is a state on screen, not an empty start: the view stays.
+        assert b"COMPLETED" in out and b"no targets found yet" not in out
+        os.write(master, b"q")
+        read_until(master, b"\x00never", 1)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
         os.close(master)

@@ -52,7 +52,7 @@ def run_live(header: Any, stats: Any, interval: float = 1.0, controls: Any = Non
     if controls is None:
         controls = engine_controls(stats)
     feed = LiveFeed(header, stats.collect, interval=interval, controls=controls,
-                    on_close=getattr(stats, "close", None))
+                    on_close=getattr(stats, "close", None), ended=lambda: getattr(stats, "ended", None))
     run_feed(feed, interval)
 
 
@@ -92,8 +92,17 @@ def run_demo(engine_argv: list[str], control_path: str, interval: float = 1.0,
                     tail = err.read().strip().splitlines()[-1:] or ["no output"]
                     raise EngineError(f"the engine did not open {control_path}: {tail[0]}")
                 time.sleep(0.05)
-            header, stats = open_live([proc.pid], None, interval, use_ebpf=use_ebpf,
-                                      engine_sockets=[control_path])
+            try:
+                header, stats = open_live([proc.pid], None, interval, use_ebpf=use_ebpf,
+                                          engine_sockets=[control_path])
+            except EngineError:
+                try:  # a run short enough to end before we looked: its own output says it all
+                    proc.wait(5)
+                except subprocess.TimeoutExpired:
+                    pass
+                if proc.returncode is None:
+                    raise
+                return _relay(proc, out, err)
             run_live(header, _DemoStats(stats, proc, out), interval,
                      controls=engine_controls(stats))
         finally:
@@ -107,40 +116,69 @@ def run_demo(engine_argv: list[str], control_path: str, interval: float = 1.0,
                 proc.wait()
         if stopped:  # its output only says it was stopped; the caller says so itself
             return None
-        for fh, stream in ((out, sys.stdout), (err, sys.stderr)):
-            fh.seek(0)
-            stream.write(fh.read())
-        return proc.returncode
+        return _relay(proc, out, err)
+
+
+def _relay(proc: Any, out: Any, err: Any) -> int:
+    """Print a finished engine child's output; its exit status."""
+    for fh, stream in ((out, sys.stdout), (err, sys.stderr)):
+        fh.seek(0)
+        stream.write(fh.read())
+    return proc.returncode
 
 
 class _DemoStats:
-    """Stats over a demo run that also says, once, how the run ended.
+    """Stats over a demo run that ends on its last view, saying how the run ended.
 
-    The engine closes its control socket when it finishes, so without this the
-    dashboard would only show "lost engine". Polling also reaps the child, so
-    the procfs source sees it gone instead of a lingering zombie.
+    The engine closes its control socket and exits when it finishes, so without
+    this the dashboard would clear to "no targets found yet". Once the child has
+    exited, the last Sample that showed the run is handed out once more, its
+    migration marked completed or failed, with the engine's last lines and the
+    verdict as events; then nothing more (the view stays; `ended` is the verdict
+    for the header). Polling also reaps the child, so the procfs source sees it
+    gone instead of a lingering zombie.
     """
 
     def __init__(self, stats: Any, proc: Any, out: Any) -> None:
         self._stats, self._proc, self._out = stats, proc, out
-        self._told = False
+        self._last: Any = None  # the last Sample that showed the run's migration
+        self.ended: str | None = None
         self.sources = stats.sources
 
     def collect(self) -> Any:
+        if self.ended is not None:
+            return None
+        sample = self._stats.collect()
+        if any(t.migration is not None for t in sample.targets):
+            self._last = sample
+        if self._proc.poll() is None:
+            return sample
+        return self._final(sample)
+
+    def _final(self, sample: Any) -> Any:
         from dataclasses import replace
 
         from pctop.model import Event
 
-        sample = self._stats.collect()
-        if self._told or self._proc.poll() is None:
-            return sample
-        self._told = True
+        rc = self._proc.returncode
+        ok = rc == 0
+        self.ended = "demo finished: verified" if ok else f"demo FAILED (exit {rc})"
         self._out.seek(0)
         lines = [line for line in self._out.read().splitlines() if line.strip()]
-        verdict = "verified" if self._proc.returncode == 0 else f"FAILED (exit {self._proc.returncode})"
-        events = [Event(sample.time, "state", f"demo finished: {verdict}; q quits")]
-        events += [Event(sample.time, "state", line) for line in lines[-3:]]
-        return replace(sample, events=sample.events + tuple(events))
+        last = self._last or sample
+
+        def done(t: Any) -> Any:
+            m = t.migration
+            if m is None:
+                return t
+            got = m.pages_total if ok else m.pages_received
+            return replace(t, migration=replace(m, state="completed" if ok else "failed", eta_s=None,
+                                                pages_received=got))
+        # The verdict last, as "<pid>: ..." so the log adds no state edge after it.
+        events = [Event(sample.time, "state", line) for line in lines[-3:]]
+        events.append(Event(sample.time, "state", f"{self._proc.pid}: {self.ended}; q quits"))
+        return replace(last, seq=sample.seq, time=sample.time, targets=tuple(done(t) for t in last.targets),
+                       events=sample.events + tuple(events))
 
     def close(self) -> None:
         self._stats.close()

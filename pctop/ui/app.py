@@ -251,6 +251,9 @@ class PctopApp(App[None]):
             if f.paused:
                 return f"❚❚ replay paused {where}"
             return f"▶ replay {f.speed:g}x {where}"
+        ended = getattr(self.feed, "ended", None)
+        if ended:
+            return f"■ {ended}"
         if self.frozen:
             return "❚❚ FROZEN (space resumes)"
         return f"▶ live every {self.interval:g}s"

@@ -53,8 +53,10 @@ class LiveFeed:
 
     def __init__(self, header: Header, collect: Callable[[], Sample], interval: float = 1.0,
                  controls: Any = None, on_close: Callable[[], None] | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 ended: Callable[[], str | None] | None = None) -> None:
         self.header = header
+        self._ended = ended or (lambda: None)
         self.controls = controls
         self.interval = interval
         self._collect = collect
@@ -63,6 +65,11 @@ class LiveFeed:
         self._wake = threading.Event()
         self._closed = False
         self._due = clock() + interval
+
+    @property
+    def ended(self) -> str | None:
+        """How the watched run ended (e.g. "demo finished: verified"), or None while it runs."""
+        return self._ended()
 
     def set_interval(self, seconds: float) -> None:
         self.interval = seconds
