@@ -162,7 +162,7 @@ def test_control_socket_status_pause_resume_bandwidth(tmp_path):
     assert len(st["per_vcpu"]) == 2 and all(len(v["hist"]) == 24 for v in st["per_vcpu"])
     assert st["per_vcpu"][0]["tid"] > 0 and len(st["reader_threads"]) == 1 and len(st["uffds"]) == 1
     assert seen["paused"] == {"type": "reply", "ok": True, "cmd": "pause"}
-    assert seen["st2"]["background"] == "paused" and seen["st2"]["state"] == "paused"
+    assert seen["st2"]["background"] == "paused" and seen["st2"]["state"] == "postcopy"
     assert seen["bw_bad"]["ok"] is False and "bandwidth" in seen["bw_bad"]["error"]
     assert seen["unknown"] == {"type": "reply", "ok": False, "cmd": "nope", "error": "unknown command 'nope'"}
     assert seen["resumed"]["ok"] and seen["bw"]["ok"]

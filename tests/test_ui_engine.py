@@ -81,9 +81,12 @@ async def test_engine_keys_drive_the_real_engine(engine):
 
             await pilot.press("p")
             await until(pilot, lambda: status()["background"] == "paused", "engine stream paused")
-            assert status()["state"] == "paused"
-            await until(pilot, lambda: app.sample.targets[0].migration.state == "paused",
+            assert status()["state"] == "postcopy"  # only the stream pauses; not the link
+            await until(pilot, lambda: app.sample.targets[0].migration.extra["background"] == "paused",
                         "the dashboard sees the pause")
+            await pilot.pause()
+            header = app.query_one("#header").render().plain
+            assert "POSTCOPY" in header and "stream PAUSED" in header and "link down" not in header
             await pilot.press("p")
             await until(pilot, lambda: status()["background"] == "running", "engine stream resumed")
 
@@ -118,6 +121,9 @@ async def test_engine_keys_drive_the_real_engine(engine):
             await until(pilot, lambda: status()["link"] != "up", "link dropped")
             await until(pilot, lambda: app.sample.targets[0].migration.state in ("paused", "recovering"),
                         "the dashboard sees the link down")
+            if app.sample.targets[0].migration.extra.get("link") == "down":
+                await pilot.pause()
+                assert "link down" in app.query_one("#header").render().plain
             await pilot.press("r")
             await until(pilot, lambda: status()["link"] == "up" and status()["state"] == "postcopy",
                         "link recovered")

@@ -154,18 +154,16 @@ class Engine:
     def cmd_pause(self, _arg) -> None:
         if self.background_state == "off":
             raise ValueError("the background stream is off (--no-background)")
+        # The migration goes on (demand faults are served), so its state stays; "paused"
+        # means the link is down, as QEMU's postcopy-paused does.
         self._ctrl({"cmd": "pause"})
         self.background_state = "paused"
-        if self.state == "postcopy":
-            self.state = "paused"
 
     def cmd_resume(self, _arg) -> None:
         if self.background_state == "off":
             raise ValueError("the background stream is off (--no-background)")
         self._ctrl({"cmd": "resume"})
         self.background_state = "running"
-        if self.state == "paused" and self.link is not None and self.link.state == "up":
-            self.state = "postcopy"
 
     def cmd_bandwidth(self, arg) -> None:
         if isinstance(arg, bool) or not isinstance(arg, (int, float)) or arg < 0:
@@ -197,7 +195,7 @@ class Engine:
         elif link_state == "recovering":
             self.state = "recovering"
         else:
-            self.state = "paused" if self.background_state == "paused" else "postcopy"
+            self.state = "postcopy"
 
     # --- set-up ---
     def _source_address(self, demand_channels: int) -> str:

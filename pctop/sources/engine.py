@@ -33,7 +33,7 @@ from pctop.sources.readings import (
 
 DEFAULT_RUN_DIR = "/run/pctop"
 _SOCK_NAME = re.compile(r"^engine-(\d+)\.sock$")
-_EXTRA_KEYS = ("strategy", "readers", "vcpus", "workload", "address_source", "background",
+_EXTRA_KEYS = ("strategy", "readers", "vcpus", "workload", "address_source", "background", "link",
                "bandwidth_limit_bps", "elapsed_s",
                "commands")  # control commands the engine takes, when it lists them (the TUI shows their keys)
 

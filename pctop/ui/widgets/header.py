@@ -31,6 +31,9 @@ def migration_line(t: Target, m: Migration, width: int) -> Text:
     line.append(f"{t.comm} {t.pid} ", style="dim")
     line.append(f"{m.state.upper()}", style=STATE_STYLE.get(m.state, "bold"))
     extra = m.extra if isinstance(m.extra, dict) else {}
+    if extra.get("link") == "down" or (m.state == "paused" and m.source == "qmp"):
+        # Said in words: a paused stream (p) and a failed link (x, postcopy-paused) differ.
+        line.append(" link down", style=STATE_STYLE["paused"])
     if extra.get("strategy"):
         line.append(f" {extra['strategy']}", style="dim")
     if extra.get("address_source") not in (None, "uffd"):
