@@ -87,3 +87,14 @@ def test_source_child_without_memory_says_so_in_one_line(tmp_path):
                         "--listen", f"unix:{tmp_path}/s.sock"], capture_output=True, text=True, timeout=60)
     assert p.returncode == 1 and "Traceback" not in p.stderr
     assert p.stderr.strip().splitlines() == [f"pctop engine source: error: cannot hold a {(1 << 40) * 4096 >> 20} MiB image in memory"]
+
+
+def test_text_summary_says_which_stall_it_reports():
+    p = _run("--headless", "--control", "", "--memory", "16M", "--vcpus", "1", "--workload", "threads",
+             "--bandwidth", "0")
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.splitlines()
+    assert lines[0].startswith("verified: 4096/4096 pages")
+    stall = next(ln for ln in lines if "stall" in ln)
+    assert stall.startswith("engine stall (fault seen by the engine -> page installed) ms per vCPU [")
+    assert "p50" in stall and "p99" in stall and "the dashboard's stall (eBPF: fault -> vCPU running again)" in stall

@@ -100,6 +100,14 @@ def test_histogram_rows_mark_percentiles_in_their_buckets():
     assert "no stalls" in hist_text([0] * HIST_BUCKETS, 60, 5, "x").plain
 
 
+def test_histogram_percentiles_never_exceed_the_longest_stall():
+    hist = [0] * HIST_BUCKETS
+    hist[16] = 100  # 65.5..131 ms: p99 estimated from the bucket alone would be ~130ms
+    assert "p99 130ms" in hist_text(hist, 80, 10, "all").plain
+    text = hist_text(hist, 80, 10, "all", max_us=100_000).plain
+    assert "p99 100ms" in text and "p50 100ms" not in text
+
+
 def test_parts_say_what_is_missing_when_degraded():
     assert "need the eBPF probes" in parts_text(StallParts(), 10, 40, "t").plain
     assert "no stall time" in parts_text(StallParts(), 0, 40, "t").plain

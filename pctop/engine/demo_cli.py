@@ -236,8 +236,13 @@ def _print_summary(s: dict) -> None:
     click.echo(f"{ok}: {s['pages_verified']}/{s['pages_total']} pages, {s['mismatches']} mismatches "
                f"({s['strategy']}, {s['vcpus']} vCPUs, workload {s['workload']}, "
                f"address source {s['address_source']})")
-    click.echo(f"faults {s['faults_total']} ({s['fault_rate']:.0f}/s while vCPUs ran), per vCPU "
-               f"{s['faults_per_vcpu']}, stall ms per vCPU {[round(n / 1e6, 1) for n in s['stall_ns_per_vcpu']]}")
+    click.echo(f"faults {s['faults_total']} ({s['fault_rate']:.0f}/s while vCPUs ran), per vCPU {s['faults_per_vcpu']}")
+    p50, p99 = s.get("stall_us_p50"), s.get("stall_us_p99")
+    pct = f", p50 {p50:.0f} us, p99 {p99:.0f} us" if p50 is not None and p99 is not None else ""
+    # Two definitions of a stall meet here: say which one this is (docs/engine-control.md).
+    click.echo(f"engine stall (fault seen by the engine -> page installed) ms per vCPU "
+               f"{[round(n / 1e6, 1) for n in s['stall_ns_per_vcpu']]}{pct}; the dashboard's stall "
+               f"(eBPF: fault -> vCPU running again) is longer: it adds the wait for a reader and the run queue")
     click.echo(f"pages demand {s['pages_demand']}, background {s['pages_background']}, "
                f"EEXIST races {s['eexist']}, elapsed {s['elapsed_s']:.1f} s")
     for m in s["mismatch_list"]:

@@ -272,18 +272,19 @@ class PctopApp(App[None]):
             who = f"vCPU {v.vcpu if v.vcpu is not None else v.tid} of {t.pid}"
             ser = self.history.vcpus.get(key)
             if self.hist_cumulative and ser is not None:
-                hist, parts, faults = ser.hist_total, ser.parts_total, ser.faults_total
+                hist, parts, faults, max_us = ser.hist_total, ser.parts_total, ser.faults_total, ser.max_us
             else:
-                hist, parts, faults = v.hist, v.parts, v.faults
+                hist, parts, faults, max_us = v.hist, v.parts, v.faults, v.max_us
         else:
             who = "all vCPUs"
             if self.hist_cumulative:
-                hist, parts = self.history.hist_total, self.history.parts_total
+                hist, parts, max_us = self.history.hist_total, self.history.parts_total, self.history.max_us
                 faults = sum(x.faults_total for x in self.history.vcpus.values())
             else:
                 hist, parts, faults = _sum_interval(s)
+                max_us = max((v.max_us for t in s.targets for v in t.vcpus if v.max_us is not None), default=None)
         span = "since watching" if self.hist_cumulative else "last interval"
-        self.query_one(LatencyHistogram).show(hist, f"{who}, {span}")
+        self.query_one(LatencyHistogram).show(hist, f"{who}, {span}", max_us)
         self.query_one(StallBreakdown).show(parts, faults, f"{who}, {span}")
 
     def _log_event(self, e: Event) -> None:

@@ -33,6 +33,7 @@ class VcpuSeries:
     parts_total: list[int] = field(default_factory=lambda: [0, 0, 0])
     faults_total: int = 0
     stall_ns_total: int = 0
+    max_us: float | None = None  # longest stall since watching (bounds the histogram's percentiles)
     vmm_blocktime_ms_total: float | None = None  # None until the VMM reports one
 
 
@@ -55,6 +56,7 @@ class History:
         self.uffds: dict[UffdKey, UffdSeries] = {}
         self.hist_total = [0] * HIST_BUCKETS  # all vCPUs, since watching
         self.parts_total = [0, 0, 0]
+        self.max_us: float | None = None  # all vCPUs, since watching
         self.last_seq: int | None = None
         self.samples = 0
         # Whole-run series for the timeline: one point per Sample.
@@ -86,6 +88,9 @@ class History:
                 ser.times.append(s.time)
                 ser.faults_total += v.faults
                 ser.stall_ns_total += v.stall_ns
+                if v.max_us is not None:
+                    ser.max_us = max(ser.max_us or 0.0, v.max_us)
+                    self.max_us = max(self.max_us or 0.0, v.max_us)
                 if v.vmm_blocktime_ms is not None:
                     ser.vmm_blocktime_ms_total = (ser.vmm_blocktime_ms_total or 0.0) + v.vmm_blocktime_ms
                 for i, c in enumerate(v.hist[:HIST_BUCKETS]):

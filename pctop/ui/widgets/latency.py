@@ -22,7 +22,9 @@ def parts_of(p: StallParts) -> list[Part]:
 SHORT_NAMES = ("queue ", "serve ", "runq ")
 
 
-def hist_text(hist: Sequence[int], width: int, max_rows: int, title: str) -> Text:
+def hist_text(hist: Sequence[int], width: int, max_rows: int, title: str, max_us: float | None = None) -> Text:
+    """max_us: the longest stall in view, when known; a percentile estimated from the
+    log2 buckets never exceeds it (a p99 of 128ms beside a max of 100ms would)."""
     out = Text(no_wrap=True, overflow="ellipsis")
     out.append(title, style="bold")
     nz = [i for i, c in enumerate(hist) if c]
@@ -36,7 +38,7 @@ def hist_text(hist: Sequence[int], width: int, max_rows: int, title: str) -> Tex
         rows.append((start, sum(hist[start:start + group])))
     peak = max(c for _, c in rows)
     total = sum(hist)
-    p50, p99 = percentile_us(hist, 50), percentile_us(hist, 99)
+    p50, p99 = percentile_us(hist, 50, max_us), percentile_us(hist, 99, max_us)
     stats = f"  n={fmt_count(total)}  p50 {fmt_us(p50)}  p99 {fmt_us(p99)}"
     if out.cell_len + len(stats) <= width:  # the ◄p50/◄p99 marks say it when there is no room
         out.append(stats, style="dim")
@@ -80,10 +82,10 @@ def parts_text(parts: StallParts | Sequence[int], faults: int, width: int, title
 
 
 class LatencyHistogram(TextPanel):
-    """show(hist, title)"""
+    """show(hist, title, max_us)"""
 
-    def draw(self, width: int, height: int, hist: Sequence[int], title: str) -> Text:
-        return hist_text(hist, width, max(2, height - 1), title)
+    def draw(self, width: int, height: int, hist: Sequence[int], title: str, max_us: float | None = None) -> Text:
+        return hist_text(hist, width, max(2, height - 1), title, max_us)
 
 
 class StallBreakdown(TextPanel):
