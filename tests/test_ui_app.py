@@ -302,7 +302,9 @@ async def test_qemu_blocktime_beside_the_measured_stall_in_table_and_detail(size
         assert head.index("stalled") < head.index("qemu blk") < head.index("p99")
         v1 = app.sample.targets[0].vcpus[1]
         row = next(line for line in lines[1:] if line.split()[:2] == [str(app.sample.targets[0].pid), "1"])
-        assert fmt_ms(v1.vmm_blocktime_ms) in row and f"{v1.stalled_frac * 100:.1f}%" in row
+        # QEMU's total since watching (samples 1-5), beside this interval's stall share.
+        row_total = sum(s.targets[0].vcpus[1].vmm_blocktime_ms for s in samples[:5])
+        assert fmt_ms(row_total) in row and f"{v1.stalled_frac * 100:.1f}%" in row
         assert len(head.rstrip()) <= size[0]
         await pilot.press("down", "enter")
         await until(pilot, lambda: isinstance(app.screen, VcpuDetailScreen), "detail screen")
@@ -316,13 +318,49 @@ async def test_qemu_blocktime_beside_the_measured_stall_in_table_and_detail(size
         assert f"(total {fmt_ms(vmm_total)})" in text and f"(total {fmt_ms(stall_total / 1e6)})" in text
 
 
+async def test_qemu_column_stays_with_its_total_after_qemu_stops_reporting():
+    # QEMU 7.2 reports blocktime once, at completion: the next intervals carry none.
+    samples = [synthetic_sample(seq=i, vcpus=VCPUS, vmm=(i == 2)) for i in range(1, 5)]
+    app = PctopApp(ReplayFeed(HEADER, samples, paused=True, position=0))
+    async with app.run_test(size=(120, 36)) as pilot:
+        await until(pilot, lambda: app.sample is not None, "first sample")
+        for _ in range(3):
+            await pilot.press("n")
+        await until(pilot, lambda: app.sample.seq == 4, "the last sample")
+        await pilot.pause()
+        lines = table_text(app)
+        assert "qemu blk" in lines[0]
+        row = next(line for line in lines[1:] if line.split()[:2] == [str(samples[0].targets[0].pid), "1"])
+        assert fmt_ms(samples[1].targets[0].vcpus[1].vmm_blocktime_ms) in row
+
+
+async def test_sort_direction_shows_on_every_column():
+    from pctop.ui.widgets.vcpu_table import COLUMNS, sort_label
+
+    for c in COLUMNS:
+        if c.width:
+            for rev, arrow in ((False, "▲"), (True, "▼")):
+                text = sort_label(c.label, c.width, rev)
+                assert len(text) <= c.width and text.endswith(arrow), (c.label, text)
+    app = replay_app()
+    async with app.run_test(size=(120, 36)) as pilot:
+        await until(pilot, lambda: app.sample is not None, "first sample")
+        await pilot.press("s", "s")  # vCPU -> faults/s -> stalled
+        await pilot.pause()
+        arrow = "▼" if app.query_one(VcpuTable).sort_reverse else "▲"
+        assert f"stalled{arrow}" in table_text(app)[0]
+        await pilot.press("S")
+        await pilot.pause()
+        assert f"stalled{'▲' if arrow == '▼' else '▼'}" in table_text(app)[0]
+
+
 async def test_no_qemu_column_without_a_vmm_blocktime():
     app = replay_app()
     async with app.run_test(size=(80, 24)) as pilot:
         await until(pilot, lambda: app.sample is not None, "first sample")
         await pilot.pause()
         head = table_text(app)[0]
-        assert "qemu blk" not in head and "exits/s" in head
+        assert "qemu blk" not in head and "uexit/s" in head
 
 
 async def test_key_bar_shows_every_key_at_80_columns_and_a_click_presses_it():
@@ -349,3 +387,20 @@ async def test_key_bar_shows_every_key_at_80_columns_and_a_click_presses_it():
         # Over the detail the dashboard's table keys are not offered (nor do they act).
         shown = {k for e in app.screen.query_one(KeyBar).current() for k, _ in e.keys}
         assert "escape" in shown and not {"s", "h", "enter"} & shown
+
+
+@pytest.mark.parametrize("size", [(80, 24), (120, 40)])
+async def test_help_says_when_its_legend_is_cut_off_and_scrolls_to_it(size):
+    from pctop.ui.screens.help import HelpBox
+
+    app = replay_app()
+    async with app.run_test(size=size) as pilot:
+        await until(pilot, lambda: app.sample is not None, "first sample")
+        await pilot.press("question_mark")
+        await until(pilot, lambda: isinstance(app.screen, HelpScreen), "help")
+        box = app.screen.query_one(HelpBox)
+        await until(pilot, lambda: box.max_scroll_y > 0, "the help is taller than its box here")
+        await until(pilot, lambda: "more below" in str(box.border_subtitle), "the hint")
+        await pilot.press("end")
+        await until(pilot, lambda: box.scroll_y >= box.max_scroll_y, "scrolled to the end")
+        await until(pilot, lambda: not box.border_subtitle, "no hint at the end")

@@ -3,6 +3,8 @@ histogram rows, stall parts, header lines. No App needed."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from pctop.hist import bucket_index
 from pctop.model import HIST_BUCKETS, Header, Migration, StallParts
 from pctop.ui.history import History
@@ -223,3 +225,16 @@ def test_key_bar_groups_and_wraps_whole_entries_in_order():
     assert rows == [items[:1], items[1:2], items[2:]]
     assert wrap(items, 80) == [items]
     assert [e for row in wrap(items, 20) for e in row] == items
+
+
+def test_header_wraps_a_long_migration_line_instead_of_cutting_its_figures():
+    m = Migration(source="engine", state="postcopy", pages_total=262144, pages_received=189000,
+                  pages_demand=88000, bandwidth_bps=16 << 20, eta_s=12.0,
+                  extra={"strategy": "uffd", "bandwidth_limit_bps": 16 << 20, "background": "running"})
+    sample = synthetic_sample(seq=1, vcpus=2)
+    sample = replace(sample, targets=(replace(sample.targets[0], migration=m),))
+    head = Header(host="vm", kernel="6.18", probe_tier="ebpf", sources=("ebpf",))
+    for width in (80, 120):
+        lines = header_text(head, sample, "live", width).plain.splitlines()
+        assert any("189k/262k pages" in ln for ln in lines) and all(len(ln) <= width for ln in lines[1:])
+    assert "host vm" in lines[0]

@@ -501,7 +501,7 @@ class PctopApp(App[None]):
             name = b.action.split("(")[0]
             if name in ("quit", "help") or not self._action_available(name):
                 continue
-            yield SystemCommand(title, b.description, _bound(self, b.action))
+            yield SystemCommand(title, f"key {b.key_display or b.key}", _bound(self, b.action))
 
 
 def _bound(app: PctopApp, action: str):

@@ -56,10 +56,11 @@ def summary_text(t: Target, v: VcpuSample, history: History, interval_s: float =
     out.append(f"faults/s {fmt_rate(v.faults_per_s)}  stalled ")
     out.append(f"{sev.symbol}{v.stalled_frac * 100:.1f}% {sev.word}", style=sev.style)
     for name, us in (("p50", v.p50_us), ("p90", v.p90_us), ("p99", v.p99_us), ("max", v.max_us)):
+        us = us if v.faults else None  # no stall this interval: "-", as in the table
         out.append(f"  {name} ")
         out.append(fmt_us(us), style=latency_severity(us).style)
     out.append_text(blocktime_text(v, interval_s, history.vcpus.get((t.pid, v.tid))))
-    out.append(f"\nexits/s {fmt_rate(v.exits_per_s)}  no-read faults {v.faults_no_read}"
+    out.append(f"\nexits to user space/s {fmt_rate(v.exits_per_s)}  no-read faults {v.faults_no_read}"
                f"  memory-fault exits {v.memory_fault_exits}")
     ser = history.vcpus.get((t.pid, v.tid))
     if ser is not None:

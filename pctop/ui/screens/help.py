@@ -38,7 +38,8 @@ def legend() -> Text:
     t.append(" (read → page installed)  ")
     t.append("░ run-queue", style="cyan")
     t.append(" (woken → running)\n")
-    t.append(" uffd pending = faults queued, unread; in service = read but not yet woken\n")
+    t.append(" uffd pending = faults queued, unread; in service = read, page not yet installed\n")
+    t.append(" uexit/s = KVM_RUN returns to user space per second (not every VM exit)\n")
     t.append(" (interval means; max = peak pending, tot≤ = peak of both together)\n")
     return t
 
@@ -59,6 +60,22 @@ def keys_text(rows: list[KeyHelp]) -> Text:
     return t
 
 
+class HelpBox(VerticalScroll):
+    """The help's scrolling box; its bottom border says when more is below (a small
+    terminal cuts the legend off)."""
+
+    def watch_scroll_y(self, old: float, new: float) -> None:
+        super().watch_scroll_y(old, new)
+        self.update_hint()
+
+    def on_resize(self) -> None:
+        self.call_after_refresh(self.update_hint)
+
+    def update_hint(self) -> None:
+        more = self.max_scroll_y > 0 and self.scroll_y < self.max_scroll_y
+        self.border_subtitle = "↓ more below (↓ PgDn)" if more else ""
+
+
 class HelpScreen(ModalScreen[None]):
     BINDINGS = [Binding("escape,q,question_mark", "close", "Close")]
 
@@ -67,10 +84,14 @@ class HelpScreen(ModalScreen[None]):
         self.rows = rows
 
     def compose(self) -> ComposeResult:
-        with VerticalScroll(id="help-box"):
-            yield Static(Text("pctop help  (Esc closes; Ctrl+P opens the command palette)", style="bold"))
+        with HelpBox(id="help-box"):
+            yield Static(Text("pctop help  (Esc closes; ↑ ↓ PgUp PgDn scroll; Ctrl+P: the command palette)",
+                              style="bold"))
             yield Static(keys_text(self.rows), id="help-keys")
             yield Static(legend(), id="help-legend")
+
+    def on_mount(self) -> None:
+        self.query_one(HelpBox).focus()  # so the arrow keys scroll it
 
     def action_close(self) -> None:
         self.dismiss(None)

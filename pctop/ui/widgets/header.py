@@ -28,9 +28,11 @@ def clock(t: float) -> str:
 
 def migration_line(t: Target, m: Migration, width: int) -> Text:
     line = Text()
-    line.append(f"{t.comm} {t.pid} ", style="dim")
-    line.append(f"{m.state.upper()}", style=STATE_STYLE.get(m.state, "bold"))
     extra = m.extra if isinstance(m.extra, dict) else {}
+    line.append(f"{t.comm} {t.pid} ", style="dim")
+    if extra.get("role"):  # QEMU: both ends run the same binary; say which is which
+        line.append(f"{extra['role']} ", style="bold")
+    line.append(f"{m.state.upper()}", style=STATE_STYLE.get(m.state, "bold"))
     if extra.get("link") == "down" or (m.state == "paused" and m.source == "qmp"):
         # Said in words: a paused stream (p) and a failed link (x, postcopy-paused) differ.
         line.append(" link down", style=STATE_STYLE["paused"])
@@ -46,16 +48,19 @@ def migration_line(t: Target, m: Migration, width: int) -> Text:
         got = m.pages_received or 0
         frac = got / m.pages_total
         line.append(" ")
-        line.append(bar(frac, max(4, min(30, width - 90))), style="green on grey23")
+        line.append(bar(frac, max(4, min(30, width - 105))), style="green on grey23")
         line.append(f" {frac * 100:.1f}%")
-    # Most useful first: a narrow terminal cuts the tail.
+    # Most useful first: a narrow terminal cuts the tail (header_text may wrap it here).
+    line.append("\0")
     if m.eta_s is not None and m.state not in ("completed", "failed"):
         line.append(f"  ETA {fmt_duration(m.eta_s)}", style="bold")
     if m.bandwidth_bps is not None:
         line.append(f"  {fmt_bytes(m.bandwidth_bps, per_s=True)}")
-    limit = m.extra.get("bandwidth_limit_bps") if isinstance(m.extra, dict) else None
+    limit = extra.get("bandwidth_limit_bps")
     if limit:
-        line.append(f" (limit {fmt_bytes(limit, per_s=True)})", style="dim")
+        # QMP reports QEMU's max-postcopy-bandwidth, which does not cap pre-copy.
+        what = "post-copy limit" if m.source == "qmp" else "limit"
+        line.append(f" ({what} {fmt_bytes(limit, per_s=True)})", style="dim")
     if m.pages_total:
         line.append(f"  {fmt_rate(m.pages_received or 0)}/{fmt_rate(m.pages_total)} pages")
     if m.pages_demand is not None:
@@ -77,7 +82,8 @@ def header_text(header: Header, sample: Sample | None, status: str, width: int =
     degraded = tier == "procfs"
     out.append("  probes ")
     out.append(tier, style="bold yellow" if degraded else "bold green")
-    out.append(f"  {header.host}", style="bold")
+    out.append("  host ")
+    out.append(header.host, style="bold")
     out.append(f"  kernel {header.kernel}", style="dim")
     if degraded:
         missing = "; ".join(header.missing) if header.missing else "eBPF probes unavailable"
@@ -88,10 +94,20 @@ def header_text(header: Header, sample: Sample | None, status: str, width: int =
         out.append("\n waiting for the first sample…", style="dim")
         return out
     plain = [t for t in sample.targets if t.migration is None]
-    for t in sample.targets:
+    migrating = [t for t in sample.targets if t.migration is not None]
+    # A line too long for the width wraps its figures onto a second line, unless
+    # that would take the table's rows on a small screen (two QEMUs at 80 columns).
+    wrap = len(migrating) == 1 or width >= 100
+    for t in migrating:
         if t.migration is not None:
+            line = migration_line(t, t.migration, width)
+            head, tail = line.split("\0", allow_blank=True) if "\0" in line.plain else (line, Text())
             out.append("\n ")
-            out.append_text(migration_line(t, t.migration, width))
+            out.append_text(head)
+            if wrap and 1 + head.cell_len + tail.cell_len > width and tail.plain.strip():
+                out.append("\n   ")  # too long for one line: the figures go on the next
+                tail = tail[2:] if tail.plain.startswith("  ") else tail
+            out.append_text(tail)
     if plain or not sample.targets:
         out.append("\n ")
         out.append(f"targets {len(sample.targets)}" if sample.targets else "no targets found yet",

@@ -94,6 +94,8 @@ def fmt_us(us: float | None) -> str:
     """A duration given in microseconds, in at most 6 characters."""
     if us is None:
         return "-"
+    if us == 0:
+        return "0"  # like fmt_rate and fmt_ms: an exact zero, not a measured 0.0µs
     return _scaled(us, _US_STEPS)
 
 

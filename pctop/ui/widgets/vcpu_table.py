@@ -48,13 +48,14 @@ COLUMNS = (
     Column("vcpu", "vCPU", 8, _vcpu_order),
     Column("faults", "faults/s", 8, lambda t, v: v.faults_per_s),
     Column("stall", "stalled", 8, lambda t, v: v.stalled_frac),
-    # QEMU's own blocktime for the vCPU beside pctop's measured stall; only
-    # while some vCPU has it (a QMP source in post-copy).
+    # QEMU's own blocktime for the vCPU (total since watching) beside pctop's measured
+    # stall; from the first sample where some vCPU has it (a QMP source).
     Column("vmm", "qemu blk", 8, lambda t, v: v.vmm_blocktime_ms or 0.0),
     Column("p50", "p50", 6, lambda t, v: v.p50_us or 0.0, drop=2),
     Column("p99", "p99", 6, lambda t, v: v.p99_us or 0.0),
     Column("max", "max", 6, lambda t, v: v.max_us or 0.0, drop=1),
-    Column("exits", "exits/s", 7, lambda t, v: v.exits_per_s, drop=3),
+    # KVM_RUN returns to user space (kvm_userspace_exit), not every VM exit.
+    Column("exits", "uexit/s", 7, lambda t, v: v.exits_per_s, drop=3),
     Column("parts", "stall parts", PARTS_W, None),  # only when wide enough
     Column("trend", "faults/s trend", 0, None),  # takes the rest of the width
 )
@@ -122,8 +123,18 @@ def cell(key: str, t: Target, v: VcpuSample) -> tuple[str, str]:
     return fmt_us(us), latency_severity(us).style
 
 
-def row_cells(t: Target, v: VcpuSample, trend: str, cols: list[Column]) -> list[tuple[str, str]]:
-    """(text, style) runs for a row in `cols`; text is already padded to the column widths."""
+def sort_label(label: str, width: int, reverse: bool) -> str:
+    """The sorted column's label with its direction, within `width` (the label gives way)."""
+    arrow = "▼" if reverse else "▲"
+    if not width or len(label) + 2 <= width:
+        return f"{label} {arrow}"
+    return label[:width - 1] + arrow
+
+
+def row_cells(t: Target, v: VcpuSample, trend: str, cols: list[Column],
+              vmm_total_ms: float | None = None) -> list[tuple[str, str]]:
+    """(text, style) runs for a row in `cols`; text is already padded to the column widths.
+    vmm_total_ms: the VMM's blocktime of this vCPU since watching (the "qemu blk" column)."""
     out = []
     for c in cols:
         if c.key == "parts":
@@ -132,7 +143,7 @@ def row_cells(t: Target, v: VcpuSample, trend: str, cols: list[Column]) -> list[
         elif c.key == "trend":
             out.append((trend, "cyan"))
         else:
-            text, st = cell(c.key, t, v)
+            text, st = (fmt_ms(vmm_total_ms), "" if vmm_total_ms else "dim") if c.key == "vmm" else cell(c.key, t, v)
             out.append((text.rjust(c.width)[-c.width:] + " " * GAP, st))
     return out
 
@@ -186,8 +197,16 @@ class VcpuTable(ScrollView, can_focus=True):
         self._last = (sample, history)
         col = next(c for c in COLUMNS if c.key == self.sort_key)
         rows = [(t, v) for t in sample.targets for v in t.vcpus]
-        self.has_vmm = any(v.vmm_blocktime_ms is not None for _, v in rows)
-        rows.sort(key=lambda tv: col.sort(*tv), reverse=self.sort_reverse)
+        # Once QEMU has reported a blocktime the column stays: it shows totals since
+        # watching (QEMU 7.2 reports only at completion; intervals after that are 0).
+        self.has_vmm = self.has_vmm or any(v.vmm_blocktime_ms is not None for _, v in rows)
+        if col.key == "vmm":
+            def total(tv) -> float:
+                ser = history.vcpus.get((tv[0].pid, tv[1].tid))
+                return (ser.vmm_blocktime_ms_total or 0.0) if ser else 0.0
+            rows.sort(key=total, reverse=self.sort_reverse)
+        else:
+            rows.sort(key=lambda tv: col.sort(*tv), reverse=self.sort_reverse)
         keep = self.selected_key
         self._rows, self._history = rows, history
         self._keys = [(t.pid, v.tid) for t, v in rows]
@@ -277,8 +296,8 @@ class VcpuTable(ScrollView, can_focus=True):
         segs = []
         cols = self._columns()
         for c in cols:
-            label = c.label + ((" ▼" if self.sort_reverse else " ▲") if c.key == self.sort_key else "")
             w = c.width or self._trend_width(cols)
+            label = sort_label(c.label, w, self.sort_reverse) if c.key == self.sort_key else c.label
             left = c.width == 0 or c.key == "parts"
             text = (label.ljust(w) if left else label.rjust(w))[:w] + (" " * GAP if c.width else "")
             segs.append(Segment(text, base + style("underline") if c.key == self.sort_key else base))
@@ -302,7 +321,8 @@ class VcpuTable(ScrollView, can_focus=True):
             base = self.get_component_rich_style("vcpu-table--stripe")
         else:
             base = self.rich_style
-        segs = [Segment(text, base + style(st)) for text, st in row_cells(t, v, trend, cols)]
+        vmm_total = ser.vmm_blocktime_ms_total if ser else None
+        segs = [Segment(text, base + style(st)) for text, st in row_cells(t, v, trend, cols, vmm_total)]
         return Strip(segs).crop_extend(self.scroll_offset.x, self.scroll_offset.x + width, base)
 
     def _set_virtual_height(self, height: int) -> None:
