@@ -111,7 +111,10 @@ def test_histogram_percentiles_never_exceed_the_longest_stall():
 
 
 def test_parts_say_what_is_missing_when_degraded():
-    assert "need the eBPF probes" in parts_text(StallParts(), 10, 40, "t").plain
+    assert "need the eBPF probes" in parts_text(StallParts(), 10, 40, "t", "procfs").plain
+    # With the probes, faults without parts did not wait on a uffd (vcpu-exit).
+    with_probes = parts_text(StallParts(), 10, 120, "t", "ebpf").plain
+    assert "eBPF" not in with_probes and "waited on no uffd" in with_probes
     assert "no stall time" in parts_text(StallParts(), 0, 40, "t").plain
     t = parts_text(StallParts(2000, 1000, 1000), 2, 70, "t").plain
     assert "queued 50%" in t and "in service 25%" in t and "run-queue 25%" in t

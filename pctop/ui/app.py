@@ -285,7 +285,7 @@ class PctopApp(App[None]):
                 max_us = max((v.max_us for t in s.targets for v in t.vcpus if v.max_us is not None), default=None)
         span = "since watching" if self.hist_cumulative else "last interval"
         self.query_one(LatencyHistogram).show(hist, f"{who}, {span}", max_us)
-        self.query_one(StallBreakdown).show(parts, faults, f"{who}, {span}")
+        self.query_one(StallBreakdown).show(parts, faults, f"{who}, {span}", s.probe_tier)
 
     def _log_event(self, e: Event) -> None:
         self.query_one(EventLog).add(e)

@@ -183,9 +183,10 @@ class VcpuDetailScreen(Screen[None]):
         ser = history.vcpus.get(self.key)
         if self.cumulative and ser is not None:
             self.query_one(LatencyHistogram).show(ser.hist_total, "stall latency since watching")
-            self.query_one(StallBreakdown).show(ser.parts_total, ser.faults_total, "stall parts since watching")
+            self.query_one(StallBreakdown).show(ser.parts_total, ser.faults_total, "stall parts since watching",
+                                                sample.probe_tier)
         else:
             self.query_one(LatencyHistogram).show(v.hist, "stall latency, last interval")
-            self.query_one(StallBreakdown).show(v.parts, v.faults, "stall parts, last interval")
+            self.query_one(StallBreakdown).show(v.parts, v.faults, "stall parts, last interval", sample.probe_tier)
         self.query_one(HistoryPanel).show(self.key, history)
         self.query_one(RecentPanel).show(self.key, history)

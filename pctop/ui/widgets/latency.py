@@ -54,13 +54,21 @@ def hist_text(hist: Sequence[int], width: int, max_rows: int, title: str, max_us
     return out
 
 
-def parts_text(parts: StallParts | Sequence[int], faults: int, width: int, title: str) -> Text:
+def parts_text(parts: StallParts | Sequence[int], faults: int, width: int, title: str,
+               tier: str | None = None) -> Text:
+    """tier: the sample's probe tier; with eBPF, faults without parts are ones that did
+    not wait on a uffd (vcpu-exit: the vCPU fetched its own page)."""
     vals = (parts.queued_ns, parts.service_ns, parts.runq_ns) if isinstance(parts, StallParts) else tuple(parts)
     out = Text(no_wrap=True, overflow="ellipsis")
     out.append(title, style="bold")
     total = sum(vals)
     if total <= 0:
-        note = "no stall time in this view" if faults == 0 else "stall parts need the eBPF probes"
+        if faults == 0:
+            note = "no stall time in this view"
+        elif tier == "ebpf":
+            note = "these faults waited on no uffd (resolved on a KVM_RUN exit): no parts to split"
+        else:
+            note = "stall parts need the eBPF probes"
         out.append(f"\n {note}", style="dim")
         return out
     out.append("\n ")
@@ -89,8 +97,8 @@ class LatencyHistogram(TextPanel):
 
 
 class StallBreakdown(TextPanel):
-    """show(parts, faults, title)"""
+    """show(parts, faults, title, tier)"""
 
     def draw(self, width: int, height: int, parts: StallParts | Sequence[int], faults: int,
-             title: str) -> Text:
-        return parts_text(parts, faults, width, title)
+             title: str, tier: str | None = None) -> Text:
+        return parts_text(parts, faults, width, title, tier)
