@@ -111,9 +111,10 @@ def check_privilege(paths: HostPaths = DEFAULT) -> CheckResult:
         who = "root" if os.geteuid() == 0 else f"uid {os.geteuid()}"
         return CheckResult("privilege", OK, f"{who}, may load BPF programs and attach tracepoints")
     lacking = [n for n, b in (("CAP_BPF", CAP_BPF), ("CAP_PERFMON", CAP_PERFMON)) if not has(b)]
+    # Not "setcap ... python3": capabilities on the interpreter would go to every
+    # Python script on the host.
     return CheckResult("privilege", MISSING, f"lacking {', '.join(lacking)} (and CAP_SYS_ADMIN)",
-                       "run as root (sudo pctop ...), or grant the capabilities: "
-                       "sudo setcap cap_bpf,cap_perfmon,cap_sys_ptrace+ep $(readlink -f $(which python3))")
+                       "run as root: sudo pctop ...  (without eBPF, pctop runs on /proc alone and says so)")
 
 
 def check_bcc(paths: HostPaths = DEFAULT) -> CheckResult:
@@ -157,6 +158,9 @@ def check_probe_build(paths: HostPaths = DEFAULT) -> CheckResult:
 def check_tracefs(paths: HostPaths = DEFAULT) -> CheckResult:
     if os.path.isdir(os.path.join(paths.tracefs, "events")):
         return CheckResult("tracefs", OK, f"mounted at {paths.tracefs}")
+    if _mounted(paths, "tracefs", paths.tracefs):
+        return CheckResult("tracefs", MISSING, f"mounted at {paths.tracefs} but not readable by uid {os.geteuid()}",
+                           "run as root: sudo pctop ...  (tracefs is root-only on most systems)")
     return CheckResult("tracefs", MISSING, f"{paths.tracefs} not mounted",
                        f"mount -t tracefs nodev {paths.tracefs}   (or pctop doctor --fix)")
 
@@ -174,6 +178,9 @@ def check_tracepoints(paths: HostPaths = DEFAULT) -> list[CheckResult]:
 
     events = os.path.join(paths.tracefs, "events")
     if not os.path.isdir(events):
+        if _mounted(paths, "tracefs", paths.tracefs):
+            return [CheckResult("tracepoints", MISSING, f"tracefs not readable by uid {os.geteuid()}, "
+                                "cannot list them", "run as root: sudo pctop ...")]
         return [CheckResult("tracepoints", MISSING, "tracefs not mounted, cannot list them",
                             "mount tracefs first (pctop doctor --fix)")]
 
@@ -249,7 +256,8 @@ def check_kvm(paths: HostPaths = DEFAULT) -> list[CheckResult]:
         fd = os.open(dev, os.O_RDWR | os.O_CLOEXEC)
     except OSError as e:
         fix = ("load KVM (modprobe kvm_intel or kvm_amd; enable virtualization in firmware), "
-               "run as root or join group kvm; pctop demo falls back to a thread workload")
+               "run as root or join group kvm; pctop demo falls back to a thread workload "
+               "(which still needs userfaultfd, below)")
         return [CheckResult("/dev/kvm", MISSING, f"{dev}: {e.strerror}", fix)]
     try:
         api = fcntl.ioctl(fd, KVM_GET_API_VERSION, 0)
@@ -361,9 +369,17 @@ def run_checks(paths: HostPaths = DEFAULT) -> list[CheckResult]:
 # --- fixes ---------------------------------------------------------------------------------------
 
 
-def fix_host(paths: HostPaths = DEFAULT) -> list[str]:
-    """Do the safe, local fixes; return one line per action taken."""
-    done: list[str] = []
+class FixAction(NamedTuple):
+    ok: bool  # False: tried and failed, or could not be tried (the text says what to do)
+    text: str
+
+
+def fix_host(paths: HostPaths = DEFAULT) -> list[FixAction]:
+    """Do the safe, local fixes; one FixAction per fix tried."""
+    done: list[FixAction] = []
+    if os.geteuid() != 0:
+        return [FixAction(False, "mounting tracefs/debugfs and linking kernel headers needs root: "
+                                 "sudo pctop doctor --fix")]
     if not os.path.isdir(os.path.join(paths.tracefs, "events")):
         _mount("tracefs", "nodev", paths.tracefs, done)
     if check_debugfs(paths).status != OK:
@@ -373,15 +389,15 @@ def fix_host(paths: HostPaths = DEFAULT) -> list[str]:
     found = probe_build.ways(paths)
     if found and found[0].name == probe_build.BTF and not probe_build.tree_made(found[0].kernel_dir):
         try:  # now rather than at the first start
-            done.append(f"BTF: made vmlinux.h for the probes in {probe_build.make_btf_tree(paths)}")
+            done.append(FixAction(True, f"BTF: made vmlinux.h for the probes in {probe_build.make_btf_tree(paths)}"))
         except probe_build.BuildError as e:
-            done.append(f"BTF: {e}")
+            done.append(FixAction(False, f"BTF: {e}"))
     # Stand-in headers stay linked as the last way, should a BTF build fail.
     if not os.path.isdir(os.path.join(build, "include")):
         cand = probe_build.headers_fallback_candidates(paths)
         if cand is None:
-            done.append("headers: none under /usr/src to link; "
-                        "apt-get install linux-headers-amd64 (Debian) or linux-headers-generic (Ubuntu)")
+            done.append(FixAction(False, "headers: none under /usr/src to link; apt-get install "
+                                         "linux-headers-amd64 (Debian) or linux-headers-generic (Ubuntu)"))
         else:
             os.makedirs(os.path.dirname(build), exist_ok=True)
             for link, target in ((build, cand[0]), (os.path.join(paths.lib_modules, rel, "source"), cand[1])):
@@ -389,13 +405,13 @@ def fix_host(paths: HostPaths = DEFAULT) -> list[str]:
                     os.unlink(link)
                 if not os.path.exists(link):
                     os.symlink(target, link)
-                    done.append(f"linked {link} -> {target}")
+                    done.append(FixAction(True, f"linked {link} -> {target}"))
     return done
 
 
-def _mount(fstype: str, source: str, where: str, done: list[str]) -> None:
+def _mount(fstype: str, source: str, where: str, done: list[FixAction]) -> None:
     r = subprocess.run(["mount", "-t", fstype, source, where], capture_output=True, text=True)
     if r.returncode == 0:
-        done.append(f"mounted {fstype} at {where}")
+        done.append(FixAction(True, f"mounted {fstype} at {where}"))
     else:
-        done.append(f"could not mount {fstype} at {where}: {r.stderr.strip() or r.returncode}")
+        done.append(FixAction(False, f"could not mount {fstype} at {where}: {r.stderr.strip() or r.returncode}"))

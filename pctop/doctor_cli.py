@@ -22,12 +22,13 @@ def doctor(as_json: bool, fix: bool) -> None:
     results = d.run_checks()
     ok = not any(r.failed for r in results)
     if as_json:
-        json.dump({"ok": ok, "fixed": actions,
+        json.dump({"ok": ok, "fixed": [a.text for a in actions if a.ok],
+                   "not_fixed": [a.text for a in actions if not a.ok],
                    "checks": [dict(r._asdict(), failed=r.failed) for r in results]}, sys.stdout)
         sys.stdout.write("\n")
     else:
         for a in actions:
-            click.echo(f"fixed    {a}")
+            click.echo(f"{'fixed' if a.ok else 'FAILED':<8} {a.text}")
         width = max(len(r.name) for r in results)
         for r in results:
             click.echo(f"{r.status:<8} {r.name:<{width}}  {r.detail}")

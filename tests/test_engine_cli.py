@@ -98,3 +98,11 @@ def test_text_summary_says_which_stall_it_reports():
     stall = next(ln for ln in lines if "stall" in ln)
     assert stall.startswith("engine stall (fault seen by the engine -> page installed) ms per vCPU [")
     assert "p50" in stall and "p99" in stall and "the dashboard's stall (eBPF: fault -> vCPU running again)" in stall
+
+
+def test_control_in_a_missing_folder_is_bad_input_and_creates_nothing(tmp_path):
+    where = tmp_path / "no" / "such" / "dir"
+    p = _run("--headless", "--control", str(where / "engine.sock"))
+    assert p.returncode == 2
+    assert p.stderr == f"pctop demo: error: --control {where}/engine.sock: the folder {where} does not exist\n"
+    assert not (tmp_path / "no").exists()

@@ -32,9 +32,11 @@ class ControlServer:
         self._closing = False
         self._clients: list[socket.socket] = []
 
-    def start(self) -> None:
+    def start(self, make_dir: bool = False) -> None:
+        """make_dir: create the socket's folder (the default /run/pctop only: a path the
+        user gave names a folder that must exist)."""
         d = os.path.dirname(self.path)
-        if d:
+        if d and make_dir:
             os.makedirs(d, mode=0o755, exist_ok=True)
         if os.path.exists(self.path):
             os.unlink(self.path)  # a stale socket of a dead run

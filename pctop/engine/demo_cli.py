@@ -8,6 +8,7 @@ line, a "progress" line per second and a final "summary" line.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
@@ -84,7 +85,7 @@ def demo(headless, as_json, memory, vcpus, strategy, readers, pattern, write_rat
     """
     if vmm == "qemu":
         _run_qemu(click.get_current_context(), headless, as_json, accel, bandwidth)
-    _check_engine_options("demo", memory, vcpus, workload)
+    _check_engine_options("demo", memory, vcpus, workload, control=control)
     if not headless and not as_json and not (sys.stdout.isatty() and sys.stdin.isatty()):
         # No terminal to draw on (a pipe, CI, a script): the headless run says the same.
         click.echo("pctop demo: no terminal, running --headless", err=True)
@@ -97,8 +98,12 @@ def demo(headless, as_json, memory, vcpus, strategy, readers, pattern, write_rat
                corrupt_page=corrupt_page, latency_us=latency_us)
 
 
-def _check_engine_options(command: str, memory: int, vcpus: int, workload: str, copies: int = 2) -> None:
+def _check_engine_options(command: str, memory: int, vcpus: int, workload: str, copies: int = 2,
+                          control: str | None = None) -> None:
     """copies: how many times `memory` this host holds (the demo: the source's image and the guest)."""
+    folder = os.path.dirname(control or "")
+    if folder and not os.path.isdir(folder):
+        raise _UsageError(command, f"--control {control}: the folder {folder} does not exist")
     if memory < 4096 * vcpus or memory % 4096:
         raise _UsageError(command, f"--memory must be a multiple of 4K with at least 4K per vCPU, got {memory}")
     room = available_memory()
@@ -115,13 +120,19 @@ def run_engine(command: str, as_json: bool, *, memory, vcpus, strategy, readers,
                corrupt_page=None, latency_us: int = 0, link: dict | None = None) -> None:
     """Run the engine headless (progress on a terminal, or JSON Lines) and exit with its
     status. `link`: EngineConfig fields of the link (pctop engine dest)."""
+    from pctop.engine.control import default_path
     from pctop.engine.run import Engine, EngineConfig, EngineError
 
-    _check_engine_options(command, memory, vcpus, workload, copies=1 if link else 2)
+    _check_engine_options(command, memory, vcpus, workload, copies=1 if link else 2, control=control)
     cfg = EngineConfig(memory=memory, vcpus=vcpus, strategy=strategy, readers=readers, pattern=pattern,
                        write_ratio=write_ratio, bandwidth=bandwidth, background=not no_background,
                        prefetch=prefetch, duration=duration, seed=seed, control=control, workload=workload,
                        corrupt_page=corrupt_page, pin=pin, **{"latency_us": latency_us, **(link or {})})
+    if control is None and not _can_create_in(os.path.dirname(default_path())):
+        # Degrade, and say so: the run goes on without a control socket.
+        click.echo(f"pctop {command}: no control socket: {os.path.dirname(default_path())} is not writable by "
+                   f"uid {os.geteuid()} (--control PATH puts one elsewhere)", err=True)
+        cfg.control = ""
     log = (lambda m: click.echo(f"pctop {command}: {m}", err=True)) if link else None
     engine = Engine(cfg, log=log)
     kind = "kvm" if engine.workload_cls.__name__ == "KvmWorkload" else "threads"
@@ -169,7 +180,7 @@ def run_engine(command: str, as_json: bool, *, memory, vcpus, strategy, readers,
     except (EngineError, OSError, RuntimeError, ValueError) as e:
         if tty:
             sys.stderr.write("\n")
-        click.echo(f"pctop {command}: error: {e}", err=True)
+        click.echo(f"pctop {command}: error: {_explain(e)}", err=True)
         sys.exit(1)
     if tty:
         sys.stderr.write("\n")
@@ -178,6 +189,25 @@ def run_engine(command: str, as_json: bool, *, memory, vcpus, strategy, readers,
     else:
         _print_summary(s)
     sys.exit(0 if s["ok"] else 1)
+
+
+def _can_create_in(folder: str) -> bool:
+    """Could this process create a file in `folder` (or create `folder` itself)?"""
+    while folder and not os.path.isdir(folder):
+        folder = os.path.dirname(folder.rstrip("/"))
+    return os.access(folder or "/", os.W_OK | os.X_OK)
+
+
+def _explain(e: BaseException) -> str:
+    """An error in words a user can act on (which path, what to do)."""
+    from pctop.engine.uffd import UffdError
+
+    if isinstance(e, UffdError) and e.errno in (errno.EPERM, errno.EACCES):
+        return (f"userfaultfd is not allowed for uid {os.geteuid()} ({os.strerror(e.errno)}); run as root, or "
+                "sysctl vm.unprivileged_userfaultfd=1, or give this user /dev/userfaultfd (pctop doctor)")
+    if isinstance(e, OSError) and e.filename and str(e.filename) not in str(e.strerror or ""):
+        return f"{e.filename}: {e.strerror}"
+    return str(e)
 
 
 def available_memory(meminfo: str = "/proc/meminfo") -> int | None:

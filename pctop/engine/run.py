@@ -354,7 +354,10 @@ class Engine:
         srv = ControlServer(path, self.status, {"pause": self.cmd_pause, "resume": self.cmd_resume,
                                                 "bandwidth": self.cmd_bandwidth, "latency": self.cmd_latency,
                                                 "drop-link": self.cmd_drop_link, "recover": self.cmd_recover})
-        srv.start()
+        try:
+            srv.start(make_dir=self.cfg.control is None)
+        except OSError as e:
+            raise EngineError(f"cannot open the control socket {path}: {e.strerror or e}") from None
         self._cleanup.append(srv.close)
         self.control_path = path
         return srv
