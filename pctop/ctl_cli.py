@@ -16,22 +16,42 @@ import sys
 
 import click
 
-from pctop.monitor_cli import _Command, _UsageError
+from pctop.monitor_cli import _Command, _Unavailable, _UsageError
 
 RUN_DIR = "/run/pctop"
 NUMERIC = {"bandwidth", "latency"}
+# The engine's commands (pctop.engine.run.COMMANDS, which a test holds equal), with
+# their argument, for `ctl --help` and `ctl help` (this module must not import the engine).
+COMMANDS = {
+    "status": "the engine's state and counters (docs/engine-control.md)",
+    "pause": "pause the background stream (demand faults are still served)",
+    "resume": "resume the background stream",
+    "bandwidth": "BYTES_PER_S (K/M/G allowed; 0 = unlimited): cap the background stream",
+    "latency": "MICROSECONDS: added to every demand reply, as a longer link would",
+    "drop-link": "close every channel to the source, as a failed link would",
+    "recover": "reconnect after a link failure",
+}
+
+
+def _commands_text() -> str:
+    return "\n".join(f"  {name:<10} {what}" for name, what in COMMANDS.items())
 
 
 def _find_socket(run_dir: str = RUN_DIR) -> str:
     found = sorted(glob.glob(os.path.join(run_dir, "engine-*.sock")))
     if not found:
-        raise _UsageError("ctl", f"no engine control socket in {run_dir}; give --control PATH")
+        raise _Unavailable("ctl", f"no engine control socket in {run_dir}; give --control PATH")
     if len(found) > 1:
         raise _UsageError("ctl", f"several engines in {run_dir} ({', '.join(found)}); give --control PATH")
     return found[0]
 
 
 def _parse_arg(command: str, arg: str | None):
+    if command not in COMMANDS:
+        raise _UsageError("ctl", f"unknown command {command!r}; the commands: {', '.join(COMMANDS)} "
+                                 "(pctop ctl help)")
+    if arg is not None and command not in NUMERIC:
+        raise _UsageError("ctl", f"{command} takes no argument, got {arg!r}")
     if arg is None:
         if command in NUMERIC:
             raise _UsageError("ctl", f"{command} needs a number")
@@ -42,28 +62,31 @@ def _parse_arg(command: str, arg: str | None):
             return parse_size(arg)
         except ValueError as e:
             raise _UsageError("ctl", f"bandwidth: {e}") from None
-    if command == "latency":
-        try:
-            return int(arg)
-        except ValueError:
-            raise _UsageError("ctl", f"latency needs whole microseconds, got {arg!r}") from None
-    try:
-        return json.loads(arg)
+    try:  # latency
+        return int(arg)
     except ValueError:
-        return arg
+        raise _UsageError("ctl", f"latency needs whole microseconds, got {arg!r}") from None
 
 
-@click.command("ctl", cls=_Command, context_settings={"help_option_names": ["-h", "--help"]})
+@click.command("ctl", cls=_Command, context_settings={"help_option_names": ["-h", "--help"]},
+               epilog="Commands:\n\n\b\n" + _commands_text() + "\n\nExit status: 0 the engine said ok, "
+                      "1 it refused or could not be reached, 2 bad usage.")
 @click.option("--control", metavar="PATH", help="The engine's control socket (default: the only one in /run/pctop).")
 @click.argument("command")
 @click.argument("arg", required=False)
 def ctl(control: str | None, command: str, arg: str | None) -> None:
-    """Send one control COMMAND (with ARG) to a running engine and print its JSON reply."""
+    """Send one control COMMAND (with ARG) to a running engine and print its JSON reply.
+
+    `pctop ctl help` lists the commands.
+    """
     from pctop.sources.engine import EngineConnection, EngineError
 
+    if command == "help":
+        click.echo("pctop ctl COMMAND [ARG], where COMMAND is one of:\n" + _commands_text())
+        return
+    value = _parse_arg(command, arg)  # before looking for a socket: bad input is said first
     path = control or _find_socket()
     req: dict = {"cmd": command}
-    value = _parse_arg(command, arg)
     if value is not None:
         req["arg"] = value
     conn = EngineConnection(path, timeout=5.0)

@@ -157,8 +157,8 @@ def _open(command: str, pids, comm, interval: float, no_ebpf: bool, engine_socke
     try:
         header, stats = open_live(pids, comm, interval, use_ebpf=not no_ebpf,
                                   engine_sockets=engine_sockets, page_ranges=page_ranges)
-    except (TargetNotFound, EngineError) as e:
-        raise _UsageError(command, str(e)) from None
+    except (TargetNotFound, EngineError) as e:  # nothing to watch there: unavailable, not bad input
+        raise _Unavailable(command, str(e)) from None
     except PageRangesUnavailable as e:
         raise _Unavailable(command, str(e)) from None
     if not qmp_sockets:
@@ -170,7 +170,7 @@ def _open(command: str, pids, comm, interval: float, no_ebpf: bool, engine_socke
         header, qmp = attach(header, stats, qmp_sockets)
     except QmpError as e:
         stats.close()
-        raise _UsageError(command, str(e)) from None
+        raise _Unavailable(command, str(e)) from None
     return header, stats, qmp
 
 

@@ -5,7 +5,7 @@ Give the destination's and/or the source's QMP socket; each command says which
 end it needs. QEMU serves one client per QMP socket: while `pctop monitor --qmp`
 holds one, give QEMU a second `-qmp` socket for these commands (the demo does).
 
-Exit status: 0 done, 1 QEMU refused or did not answer, 2 bad usage.
+Exit status: 0 done, 1 QEMU refused, did not answer or is not there, 2 bad usage.
 """
 
 from __future__ import annotations
@@ -60,8 +60,8 @@ class Ends:
                 raise _UsageError("qemu", f"{why} needs the {role}'s QMP socket ({flag} SOCKET)")
             try:
                 self.conns[role] = QmpConnection(path).connect()
-            except QmpError as e:
-                raise _UsageError("qemu", str(e)) from None
+            except QmpError as e:  # a QEMU that is not there: unavailable (1), as ctl and monitor say
+                raise _Failed(str(e)) from None
         return self.conns[role]
 
     def given(self) -> list[str]:

@@ -264,3 +264,19 @@ def test_against_the_real_engine_counts_controls_and_exit(tmp_path):
     assert all(t.migration for s in samples[:-1] for t in s.targets)
     received = [t.migration.pages_received for s in samples for t in s.targets if t.migration]
     assert received == sorted(received) and received[-1] <= summary["pages_total"]
+
+
+def test_ctl_lists_its_commands_and_refuses_what_it_would_ignore():
+    from pctop.ctl_cli import COMMANDS
+    from pctop.engine.run import COMMANDS as ENGINE_COMMANDS
+    from tests.conftest import run_pctop
+
+    assert tuple(COMMANDS) == ENGINE_COMMANDS  # the help lists exactly what the engine takes
+    for args in (("--help",), ("help",)):
+        r = run_pctop("ctl", *args)
+        assert r.returncode == 0 and all(f"  {name} " in r.stdout for name in COMMANDS), r.stdout
+    for args, says in ((("pause", "now"), "pause takes no argument, got 'now'"),
+                       (("frob",), "unknown command 'frob'"),
+                       (("pause", "a", "b"), "unexpected extra argument")):
+        r = run_pctop("ctl", "--control", "/nonexistent.sock", *args)
+        assert r.returncode == 2 and says in r.stderr and r.stderr.count("\n") == 1, r.stderr

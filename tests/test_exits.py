@@ -122,3 +122,14 @@ def test_qemu_demo_in_post_copy_leaves_no_qemu_and_no_folder(how, args, status):
     finally:
         t.close()
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def test_readme_has_the_exit_status_table_of_pctop_exits():
+    from pctop import exits
+    from tests.conftest import ROOT
+
+    readme = (ROOT / "README.md").read_text()
+    table = readme.split("## How runs end", 1)[1].split("\n## ", 1)[0]
+    for status in (exits.OK, exits.FAILED, exits.USAGE, exits.INTERRUPTED):
+        assert f"\n| {status} |" in table
+    assert f"| {128 + signal.SIGTERM}, {128 + signal.SIGHUP} |" in table

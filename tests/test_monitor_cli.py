@@ -103,11 +103,23 @@ def test_replay_of_a_damaged_file_emits_what_came_before_and_names_the_line(tmp_
 
 
 @pytest.mark.parametrize("args, needle", [
+    (["monitor", "--json", "-p", "999999999"], "no process with pid 999999999"),
+    (["monitor", "--json", "--engine", "/nonexistent/engine.sock"], "cannot connect"),
+    (["monitor", "--json", "--qmp", "/nonexistent.qmp"], "/nonexistent.qmp"),
+    (["ctl", "--control", "/nonexistent/engine.sock", "status"], "cannot connect"),
+    (["qemu", "--dest", "/nonexistent.qmp", "pause"], "QMP socket /nonexistent.qmp does not exist"),
+])
+def test_a_target_that_is_not_there_exits_1_whichever_command(args, needle):
+    # README "Exit status": an unavailable target is 1 for every command; bad input is 2.
+    r = run_pctop(*args, timeout=30)
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert r.stderr.count("\n") == 1 and needle in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("args, needle", [
     (["monitor", "--json", "--interval", "0"], "--interval"),
     (["monitor", "--json", "--count", "0"], "--count"),
-    (["monitor", "--json", "-p", "999999999"], "no process with pid 999999999"),
     (["monitor", "--json", "-p", "abc"], "-p"),
-    (["monitor", "--json", "--engine", "/nonexistent/engine.sock"], "cannot connect"),
     (["record"], "-o"),
     (["record", "-o", "/nonexistent-dir/x.ndjson", "--count", "1"], "cannot write"),
     (["replay", "/nonexistent.ndjson", "--json"], "cannot open"),
