@@ -25,6 +25,9 @@ def _run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     (["--bandwidth", "fast"], "--bandwidth"),
     # More than any test machine holds: refused before a process allocates it.
     (["--memory", "1000T", "--headless"], "available"),
+    # Options that would be ignored are refused, not ignored.
+    (["--vmm", "qemu", "--vcpus", "4"], "--vcpus: not for --vmm qemu"),
+    (["--accel", "tcg"], "--accel is for --vmm qemu"),
 ])
 def test_bad_values_are_one_line_exit_2(args, needle):
     p = _run(*args)

@@ -213,3 +213,24 @@ def test_replay_errors_say_what_is_wrong_in_the_users_words(tmp_path, content, s
     r = run_pctop("replay", str(f), "--json")
     assert r.returncode == 2
     assert r.stderr == f"pctop replay: error: {f}: {says}\n"
+
+
+def test_monitor_of_a_process_with_nothing_to_measure_says_so(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    plain = subprocess.Popen([sys.executable, "-c", "import time; print('ready', flush=True); time.sleep(60)"],
+                             stdout=subprocess.PIPE, text=True)
+    assert plain.stdout.readline() == "ready\n"  # running its own program, not pytest's fork
+    try:
+        r = run_pctop("monitor", "--json", "--no-ebpf", "-p", str(plain.pid), "--count", "2",
+                      "--interval", "0.2", timeout=30)
+    finally:
+        plain.kill()
+        plain.wait()
+    assert r.returncode == 0, r.stderr
+    events = [e["text"] for line in r.stdout.splitlines()[1:] for e in json.loads(line)["events"]]
+    hints = [e for e in events if "holds no userfaultfd and no KVM vCPU fd" in e]
+    assert hints == [f"procfs: pid {plain.pid} holds no userfaultfd and no KVM vCPU fd: nothing to measure until it "
+                     "opens one (is it the VMM, or its uffd handler?)"]  # once, not every interval

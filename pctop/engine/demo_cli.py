@@ -20,6 +20,8 @@ from pctop.monitor_cli import _Command, _UsageError
 from pctop.sizes import format_size, parse_size
 
 DEFAULTS = dict(memory="1G", vcpus=2, bandwidth="16M", pattern="hotset")
+# The options `demo --vmm qemu` takes (the others shape the reference engine's run).
+QEMU_OPTIONS = ("vmm", "headless", "as_json", "bandwidth", "accel")
 
 
 class SizeType(click.ParamType):
@@ -83,8 +85,16 @@ def demo(headless, as_json, memory, vcpus, strategy, readers, pattern, write_rat
     fault storm, the stream catching up and the stalls fading. Exit status: 0 verified, 1 failed (integrity or engine error), 2 bad usage,
     130 quit (q) or interrupted (Ctrl+C) before the end, 143/129 ended by SIGTERM/SIGHUP.
     """
+    ctx = click.get_current_context()
+    given = [p for p in ctx.command.params if ctx.get_parameter_source(p.name) == click.core.ParameterSource.COMMANDLINE]
     if vmm == "qemu":
-        _run_qemu(click.get_current_context(), headless, as_json, accel, bandwidth)
+        ignored = [p.opts[0] for p in given if p.name not in QEMU_OPTIONS]
+        if ignored:
+            raise _UsageError("demo", f"{', '.join(ignored)}: not for --vmm qemu, whose guest is fixed (2 vCPUs, "
+                                      f"16 MiB written); it takes --headless, --json, --bandwidth, --accel")
+        _run_qemu(ctx, headless, as_json, accel, bandwidth)
+    if accel is not None:
+        raise _UsageError("demo", "--accel is for --vmm qemu (the engine's guest runs on KVM, else threads: --workload)")
     _check_engine_options("demo", memory, vcpus, workload, control=control)
     if not headless and not as_json and not (sys.stdout.isatty() and sys.stdin.isatty()):
         # No terminal to draw on (a pipe, CI, a script): the headless run says the same.

@@ -337,6 +337,8 @@ class ProcfsSource:
         self._mono = monotonic
         self._targets: dict[int, _Target] = {}
         self._dead: set[int] = set()  # named pids that exited: a reused pid is someone else
+        self._hinted: set[int] = set()  # named pids already said to hold nothing to measure
+        self._early_notes: list[str] = []
         self._uffds: dict[int, tuple[int, ...]] = {}
         self._vcpus: dict[int, int] = {}  # pid -> how many vCPUs it has fds of, at the last refresh
         self._ticks: dict[int, dict[int, int]] = {}  # pid -> tid -> cpu ticks at last collect
@@ -394,13 +396,18 @@ class ProcfsSource:
                     notes.append(f"pid {pid} closed userfaultfd fd {', '.join(map(str, closed))}")
             self._uffds[pid] = now
             self._vcpus[pid] = len(fds.vcpu_ids) if fds else 0
+            if pid in self.pids and fds and not now and not fds.vcpu_ids and pid not in self._hinted:
+                # Named with -p but nothing to measure: say so once (a wrong pid, or too early).
+                self._hinted.add(pid)
+                notes.append(f"pid {pid} holds no userfaultfd and no KVM vCPU fd: nothing to measure until "
+                             "it opens one (is it the VMM, or its uffd handler?)")
         self._sampler.watch((pid, fd) for pid, fds in self._uffds.items() for fd in fds)
         return gone, notes
 
     # -- Source protocol --
     def start(self) -> None:
         self.check_pids()
-        self._refresh()
+        _, self._early_notes = self._refresh()  # said with the first collect
         for pid in self._targets:
             self._ticks[pid] = {tid: ts.cpu_ticks for tid, ts in read_threads(self.paths, pid).items()}
         self._last = self._mono()
@@ -408,6 +415,7 @@ class ProcfsSource:
 
     def collect(self) -> Reading:
         gone, notes = self._refresh()
+        notes, self._early_notes = self._early_notes + notes, []
         mono = self._mono()
         interval = mono - self._last
         self._last = mono
