@@ -49,9 +49,11 @@ def test_json_lines_end_with_the_summary_contract(tmp_path):
                                "--bandwidth", "16M", "--no-background", "--pattern", "seq")
     assert rc == 0, err
     assert "workload: threads" in err
-    assert lines[0]["type"] == "start"
+    # The header every pctop JSON Lines stream starts with, then the engine's lines.
+    assert lines[0]["type"] == "header" and lines[0]["probe_tier"] == "none" and lines[0]["sources"] == ["engine"]
+    assert lines[0]["schema"] >= 1 and lines[1]["type"] == "start" and lines[0]["pid"] == lines[1]["pid"]
     s = lines[-1]
-    assert s["type"] == "summary" and all(x["type"] in ("start", "progress") for x in lines[:-1])
+    assert s["type"] == "summary" and all(x["type"] in ("start", "progress") for x in lines[1:-1])
     for key in ("strategy", "vcpus", "pages_total", "pages_verified", "mismatches", "faults_total",
                 "faults_per_vcpu", "stall_ns_per_vcpu", "pages_demand", "pages_background", "fault_rate",
                 "address_source", "workload"):

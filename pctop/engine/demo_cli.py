@@ -130,8 +130,13 @@ def run_engine(command: str, as_json: bool, *, memory, vcpus, strategy, readers,
                corrupt_page=None, latency_us: int = 0, link: dict | None = None) -> None:
     """Run the engine headless (progress on a terminal, or JSON Lines) and exit with its
     status. `link`: EngineConfig fields of the link (pctop engine dest)."""
+    import socket
+    import time
+
+    from pctop import __version__
     from pctop.engine.control import default_path
     from pctop.engine.run import Engine, EngineConfig, EngineError
+    from pctop.model import Header
 
     _check_engine_options(command, memory, vcpus, workload, copies=1 if link else 2, control=control)
     cfg = EngineConfig(memory=memory, vcpus=vcpus, strategy=strategy, readers=readers, pattern=pattern,
@@ -156,6 +161,12 @@ def run_engine(command: str, as_json: bool, *, memory, vcpus, strategy, readers,
         click.echo(json.dumps(obj))
 
     if as_json:
+        # The header every pctop JSON Lines stream starts with (docs/schema.md); no
+        # probes here: the engine's own counters follow.
+        # "pid" (the engine's) as on the start line: readers take it from the first line.
+        emit({**Header(host=socket.gethostname(), kernel=os.uname().release, probe_tier="none",
+                       sources=("engine",), started=time.time(), pctop_version=__version__).to_dict(),
+              "pid": os.getpid()})
         emit({"type": "start", "pid": os.getpid(), "strategy": strategy, "vcpus": vcpus, "readers": readers,
               "memory": memory, "pages_total": memory // 4096, "pattern": pattern, "write_ratio": write_ratio,
               "bandwidth_limit_bps": bandwidth, "background": not no_background, "workload": kind,
