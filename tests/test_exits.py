@@ -16,6 +16,14 @@ import pytest
 from tests.term import Term
 
 
+@pytest.fixture
+def short_tmp():
+    """A private TMPDIR with a short path: unix socket paths below it must fit 108 bytes."""
+    d = Path(tempfile.mkdtemp(prefix="pctop-t-"))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
 def need_uffd() -> None:
     from pctop.engine.uffd import Uffd
 
@@ -43,9 +51,9 @@ SLOW_DEMO = ["demo", "--workload", "threads", "--memory", "256M", "--bandwidth",
     ("sigterm", 128 + signal.SIGTERM, "ended by SIGTERM"),
     ("hangup", 128 + signal.SIGHUP, "ended by SIGHUP"),
 ])
-def test_headless_demo_ends_cleanly_however_it_is_stopped(tmp_path, how, status, word):
+def test_headless_demo_ends_cleanly_however_it_is_stopped(short_tmp, how, status, word):
     need_uffd()
-    t = Term(SLOW_DEMO + ["--headless"], tmp_path / "tmp")
+    t = Term(SLOW_DEMO + ["--headless"], short_tmp)
     try:
         assert t.read_until(b"postcopy", 60), t.text()[-2000:]
         assert t.seen, "the source runs as a child process"
@@ -70,9 +78,9 @@ def test_headless_demo_ends_cleanly_however_it_is_stopped(tmp_path, how, status,
     ("sigterm", 128 + signal.SIGTERM, "pctop demo: ended by SIGTERM"),
     ("hangup", 128 + signal.SIGHUP, None),
 ])
-def test_dashboard_demo_ends_cleanly_however_it_is_stopped(tmp_path, how, status, line):
+def test_dashboard_demo_ends_cleanly_however_it_is_stopped(short_tmp, how, status, line):
     need_uffd()
-    t = Term(SLOW_DEMO, tmp_path / "tmp")
+    t = Term(SLOW_DEMO, short_tmp)
     try:
         assert t.read_until(b"POSTCOPY", 90), t.text()[-2000:]
         assert len(t.seen) >= 2, "the engine and its source run as child processes"
@@ -96,7 +104,7 @@ def test_dashboard_demo_ends_cleanly_however_it_is_stopped(tmp_path, how, status
     ("ctrl-c", ["--headless"], 130),
     ("hangup", [], 128 + signal.SIGHUP),                     # tmux kill-session, a closed window
 ])
-def test_qemu_demo_in_post_copy_leaves_no_qemu_and_no_folder(how, args, status):
+def test_qemu_demo_in_post_copy_leaves_no_qemu_and_no_folder(short_tmp, how, args, status):
     from pctop.qemu.launch import qemu_unavailable_reason
     from tests.conftest import need_root
 
@@ -105,8 +113,7 @@ def test_qemu_demo_in_post_copy_leaves_no_qemu_and_no_folder(how, args, status):
     if reason:
         pytest.skip(reason)
     # A destination QEMU in post-copy ignores SIGTERM (and spins): pctop must kill it.
-    tmp = Path(tempfile.mkdtemp(prefix="pctop-t-"))  # short: QMP socket paths must fit 108 bytes
-    t = Term(["demo", "--vmm", "qemu", "--accel", "tcg", "--bandwidth", "256K", *args], tmp)
+    t = Term(["demo", "--vmm", "qemu", "--accel", "tcg", "--bandwidth", "256K", *args], short_tmp)
     try:
         assert t.read_until(b"postcopy-active" if args else b"POSTCOPY", 120), t.text()[-2000:]
         qemus = [p for p in t.seen if "qemu" in open(f"/proc/{p}/comm").read()]
@@ -123,7 +130,6 @@ def test_qemu_demo_in_post_copy_leaves_no_qemu_and_no_folder(how, args, status):
             assert re.search(r"KiBpctop demo|KiB\rpctop demo", t.text()) is None
     finally:
         t.close()
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def test_readme_has_the_exit_status_table_of_pctop_exits():
@@ -135,3 +141,20 @@ def test_readme_has_the_exit_status_table_of_pctop_exits():
     for status in (exits.OK, exits.FAILED, exits.USAGE, exits.INTERRUPTED):
         assert f"\n| {status} |" in table
     assert f"| {128 + signal.SIGTERM}, {128 + signal.SIGHUP} |" in table
+
+
+def test_dashboard_demo_whose_engine_is_killed_says_failed_and_leaves_nothing(short_tmp):
+    need_uffd()
+    t = Term(SLOW_DEMO, short_tmp)
+    try:
+        assert t.read_until(b"POSTCOPY", 90), t.text()[-2000:]
+        engine = [p for p in t.seen if open(f"/proc/{p}/cmdline").read().split("\0")[2:4] == ["pctop", "demo"]]
+        assert len(engine) == 1
+        os.kill(engine[0], signal.SIGKILL)  # a crash: nothing of its own cleanup runs
+        assert t.read_until(b"demo FAILED (the engine was ended by SIGKILL)", 30), t.text()[-2000:]
+        t.type(b"q")
+        assert t.wait(30) == 1
+        procs, files = t.leftovers()
+        assert procs == [] and files == []  # its source child and its folder went too
+    finally:
+        t.close()

@@ -258,13 +258,19 @@ def _run_with_tui(ctx: click.Context, control: str | None) -> None:
     with tempfile.TemporaryDirectory(prefix="pctop-demo-") as tmp:
         path = control or os.path.join(tmp, "engine.sock")
         try:
-            rc = ui.run_demo(argv + ["--control", path], path)
+            # The engine's own temporary folders go inside ours (TMPDIR), so they go with it
+            # even if the engine is killed before it can remove them.
+            rc = ui.run_demo(argv + ["--control", path], path, env={**os.environ, "TMPDIR": tmp})
         except EngineError as e:
             click.echo(f"pctop demo: error: {e}", err=True)
             sys.exit(1)
     if rc is None:
         click.echo("pctop demo: quit before the migration finished; not verified", err=True)
         sys.exit(exits.INTERRUPTED)
+    if rc < 0:  # the engine died of a signal (a crash, a kill): a failed run
+        import signal
+        click.echo(f"pctop demo: error: the engine was ended by {signal.Signals(-rc).name}; not verified", err=True)
+        sys.exit(exits.FAILED)
     sys.exit(rc)
 
 

@@ -387,7 +387,11 @@ def main(argv: list[str] | None = None) -> int:
                             background=not a.no_background, prefetch=a.prefetch, wait_s=a.wait,
                             demand_cpus=cpus, on_listening=announce, quiet=True)
     except MemoryError:
-        print(f"pctop engine source: error: cannot hold a {a.npages * a.page_size >> 20} MiB image in memory", file=sys.stderr)
+        print(f"pctop engine source: error: cannot hold a {a.npages * a.page_size >> 20} MiB image in memory",
+              file=sys.stderr)
+        return 1
+    except OSError as e:  # e.g. a unix socket path longer than the kernel takes (108 bytes)
+        print(f"pctop engine source: error: cannot listen on {a.listen}: {e.strerror or e}", file=sys.stderr)
         return 1
 
 

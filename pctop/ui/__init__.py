@@ -66,7 +66,7 @@ def run_replay(path: str | Path, speed: float = 1.0, paused: bool = False) -> No
 
 
 def run_demo(engine_argv: list[str], control_path: str, interval: float = 1.0,
-             use_ebpf: bool = True) -> int:
+             use_ebpf: bool = True, env: dict[str, str] | None = None) -> int:
     """`pctop demo` without --headless: the engine runs as a child process
     (`engine_argv`, a headless demo command line serving `control_path`) so
     that it never shares a GIL with the dashboard; the dashboard watches it
@@ -83,7 +83,7 @@ def run_demo(engine_argv: list[str], control_path: str, interval: float = 1.0,
     from pctop.stats import open_live
 
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen(engine_argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err)
+        proc = subprocess.Popen(engine_argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=env)
         try:
             deadline = time.monotonic() + 60
             while not os.path.exists(control_path):
@@ -162,7 +162,13 @@ class _DemoStats:
 
         rc = self._proc.returncode
         ok = rc == 0
-        self.ended = "demo finished: verified" if ok else f"demo FAILED (exit {rc})"
+        if ok:
+            self.ended = "demo finished: verified"
+        elif rc < 0:
+            import signal
+            self.ended = f"demo FAILED (the engine was ended by {signal.Signals(-rc).name})"
+        else:
+            self.ended = f"demo FAILED (exit {rc})"
         self._out.seek(0)
         lines = [line for line in self._out.read().splitlines() if line.strip()]
         last = self._last or sample
