@@ -82,11 +82,13 @@ def demo(headless, as_json, memory, vcpus, strategy, readers, pattern, write_rat
 
     The defaults (1G, 2 vCPUs, a 16M/s background stream, a hot set taking most accesses,
     10 % writes) make a run of about 20-30 s on a 2-CPU machine: long enough to watch the
-    fault storm, the stream catching up and the stalls fading. Exit status: 0 verified, 1 failed (integrity or engine error), 2 bad usage,
-    130 quit (q) or interrupted (Ctrl+C) before the end, 143/129 ended by SIGTERM/SIGHUP.
+    fault storm, the stream catching up and the stalls fading. Exit status: 0 verified, 1 failed
+    (integrity or engine error), 2 bad usage, 130 quit (q) or interrupted (Ctrl+C) before the end,
+    143/129 ended by SIGTERM/SIGHUP.
     """
     ctx = click.get_current_context()
-    given = [p for p in ctx.command.params if ctx.get_parameter_source(p.name) == click.core.ParameterSource.COMMANDLINE]
+    given = [p for p in ctx.command.params
+             if ctx.get_parameter_source(p.name) == click.core.ParameterSource.COMMANDLINE]
     if vmm == "qemu":
         ignored = [p.opts[0] for p in given if p.name not in QEMU_OPTIONS]
         if ignored:
@@ -94,7 +96,8 @@ def demo(headless, as_json, memory, vcpus, strategy, readers, pattern, write_rat
                                       f"16 MiB written); it takes --headless, --json, --bandwidth, --accel")
         _run_qemu(ctx, headless, as_json, accel, bandwidth)
     if accel is not None:
-        raise _UsageError("demo", "--accel is for --vmm qemu (the engine's guest runs on KVM, else threads: --workload)")
+        raise _UsageError("demo", "--accel is for --vmm qemu "
+                                  "(the engine's guest runs on KVM, else threads: --workload)")
     _check_engine_options("demo", memory, vcpus, workload, control=control)
     if not headless and not as_json and not (sys.stdout.isatty() and sys.stdin.isatty()):
         # No terminal to draw on (a pipe, CI, a script): the headless run says the same.

@@ -33,7 +33,8 @@ def parse_record(text: str, where: str) -> Header | Sample | None:
     try:
         d = json.loads(text)
     except json.JSONDecodeError as e:
-        raise RecordingError(f"{where}: not valid JSON: {e.msg.lower().removesuffix(' at')} at column {e.colno}") from None
+        why = e.msg.lower().removesuffix(" at")
+        raise RecordingError(f"{where}: not valid JSON: {why} at column {e.colno}") from None
     if not isinstance(d, dict):
         raise RecordingError(f"{where}: expected a JSON object, got {type(d).__name__}")
     kind = d.get("type")

@@ -72,8 +72,9 @@ def run_demo(engine_argv: list[str], control_path: str, interval: float = 1.0,
     that it never shares a GIL with the dashboard; the dashboard watches it
     with its controls live. Quitting the dashboard stops the engine. Prints
     the engine's own output (its verification summary) afterwards and returns
-    its exit status, or None (and prints nothing) when the dashboard quit first and stopped it. Raises pctop.sources.engine.EngineError if it never
-    opens its socket (the message quotes the end of its stderr).
+    its exit status, or None (and prints nothing) when the dashboard quit first and
+    stopped it. Raises pctop.sources.engine.EngineError if it never opens its socket
+    (the message quotes the end of its stderr).
     """
     import subprocess
     import tempfile
