@@ -91,7 +91,8 @@ def test_source_child_without_memory_says_so_in_one_line(tmp_path):
     p = subprocess.run([sys.executable, "-m", "pctop.engine.source", "--npages", str(1 << 40),
                         "--listen", f"unix:{tmp_path}/s.sock"], capture_output=True, text=True, timeout=60)
     assert p.returncode == 1 and "Traceback" not in p.stderr
-    assert p.stderr.strip().splitlines() == [f"pctop engine source: error: cannot hold a {(1 << 40) * 4096 >> 20} MiB image in memory"]
+    mib = (1 << 40) * 4096 >> 20
+    assert p.stderr.strip().splitlines() == [f"pctop engine source: error: cannot hold a {mib} MiB image in memory"]
 
 
 def test_text_summary_says_which_stall_it_reports():
