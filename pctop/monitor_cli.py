@@ -154,6 +154,9 @@ def _open(command: str, pids, comm, interval: float, no_ebpf: bool, engine_socke
     from pctop.stats import PageRangesUnavailable, open_live
 
     _check_page_ranges(command, page_ranges, no_ebpf)
+    if len(qmp_sockets) > 2:  # bad input, said before any probe is loaded
+        raise _UsageError(command, "--qmp takes the destination's socket, then optionally the source's "
+                                   "(at most two)")
     try:
         header, stats = open_live(pids, comm, interval, use_ebpf=not no_ebpf,
                                   engine_sockets=engine_sockets, page_ranges=page_ranges)
