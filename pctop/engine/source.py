@@ -133,6 +133,8 @@ class Source:
 
     def _reply(self, ch: Channel, pages) -> None:
         ps, sent, buf = self.page_size, self.sent, self.buf
+        if self.prefetch:  # queued before the reply leaves: the stream may look any moment after
+            self._prefetch_q.extend(pages)
         if len(pages) == 1:  # the common case: one fault, one page
             p = pages[0]
             sent[p] = 1
@@ -141,8 +143,6 @@ class Source:
             for p in pages:
                 sent[p] = 1
             ch.send_page_list(KIND_DEMAND, [(p, 1, buf[p * ps:(p + 1) * ps]) for p in pages])
-        if self.prefetch:
-            self._prefetch_q.extend(pages)
         self.stats["requests"] += 1
         self.stats["demand_pages"] += len(pages)
 
