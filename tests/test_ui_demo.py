@@ -147,9 +147,15 @@ def test_demo_that_completes_keeps_its_last_view_and_says_verified():
     try:
         out = read_until(master, b"demo finished: verified", 120)
         assert b"demo finished: verified" in out, out[-3000:]
-        out = out.split(b"demo finished: verified", 1)[1] + read_until(master, b"\x00never", 3)
-        # The end is a state on screen, not an empty start: the view stays.
-        assert b"COMPLETED" in out and b"no targets found yet" not in out
+        after = out.split(b"demo finished: verified", 1)[1] + read_until(master, b"\x00never", 3)
+        # The end is a state on screen, not an empty start: the view stays. A migration the
+        # view showed ends COMPLETED (Textual redraws only what changed, so that may have been
+        # drawn just before the verdict line). On a loaded machine the probes can take most
+        # of this 4 s run to load, and the engine may be done before any sample saw its
+        # migration: then there is no migration line to end, only the verdict.
+        assert b"no targets found yet" not in after
+        if b"POSTCOPY" in out or b"PRECOPY" in out:
+            assert b"COMPLETED" in out + after
         os.write(master, b"q")
         read_until(master, b"\x00never", 1)
         assert proc.wait(30) == 0
