@@ -267,7 +267,7 @@ def test_against_the_real_engine_counts_controls_and_exit(tmp_path):
 
 
 def test_ctl_lists_its_commands_and_refuses_what_it_would_ignore():
-    from pctop.ctl_cli import COMMANDS
+    from pctop.cli.ctl import COMMANDS
     from pctop.engine.run import COMMANDS as ENGINE_COMMANDS
     from tests.conftest import run_pctop
 

@@ -20,8 +20,7 @@ from pathlib import Path
 PKG = Path(__file__).resolve().parent.parent / "pctop"
 BASE = {"pctop", "pctop.model", "pctop.hist", "pctop.rates", "pctop.sizes", "pctop.hostpaths", "pctop.fdinfo",
         "pctop.asm"}
-CLI = ("pctop.cli", "pctop.monitor_cli", "pctop.ctl_cli", "pctop.qemu_cli", "pctop.doctor_cli",
-       "pctop.engine.demo_cli", "pctop.engine.engine_cli", "pctop.export_cli")
+CLI = ("pctop.cli",)
 
 
 def layer(mod: str) -> str:

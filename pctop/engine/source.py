@@ -17,7 +17,7 @@ destination's channels per epoch and calls attach() / start() / stop_epoch();
 the sent-page bitmap, the stream position and the settings carry over, and a
 resumed epoch first corrects the bitmap from the destination's RESUME map.
 
-Run as `pctop engine source --listen HOST:PORT` (engine_cli) or
+Run as `pctop engine source --listen HOST:PORT` (pctop/cli/engine.py) or
 `python -m pctop.engine.source --npages N --listen unix:PATH` (what pctop demo starts).
 """
 

@@ -16,7 +16,7 @@ import sys
 
 import click
 
-from pctop.monitor_cli import _Command, _Unavailable, _UsageError
+from pctop.cli.common import HELP, Command, Unavailable, UsageError
 
 RUN_DIR = "/run/pctop"
 NUMERIC = {"bandwidth", "latency"}
@@ -40,35 +40,35 @@ def _commands_text() -> str:
 def _find_socket(run_dir: str = RUN_DIR) -> str:
     found = sorted(glob.glob(os.path.join(run_dir, "engine-*.sock")))
     if not found:
-        raise _Unavailable("ctl", f"no engine control socket in {run_dir}; give --control PATH")
+        raise Unavailable("ctl", f"no engine control socket in {run_dir}; give --control PATH")
     if len(found) > 1:
-        raise _UsageError("ctl", f"several engines in {run_dir} ({', '.join(found)}); give --control PATH")
+        raise UsageError("ctl", f"several engines in {run_dir} ({', '.join(found)}); give --control PATH")
     return found[0]
 
 
 def _parse_arg(command: str, arg: str | None):
     if command not in COMMANDS:
-        raise _UsageError("ctl", f"unknown command {command!r}; the commands: {', '.join(COMMANDS)} "
+        raise UsageError("ctl", f"unknown command {command!r}; the commands: {', '.join(COMMANDS)} "
                                  "(pctop ctl help)")
     if arg is not None and command not in NUMERIC:
-        raise _UsageError("ctl", f"{command} takes no argument, got {arg!r}")
+        raise UsageError("ctl", f"{command} takes no argument, got {arg!r}")
     if arg is None:
         if command in NUMERIC:
-            raise _UsageError("ctl", f"{command} needs a number")
+            raise UsageError("ctl", f"{command} needs a number")
         return None
     if command == "bandwidth":
         from pctop.sizes import parse_size
         try:
             return parse_size(arg)
         except ValueError as e:
-            raise _UsageError("ctl", f"bandwidth: {e}") from None
+            raise UsageError("ctl", f"bandwidth: {e}") from None
     try:  # latency
         return int(arg)
     except ValueError:
-        raise _UsageError("ctl", f"latency needs whole microseconds, got {arg!r}") from None
+        raise UsageError("ctl", f"latency needs whole microseconds, got {arg!r}") from None
 
 
-@click.command("ctl", cls=_Command, context_settings={"help_option_names": ["-h", "--help"]},
+@click.command("ctl", cls=Command, context_settings=HELP,
                epilog="Commands:\n\n\b\n" + _commands_text() + "\n\nExit status: 0 the engine said ok, "
                       "1 it refused or could not be reached, 2 bad usage.")
 @click.option("--control", metavar="PATH", help="The engine's control socket (default: the only one in /run/pctop).")

@@ -14,33 +14,7 @@ import json
 
 import click
 
-from pctop.engine.demo_cli import SIZE
-from pctop.monitor_cli import _UsageError
-
-
-class _Group(click.Group):
-    """One-line usage errors for the group and its commands, like the other pctop commands."""
-
-    def make_context(self, info_name, args, parent=None, **extra):
-        try:
-            return super().make_context(info_name, args, parent=parent, **extra)
-        except click.UsageError as e:
-            raise _UsageError(info_name or self.name, e.format_message()) from None
-
-    def invoke(self, ctx):
-        try:
-            return super().invoke(ctx)
-        except click.UsageError as e:
-            if isinstance(e, _UsageError):
-                raise
-            raise _UsageError("qemu", e.format_message()) from None
-
-
-class _Failed(click.ClickException):
-    exit_code = 1
-
-    def show(self, file=None) -> None:
-        click.echo(f"pctop qemu: error: {self.message}", err=True)
+from pctop.cli.common import HELP, SIZE, Group, Unavailable, UsageError
 
 
 class Ends:
@@ -57,11 +31,11 @@ class Ends:
             path = self.paths[role]
             if not path:
                 flag = "--dest" if role == "destination" else "--source"
-                raise _UsageError("qemu", f"{why} needs the {role}'s QMP socket ({flag} SOCKET)")
+                raise UsageError("qemu", f"{why} needs the {role}'s QMP socket ({flag} SOCKET)")
             try:
                 self.conns[role] = QmpConnection(path).connect()
             except QmpError as e:  # a QEMU that is not there: unavailable (1), as ctl and monitor say
-                raise _Failed(str(e)) from None
+                raise Unavailable("qemu", str(e)) from None
         return self.conns[role]
 
     def given(self) -> list[str]:
@@ -72,7 +46,7 @@ class Ends:
             c.close()
 
 
-@click.group("qemu", cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group("qemu", cls=Group, context_settings=HELP)
 @click.option("--dest", metavar="SOCKET", help="The migration destination's QMP socket.")
 @click.option("--source", metavar="SOCKET", help="The migration source's QMP socket.")
 @click.pass_context
@@ -90,7 +64,7 @@ def _run(action):
     try:
         return action()
     except QmpError as e:
-        raise _Failed(str(e)) from None
+        raise Unavailable("qemu", str(e)) from None
 
 
 @qemu.command("status")
@@ -102,7 +76,7 @@ def status(ends: Ends, as_json: bool) -> None:
     from pctop.sources.qmp import migration_extra
 
     if not ends.given():
-        raise _UsageError("qemu", "status needs --dest SOCKET and/or --source SOCKET")
+        raise UsageError("qemu", "status needs --dest SOCKET and/or --source SOCKET")
     infos = {role: _run(lambda r=role: control.query(ends.get(r, "status"))) for role in ends.given()}
     if as_json:
         click.echo(json.dumps(infos))
@@ -121,7 +95,7 @@ def enable_postcopy(ends: Ends) -> None:
     from pctop.qemu import control
 
     if not ends.given():
-        raise _UsageError("qemu", "enable-postcopy needs --dest SOCKET and/or --source SOCKET")
+        raise UsageError("qemu", "enable-postcopy needs --dest SOCKET and/or --source SOCKET")
     for role in ends.given():
         caps = _run(lambda r=role: control.enable_postcopy(ends.get(r, "enable-postcopy"), r == "destination"))
         click.echo(f"{role}: {', '.join(caps)} on")

@@ -8,90 +8,25 @@ Textual only inside its run_* functions.
 from __future__ import annotations
 
 import os
-import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
 from typing import TextIO
 
 import click
 
+from pctop.cli.common import Command, Unavailable, UsageError, install_stop_handlers, live_options
 from pctop.sinks.ndjson import NdjsonWriter
-
-
-class _UsageError(click.ClickException):
-    """Bad input: one line on stderr, exit status 2."""
-
-    exit_code = 2
-
-    def __init__(self, command: str, message: str) -> None:
-        super().__init__(message)
-        self.command = command
-
-    def show(self, file=None) -> None:
-        click.echo(f"pctop {self.command}: error: {self.message}", err=True)
-
-
-class _Unavailable(_UsageError):
-    """What was asked for cannot run on this machine: one line, exit status 1."""
-
-    exit_code = 1
-
-
-class _Command(click.Command):
-    """A click command whose usage errors are one line (no usage block)."""
-
-    def make_context(self, info_name, args, parent=None, **extra):
-        try:
-            return super().make_context(info_name, args, parent=parent, **extra)
-        except click.UsageError as e:
-            raise _UsageError(info_name or self.name, e.format_message()) from None
-
-
-def _live_options(f: Callable) -> Callable:
-    for opt in reversed([
-        click.option("-p", "--pid", "pids", multiple=True, type=click.IntRange(min=1),
-                     help="Watch this process (repeatable). Default: every process holding a "
-                          "userfaultfd or KVM vCPU fd."),
-        click.option("--comm", metavar="NAME", help="Watch processes whose command name is NAME."),
-        click.option("--interval", type=click.FloatRange(min=0.05, max=3600), default=1.0,
-                     show_default=True, help="Seconds between samples."),
-        click.option("--count", type=click.IntRange(min=1), help="Stop after N samples."),
-        click.option("--no-ebpf", is_flag=True, help="Use /proc only (no eBPF probes)."),
-        click.option("--engine", "engine_sockets", multiple=True, metavar="SOCKET",
-                     help="Also read this reference-engine control socket (repeatable; "
-                          "/run/pctop/engine-*.sock are found anyway)."),
-        click.option("--qmp", "qmp_sockets", multiple=True, metavar="SOCKET",
-                     help="QEMU's QMP socket: the migration destination's, then optionally the "
-                          "source's (docs/qemu.md)."),
-        click.option("--qmp-source", metavar="SOCKET",
-                     help="QEMU's QMP socket of the migration's source, when this host runs the "
-                          "source (without --qmp) or the destination's is given with --qmp."),
-        click.option("--page-ranges", is_flag=True,
-                     help="Also record which pages each uffd installed (address ranges per "
-                          "interval; one more probe map update per install). JSON output only."),
-    ]):
-        f = opt(f)
-    return f
-
-
-def _install_stop_handlers(stop: threading.Event) -> None:
-    """SIGTERM and Ctrl-C end the loop at the next wait instead of mid-write."""
-    if threading.current_thread() is not threading.main_thread():
-        return
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
 
 
 def run_live(command: str, out: TextIO, pids, comm, interval: float, count: int | None,
              no_ebpf: bool, engine_sockets, qmp_sockets=(), page_ranges: bool = False,
              export: str | None = None) -> None:
     """Header, then one Sample per interval to `out`, until count, a signal or a closed pipe.
-    export: also serve the Samples on /metrics at this [HOST:]PORT (pctop.export_cli)."""
+    export: also serve the Samples on /metrics at this [HOST:]PORT (pctop.cli.export)."""
     stop = threading.Event()
-    _install_stop_handlers(stop)
-    header, stats, _ = _open(command, pids, comm, interval, no_ebpf, engine_sockets, qmp_sockets,
+    install_stop_handlers(stop)
+    header, stats, _ = open_samples(command, pids, comm, interval, no_ebpf, engine_sockets, qmp_sockets,
                              page_ranges)
     server = None
     writer = NdjsonWriter(out)
@@ -124,7 +59,7 @@ def sample_loop(stats, interval: float, count: int | None, stop: threading.Event
 def _serve(command: str, listen: str, header, stats):
     """--export: (stats whose Samples also feed /metrics, the server to close)."""
     from pctop.export.server import Tee
-    from pctop.export_cli import start_server
+    from pctop.cli.export import start_server
 
     exporter, server = start_server(command, listen, header)
     return Tee(stats, exporter), server
@@ -137,16 +72,16 @@ def qmp_ends(command: str, qmp_sockets, qmp_source: str | None) -> tuple:
     if qmp_source is None:
         return qmp_sockets
     if len(qmp_sockets) > 1:
-        raise _UsageError(command, "give the source's QMP socket once: as a second --qmp or as --qmp-source")
+        raise UsageError(command, "give the source's QMP socket once: as a second --qmp or as --qmp-source")
     return (qmp_sockets[0] if qmp_sockets else None, qmp_source)
 
 
 def _check_page_ranges(command: str, page_ranges: bool, no_ebpf: bool) -> None:
     if page_ranges and no_ebpf:
-        raise _UsageError(command, "--page-ranges needs the eBPF probes; it cannot go with --no-ebpf")
+        raise UsageError(command, "--page-ranges needs the eBPF probes; it cannot go with --no-ebpf")
 
 
-def _open(command: str, pids, comm, interval: float, no_ebpf: bool, engine_sockets, qmp_sockets,
+def open_samples(command: str, pids, comm, interval: float, no_ebpf: bool, engine_sockets, qmp_sockets,
           page_ranges: bool = False):
     """open_live plus, with --qmp, QEMU's own view -> (header, stats, qmp source or None)."""
     from pctop.sources.engine import EngineError
@@ -155,15 +90,15 @@ def _open(command: str, pids, comm, interval: float, no_ebpf: bool, engine_socke
 
     _check_page_ranges(command, page_ranges, no_ebpf)
     if len(qmp_sockets) > 2:  # bad input, said before any probe is loaded
-        raise _UsageError(command, "--qmp takes the destination's socket, then optionally the source's "
+        raise UsageError(command, "--qmp takes the destination's socket, then optionally the source's "
                                    "(at most two)")
     try:
         header, stats = open_live(pids, comm, interval, use_ebpf=not no_ebpf,
                                   engine_sockets=engine_sockets, page_ranges=page_ranges)
     except (TargetNotFound, EngineError) as e:  # nothing to watch there: unavailable, not bad input
-        raise _Unavailable(command, str(e)) from None
+        raise Unavailable(command, str(e)) from None
     except PageRangesUnavailable as e:
-        raise _Unavailable(command, str(e)) from None
+        raise Unavailable(command, str(e)) from None
     if not qmp_sockets:
         return header, stats, None
     from pctop.qemu.qmp import QmpError
@@ -173,7 +108,7 @@ def _open(command: str, pids, comm, interval: float, no_ebpf: bool, engine_socke
         header, qmp = attach(header, stats, qmp_sockets)
     except QmpError as e:
         stats.close()
-        raise _Unavailable(command, str(e)) from None
+        raise Unavailable(command, str(e)) from None
     return header, stats, qmp
 
 
@@ -186,8 +121,8 @@ def _quiet_stdout() -> None:
         pass
 
 
-@click.command("monitor", cls=_Command)
-@_live_options
+@click.command("monitor", cls=Command)
+@live_options
 @click.option("--json", "as_json", is_flag=True,
               help="Print JSON Lines (a header, then one sample per interval) instead of the TUI.")
 @click.option("--export", metavar="[HOST:]PORT",
@@ -202,7 +137,7 @@ def monitor(pids, comm, interval, count, no_ebpf, engine_sockets, qmp_sockets, q
     qmp_sockets = qmp_ends("monitor", qmp_sockets, qmp_source)
     if not as_json:
         if page_ranges:
-            raise _UsageError("monitor", "--page-ranges goes with --json (or `pctop record`): "
+            raise UsageError("monitor", "--page-ranges goes with --json (or `pctop record`): "
                                          "the dashboard does not show page ranges")
         _run_tui(pids, comm, interval, no_ebpf, engine_sockets, qmp_sockets, export)
         return
@@ -215,7 +150,7 @@ def _run_tui(pids, comm, interval: float, no_ebpf: bool, engine_sockets, qmp_soc
     """The dashboard (pctop.ui); Textual is imported only on this path."""
     from pctop import ui
 
-    header, stats, qmp = _open("monitor", pids, comm, interval, no_ebpf, engine_sockets, qmp_sockets)
+    header, stats, qmp = open_samples("monitor", pids, comm, interval, no_ebpf, engine_sockets, qmp_sockets)
     server = None
     if export is not None:
         try:
@@ -230,10 +165,10 @@ def _run_tui(pids, comm, interval: float, no_ebpf: bool, engine_sockets, qmp_soc
             server.close()
 
 
-@click.command("record", cls=_Command)
+@click.command("record", cls=Command)
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, writable=True),
               help="File to write (JSON Lines, flushed line by line).")
-@_live_options
+@live_options
 def record(output, pids, comm, interval, count, no_ebpf, engine_sockets, qmp_sockets, qmp_source,
            page_ranges) -> None:
     """Record what `monitor --json` shows to a file, for `pctop replay`."""
@@ -242,13 +177,13 @@ def record(output, pids, comm, interval, count, no_ebpf, engine_sockets, qmp_soc
     try:
         fh = open(output, "w", encoding="utf-8")
     except OSError as e:
-        raise _UsageError("record", f"cannot write {output}: {e.strerror}") from None
+        raise UsageError("record", f"cannot write {output}: {e.strerror}") from None
     with fh:
         run_live("record", fh, pids, comm, interval, count, no_ebpf, engine_sockets, qmp_sockets,
                  page_ranges)
 
 
-@click.command("replay", cls=_Command)
+@click.command("replay", cls=Command)
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print the recording as JSON Lines.")
 @click.option("--speed", type=click.FloatRange(min=0.01, max=1000), default=1.0, show_default=True,
@@ -265,7 +200,7 @@ def replay(file, as_json, speed) -> None:
         try:
             ui.run_replay(file, speed=speed)
         except RecordingError as e:
-            raise _UsageError("replay", str(e)) from None
+            raise UsageError("replay", str(e)) from None
         return
     writer = NdjsonWriter(sys.stdout)
     try:
@@ -273,6 +208,6 @@ def replay(file, as_json, speed) -> None:
             for record in rec.records(final=True):
                 writer.write(record)
     except RecordingError as e:
-        raise _UsageError("replay", str(e)) from None
+        raise UsageError("replay", str(e)) from None
     except BrokenPipeError:
         _quiet_stdout()

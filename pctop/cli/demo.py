@@ -16,30 +16,15 @@ import sys
 import click
 
 from pctop import exits
-from pctop.monitor_cli import _Command, _UsageError
-from pctop.sizes import format_size, parse_size
+from pctop.cli.common import HELP, SIZE, Command, UsageError
+from pctop.sizes import format_size
 
 DEFAULTS = dict(memory="1G", vcpus=2, bandwidth="16M", pattern="hotset")
 # The options `demo --vmm qemu` takes (the others shape the reference engine's run).
 QEMU_OPTIONS = ("vmm", "headless", "as_json", "bandwidth", "accel")
 
 
-class SizeType(click.ParamType):
-    name = "SIZE"
-
-    def convert(self, value, param, ctx):
-        if isinstance(value, int):
-            return value
-        try:
-            return parse_size(value)
-        except ValueError as e:
-            self.fail(str(e), param, ctx)
-
-
-SIZE = SizeType()
-
-
-@click.command("demo", cls=_Command, context_settings={"help_option_names": ["-h", "--help"]})
+@click.command("demo", cls=Command, context_settings=HELP)
 @click.option("--headless", is_flag=True, help="No TUI: a progress line, then the summary.")
 @click.option("--json", "as_json", is_flag=True, help="JSON Lines on stdout: start, progress each second, summary last.")
 @click.option("--memory", type=SIZE, default=DEFAULTS["memory"], show_default=True,
@@ -92,11 +77,11 @@ def demo(headless, as_json, memory, vcpus, strategy, readers, pattern, write_rat
     if vmm == "qemu":
         ignored = [p.opts[0] for p in given if p.name not in QEMU_OPTIONS]
         if ignored:
-            raise _UsageError("demo", f"{', '.join(ignored)}: not for --vmm qemu, whose guest is fixed (2 vCPUs, "
+            raise UsageError("demo", f"{', '.join(ignored)}: not for --vmm qemu, whose guest is fixed (2 vCPUs, "
                                       f"16 MiB written); it takes --headless, --json, --bandwidth, --accel")
         _run_qemu(ctx, headless, as_json, accel, bandwidth)
     if accel is not None:
-        raise _UsageError("demo", "--accel is for --vmm qemu "
+        raise UsageError("demo", "--accel is for --vmm qemu "
                                   "(the engine's guest runs on KVM, else threads: --workload)")
     _check_engine_options("demo", memory, vcpus, workload, control=control)
     if not headless and not as_json and not (sys.stdout.isatty() and sys.stdin.isatty()):
@@ -116,16 +101,16 @@ def _check_engine_options(command: str, memory: int, vcpus: int, workload: str, 
     """copies: how many times `memory` this host holds (the demo: the source's image and the guest)."""
     folder = os.path.dirname(control or "")
     if folder and not os.path.isdir(folder):
-        raise _UsageError(command, f"--control {control}: the folder {folder} does not exist")
+        raise UsageError(command, f"--control {control}: the folder {folder} does not exist")
     if memory < 4096 * vcpus or memory % 4096:
-        raise _UsageError(command, f"--memory must be a multiple of 4K with at least 4K per vCPU, got {memory}")
+        raise UsageError(command, f"--memory must be a multiple of 4K with at least 4K per vCPU, got {memory}")
     room = available_memory()
     if room is not None and memory * copies > room:
         held = "the source's image and the guest's memory, both on this host" if copies == 2 else "the guest"
-        raise _UsageError(command, f"--memory {format_size(memory)} needs {format_size(memory * copies)} ({held}); "
+        raise UsageError(command, f"--memory {format_size(memory)} needs {format_size(memory * copies)} ({held}); "
                                    f"this machine has {format_size(room)} available (MemAvailable + SwapFree)")
     if workload == "kvm" and not os.path.exists("/dev/kvm"):
-        raise _UsageError(command, "--workload kvm needs /dev/kvm, which is missing")
+        raise UsageError(command, "--workload kvm needs /dev/kvm, which is missing")
 
 
 def run_engine(command: str, as_json: bool, *, memory, vcpus, strategy, readers, pattern, write_ratio,

@@ -15,8 +15,8 @@ import sys
 
 import click
 
-from pctop.engine.demo_cli import SIZE, demo
-from pctop.monitor_cli import _Command, _UsageError
+from pctop.cli.common import HELP, SIZE, Command, UsageError
+from pctop.cli.demo import demo
 
 # The destination takes the demo's options for the guest and the run (same names,
 # same defaults): they are the demo's own click parameters, not copies.
@@ -24,7 +24,7 @@ DEST_FROM_DEMO = ("memory", "vcpus", "strategy", "readers", "pattern", "write_ra
                   "no_background", "duration", "pin", "seed", "control", "workload")
 
 
-@click.group("engine", context_settings={"help_option_names": ["-h", "--help"]})
+@click.group("engine", context_settings=HELP)
 def engine() -> None:
     """Run the reference engine's source and destination as two processes (two hosts)."""
 
@@ -35,10 +35,10 @@ def _token(command: str, token_file: str | None) -> bytes | None:
     try:
         return load_token(token_file)
     except LinkError as e:
-        raise _UsageError(command, str(e)) from None
+        raise UsageError(command, str(e)) from None
 
 
-@engine.command("source", cls=_Command, context_settings={"help_option_names": ["-h", "--help"]})
+@engine.command("source", cls=Command, context_settings=HELP)
 @click.option("--listen", default="127.0.0.1:7420", show_default=True, metavar="HOST:PORT",
               help="Where to wait for the destination (unix:PATH for a unix socket; port 0 = any free "
                    "port). Any address but loopback needs a token.")
@@ -49,7 +49,7 @@ def _token(command: str, token_file: str | None) -> bytes | None:
 @click.option("--no-background", is_flag=True, help="No background stream: pages move only on demand.")
 @click.option("--prefetch", type=click.IntRange(0, 512), default=0, show_default=True,
               help="Pages after each demand fault the stream sends first.")
-@click.option("--token-file", metavar="PATH", help=f"Shared token (else the PCTOP_ENGINE_TOKEN variable).")
+@click.option("--token-file", metavar="PATH", help="Shared token (else the PCTOP_ENGINE_TOKEN variable).")
 @click.option("--wait", "wait_s", type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True,
               help="Give up when no destination has (re)connected for this many seconds.")
 def source(listen, memory, seed, bandwidth, no_background, prefetch, token_file, wait_s):
@@ -64,12 +64,12 @@ def source(listen, memory, seed, bandwidth, no_background, prefetch, token_file,
     try:
         addr = parse_address(listen)
     except LinkError as e:
-        raise _UsageError("engine source", str(e)) from None
+        raise UsageError("engine source", str(e)) from None
     if memory < 4096 or memory % 4096:
-        raise _UsageError("engine source", f"--memory must be a multiple of 4K, got {memory}")
+        raise UsageError("engine source", f"--memory must be a multiple of 4K, got {memory}")
     token = _token("engine source", token_file)
     if token is None and not is_local(addr):
-        raise _UsageError("engine source", f"listening on {addr.host} (not loopback) needs a shared token: "
+        raise UsageError("engine source", f"listening on {addr.host} (not loopback) needs a shared token: "
                           "--token-file PATH or the PCTOP_ENGINE_TOKEN environment variable")
 
     def announce(bound) -> None:
@@ -87,7 +87,7 @@ def source(listen, memory, seed, bandwidth, no_background, prefetch, token_file,
     sys.exit(rc)
 
 
-@engine.command("dest", cls=_Command, context_settings={"help_option_names": ["-h", "--help"]})
+@engine.command("dest", cls=Command, context_settings=HELP)
 @click.option("--connect", required=True, metavar="HOST:PORT", help="The source's address (unix:PATH for a unix socket).")
 @click.option("--json", "as_json", is_flag=True, help="JSON Lines on stdout: start, progress each second, summary last.")
 @click.option("--token-file", metavar="PATH", help="Shared token (else the PCTOP_ENGINE_TOKEN variable).")
@@ -108,13 +108,13 @@ def dest(ctx, connect, as_json, token_file, auto_recover, latency_us, link_timeo
 
     Exit status: 0 verified, 1 failed (integrity, the source is gone, engine error), 2 bad usage.
     """
-    from pctop.engine.demo_cli import run_engine
+    from pctop.cli.demo import run_engine
     from pctop.engine.link import LinkError, parse_address
 
     try:
         parse_address(connect)
     except LinkError as e:
-        raise _UsageError("engine dest", str(e)) from None
+        raise UsageError("engine dest", str(e)) from None
     if ctx.get_parameter_source("bandwidth") != click.core.ParameterSource.COMMANDLINE:
         opts["bandwidth"] = None  # the source's own setting
     token = _token("engine dest", token_file)

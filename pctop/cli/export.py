@@ -1,7 +1,7 @@
 """`pctop export`: serve /metrics for Prometheus, headless; and `--export` for `pctop monitor`.
 
 The glue between the command line and pctop/export (which knows only Samples): it opens
-the same sources as `monitor` (pctop.monitor_cli._open) and feeds their Samples to an
+the same sources as `monitor` (pctop.cli.monitor.open_samples) and feeds their Samples to an
 Exporter. Neither Textual nor bcc is imported here.
 """
 
@@ -11,15 +11,8 @@ import threading
 
 import click
 
-from pctop.monitor_cli import (
-    _Command,
-    _install_stop_handlers,
-    _live_options,
-    _open,
-    _UsageError,
-    qmp_ends,
-    sample_loop,
-)
+from pctop.cli.common import Command, UsageError, install_stop_handlers, live_options
+from pctop.cli.monitor import open_samples, qmp_ends, sample_loop
 
 LISTEN_HELP = ("[HOST:]PORT to serve /metrics on for Prometheus (default host 127.0.0.1; "
                "another address only when given: the endpoint has no authentication, README 'Fleet').")
@@ -35,7 +28,7 @@ def start_server(command: str, listen: str, header):
         exporter = Exporter(header)
         server = MetricsServer(exporter, host, port)
     except ListenError as e:
-        raise _UsageError(command, f"--{'listen' if command == 'export' else 'export'} {e}") from None
+        raise UsageError(command, f"--{'listen' if command == 'export' else 'export'} {e}") from None
     click.echo(f"pctop {command}: serving {server.url}", err=True)
     if not is_loopback(host):
         click.echo(f"pctop {command}: note: {host} is not loopback and /metrics has no authentication; "
@@ -43,8 +36,8 @@ def start_server(command: str, listen: str, header):
     return exporter, server
 
 
-@click.command("export", cls=_Command)
-@_live_options
+@click.command("export", cls=Command)
+@live_options
 @click.option("--listen", default="127.0.0.1:9863", show_default=True, metavar="[HOST:]PORT", help=LISTEN_HELP)
 def export(pids, comm, interval, count, no_ebpf, engine_sockets, qmp_sockets, qmp_source, page_ranges,
            listen) -> None:
@@ -55,12 +48,12 @@ def export(pids, comm, interval, count, no_ebpf, engine_sockets, qmp_sockets, qm
     from pctop.export.server import Tee
 
     if page_ranges:
-        raise _UsageError("export", "--page-ranges is not exported (address ranges are not metrics); "
+        raise UsageError("export", "--page-ranges is not exported (address ranges are not metrics); "
                                     "use `pctop monitor --json --page-ranges`")
     qmp_sockets = qmp_ends("export", qmp_sockets, qmp_source)
     stop = threading.Event()
-    _install_stop_handlers(stop)
-    header, stats, _ = _open("export", pids, comm, interval, no_ebpf, engine_sockets, qmp_sockets)
+    install_stop_handlers(stop)
+    header, stats, _ = open_samples("export", pids, comm, interval, no_ebpf, engine_sockets, qmp_sockets)
     try:
         exporter, server = start_server("export", listen, header)
     except BaseException:

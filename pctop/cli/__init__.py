@@ -14,18 +14,19 @@ import sys
 import click
 
 from pctop import __version__
+from pctop.cli.common import HELP
 
 # name -> (module, attribute, one-line help shown by `pctop --help`)
 SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
-    "demo": ("pctop.engine.demo_cli", "demo", "Run the reference engine: a real post-copy migration of a KVM guest."),
-    "ctl": ("pctop.ctl_cli", "ctl", "Send one command to a running engine's control socket (pause, latency, drop-link, ...)."),
-    "doctor": ("pctop.doctor_cli", "doctor", "Check what pctop needs and say how to fix what is missing."),
-    "export": ("pctop.export_cli", "export", "Serve Prometheus metrics on /metrics (headless; docs/metrics.md)."),
-    "engine": ("pctop.engine.engine_cli", "engine", "Run the engine's source and destination as two processes (TCP, two hosts)."),
-    "monitor": ("pctop.monitor_cli", "monitor", "Watch post-copy stalls live (--json: JSON Lines)."),
-    "qemu": ("pctop.qemu_cli", "qemu", "Steer a QEMU post-copy migration over QMP (pause, recover, bandwidth, ...)."),
-    "record": ("pctop.monitor_cli", "record", "Record what monitor shows to a JSON Lines file."),
-    "replay": ("pctop.monitor_cli", "replay", "Play a recording back."),
+    "demo": ("pctop.cli.demo", "demo", "Run the reference engine: a real post-copy migration of a KVM guest."),
+    "ctl": ("pctop.cli.ctl", "ctl", "Send one command to a running engine's control socket (pause, latency, drop-link, ...)."),
+    "doctor": ("pctop.cli.doctor", "doctor", "Check what pctop needs and say how to fix what is missing."),
+    "export": ("pctop.cli.export", "export", "Serve Prometheus metrics on /metrics (headless; docs/metrics.md)."),
+    "engine": ("pctop.cli.engine", "engine", "Run the engine's source and destination as two processes (TCP, two hosts)."),
+    "monitor": ("pctop.cli.monitor", "monitor", "Watch post-copy stalls live (--json: JSON Lines)."),
+    "qemu": ("pctop.cli.qemu", "qemu", "Steer a QEMU post-copy migration over QMP (pause, recover, bandwidth, ...)."),
+    "record": ("pctop.cli.monitor", "record", "Record what monitor shows to a JSON Lines file."),
+    "replay": ("pctop.cli.monitor", "replay", "Play a recording back."),
 }
 
 
@@ -66,7 +67,7 @@ class LazyGroup(click.Group):
 
 
 @click.group(cls=LazyGroup, invoke_without_command=True,
-             context_settings={"help_option_names": ["-h", "--help"]})
+             context_settings=HELP)
 @click.version_option(__version__, prog_name="pctop")
 @click.pass_context
 def cli(ctx: click.Context) -> None:
