@@ -102,11 +102,10 @@ def cpu_at_1hz(seconds: float, warmup: float = 8.0) -> dict:
                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         procs: list[subprocess.Popen] = []
         try:
-            deadline = time.monotonic() + 60
-            while not os.path.exists(sock):
-                if engine.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit(f"engine did not start: {engine.stderr.read().decode()[-500:]}")
-                time.sleep(0.1)
+            from pctop.root import wait_for_path
+
+            if not wait_for_path(sock, engine, 60):
+                raise SystemExit(f"engine did not start: {engine.stderr.read().decode()[-500:]}")
             args = ["-m", "pctop", "monitor", "-p", str(engine.pid), "--engine", sock, "--interval", "1"]
             tui = spawn_in_pty([py, *args], 120, 40)
             js_out = open(os.path.join(tmp, "json.ndjson"), "w")
@@ -130,14 +129,10 @@ def cpu_at_1hz(seconds: float, warmup: float = 8.0) -> dict:
                     "engine": (eng1 - eng0) / wall, "tier": header.get("probe_tier"),
                     "engine_alive": alive}
         finally:
+            from pctop.root import stop_child
+
             for p in procs + [engine]:
-                if p.poll() is None:
-                    p.terminate()
-                    try:
-                        p.wait(10)
-                    except subprocess.TimeoutExpired:
-                        p.kill()
-                        p.wait()
+                stop_child(p)
 
 
 def main() -> None:

@@ -57,34 +57,29 @@ def start_engine(sock: str, seconds: float, strategy: str = "uffd") -> subproces
                 "--bandwidth", "4M", "--pattern", "hotset"]
     else:
         argv = [sys.executable, "-c", ENGINE, sock, str(seconds), strategy]
+    from pctop.root import wait_for_path
+
     proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 60
-    while not os.path.exists(sock):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise SystemExit(f"engine did not start: {proc.stderr.read().decode()[-500:]}")
-        time.sleep(0.1)
+    if not wait_for_path(sock, proc, 60):
+        proc.kill()
+        raise SystemExit(f"engine did not start: {proc.stderr.read().decode()[-500:]}")
     return proc
 
 
 def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    from pctop.root import stop_child
+
+    stop_child(proc)
 
 
 async def shoot(sock: str, pid: int, out: Path, samples: int, w: int, h: int) -> list[Path]:
-    from pctop.stats import open_live
+    from pctop.root import open_live
     from pctop.ui.app import PctopApp
     from pctop.ui.feeds import LiveFeed
 
     made = []
     if True:
-        header, stats = open_live([pid], None, 1.0, engine_sockets=[sock])
+        header, stats = open_live([pid], None, engine_sockets=[sock])
         app = PctopApp(LiveFeed(header, stats.collect, 1.0, on_close=stats.close,
                                 controls=next((s for s in stats.sources if s.name == "engine"), None)))
         async with app.run_test(size=(w, h)) as pilot:
@@ -135,7 +130,7 @@ def qemu_migration():
 
 async def shoot_qemu(out: Path, w: int, h: int) -> list[Path]:
     from pctop.sources.qmp import attach
-    from pctop.stats import open_live
+    from pctop.root import open_live
     from pctop.ui.app import PctopApp
     from pctop.ui.feeds import LiveFeed
 
@@ -143,7 +138,7 @@ async def shoot_qemu(out: Path, w: int, h: int) -> list[Path]:
     mig = qemu_migration()
     try:
         pair = mig.pair
-        header, stats = open_live((pair.destination.pid, pair.source.pid), None, 1.0)
+        header, stats = open_live((pair.destination.pid, pair.source.pid), None)
         header, qmp = attach(header, stats, [pair.destination.qmp_path, pair.source.qmp_path])
         app = PctopApp(LiveFeed(header, stats.collect, 1.0, controls=qmp, on_close=stats.close))
         async with app.run_test(size=(w, h)) as pilot:

@@ -20,7 +20,7 @@ from pctop.qemu.launch import qemu_unavailable_reason
 from pctop.qemu.migration import MIB, MigrationSettings, QemuMigration
 from pctop.sources.pagemap import PAGE_SHIFT, merge_runs, page_count, pages_missing
 from pctop.sources.qmp import attach
-from pctop.stats import open_live
+from pctop.root import open_live
 from tests.conftest import need_root
 
 pytestmark = [pytest.mark.bpf, pytest.mark.timeout(240)]
@@ -46,7 +46,7 @@ class Watcher:
         self.dest_pid = mig.pair.destination.pid
         pids = (self.dest_pid, mig.pair.source.pid)
         # page_ranges: which pages the destination installed, not only how many
-        self.header, self.stats = open_live(pids, None, SAMPLE_S, page_ranges=True)
+        self.header, self.stats = open_live(pids, None, page_ranges=True)
         try:
             self.header, self.qmp = attach(self.header, self.stats, [mig.pair.destination.qmp_path,
                                                                      mig.pair.source.qmp_path])

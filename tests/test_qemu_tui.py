@@ -49,12 +49,12 @@ def dashboard(mig: QemuMigration):
     """The App watching both QEMUs through the QMP source (destination, then source), as
     `pctop monitor --qmp DEST --qmp SRC --no-ebpf` would, with the QMP controls attached."""
     from pctop.sources.qmp import attach
-    from pctop.stats import open_live
+    from pctop.root import open_live
     from pctop.ui.app import PctopApp
     from pctop.ui.feeds import LiveFeed
 
     pair = mig.pair
-    header, stats = open_live((pair.destination.pid, pair.source.pid), None, 0.25, use_ebpf=False)
+    header, stats = open_live((pair.destination.pid, pair.source.pid), None, use_ebpf=False)
     header, qmp = attach(header, stats, [pair.destination.qmp_path, pair.source.qmp_path])
     return PctopApp(LiveFeed(header, stats.collect, interval=0.25, controls=qmp, on_close=stats.close))
 

@@ -51,14 +51,14 @@ def engine(tmp_path):
 
 
 async def test_engine_keys_drive_the_real_engine(engine):
-    from pctop.stats import open_live
+    from pctop.root import open_live
     from pctop.ui import engine_controls
     from pctop.ui.app import PctopApp
     from pctop.ui.feeds import LiveFeed
     from pctop.ui.widgets.vcpu_table import VcpuTable
 
     proc, path = engine
-    header, stats = open_live([proc.pid], None, 0.25, use_ebpf=False, engine_sockets=[path])
+    header, stats = open_live([proc.pid], None, use_ebpf=False, engine_sockets=[path])
     controls = engine_controls(stats)
     assert controls is not None
     app = PctopApp(LiveFeed(header, stats.collect, interval=0.25, controls=controls,

@@ -234,7 +234,7 @@ def _run_with_tui(ctx: click.Context, control: str | None) -> None:
     --headless, in a child process, so it never shares a GIL with the UI."""
     import tempfile
 
-    from pctop import ui
+    from pctop import root
     from pctop.sources.engine import EngineError
 
     argv = [sys.executable, "-m", "pctop", "demo", "--headless"]
@@ -248,7 +248,7 @@ def _run_with_tui(ctx: click.Context, control: str | None) -> None:
         try:
             # The engine's own temporary folders go inside ours (TMPDIR), so they go with it
             # even if the engine is killed before it can remove them.
-            rc = ui.run_demo(argv + ["--control", path], path, env={**os.environ, "TMPDIR": tmp})
+            rc = root.run_engine_demo(argv + ["--control", path], path, env={**os.environ, "TMPDIR": tmp})
         except EngineError as e:
             click.echo(f"pctop demo: error: {e}", err=True)
             sys.exit(1)
@@ -263,7 +263,7 @@ def _run_with_tui(ctx: click.Context, control: str | None) -> None:
 
 
 def _run_qemu(ctx: click.Context, headless: bool, as_json: bool, accel: str | None, bandwidth: int) -> None:
-    from pctop.qemu import demo as qemu_demo
+    from pctop import root
     from pctop.qemu.launch import default_accel, qemu_unavailable_reason
 
     accel = accel or default_accel()
@@ -273,7 +273,7 @@ def _run_qemu(ctx: click.Context, headless: bool, as_json: bool, accel: str | No
         sys.exit(1)
     given = ctx.get_parameter_source("bandwidth") == click.core.ParameterSource.COMMANDLINE
     mode = "json" if as_json else "headless" if headless else "tui"
-    sys.exit(qemu_demo.run(mode, accel, bandwidth if given and bandwidth else None))
+    sys.exit(root.run_qemu_demo(mode, accel, bandwidth if given and bandwidth else None))
 
 
 def _print_summary(s: dict) -> None:

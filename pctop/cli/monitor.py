@@ -83,33 +83,23 @@ def _check_page_ranges(command: str, page_ranges: bool, no_ebpf: bool) -> None:
 
 def open_samples(command: str, pids, comm, interval: float, no_ebpf: bool, engine_sockets, qmp_sockets,
           page_ranges: bool = False):
-    """open_live plus, with --qmp, QEMU's own view -> (header, stats, qmp source or None)."""
+    """pctop.root.open_pipeline with one-line errors -> (header, stats, qmp source or None)."""
+    from pctop.qemu.qmp import QmpError
+    from pctop.root import PageRangesUnavailable, open_pipeline
     from pctop.sources.engine import EngineError
     from pctop.sources.procfs import TargetNotFound
-    from pctop.stats import PageRangesUnavailable, open_live
 
     _check_page_ranges(command, page_ranges, no_ebpf)
     if len(qmp_sockets) > 2:  # bad input, said before any probe is loaded
         raise UsageError(command, "--qmp takes the destination's socket, then optionally the source's "
                                    "(at most two)")
     try:
-        header, stats = open_live(pids, comm, interval, use_ebpf=not no_ebpf,
-                                  engine_sockets=engine_sockets, page_ranges=page_ranges)
-    except (TargetNotFound, EngineError) as e:  # nothing to watch there: unavailable, not bad input
+        return open_pipeline(pids, comm, use_ebpf=not no_ebpf, engine_sockets=engine_sockets,
+                             qmp_sockets=qmp_sockets, page_ranges=page_ranges)
+    except (TargetNotFound, EngineError, QmpError) as e:  # nothing to watch there: unavailable
         raise Unavailable(command, str(e)) from None
     except PageRangesUnavailable as e:
         raise Unavailable(command, str(e)) from None
-    if not qmp_sockets:
-        return header, stats, None
-    from pctop.qemu.qmp import QmpError
-    from pctop.sources.qmp import attach
-
-    try:
-        header, qmp = attach(header, stats, qmp_sockets)
-    except QmpError as e:
-        stats.close()
-        raise Unavailable(command, str(e)) from None
-    return header, stats, qmp
 
 
 def _quiet_stdout() -> None:

@@ -19,7 +19,7 @@ from typing import Any
 
 from pctop.exits import INTERRUPTED
 from pctop.model import Sample
-from pctop.qemu.migration import MIB, MigrationSettings, QemuMigration
+from pctop.qemu.migration import QemuMigration
 
 PRECOPY_S = 3.0  # let pre-copy run visibly before switching
 
@@ -112,7 +112,7 @@ class RecordingStats:
         self.stats.close()
 
 
-def _progress_line(t: Tally) -> str:
+def progress_line(t: Tally) -> str:
     e = t.extra
     stall = sum(t.stall_ns.values()) / 1e6
     return (f"{e.get('qemu_status', 'none'):16} stalled {stall:7.0f} ms (QEMU blocktime "
@@ -120,71 +120,7 @@ def _progress_line(t: Tally) -> str:
             f"requests {e.get('postcopy_requests', 0):5}  remaining {e.get('ram_remaining_bytes', 0) >> 10:6} KiB")
 
 
-def run(mode: str, accel: str, postcopy_bandwidth: int | None = None, interval: float = 0.5) -> int:
-    """mode: "tui" | "headless" | "json". Returns the exit status (0: migrated and the
-    guest runs on the destination)."""
-    from pctop.qemu.launch import QemuUnavailable
-    from pctop.qemu.qmp import QmpError
-    from pctop.sources.qmp import attach
-    from pctop.stats import open_live
-
-    settings = MigrationSettings(accel=accel, vcpus=2, region_mib=16,
-                                 postcopy_bandwidth=postcopy_bandwidth or 2 * MIB)
-    mig = QemuMigration(settings)
-    say = (lambda m: None) if mode != "headless" else _tell
-    say(f"starting source and destination QEMU ({accel}, {settings.vcpus} vCPUs, {settings.memory_mib} MiB, "
-        f"guest writes {settings.region_mib} MiB, post-copy capped at {settings.postcopy_bandwidth >> 10} KiB/s)")
-    driver: threading.Thread | None = None
-    outcome: dict[str, Any] = {}
-    try:
-        mig.boot()
-        pair = mig.pair
-        header, stats = open_live((pair.destination.pid, pair.source.pid), None, interval)
-        try:
-            header, qmp = attach(header, stats, [pair.destination.qmp_path, pair.source.qmp_path])
-        except BaseException:
-            stats.close()
-            raise
-        for why in header.missing:  # e.g. no eBPF: pctop's own stall numbers are not measured
-            say(f"degraded: {why}")
-        tally = Tally(pair.destination.pid)
-        rec = RecordingStats(stats, tally)
-        rec.collect()  # the probes follow both QEMUs before the destination registers its memory
-
-        def drive() -> None:
-            try:
-                outcome["source"] = mig.run(on_step=say, precopy_s=PRECOPY_S)
-                outcome["passes"] = [mig.guest_passes(mig.dst, i) for i in range(settings.vcpus)]
-            except BaseException as e:  # reported by _finish; a stopped run's errors are not
-                outcome["error"] = str(e) or type(e).__name__
-
-        driver = threading.Thread(target=drive, name="qemu-demo-driver", daemon=True)
-        driver.start()
-        if mode == "tui":
-            from pctop import ui
-            ui.run_live(header, rec, interval, controls=qmp)  # closes rec when the user quits
-        else:
-            _headless(mode, header, rec, driver, interval)
-        driver.join(timeout=0.1)
-        guest_runs = False
-        if "passes" in outcome:
-            time.sleep(0.3)
-            guest_runs = all(mig.guest_passes(mig.dst, i) > n for i, n in enumerate(outcome["passes"]))
-    except (QmpError, QemuUnavailable) as e:
-        _tell(f"error: {e}")
-        return 1
-    finally:
-        if driver is not None and driver.is_alive():
-            # Quit, Ctrl+C or a signal mid-run: say why the next seconds are quiet.
-            outcome["stopped"] = True
-            _tell("stopped before the migration finished, not migrated; stopping both QEMUs")
-        mig.close(log=_tell)
-        if driver is not None:
-            driver.join(timeout=5)  # its QMP calls fail now; nothing of it is reported
-    return _finish(mode, tally, outcome, guest_runs, mig)
-
-
-def _tell(line: str) -> None:
+def tell(line: str) -> None:
     # On a terminal, first clear the progress line that may be drawn there (\r, no newline).
     start = "\r\x1b[K" if sys.stderr.isatty() else ""
     try:
@@ -193,7 +129,7 @@ def _tell(line: str) -> None:
         pass
 
 
-def _headless(mode: str, header, rec: RecordingStats, driver: threading.Thread, interval: float) -> None:
+def headless_loop(mode: str, header, rec: RecordingStats, driver: threading.Thread, interval: float) -> None:
     from pctop.sinks.ndjson import NdjsonWriter
 
     writer = NdjsonWriter(sys.stdout) if mode == "json" else None
@@ -207,7 +143,7 @@ def _headless(mode: str, header, rec: RecordingStats, driver: threading.Thread, 
             if writer:
                 writer.write(s)
             elif tty:
-                sys.stderr.write("\r" + _progress_line(rec.tally) + "\x1b[K")
+                sys.stderr.write("\r" + progress_line(rec.tally) + "\x1b[K")
                 sys.stderr.flush()
         time.sleep(interval)
         s = rec.collect()  # stalls that ended after the last interval
@@ -219,7 +155,7 @@ def _headless(mode: str, header, rec: RecordingStats, driver: threading.Thread, 
             sys.stderr.write("\n")
 
 
-def _finish(mode: str, tally: Tally, outcome: dict, guest_runs: bool, mig: QemuMigration) -> int:
+def finish(mode: str, tally: Tally, outcome: dict, guest_runs: bool, mig: QemuMigration) -> int:
     if outcome.get("stopped"):  # said in run()
         return INTERRUPTED
     ok = "source" in outcome and guest_runs

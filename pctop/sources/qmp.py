@@ -248,7 +248,7 @@ class QmpSource:
 def attach(header, stats, sockets) -> tuple[Any, QmpSource | None]:
     """Add a QmpSource over `sockets` (destination first, or None on a host that runs only
     the source, then optionally the source)
-    to a live Stats from pctop.stats.open_live -> (header naming it, the source).
+    to a live Stats from pctop.root.open_live -> (header naming it, the source).
 
     It goes after the per-thread measuring sources (ebpf, engine) and before procfs,
     and both QEMUs are handed at once to the sources that follow a pid list (the
