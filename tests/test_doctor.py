@@ -17,6 +17,7 @@ import sys
 import pytest
 
 from pctop import doctor as d
+from pctop import hostcheck
 from pctop.hostpaths import HostPaths
 from tests.conftest import ROOT, need_root, run_pctop
 
@@ -162,7 +163,7 @@ def _as_nobody(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_non_root_tracefs_is_mounted_but_unreadable_not_missing():
-    if not d._mounted(d.DEFAULT, "tracefs", d.DEFAULT.tracefs):
+    if not hostcheck._mounted(d.DEFAULT, "tracefs", d.DEFAULT.tracefs):
         pytest.skip("tracefs is not mounted here")
     if os.stat(d.DEFAULT.tracefs).st_mode & 0o005 == 0o005:
         pytest.skip("tracefs is readable by everyone here")

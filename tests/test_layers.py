@@ -45,7 +45,6 @@ FORBIDDEN = {
 }
 
 KNOWN = {
-    ("pctop.sources.ebpf", "pctop.doctor"),  # host checks live in doctor
     ("pctop.ui.feeds", "pctop.sources.replay"),  # the replay feed reads recordings itself
 }
 

@@ -58,7 +58,7 @@ import os
 import time
 from pathlib import Path
 
-from pctop import doctor, probe_build
+from pctop import hostcheck, probe_build
 from pctop.fdinfo import UFFD_LINK
 from pctop.hostpaths import DEFAULT, HostPaths
 from pctop.sources import identity, pagemap
@@ -123,12 +123,12 @@ def tracepoint_exists(tp: str, paths: HostPaths = DEFAULT) -> bool:
 
 def ebpf_unavailable_reason(paths: HostPaths = DEFAULT) -> str | None:
     """Why the probes cannot run here (one line with the fix), or None. Cheap: no bcc import."""
-    checks = (doctor.check_privilege, doctor.check_bcc, doctor.check_tracefs, doctor.check_probe_build)
+    checks = (hostcheck.check_privilege, hostcheck.check_bcc, hostcheck.check_tracefs, hostcheck.check_probe_build)
     for check in checks:
         r = check(paths)
         if r.failed:
             return f"{r.name}: {r.detail}" + (f" (fix: {r.fix})" if r.fix else "")
-    for r in doctor.check_tracepoints(paths):
+    for r in hostcheck.check_tracepoints(paths):
         if r.failed:
             return f"{r.name}: {r.detail}"
     missing = [p for p in PROBE_PARTS if not (PROBE_DIR / p).is_file()]
