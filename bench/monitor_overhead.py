@@ -46,7 +46,7 @@ sys.path.insert(0, ROOT)
 
 from bench.median_ci import median_ci, verdict  # noqa: E402
 from bench.toggle import EmptyProbes, ToggledProbes, abba_order, require_ebpf  # noqa: E402
-from pctop.sources.engine import EngineConnection, EngineError  # noqa: E402
+from pctop.sources.engine import EngineConnection, EngineUnreachable  # noqa: E402
 
 BPF_STATS = "/proc/sys/kernel/bpf_stats_enabled"
 # After the monitor's header: its first collect and the compiler's exit (hundreds of MB
@@ -78,7 +78,7 @@ def status(conn: EngineConnection) -> dict:
 def faulting(conn: EngineConnection) -> bool:
     try:
         return status(conn)["faults_total"] > 0
-    except EngineError:  # its socket is not there yet
+    except EngineUnreachable:  # its socket is not there yet
         return False
 
 

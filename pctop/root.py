@@ -71,7 +71,7 @@ def open_live(pids: Sequence[int] = (), comm: str | None = None, *, use_ebpf: bo
     so without them it raises PageRangesUnavailable (bad input for the caller).
 
     Raises pctop.sources.procfs.TargetNotFound for a pid that does not exist
-    and pctop.sources.engine.EngineError for an engine socket that does not
+    and pctop.sources.engine.EngineUnreachable for an engine socket that does not
     answer (bad input: the caller turns them into one-line errors).
     The caller paces it: Stats.collect() once per interval (from any one thread; Stats
     measures each actual interval), Stats.close() at the end.
@@ -176,11 +176,11 @@ def run_engine_demo(engine_argv: list[str], control_path: str, interval: float =
     with its controls live. Quitting the dashboard stops the engine. Prints
     the engine's own output (its verification summary) afterwards and returns
     its exit status, or None (and prints nothing) when the dashboard quit first and
-    stopped it. Raises pctop.sources.engine.EngineError if it never opens its socket
+    stopped it. Raises pctop.sources.engine.EngineUnreachable if it never opens its socket
     (the message quotes the end of its stderr).
     """
     from pctop import ui
-    from pctop.sources.engine import EngineError
+    from pctop.sources.engine import EngineUnreachable
 
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen(engine_argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=env)
@@ -188,11 +188,11 @@ def run_engine_demo(engine_argv: list[str], control_path: str, interval: float =
             if not wait_for_path(control_path, proc, 60):
                 err.seek(0)
                 tail = err.read().strip().splitlines()[-1:] or ["no output"]
-                raise EngineError(f"the engine did not open {control_path}: {tail[0]}")
+                raise EngineUnreachable(f"the engine did not open {control_path}: {tail[0]}")
             try:
                 header, stats = open_live([proc.pid], None, use_ebpf=use_ebpf,
                                           engine_sockets=[control_path])
-            except EngineError:
+            except EngineUnreachable:
                 try:  # a run short enough to end before we looked: its own output says it all
                     proc.wait(5)
                 except subprocess.TimeoutExpired:

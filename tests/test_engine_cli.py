@@ -88,7 +88,7 @@ def test_cli_corrupted_page_exits_1_and_lists_it():
 def test_source_child_without_memory_says_so_in_one_line(tmp_path):
     # The demo checks memory first; should the source still fail to allocate (the host's
     # memory went meanwhile), it says so in one line and its parent names the exit.
-    p = subprocess.run([sys.executable, "-m", "pctop.engine.source", "--npages", str(1 << 40),
+    p = subprocess.run([sys.executable, "-m", "pctop.engine.page_server", "--npages", str(1 << 40),
                         "--listen", f"unix:{tmp_path}/s.sock"], capture_output=True, text=True, timeout=60)
     assert p.returncode == 1 and "Traceback" not in p.stderr
     mib = (1 << 40) * 4096 >> 20

@@ -15,7 +15,7 @@ import threading
 
 import pytest
 
-from pctop.sources.engine import EngineError, EngineSource, find_engine_sockets
+from pctop.sources.engine import EngineUnreachable, EngineSource, find_engine_sockets
 from pctop.stats import Stats
 
 
@@ -151,7 +151,7 @@ def test_controls_go_through_send(server):
         assert src.send("bandwidth", 1_000_000, pid=4321)["ok"] is True
         bad = src.send("explode")
         assert bad["ok"] is False and "explode" in bad["error"]
-        with pytest.raises(EngineError, match="no single engine"):
+        with pytest.raises(EngineUnreachable, match="no single engine"):
             src.send("pause", pid=1)
     finally:
         src.close()
@@ -185,7 +185,7 @@ def test_discovery_by_socket_name(server, tmp_path):
 
 
 def test_a_named_socket_that_does_not_answer_is_an_error(tmp_path):
-    with pytest.raises(EngineError, match="cannot connect"):
+    with pytest.raises(EngineUnreachable, match="cannot connect"):
         EngineSource([str(tmp_path / "nope.sock")], discover=False).start()
 
 

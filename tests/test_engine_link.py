@@ -332,9 +332,9 @@ def test_ctl_bad_usage_is_one_line_and_exit_2(tmp_path):
 
 
 def test_source_resume_map_marks_exactly_the_missing_pages_unsent_and_rewinds_only_to_them():
-    from pctop.engine.source import Source
+    from pctop.engine.page_server import PageServer
 
-    src = Source(bytearray(16 * 4096), 16, 4096, [], None)
+    src = PageServer(bytearray(16 * 4096), 16, 4096, [], None)
     src.sent[:16] = b"\x01" * 12 + b"\x00" * 4  # the stream got to page 12 ...
     src._cursor = 12
     present = bytearray(16)

@@ -10,7 +10,7 @@ import pytest
 
 from pctop.engine import image as I
 from pctop.engine import transport as T
-from pctop.engine.source import Source
+from pctop.engine.page_server import PageServer
 
 PS = 4096
 
@@ -90,7 +90,7 @@ def _source(npages=64, **kw):
     img = I.PageImage(npages, PS, seed=3)
     d_dst, d_src = socket.socketpair()
     b_dst, b_src = socket.socketpair()
-    src = Source(img.build(), npages, PS, [T.Channel(d_src, npages, PS)], T.Channel(b_src, npages, PS), **kw)
+    src = PageServer(img.build(), npages, PS, [T.Channel(d_src, npages, PS)], T.Channel(b_src, npages, PS), **kw)
     t = threading.Thread(target=src.run, daemon=True)
     t.start()
     return img, src, T.Channel(d_dst, npages, PS), T.Channel(b_dst, npages, PS), t

@@ -79,7 +79,7 @@ def ctl(control: str | None, command: str, arg: str | None) -> None:
 
     `pctop ctl help` lists the commands.
     """
-    from pctop.sources.engine import EngineConnection, EngineError
+    from pctop.sources.engine import EngineConnection, EngineUnreachable
 
     if command == "help":
         click.echo("pctop ctl COMMAND [ARG], where COMMAND is one of:\n" + _commands_text())
@@ -92,7 +92,7 @@ def ctl(control: str | None, command: str, arg: str | None) -> None:
     conn = EngineConnection(path, timeout=5.0)
     try:
         reply = conn.request(req)
-    except EngineError as e:
+    except EngineUnreachable as e:
         click.echo(f"pctop ctl: error: {e}", err=True)
         sys.exit(1)
     finally:

@@ -235,7 +235,7 @@ def _run_with_tui(ctx: click.Context, control: str | None) -> None:
     import tempfile
 
     from pctop import root
-    from pctop.sources.engine import EngineError
+    from pctop.sources.engine import EngineUnreachable
 
     argv = [sys.executable, "-m", "pctop", "demo", "--headless"]
     for p in ctx.command.params:  # the options given, passed on as given
@@ -249,7 +249,7 @@ def _run_with_tui(ctx: click.Context, control: str | None) -> None:
             # The engine's own temporary folders go inside ours (TMPDIR), so they go with it
             # even if the engine is killed before it can remove them.
             rc = root.run_engine_demo(argv + ["--control", path], path, env={**os.environ, "TMPDIR": tmp})
-        except EngineError as e:
+        except EngineUnreachable as e:
             click.echo(f"pctop demo: error: {e}", err=True)
             sys.exit(1)
     if rc is None:

@@ -59,7 +59,7 @@ def source(listen, memory, seed, bandwidth, no_background, prefetch, token_file,
     Exit status: 0 the destination confirmed it has every page, 1 it never came (back), 2 bad usage.
     """
     from pctop.engine.link import LinkError, is_local, parse_address
-    from pctop.engine.source import serve_source
+    from pctop.engine.page_server import serve_source
 
     try:
         addr = parse_address(listen)

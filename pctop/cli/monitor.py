@@ -19,7 +19,7 @@ from pctop.cli.common import Command, Unavailable, UsageError, install_stop_hand
 from pctop.sinks.ndjson import NdjsonWriter
 
 
-def run_live(command: str, out: TextIO, pids, comm, interval: float, count: int | None,
+def stream_json(command: str, out: TextIO, pids, comm, interval: float, count: int | None,
              no_ebpf: bool, engine_sockets, qmp_sockets=(), page_ranges: bool = False,
              export: str | None = None) -> None:
     """Header, then one Sample per interval to `out`, until count, a signal or a closed pipe.
@@ -86,7 +86,7 @@ def open_samples(command: str, pids, comm, interval: float, no_ebpf: bool, engin
     """pctop.root.open_pipeline with one-line errors -> (header, stats, qmp source or None)."""
     from pctop.qemu.qmp import QmpError
     from pctop.root import PageRangesUnavailable, open_pipeline
-    from pctop.sources.engine import EngineError
+    from pctop.sources.engine import EngineUnreachable
     from pctop.sources.procfs import TargetNotFound
 
     _check_page_ranges(command, page_ranges, no_ebpf)
@@ -96,7 +96,7 @@ def open_samples(command: str, pids, comm, interval: float, no_ebpf: bool, engin
     try:
         return open_pipeline(pids, comm, use_ebpf=not no_ebpf, engine_sockets=engine_sockets,
                              qmp_sockets=qmp_sockets, page_ranges=page_ranges)
-    except (TargetNotFound, EngineError, QmpError) as e:  # nothing to watch there: unavailable
+    except (TargetNotFound, EngineUnreachable, QmpError) as e:  # nothing to watch there: unavailable
         raise Unavailable(command, str(e)) from None
     except PageRangesUnavailable as e:
         raise Unavailable(command, str(e)) from None
@@ -131,7 +131,7 @@ def monitor(pids, comm, interval, count, no_ebpf, engine_sockets, qmp_sockets, q
                                          "the dashboard does not show page ranges")
         _run_tui(pids, comm, interval, no_ebpf, engine_sockets, qmp_sockets, export)
         return
-    run_live("monitor", sys.stdout, pids, comm, interval, count, no_ebpf, engine_sockets, qmp_sockets,
+    stream_json("monitor", sys.stdout, pids, comm, interval, count, no_ebpf, engine_sockets, qmp_sockets,
              page_ranges, export)
 
 
@@ -169,7 +169,7 @@ def record(output, pids, comm, interval, count, no_ebpf, engine_sockets, qmp_soc
     except OSError as e:
         raise UsageError("record", f"cannot write {output}: {e.strerror}") from None
     with fh:
-        run_live("record", fh, pids, comm, interval, count, no_ebpf, engine_sockets, qmp_sockets,
+        stream_json("record", fh, pids, comm, interval, count, no_ebpf, engine_sockets, qmp_sockets,
                  page_ranges)
 
 

@@ -201,7 +201,7 @@ class DestLink:
 class SourceServer:
     """The source's accept loop: one destination session, any number of epochs.
 
-    `source` is a pctop.engine.source.Source; per complete epoch the server calls
+    `source` is a pctop.engine.page_server.PageServer; per complete epoch the server calls
     source.attach(demand, bg) and source.start(); a newer epoch stops the older one
     first (its sockets are shut down, which ends sends blocked on a dead link)."""
 

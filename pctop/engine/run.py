@@ -3,7 +3,7 @@
 This process is the destination: it owns the guest memory (registered with
 userfaultfd), runs the guest workload, installs pages, keeps the telemetry
 and serves the control socket. The source is either a child process
-(`python -m pctop.engine.source`, listening on a unix socket in a private
+(`python -m pctop.engine.page_server`, listening on a unix socket in a private
 directory: what `pctop demo` does) or a `pctop engine source` anywhere on the
 network (`connect`). Either way one or more demand channels and one background
 channel, opened with the handshake of docs/protocol.md; a failed link pauses
@@ -36,7 +36,7 @@ from pctop.engine.image import PageImage
 from pctop.engine.integrity import IntegrityReport, verify
 from pctop.engine.link import DestLink, LinkError, parse_address
 from pctop.engine.recovery import Link
-from pctop.engine.source import MAX_CHUNK_PAGES
+from pctop.engine.page_server import MAX_CHUNK_PAGES
 from pctop.engine.telemetry import Telemetry, UffdGauge
 from pctop.engine.transport import Channel, HandshakeRefused, LinkClosed, ProtocolError, config_digest
 from pctop.engine.uffd import AnonMemory
@@ -205,7 +205,7 @@ class Engine:
             return cfg.connect
         tmp = tempfile.mkdtemp(prefix="pctop-engine-")
         self._cleanup.append(lambda: shutil.rmtree(tmp, ignore_errors=True))
-        argv = [sys.executable, "-m", "pctop.engine.source", "--npages", str(self.npages),
+        argv = [sys.executable, "-m", "pctop.engine.page_server", "--npages", str(self.npages),
                 "--page-size", str(cfg.page_size), "--seed", str(cfg.seed), "--listen", f"unix:{tmp}/source.sock",
                 "--bandwidth", str(cfg.bandwidth or 0), "--prefetch", str(cfg.prefetch), "--wait", "30"]
         if not cfg.background:

@@ -38,7 +38,7 @@ _EXTRA_KEYS = ("strategy", "readers", "vcpus", "workload", "address_source", "ba
                "commands")  # control commands the engine takes, when it lists them (the TUI shows their keys)
 
 
-class EngineError(RuntimeError):
+class EngineUnreachable(RuntimeError):
     """The engine could not be reached or refused a request (one-line message)."""
 
 
@@ -60,7 +60,7 @@ class EngineConnection:
             s.connect(self.path)
         except OSError as e:
             s.close()
-            raise EngineError(f"cannot connect to engine at {self.path}: {e.strerror or e}") from None
+            raise EngineUnreachable(f"cannot connect to engine at {self.path}: {e.strerror or e}") from None
         self._sock, self._rfile = s, s.makefile("rb")
 
     def request(self, obj: dict[str, Any]) -> dict[str, Any]:
@@ -72,17 +72,17 @@ class EngineConnection:
                 line = self._rfile.readline()
             except OSError as e:
                 self._close_locked()
-                raise EngineError(f"engine at {self.path}: {e.strerror or e}") from None
+                raise EngineUnreachable(f"engine at {self.path}: {e.strerror or e}") from None
             if not line:
                 self._close_locked()
-                raise EngineError(f"engine at {self.path} closed the connection")
+                raise EngineUnreachable(f"engine at {self.path} closed the connection")
             try:
                 reply = json.loads(line)
             except ValueError:
                 self._close_locked()
-                raise EngineError(f"engine at {self.path} sent a line that is not JSON") from None
+                raise EngineUnreachable(f"engine at {self.path} sent a line that is not JSON") from None
             if not isinstance(reply, dict):
-                raise EngineError(f"engine at {self.path} sent {type(reply).__name__}, not an object")
+                raise EngineUnreachable(f"engine at {self.path} sent {type(reply).__name__}, not an object")
             return reply
 
     def _close_locked(self) -> None:
@@ -208,7 +208,7 @@ class EngineSource:
             status = conn.request({"cmd": "status"})
             if not status.get("ok", False) or "pid" not in status:
                 conn.close()
-                raise EngineError(f"engine at {path} answered status with {status.get('error', status)}")
+                raise EngineUnreachable(f"engine at {path} answered status with {status.get('error', status)}")
             status_to_reading(status, self._prev.setdefault(path, _Prev()), self.name)  # baseline
             self._conns[path] = conn
 
@@ -223,9 +223,9 @@ class EngineSource:
             try:
                 status = conn.request({"cmd": "status"})
                 if not status.get("ok", False) or "pid" not in status:
-                    raise EngineError(f"engine at {path} answered status with {status.get('error', status)}")
+                    raise EngineUnreachable(f"engine at {path} answered status with {status.get('error', status)}")
                 r = status_to_reading(status, self._prev.setdefault(path, _Prev()), self.name)
-            except (EngineError, KeyError, TypeError, ValueError) as e:
+            except (EngineUnreachable, KeyError, TypeError, ValueError) as e:
                 conn.close()
                 del self._conns[path]
                 self._failed.add(path)
@@ -255,7 +255,7 @@ class EngineSource:
         conns = {p: c for p, c in self._conns.items() if pid is None or self._pid_of.get(p) == pid}
         if len(conns) != 1:
             what = f"pid {pid}" if pid is not None else "an engine"
-            raise EngineError(f"no single engine for {what} (connected: {len(self._conns)})")
+            raise EngineUnreachable(f"no single engine for {what} (connected: {len(self._conns)})")
         req: dict[str, Any] = {"cmd": cmd}
         if arg is not None:
             req["arg"] = arg

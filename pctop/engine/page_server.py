@@ -18,7 +18,7 @@ the sent-page bitmap, the stream position and the settings carry over, and a
 resumed epoch first corrects the bitmap from the destination's RESUME map.
 
 Run as `pctop engine source --listen HOST:PORT` (pctop/cli/engine.py) or
-`python -m pctop.engine.source --npages N --listen unix:PATH` (what pctop demo starts).
+`python -m pctop.engine.page_server --npages N --listen unix:PATH` (what pctop demo starts).
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ PACE_SLICE_S = 0.01  # with a limit, send about 10 ms worth per chunk
 HEARTBEAT_S = 0.5  # a PING when the background channel was quiet this long
 
 
-class Source:
+class PageServer:
     def __init__(self, image_buf, npages: int, page_size: int, demand: list[Channel], bg: Channel,
                  bandwidth: int = 0, background: bool = True, prefetch: int = 0,
                  demand_cpus: list[int] | None = None):
@@ -343,7 +343,7 @@ def serve_source(addr, npages: int, seed: int = 1, page_size: int = 4096, genera
     try:
         if on_listening:
             on_listening(bound_address(listener, addr))
-        src = Source(buf, npages, page_size, [], None, bandwidth, background, prefetch, demand_cpus)
+        src = PageServer(buf, npages, page_size, [], None, bandwidth, background, prefetch, demand_cpus)
         server = SourceServer(src, listener, config_digest(npages, page_size, seed, generation), token, wait_s,
                               quiet=quiet)
         return server.serve()
@@ -361,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     says on stdout when it listens."""
     from pctop.engine.link import parse_address
 
-    ap = argparse.ArgumentParser(prog="python -m pctop.engine.source")
+    ap = argparse.ArgumentParser(prog="python -m pctop.engine.page_server")
     ap.add_argument("--npages", type=int, required=True)
     ap.add_argument("--page-size", type=int, default=4096)
     ap.add_argument("--seed", type=int, default=1)
