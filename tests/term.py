@@ -22,6 +22,11 @@ from tests.conftest import ROOT
 
 def _take_terminal() -> None:
     fcntl.ioctl(0, termios.TIOCSCTTY, 0)  # after setsid (start_new_session): our controlling tty
+    # As a terminal's shell starts a command: Ctrl+C and Ctrl+\ at their defaults. A test
+    # run started as a background job of a non-interactive shell (`make test &`) inherits
+    # SIGINT ignored, and Python keeps an inherited SIG_IGN: Ctrl+C would do nothing.
+    for sig in (signal.SIGINT, signal.SIGQUIT):
+        signal.signal(sig, signal.SIG_DFL)
 
 
 def descendants(pid: int) -> set[int]:
