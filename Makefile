@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.installed
 SHELL := /bin/bash
 .SHELLFLAGS := -eo pipefail -c
 
-.PHONY: setup system demo test bench clean
+.PHONY: setup system demo test lint bench clean
 
 setup: system $(STAMP)
 	@$(PCTOP) doctor --fix >/dev/null || true
@@ -28,8 +28,15 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(PCTOP) demo
 
-test: setup
+test: setup lint
 	$(PY) -m pytest -q
+
+# ruff (errors, imports, style) and mypy (the typed core: pyproject.toml [tool.mypy]);
+# the import layering is a test (tests/test_layers.py).
+lint: $(STAMP)
+	@$(PY) -m ruff check --quiet pctop tests bench scripts
+	@$(PY) -m mypy
+
 
 # Benchmarks are run by hand (minutes; results go to bench/RESULTS.md by hand).
 bench: setup

@@ -64,7 +64,8 @@ def fault_rate(strategy: str, vcpus: int, memory: int, seconds: float, workload:
     s = Engine(cfg).run()
     assert s["ok"], s["mismatch_list"] or s["errors"]
     busy = sum(r["busy_ns"] for r in s["reader_threads"]) / 1e9
-    return {"strategy": strategy if readers == 1 else f"{strategy} r{readers}", "vcpus": vcpus, "faults": s["faults_total"], "vcpu_s": s["vcpu_seconds"],
+    return {"strategy": strategy if readers == 1 else f"{strategy} r{readers}", "vcpus": vcpus,
+            "faults": s["faults_total"], "vcpu_s": s["vcpu_seconds"],
             "fault_rate": s["fault_rate"], "workload": s["workload"], "reader_busy_s": round(busy, 3),
             "mean_stall_us": round(sum(s["stall_ns_per_vcpu"]) / max(1, s["faults_total"]) / 1e3, 1)}
 
@@ -73,11 +74,12 @@ def local_floor(vcpus: int, memory: int, seconds: float, workload: str, pin: boo
     """No source, no round trip: one reader in this process resolves each fault with
     UFFDIO_COPY of a page it already has (the platform.md prototypes). The floor
     that the machine's fault path and wake-ups set for the uffd strategy."""
+    import select
+    import threading
+
     from pctop.engine.dest import pin as pin_thread
     from pctop.engine.run import pick_workload
     from pctop.engine.uffd import UFFD_MSG
-    import select
-    import threading
 
     cpus = sorted(os.sched_getaffinity(0))
     cpu_for = (lambda i: cpus[i % len(cpus)]) if pin and len(cpus) > 1 else (lambda i: None)

@@ -26,8 +26,23 @@ from typing import Callable, NamedTuple
 
 from pctop import probe_build
 from pctop.hostcheck import (  # noqa: F401  (part of the doctor's checks and API)
-    CAP_BPF, CAP_PERFMON, CAP_SYS_ADMIN, INFO, MISSING, OK, CheckResult, _read, check_bcc, check_debugfs,
-    check_kernel, check_privilege, check_probe_build, check_tracefs, check_tracepoints, effective_caps)
+    CAP_BPF,
+    CAP_PERFMON,
+    CAP_SYS_ADMIN,
+    INFO,
+    MISSING,
+    OK,
+    CheckResult,
+    _read,
+    check_bcc,
+    check_debugfs,
+    check_kernel,
+    check_privilege,
+    check_probe_build,
+    check_tracefs,
+    check_tracepoints,
+    effective_caps,
+)
 from pctop.hostpaths import DEFAULT, HostPaths
 
 # KVM ioctls and capabilities (include/uapi/linux/kvm.h, x86-64).

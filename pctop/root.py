@@ -169,7 +169,7 @@ def stop_child(proc: subprocess.Popen, grace: float = 10) -> bool:
 
 
 def run_engine_demo(engine_argv: list[str], control_path: str, interval: float = 1.0,
-             use_ebpf: bool = True, env: dict[str, str] | None = None) -> int:
+                    use_ebpf: bool = True, env: dict[str, str] | None = None) -> int | None:
     """`pctop demo` without --headless: the engine runs as a child process
     (`engine_argv`, a headless demo command line serving `control_path`) so
     that it never shares a GIL with the dashboard; the dashboard watches it
@@ -302,23 +302,24 @@ def run_qemu_demo(mode: str, accel: str, postcopy_bandwidth: int | None = None, 
     outcome: dict[str, Any] = {}
     try:
         mig.boot()
-        pair = mig.pair
-        header, stats = open_live((pair.destination.pid, pair.source.pid), None)
+        dest, source, dest_qmp = mig.pair.destination, mig.pair.source, mig.dst
+        assert dest is not None and source is not None and dest_qmp is not None  # boot() started both
+        header, stats = open_live((dest.pid, source.pid), None)
         try:
-            header, qmp = attach(header, stats, [pair.destination.qmp_path, pair.source.qmp_path])
+            header, qmp = attach(header, stats, [dest.qmp_path, source.qmp_path])
         except BaseException:
             stats.close()
             raise
         for why in header.missing:  # e.g. no eBPF: pctop's own stall numbers are not measured
             say(f"degraded: {why}")
-        tally = qd.Tally(pair.destination.pid)
+        tally = qd.Tally(dest.pid)
         rec = qd.RecordingStats(stats, tally)
         rec.collect()  # the probes follow both QEMUs before the destination registers its memory
 
         def drive() -> None:
             try:
                 outcome["source"] = mig.run(on_step=say, precopy_s=qd.PRECOPY_S)
-                outcome["passes"] = [mig.guest_passes(mig.dst, i) for i in range(settings.vcpus)]
+                outcome["passes"] = [mig.guest_passes(dest_qmp, i) for i in range(settings.vcpus)]
             except BaseException as e:  # reported by _finish; a stopped run's errors are not
                 outcome["error"] = str(e) or type(e).__name__
 
@@ -333,7 +334,7 @@ def run_qemu_demo(mode: str, accel: str, postcopy_bandwidth: int | None = None, 
         guest_runs = False
         if "passes" in outcome:
             time.sleep(0.3)
-            guest_runs = all(mig.guest_passes(mig.dst, i) > n for i, n in enumerate(outcome["passes"]))
+            guest_runs = all(mig.guest_passes(dest_qmp, i) > n for i, n in enumerate(outcome["passes"]))
     except (QmpError, QemuUnavailable) as e:
         qd.tell(f"error: {e}")
         return 1

@@ -78,8 +78,8 @@ def merge_readings(readings: Iterable[Reading]) -> Merged:
         for c in r.uffds:
             m.counters.setdefault((c.pid, c.fd), c)
         for d in r.depths:
-            old = m.depths.get((d.pid, d.fd))
-            if old is None or d.samples > old.samples:
+            seen_depth = m.depths.get((d.pid, d.fd))
+            if seen_depth is None or d.samples > seen_depth.samples:
                 m.depths[(d.pid, d.fd)] = d
         m.identities.extend(r.identities)
         for ti in r.targets:
@@ -183,22 +183,22 @@ def build_sample(merged: Merged, memory: Memory, *, now: float, interval_s: floa
     for ident in merged.identities:
         remember_identity(memory.identities, ident)
     exited_with_faults: set[tuple[int, int]] = set()
-    for pid, ti in merged.targets.items():
-        if ti.thread_names:  # the source lists every thread: forget those that exited,
+    for pid, info in merged.targets.items():
+        if info.thread_names:  # the source lists every thread: forget those that exited,
             for d in (memory.identities, memory.thread_names):
-                for key in [k for k in d if k[0] == pid and k[1] not in ti.thread_names]:
+                for key in [k for k in d if k[0] == pid and k[1] not in info.thread_names]:
                     if key in merged.threads:  # but only after the row of their last faults
                         exited_with_faults.add(key)
                     else:
                         del d[key]
-        for tid, name in ti.thread_names.items():
+        for tid, name in info.thread_names.items():
             memory.thread_names[(pid, tid)] = name
 
     seen = (set(merged.targets) | {p for p, _ in merged.threads} | {p for p, _ in merged.counters}
             | {p for p, _ in merged.depths} | set(merged.migrations))
     for pid in sorted(seen - set(memory.comms)):
-        ti = merged.targets.get(pid)
-        memory.comms[pid] = ti.comm if ti else ""
+        new = merged.targets.get(pid)
+        memory.comms[pid] = new.comm if new else ""
         events.append(Event(now, "target-new", f"watching pid {pid} ({memory.comms[pid] or '?'})"))
     # A target that exited still reports its last interval (a source sends the
     # final counts in the same reading that marks it gone); it is forgotten after.
@@ -209,12 +209,12 @@ def build_sample(merged: Merged, memory: Memory, *, now: float, interval_s: floa
         events.append(Event(now, "source", f"{src}: {text}"))
 
     served_by: dict[int, list[int]] = {}
-    for pid, ti in merged.targets.items():
-        for to in ti.serves:
+    for pid, info in merged.targets.items():
+        for to in info.serves:
             served_by.setdefault(to, []).append(pid)
     targets = []
     # a separate handler process right after the process it serves: one migration, side by side
-    serves_of = {pid: ti.serves for pid, ti in merged.targets.items() if ti.serves}
+    serves_of = {pid: info.serves for pid, info in merged.targets.items() if info.serves}
     for pid in sorted(memory.comms, key=lambda p: (min(serves_of[p]) if p in serves_of else p, p)):
         ti = merged.targets.get(pid)
         if ti and ti.comm:

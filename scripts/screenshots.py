@@ -129,8 +129,8 @@ def qemu_migration():
 
 
 async def shoot_qemu(out: Path, w: int, h: int) -> list[Path]:
-    from pctop.sources.qmp import attach
     from pctop.root import open_live
+    from pctop.sources.qmp import attach
     from pctop.ui.app import PctopApp
     from pctop.ui.feeds import LiveFeed
 

@@ -15,7 +15,7 @@ import threading
 
 import pytest
 
-from pctop.sources.engine import EngineUnreachable, EngineSource, find_engine_sockets
+from pctop.sources.engine import EngineSource, EngineUnreachable, find_engine_sockets
 from pctop.stats import Stats
 
 

@@ -22,11 +22,11 @@ import threading
 import time
 
 import pytest
-
+from conftest import ROOT
 from netns import VethLink, can_make_netns
+
 from pctop.engine import transport as T
 from pctop.sources.engine import EngineConnection
-from conftest import ROOT
 
 PCTOP = [sys.executable, "-m", "pctop"]
 MEM = "64M"

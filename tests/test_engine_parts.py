@@ -133,7 +133,7 @@ def test_source_prefetches_after_a_demand_fault():
     src.paused = True
     src.background = True
     dem.send_request([20])
-    f = dem.recv_frame()
+    assert dem.recv_frame().kind == T.KIND_DEMAND
     dem.recv_payload_into(memoryview(bytearray(PS)), PS)
     bg.send_ctrl({"cmd": "resume"})
     got = _recv_pages(bg)

@@ -9,7 +9,6 @@ import ctypes
 import json
 import os
 import socket
-import threading
 
 import pytest
 

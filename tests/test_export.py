@@ -11,9 +11,9 @@ import shutil
 import subprocess
 
 import pytest
+from conftest import ROOT
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import ROOT
 from pctop import hist
 from pctop.export.collector import OTHER, Exporter
 from pctop.export.metrics import METRICS, PREFIX, STATES, bucket_edges_s, render_markdown

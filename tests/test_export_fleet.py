@@ -20,8 +20,8 @@ import time
 from dataclasses import dataclass
 
 import pytest
-
 from netns import HostNs, can_make_netns
+
 from tests.conftest import ROOT, need_root
 from tests.promserver import Prometheus, exporter, free_port, need_prometheus, prometheus
 
@@ -81,7 +81,6 @@ def fleet():
                     prom.wait("up == 1", lambda r: len(r) == 2, what="both exporters up")
                     start = time.time()
                     mig.run()
-                    end = time.time()
                     # the last intervals of the migration reach Prometheus
                     prom.wait('pctop_qemu_migration_status{status="completed"} == 1',
                               lambda r: len(r) == 2, what="both QEMUs completed")

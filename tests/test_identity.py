@@ -14,8 +14,7 @@ import threading
 import pytest
 
 from pctop.hostpaths import DEFAULT, HostPaths
-from pctop.sources.identity import (fallback_vcpus, identify, merge_identities, target_fds,
-                                    uffd_ranges)
+from pctop.sources.identity import fallback_vcpus, identify, merge_identities, target_fds, uffd_ranges
 from pctop.sources.readings import VcpuIdentity
 
 VMM_NAMES = {"CPU 1/KVM": 1, "fc_vcpu 2": 2, "vcpu3": 3, "crosvm_vcpu4": 4, "vcpu 5": 5}

@@ -100,6 +100,7 @@ def test_kick_interrupts_kvm_run_from_another_thread(immediate_exit):
     KICK_SIGNAL (blocked in the thread, unblocked only inside KVM_RUN); kick()
     adds immediate_exit for the case where the thread is not in KVM_RUN yet."""
     import mmap
+
     from pctop.engine import guest as g
     kvm = k.Kvm()
     vm = kvm.create_vm()

@@ -18,9 +18,9 @@ import pytest
 from pctop.qemu import control
 from pctop.qemu.launch import qemu_unavailable_reason
 from pctop.qemu.migration import MIB, MigrationSettings, QemuMigration
+from pctop.root import open_live
 from pctop.sources.pagemap import PAGE_SHIFT, merge_runs, page_count, pages_missing
 from pctop.sources.qmp import attach
-from pctop.root import open_live
 from tests.conftest import need_root
 
 pytestmark = [pytest.mark.bpf, pytest.mark.timeout(240)]

@@ -48,8 +48,8 @@ def postcopy(booted):
 def dashboard(mig: QemuMigration):
     """The App watching both QEMUs through the QMP source (destination, then source), as
     `pctop monitor --qmp DEST --qmp SRC --no-ebpf` would, with the QMP controls attached."""
-    from pctop.sources.qmp import attach
     from pctop.root import open_live
+    from pctop.sources.qmp import attach
     from pctop.ui.app import PctopApp
     from pctop.ui.feeds import LiveFeed
 

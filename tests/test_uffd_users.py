@@ -19,8 +19,7 @@ import pytest
 from pctop.sources.readings import Reading
 from pctop.stats import Memory, build_sample, merge_readings
 from tests.conftest import ROOT
-from tests.test_ebpf import (assert_same_count, build_program, follow_all,  # noqa: F401  (fixtures)
-                             run_toucher, threads_of, toucher, uffd_of)
+from tests.test_ebpf import assert_same_count, build_program, follow_all, run_toucher, threads_of, toucher, uffd_of  # noqa: F401  (fixtures)
 from tests.test_validation import LineReader, _killpg
 
 pytestmark = pytest.mark.bpf

@@ -11,9 +11,23 @@ from pctop.ui.history import History
 from pctop.ui.synthetic import synthetic_sample
 from pctop.ui.widgets.header import header_text
 from pctop.ui.widgets.latency import hist_text, parts_text
-from pctop.ui.widgets.render import (CRIT, IDLE, OK, WARN, Part, bar, bucket_label, fmt_bytes,
-                                     fmt_duration, fmt_rate, fmt_us, latency_severity, sparkline,
-                                     stacked_bar, stall_severity)
+from pctop.ui.widgets.render import (
+    CRIT,
+    IDLE,
+    OK,
+    WARN,
+    Part,
+    bar,
+    bucket_label,
+    fmt_bytes,
+    fmt_duration,
+    fmt_rate,
+    fmt_us,
+    latency_severity,
+    sparkline,
+    stacked_bar,
+    stall_severity,
+)
 from pctop.ui.widgets.uffd_panel import uffd_text
 
 

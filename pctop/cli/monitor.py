@@ -58,8 +58,8 @@ def sample_loop(stats, interval: float, count: int | None, stop: threading.Event
 
 def _serve(command: str, listen: str, header, stats):
     """--export: (stats whose Samples also feed /metrics, the server to close)."""
-    from pctop.export.server import Tee
     from pctop.cli.export import start_server
+    from pctop.export.server import Tee
 
     exporter, server = start_server(command, listen, header)
     return Tee(stats, exporter), server

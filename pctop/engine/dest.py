@@ -29,8 +29,19 @@ from bisect import bisect_right
 from collections.abc import Callable
 
 from pctop.engine.telemetry import Telemetry
-from pctop.engine.transport import (KIND_BACKGROUND, KIND_DEMAND, KIND_PREFETCH, T_CTRL, T_END,
-                                    T_PAGES, T_PING, Channel, Frame, LinkClosed, ProtocolError)
+from pctop.engine.transport import (
+    KIND_BACKGROUND,
+    KIND_DEMAND,
+    KIND_PREFETCH,
+    T_CTRL,
+    T_END,
+    T_PAGES,
+    T_PING,
+    Channel,
+    Frame,
+    LinkClosed,
+    ProtocolError,
+)
 from pctop.engine.uffd import UFFD_EVENT_PAGEFAULT, UFFD_MSG, AnonMemory, Uffd, UffdError
 
 _monotonic_ns = time.monotonic_ns

@@ -28,8 +28,15 @@ import time
 from collections.abc import Callable
 from typing import NamedTuple
 
-from pctop.engine.transport import (HANDSHAKE_TIMEOUT_S, T_RESUME, Channel, HandshakeRefused, ProtocolError,
-                                    dest_handshake, source_handshake)
+from pctop.engine.transport import (
+    HANDSHAKE_TIMEOUT_S,
+    T_RESUME,
+    Channel,
+    HandshakeRefused,
+    ProtocolError,
+    dest_handshake,
+    source_handshake,
+)
 
 TOKEN_ENV = "PCTOP_ENGINE_TOKEN"
 DEFAULT_HOST = "127.0.0.1"

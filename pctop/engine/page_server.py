@@ -37,8 +37,7 @@ import threading
 import time
 
 from pctop.engine.image import PageImage
-from pctop.engine.transport import (KIND_BACKGROUND, KIND_DEMAND, KIND_PREFETCH, T_CTRL,
-                                    Channel, ProtocolError, config_digest)
+from pctop.engine.transport import KIND_BACKGROUND, KIND_DEMAND, KIND_PREFETCH, T_CTRL, Channel, ProtocolError, config_digest
 
 MAX_CHUNK_PAGES = 512  # 2 MiB of 4 KiB pages: the size raw UFFDIO_COPY is fastest at
 PACE_SLICE_S = 0.01  # with a limit, send about 10 ms worth per chunk

@@ -31,12 +31,12 @@ from dataclasses import dataclass
 
 from pctop.engine import strategies
 from pctop.engine.control import ControlServer, default_path
-from pctop.engine.dest import Installer, pin, Receiver, UffdReader, VcpuExitHandler, VcpuMap
+from pctop.engine.dest import Installer, Receiver, UffdReader, VcpuExitHandler, VcpuMap, pin
 from pctop.engine.image import PageImage
 from pctop.engine.integrity import IntegrityReport, verify
 from pctop.engine.link import DestLink, LinkError, parse_address
-from pctop.engine.recovery import Link
 from pctop.engine.page_server import MAX_CHUNK_PAGES
+from pctop.engine.recovery import Link
 from pctop.engine.telemetry import Telemetry, UffdGauge
 from pctop.engine.transport import Channel, HandshakeRefused, LinkClosed, ProtocolError, config_digest
 from pctop.engine.uffd import AnonMemory

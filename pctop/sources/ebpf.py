@@ -62,12 +62,10 @@ from pctop import hostcheck, probe_build
 from pctop.fdinfo import UFFD_LINK
 from pctop.hostpaths import DEFAULT, HostPaths
 from pctop.sources import identity, pagemap
-from pctop.sources.procfs import read_comm
 from pctop.sources.probe_defs import DEFS, PROBE_DIR, slots_named
-from pctop.sources.readings import (HIST_BUCKETS, Reading, TargetInfo, ThreadFaults,
-                                    UffdCounters, VcpuIdentity)
+from pctop.sources.procfs import read_comm
+from pctop.sources.readings import HIST_BUCKETS, Reading, TargetInfo, ThreadFaults, UffdCounters, VcpuIdentity
 from pctop.sources.tracepoints import OPTIONAL_MACROS
-
 
 # Joined in this order into one program text (bcc rewrites map calls only in its main file).
 PROBE_PARTS = ("pctop_defs.h", "pctop_state.c", "pctop.bpf.c", "pctop_handler.c", "pctop_fds.c",

@@ -28,8 +28,7 @@ from collections.abc import Iterable, Mapping
 
 from pctop.fdinfo import UFFD_LINK
 from pctop.hostpaths import DEFAULT, HostPaths
-from pctop.sources.procfs import (VCPU_LINK_PREFIX, debugfs_vcpus, read_threads,
-                                  vcpu_from_name)
+from pctop.sources.procfs import VCPU_LINK_PREFIX, debugfs_vcpus, read_threads, vcpu_from_name
 from pctop.sources.readings import VcpuIdentity
 
 TRUST = ("kvm_create_vcpu", "kvm_vcpu_fd", "kvm_exit", "debugfs", "thread_name")

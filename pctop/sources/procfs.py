@@ -33,7 +33,6 @@ from pctop.fdinfo import UFFD_LINK, UffdFdinfo, parse_fdinfo
 from pctop.hostpaths import DEFAULT, HostPaths
 from pctop.sources.readings import Reading, TargetInfo, UffdDepth, VcpuIdentity
 
-
 VCPU_LINK_PREFIX = "anon_inode:kvm-vcpu:"
 # QEMU "CPU 3/KVM", Firecracker "fc_vcpu 3", Cloud Hypervisor "vcpu3", crosvm "crosvm_vcpu3".
 _VCPU_NAMES = (re.compile(r"^CPU (\d+)/KVM$"), re.compile(r"^fc_vcpu ?(\d+)$"),

@@ -35,8 +35,8 @@ from pctop.ui.widgets.header import HeaderBar
 from pctop.ui.widgets.keybar import KeyBar
 from pctop.ui.widgets.latency import LatencyHistogram, StallBreakdown
 from pctop.ui.widgets.render import fmt_bytes, fmt_us
-from pctop.ui.widgets.uffd_panel import UffdPanel
 from pctop.ui.widgets.timeline import Timeline
+from pctop.ui.widgets.uffd_panel import UffdPanel
 from pctop.ui.widgets.vcpu_table import VcpuTable
 
 MIB = 1 << 20

@@ -128,7 +128,7 @@ class ReplayFeed:
         with Recording(path) as rec:
             try:
                 rec.load_more(final=True)
-            except RecordingError as e:
+            except RecordingError:
                 if rec.header is None or not rec.samples:
                     raise
         if not rec.samples:
@@ -138,6 +138,7 @@ class ReplayFeed:
             last = samples[-1]
             note = Event(last.time, "error", f"the recording ends here: {rec.error}")
             samples = samples[:-1] + [replace(last, events=last.events + (note,))]
+        assert rec.header is not None  # a recording with samples has its header
         feed = cls(rec.header, samples, **kw)
         feed.error = rec.error
         return feed

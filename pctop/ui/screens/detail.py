@@ -14,8 +14,7 @@ from pctop.ui.widgets.base import TextPanel
 from pctop.ui.widgets.header import clock
 from pctop.ui.widgets.keybar import KeyBar
 from pctop.ui.widgets.latency import LatencyHistogram, StallBreakdown
-from pctop.ui.widgets.render import (fmt_rate, fmt_us, latency_severity, sparkline,
-                                     stall_severity)
+from pctop.ui.widgets.render import fmt_rate, fmt_us, latency_severity, sparkline, stall_severity
 from pctop.ui.widgets.vcpu_table import fmt_ms, vcpu_label
 
 

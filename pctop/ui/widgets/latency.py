@@ -10,8 +10,7 @@ from rich.text import Text
 from pctop.hist import bucket_index, percentile_us
 from pctop.model import StallParts
 from pctop.ui.widgets.base import TextPanel
-from pctop.ui.widgets.render import (Part, bar, bucket_label, fmt_count, fmt_us,
-                                     latency_severity, stacked_bar)
+from pctop.ui.widgets.render import Part, bar, bucket_label, fmt_count, fmt_us, latency_severity, stacked_bar
 
 PART_STYLES = (("queued", "█", "red"), ("in service", "▓", "yellow"), ("run-queue", "░", "cyan"))
 

@@ -23,8 +23,7 @@ from textual.strip import Strip
 from pctop.model import Sample, Target, VcpuSample
 from pctop.ui.history import History, VcpuKey
 from pctop.ui.widgets.latency import parts_of
-from pctop.ui.widgets.render import (fmt_rate, fmt_us, latency_severity, sparkline, stacked_runs,
-                                     stall_severity)
+from pctop.ui.widgets.render import fmt_rate, fmt_us, latency_severity, sparkline, stacked_runs, stall_severity
 
 TREND_MIN, TREND_MAX = 10, 60
 PARTS_W = 12  # the per-row stall-parts bar, shown when the width allows
