@@ -32,7 +32,7 @@ test: setup lint
 	$(PY) -m pytest -q
 
 # ruff (errors, imports, style) and mypy (the typed core: pyproject.toml [tool.mypy]);
-# the import layering is a test (tests/test_layers.py).
+# the import layering is a test (tests/unit/test_layers.py).
 lint: $(STAMP)
 	@$(PY) -m ruff check --quiet pctop tests bench scripts
 	@$(PY) -m mypy

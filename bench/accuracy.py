@@ -11,7 +11,7 @@ outer clock) and, for vcpu-exit, KVM_RUN's EFAULT return -> re-entry timed in C
 (the inner clock that defines that strategy's stall). The gap per fault is the
 host's fixed cost that no tracepoint sees (on a nested PVM VM: the hypervisor's
 exit and reload around the fault, KVM_RUN's return path); it is a property of
-the machine, which is why tests/test_validation.py checks only the nesting and
+the machine, which is why tests/system/test_validation.py checks only the nesting and
 this bench reports the figures ("within 5 %" is the goal at link-length stalls).
 """
 

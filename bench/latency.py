@@ -3,7 +3,7 @@
     .venv/bin/python bench/latency.py [--seconds 3] [--memory 32M] [--rtts 0,100,1000] [--json]
 
 One run, one machine, as root: two network namespaces joined by a veth pair
-(tests/netns.py); `pctop engine source` in one, `pctop engine dest` in the other,
+(tests/helpers/netns.py); `pctop engine source` in one, `pctop engine dest` in the other,
 over TCP. The background stream is off, so every first touch of the 2-vCPU KVM
 guest (threads without /dev/kvm) is a demand fault that crosses the link. For each
 injected RTT the destination reports exact stall percentiles (fault read from the
@@ -24,7 +24,7 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tests"))
+sys.path.insert(0, os.path.join(ROOT, "tests", "helpers"))
 sys.path.insert(0, ROOT)
 
 from netns import VethLink, can_make_netns  # noqa: E402

@@ -13,7 +13,7 @@ on CPU 1 (`--hog`), one after the other:
 Each run's own counts (its JSON) are compared with the sum of the monitor's
 samples for its pids. A difference is explained only by a race the probes
 counted meanwhile (their debug counters, read from the monitor's `dbg` map with
-bpftool), within 0.1 %, as tests/test_validation.py allows; every difference is
+bpftool), within 0.1 %, as tests/system/test_validation.py allows; every difference is
 printed with its cause, and the exit status is 1 if any is unexplained.
 """
 

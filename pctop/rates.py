@@ -1,6 +1,6 @@
 """Every rate, delta, fraction and percentile pctop shows: small pure functions.
 
-Each one has its own unit test (tests/test_rates.py). Nothing here reads the
+Each one has its own unit test (tests/unit/test_rates.py). Nothing here reads the
 clock or the kernel; callers pass the measured interval in seconds.
 """
 

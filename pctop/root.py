@@ -7,7 +7,7 @@ are decided here and nowhere below: the aggregator (pctop.stats) is handed its
 sources, the views (pctop.ui, pctop.sinks, pctop.export) are handed a feed of
 Samples, the engine and QEMU code never see either. The command line
 (pctop.cli) turns the user's options into calls of these functions, and their
-exceptions into one-line errors. tests/test_layers.py holds the layering.
+exceptions into one-line errors. tests/unit/test_layers.py holds the layering.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Only what the reference engine needs: one VM, user memory slots, vCPUs with
 register set-up, KVM_RUN, and the capability probes pctop reports. Struct
-layouts are the x86-64 ABI of <linux/kvm.h>; tests/test_kvm.py pins their
+layouts are the x86-64 ABI of <linux/kvm.h>; tests/system/test_kvm.py pins their
 sizes and offsets.
 
 Stopping a vCPU from another thread (see `Vcpu.kick`): the vCPU thread keeps

@@ -2,7 +2,7 @@
 JSON fields (docs/schema.md, pctop/model.py) it is computed from.
 
 The collector takes names, help and labels from here; docs/metrics.md is rendered from
-here (`python -m pctop.export.metrics > docs/metrics.md`, checked by tests/test_export.py,
+here (`python -m pctop.export.metrics > docs/metrics.md`, checked by tests/unit/test_export.py,
 which also checks that every JSON field named exists in the model and in docs/schema.md).
 
 Naming follows Prometheus's conventions: one prefix (`pctop_`), base units in the name
@@ -172,7 +172,7 @@ def render_markdown() -> str:
         "# Prometheus metrics (generated)",
         "",
         "Generated from `pctop/export/metrics.py` by `python -m pctop.export.metrics`; "
-        "tests/test_export.py checks that this file matches it. `pctop export` serves these on",
+        "tests/unit/test_export.py checks that this file matches it. `pctop export` serves these on",
         "`/metrics` (also `pctop monitor --export`); the JSON fields they come from are described",
         "in [schema.md](schema.md). Counters are the sums of those per-interval JSON counts since the",
         "exporter first saw the series; gauges are the last interval's value.",

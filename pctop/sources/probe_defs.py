@@ -4,7 +4,7 @@ The header is the one place they are written (libbpf-tools' shared header, for
 a bcc program that is compiled from text at run time): config slots, target
 flags, how a vCPU was identified, debug-counter slots, table sizes. Python
 reads its integer #defines here instead of repeating them.
-tests/test_probe_defs.py holds the few values Python must also know
+tests/unit/test_probe_defs.py holds the few values Python must also know
 without the header (HIST_BUCKETS of the model) to it.
 """
 

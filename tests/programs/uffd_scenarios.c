@@ -1,6 +1,6 @@
 /* uffd_scenarios: userfaultfd users shaped like the programs pctop must be
  * exact for besides its own engine; each prints one JSON object of its own
- * counts, the ground truth for tests/test_uffd_users.py.
+ * counts, the ground truth for tests/system/test_uffd_users.py.
  *
  *   fork [-p N]     a process with UFFD_FEATURE_EVENT_FORK forks; the child
  *                   touches N pages of the inherited registration at once and

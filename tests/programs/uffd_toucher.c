@@ -1,5 +1,5 @@
 /* uffd_toucher: a small userfaultfd user whose own counts are the ground
- * truth for pctop's probes (tests/test_ebpf.py compiles it with gcc).
+ * truth for pctop's probes (tests/system/test_ebpf.py compiles it with gcc).
  *
  * T toucher threads each touch M pages of their own slice of one
  * uffd-registered anonymous region, in order, once. Faults are resolved by

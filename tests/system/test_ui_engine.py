@@ -12,7 +12,7 @@ import pytest
 
 from pctop.sources.engine import EngineConnection
 from tests.conftest import ROOT
-from tests.test_ui_app import until
+from tests.unit.test_ui_app import until
 
 ENGINE_RUN = """
 import sys

@@ -1,5 +1,5 @@
 """The engine across a network: `pctop engine source` and `pctop engine dest` as two
-processes, in two network namespaces joined by a veth pair (tests/netns.py), with
+processes, in two network namespaces joined by a veth pair (tests/helpers/netns.py), with
 link failures during post-copy, a source that dies, and refused peers.
 
 Link faults: `tc netem` is used where the kernel has it. On this project's machines it
@@ -22,11 +22,11 @@ import threading
 import time
 
 import pytest
-from conftest import ROOT
-from netns import VethLink, can_make_netns
 
 from pctop.engine import transport as T
 from pctop.sources.engine import EngineConnection
+from tests.conftest import ROOT
+from tests.helpers.netns import VethLink, can_make_netns
 
 PCTOP = [sys.executable, "-m", "pctop"]
 MEM = "64M"

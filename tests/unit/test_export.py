@@ -11,7 +11,6 @@ import shutil
 import subprocess
 
 import pytest
-from conftest import ROOT
 from prometheus_client.parser import text_string_to_metric_families
 
 from pctop import hist
@@ -27,6 +26,7 @@ from pctop.model import (
     UffdSample,
     VcpuSample,
 )
+from tests.conftest import ROOT
 
 HEADER = Header(host="h", kernel="k", probe_tier="procfs", sources=("engine", "procfs"),
                 missing=("ebpf: disabled by --no-ebpf; per-vCPU ...", "debugfs: not mounted"),

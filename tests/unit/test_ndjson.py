@@ -201,7 +201,7 @@ def test_schema_doc_names_every_model_field():
     import dataclasses
     from pathlib import Path
 
-    doc = (Path(__file__).resolve().parent.parent / "docs" / "schema.md").read_text()
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "schema.md").read_text()
     assert f"(version {SCHEMA_VERSION})" in doc
     for cls in (Header, Sample, Target, VcpuSample, UffdSample, Migration, Event, StallParts):
         for f in dataclasses.fields(cls):

@@ -1,6 +1,6 @@
 """A tiny real userfaultfd process for the monitor's tests.
 
-Run as `python tests/uffd_holder.py N HOLD_S`: opens a uffd (pctop.engine.uffd),
+Run as `python tests/helpers/uffd_holder.py N HOLD_S`: opens a uffd (pctop.engine.uffd),
 registers N pages, starts N threads that each touch one missing page (so N
 faults block in the kernel), and a handler that waits HOLD_S seconds before
 it reads and resolves anything (a deliberately slow handler: the uffd queue
@@ -8,10 +8,10 @@ holds N pending faults meanwhile). Then it serves faults until killed.
 Prints one line "READY <pid> <uffd fd>" once the threads are started.
 Its command name is "uffdhold<pid>" (unique, for --comm).
 
-`python tests/uffd_holder.py stream N`: N threads fault continuously and a
+`python tests/helpers/uffd_holder.py stream N`: N threads fault continuously and a
 prompt handler resolves each fault (a steady stream for the eBPF tier).
 
-`python tests/uffd_holder.py kvm N`: a KVM VM with N vCPUs instead (no uffd),
+`python tests/helpers/uffd_holder.py kvm N`: a KVM VM with N vCPUs instead (no uffd),
 each vCPU on its own thread named like QEMU's ("CPU i/KVM") that enters
 KVM_RUN once with immediate_exit set (KVM then records the thread in
 debugfs vcpuN/pid, and returns at once). Prints "READY <pid> <vm fd>".
@@ -34,7 +34,7 @@ PAGE = 4096
 
 
 def main(n: int, hold_s: float) -> None:
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     from pctop.engine.uffd import AnonMemory, Uffd
 
     # A command name no other process has, so --comm can be tested: "uffdhold<pid>".
@@ -61,7 +61,7 @@ def main_stream(n: int, period_s: float = 0.005) -> None:
     """N threads fault forever (one new page every period_s each; pages are
     dropped and fault again), a prompt handler resolves them: a steady fault
     stream that any monitoring window sees."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     from pctop.engine.uffd import AnonMemory, Uffd
 
     pages = 64
@@ -88,7 +88,7 @@ def main_stream(n: int, period_s: float = 0.005) -> None:
 
 
 def main_kvm(n: int) -> None:
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     from pctop.engine.kvm import Kvm
 
     libc = ctypes.CDLL(None, use_errno=True)

@@ -4,7 +4,7 @@ The real test hides every header this host has: a private mount namespace
 (unshare -m) puts empty tmpfs over /lib/modules and /usr/src, and a child
 pctop there builds the probes from /sys/kernel/btf/vmlinux into a fresh cache,
 then counts the faults of tests/programs/uffd_toucher.c exactly, like
-tests/test_ebpf.py. Another reads struct task_struct through vmlinux.h and
+tests/system/test_ebpf.py. Another reads struct task_struct through vmlinux.h and
 gets this kernel's answers. The choice between ways is checked on folder trees made
 here (a host with its own headers cannot be made real otherwise); the BTF
 they name is this kernel's own.
@@ -25,7 +25,6 @@ import pytest
 from pctop import probe_build as pb
 from pctop.hostpaths import HostPaths
 from tests.conftest import ROOT, need_root
-from tests.test_ebpf import toucher  # noqa: F401  (the fixture that builds uffd_toucher.c)
 
 REAL_BTF = "/sys/kernel/btf/vmlinux"
 

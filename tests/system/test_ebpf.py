@@ -11,18 +11,16 @@ cannot run.
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from pctop.hostpaths import HostPaths
 from pctop.sources.ebpf import EbpfSource, ebpf_unavailable_reason, exit_name, probe_cflags
-from pctop.sources.readings import HIST_BUCKETS, Reading, ThreadFaults, UffdCounters
+from pctop.sources.readings import HIST_BUCKETS, Reading, ThreadFaults
+from tests.helpers.probes import assert_same_count, need_ebpf, run_toucher, run_toucher_named, threads_of, uffd_of
 
-PROGRAMS = Path(__file__).parent / "programs"
 PAGE = 4096
 
 
@@ -48,96 +46,6 @@ def test_missing_tracefs_is_named_and_optional_probes_are_left_out(tmp_path):
 
 
 # ---- fixtures ------------------------------------------------------------------------------
-
-
-def _need_ebpf() -> None:
-    why = ebpf_unavailable_reason()
-    if why:
-        pytest.skip(f"eBPF unavailable: {why}")
-
-
-def build_program(tmp_path_factory, name: str) -> Path:
-    """Compile tests/programs/<name>.c with gcc into a temporary folder."""
-    gcc = shutil.which("gcc")
-    if gcc is None:
-        pytest.skip(f"gcc not installed (needed to build tests/programs/{name}.c)")
-    out = tmp_path_factory.mktemp("programs") / name
-    subprocess.run([gcc, "-O2", "-Wall", "-Werror", "-pthread", "-o", str(out), str(PROGRAMS / f"{name}.c")],
-                   check=True)
-    return out
-
-
-@pytest.fixture(scope="module")
-def toucher(tmp_path_factory) -> Path:
-    return build_program(tmp_path_factory, "uffd_toucher")
-
-
-@pytest.fixture(scope="module")
-def follow_all():
-    _need_ebpf()
-    src = EbpfSource(None, follow_all=True)
-    src.start()
-    try:
-        yield src
-    finally:
-        src.close()
-
-
-@pytest.fixture(scope="module")
-def by_pid():
-    _need_ebpf()
-    src = EbpfSource([], follow_all=False)
-    src.start()
-    try:
-        yield src
-    finally:
-        src.close()
-
-
-def run_toucher(src: EbpfSource, toucher: Path, *args: str) -> tuple[dict, Reading]:
-    """Run the program to completion inside one interval of `src`."""
-    src.collect()  # everything before belongs to the previous interval
-    p = subprocess.run([str(toucher), *args], capture_output=True, text=True, timeout=60)
-    assert p.returncode == 0, p.stderr
-    return json.loads(p.stdout), src.collect()
-
-
-def run_toucher_named(src: EbpfSource, toucher: Path, *args: str) -> tuple[dict, Reading]:
-    """Start the program (-w: it registers its uffd, then waits), name its pid to
-    `src` (what it set up is read from /proc), then let it run to completion."""
-    p = subprocess.Popen([str(toucher), *args, "-w"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        ready = p.stdout.readline().split()
-        assert ready and ready[0] == "ready", ready
-        src.add_pid(int(ready[1]))
-        src.collect()
-        p.stdin.write("go\n")
-        p.stdin.flush()
-        out, _ = p.communicate(timeout=60)
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
-    return json.loads(out), src.collect()
-
-
-def threads_of(r: Reading, pid: int) -> dict[int, ThreadFaults]:
-    return {t.tid: t for t in r.threads if t.pid == pid}
-
-
-def assert_same_count(got: int, truth: int, allowed_races: int, what: str) -> None:
-    """pctop's count equals the truth, or falls short by at most the named races the probes
-    counted meanwhile (their debug counters) and by at most 0.1 % (issue 5)."""
-    short = truth - got
-    assert short >= 0, f"{what}: pctop counted {got}, more than the {truth} that happened"
-    assert short <= allowed_races and short <= truth // 1000, \
-        f"{what}: pctop {got} vs {truth}: {short} short, named races only {allowed_races}"
-
-
-def uffd_of(r: Reading, pid: int, fd: int) -> UffdCounters:
-    found = [u for u in r.uffds if u.pid == pid and u.fd == fd]
-    assert found, f"no counters for uffd {fd} of pid {pid}: {r.uffds}"
-    return found[0]
 
 
 def check_read_faults(truth: dict, r: Reading, delay_us: int) -> None:
@@ -181,7 +89,7 @@ def test_threads_whose_slot_another_tid_holds_spill_to_the_hash_maps(toucher):
     65536); a thread whose slot another live thread holds uses the hash maps instead. Two
     such tids are rare, so every slot is taken here by a tid that cannot exist: all threads
     spill, and the counts must be exactly the same."""
-    _need_ebpf()
+    need_ebpf()
     src = EbpfSource(None, follow_all=True)
     src.start()
     try:

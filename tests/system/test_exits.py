@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.term import Term
+from tests.helpers.term import Term
 
 
 @pytest.fixture

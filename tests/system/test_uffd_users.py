@@ -19,8 +19,8 @@ import pytest
 from pctop.sources.readings import Reading
 from pctop.stats import Memory, build_sample, merge_readings
 from tests.conftest import ROOT
-from tests.test_ebpf import assert_same_count, build_program, follow_all, run_toucher, threads_of, toucher, uffd_of  # noqa: F401  (fixtures)
-from tests.test_validation import LineReader, _killpg
+from tests.helpers.probes import assert_same_count, build_program, run_toucher, threads_of, uffd_of
+from tests.helpers.procs import LineReader, killpg
 
 pytestmark = pytest.mark.bpf
 
@@ -171,7 +171,7 @@ def test_comm_follows_a_process_started_later_from_its_first_fault(toucher):
         k = len(samples.lines)
         lines = samples.wait_for(lambda ls: len(ls) >= k + 2)  # the interval of its last faults is in
     finally:
-        _killpg(mon)
+        killpg(mon)
     rows = [v for line in lines[1:] for t in json.loads(line)["targets"] if t["pid"] == truth["pid"]
             for v in t["vcpus"]]
     for t in truth["touchers"]:

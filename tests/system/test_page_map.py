@@ -21,7 +21,7 @@ import pytest
 from pctop.sources import pagemap
 from pctop.sources.pagemap import coalesce, merge_runs, page_count, pages_missing
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PAGE = 4096
 HUGE = 2 << 20
 
@@ -112,7 +112,7 @@ def expected_pages(base: int) -> set[int]:
     return {base + p * PAGE for p in pages}
 
 
-def _need_ebpf() -> None:
+def need_ebpf() -> None:
     from pctop.sources.ebpf import ebpf_unavailable_reason
     why = ebpf_unavailable_reason()
     if why:
@@ -170,7 +170,7 @@ def run_installer(src, huge: bool, ops=OPS, pages: int = 4096) -> tuple[dict, li
 
 @pytest.fixture(scope="module")
 def with_page_map():
-    _need_ebpf()
+    need_ebpf()
     from pctop.sources.ebpf import EbpfSource
     src = EbpfSource([], page_map=True)
     src.start()
@@ -203,7 +203,7 @@ def test_installed_ranges_are_exactly_the_pages_installed(with_page_map):
 
 @pytest.mark.bpf
 def test_without_the_page_map_no_ranges_and_no_page_map_entries():
-    _need_ebpf()
+    need_ebpf()
     from pctop.sources.ebpf import EbpfSource
     src = EbpfSource([], page_map=False)
     src.start()

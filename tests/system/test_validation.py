@@ -21,10 +21,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass
 
@@ -32,7 +30,8 @@ import pytest
 
 from pctop.hist import bucket_index
 from tests.conftest import ROOT
-from tests.test_ebpf import _need_ebpf, assert_same_count, follow_all  # noqa: F401  (follow_all: a fixture)
+from tests.helpers.probes import assert_same_count, need_ebpf
+from tests.helpers.procs import LineReader, killpg
 
 pytestmark = pytest.mark.bpf
 
@@ -47,21 +46,6 @@ def _need_kvm() -> None:
     why = kvm.kvm_unavailable_reason()
     if why:
         pytest.skip(f"no usable /dev/kvm: {why}")
-
-
-def _killpg(p: subprocess.Popen) -> None:
-    """End a process started with start_new_session and everything it forked (the engine's source)."""
-    if p.poll() is None:
-        try:
-            os.killpg(p.pid, signal.SIGTERM)
-            p.wait(timeout=10)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            pass
-    try:
-        os.killpg(p.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    p.wait(timeout=10)
 
 
 # ---- the engine, run to completion inside one probe interval ------------------------------
@@ -312,32 +296,11 @@ sys.stdin.readline()
 """
 
 
-class LineReader:
-    """Collects a process's stdout lines in a thread, so the test can wait for one."""
-
-    def __init__(self, stream):
-        self.lines: list[str] = []
-        self._cv = threading.Condition()
-        threading.Thread(target=self._pump, args=(stream,), daemon=True).start()
-
-    def _pump(self, stream) -> None:
-        for line in stream:
-            with self._cv:
-                self.lines.append(line)
-                self._cv.notify_all()
-
-    def wait_for(self, pred, timeout: float = 30) -> list[str]:
-        with self._cv:
-            if not self._cv.wait_for(lambda: pred(self.lines), timeout):
-                raise AssertionError(f"timed out; lines so far: {self.lines[-3:]}")
-            return list(self.lines)
-
-
 def test_plain_uffd_process_counts_and_queue_depth():
     """N threads of a process written here fault on M pages each; its handler sleeps
     HOLD_S before its first read, so the uffd queue holds exactly N faults meanwhile.
     pctop must count each thread's faults as the handler did, and show that queue."""
-    _need_ebpf()
+    need_ebpf()
     n, m, hold_s = 3, 20, 1.0
     prog = subprocess.Popen([sys.executable, "-c", PLAIN_UFFD, str(n), str(m), str(hold_s)], cwd=ROOT,
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, start_new_session=True)
@@ -358,7 +321,7 @@ def test_plain_uffd_process_counts_and_queue_depth():
     finally:
         for p in (mon, prog):
             if p is not None:
-                _killpg(p)
+                killpg(p)
     header, *rest = (json.loads(line) for line in lines)
     assert header["probe_tier"] == "ebpf"
     targets = [t for s in rest for t in s["targets"] if t["pid"] == prog.pid]
@@ -401,7 +364,7 @@ def test_attach_to_a_running_engine_identifies_its_vcpus(tmp_path, strategy, how
     see): debugfs vcpuN/pid names it. In vcpu-exit mode each fault re-enters KVM_RUN
     on a vCPU fd whose index /proc gave: "kvm_vcpu_fd". The engine's control socket
     lives outside /run/pctop, so pctop does not learn identities from the engine."""
-    _need_ebpf()
+    need_ebpf()
     _need_kvm()
     sock = str(tmp_path / "engine.sock")
     eng = subprocess.Popen([sys.executable, "-m", "pctop", "demo", "--headless", "--json", "--strategy", strategy,
@@ -426,7 +389,7 @@ def test_attach_to_a_running_engine_identifies_its_vcpus(tmp_path, strategy, how
         else:  # it finished meanwhile (a slow machine): its summary has the same counters
             after = json.loads(eng.stdout.read().splitlines()[-1])
     finally:
-        _killpg(eng)
+        killpg(eng)
     assert mon.returncode == 0, mon.stderr
     header, *samples = (json.loads(line) for line in mon.stdout.splitlines())
     assert header["probe_tier"] == "ebpf" and len(samples) == 3

@@ -118,7 +118,7 @@ def test_demo_opens_the_dashboard_and_q_stops_the_engine():
         assert engine_pids, "the engine runs as a child process"
         os.write(master, b"q")
         read_until(master, b"\x00never", 1)  # keep draining while it exits
-        assert proc.wait(30) == 130  # quit before the end: not verified (tests/test_exits.py)
+        assert proc.wait(30) == 130  # quit before the end: not verified (tests/system/test_exits.py)
         for pid in engine_pids:
             assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
     finally:

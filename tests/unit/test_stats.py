@@ -24,7 +24,7 @@ from pctop.sources.readings import (
     VcpuIdentity,
 )
 from pctop.stats import Memory, Stats, build_sample, merge_readings
-from tests.uffd_holder import holder
+from tests.helpers.uffd_holder import holder
 
 
 def tf(pid=10, tid=11, faults=0, stall_ns=0, max_ns=0, hist=EMPTY, **kw) -> ThreadFaults:

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from tests.conftest import ROOT, run_pctop
-from tests.uffd_holder import holder
+from tests.helpers.uffd_holder import holder
 
 
 def lines_of(text: str) -> list[dict]:

@@ -1,12 +1,12 @@
 """Both ends of one real QEMU post-copy migration in one Prometheus, and the Grafana dashboard's
 every query against it.
 
-Two "hosts" (network namespaces joined to the root namespace, tests/netns.py HostNs): on the
+Two "hosts" (network namespaces joined to the root namespace, tests/helpers/netns.py HostNs): on the
 source host `pctop export -p SOURCE_QEMU --qmp-source SOURCE`, on the destination host
 `pctop export -p DEST_QEMU --qmp DEST` (with its eBPF probes: the destination is where the
 faults are). Each knows only its own QEMU, as on two real hosts.
 A Prometheus in the root namespace scrapes both across the veth links every 0.5 s while two
-QEMUs migrate pctop's boot-sector guest with post-copy (about 4 s, tests/test_qemu_postcopy.py).
+QEMUs migrate pctop's boot-sector guest with post-copy (about 4 s, tests/system/test_qemu_postcopy.py).
 The source host's exporter runs on /proc only: its QEMU takes no post-copy faults, and one set
 of probes keeps the run short.
 """
@@ -20,10 +20,10 @@ import time
 from dataclasses import dataclass
 
 import pytest
-from netns import HostNs, can_make_netns
 
 from tests.conftest import ROOT, need_root
-from tests.promserver import Prometheus, exporter, free_port, need_prometheus, prometheus
+from tests.helpers.netns import HostNs, can_make_netns
+from tests.helpers.promserver import Prometheus, exporter, free_port, need_prometheus, prometheus
 
 pytestmark = [pytest.mark.bpf, pytest.mark.timeout(240)]
 
@@ -154,7 +154,7 @@ def test_the_dashboard_is_a_provisionable_grafana_dashboard():
     for p in dash["panels"]:
         if p["type"] != "row":
             assert p["datasource"]["uid"] == "${DS_PROMETHEUS}" and p["targets"], p["title"]
-    from tests.test_export_rules import exposed_names
+    from tests.system.test_export_rules import exposed_names
     used = set(re.findall(r"\bpctop_[a-z0-9_]+", DASHBOARD.read_text()))
     assert used <= exposed_names(), used - exposed_names()
 

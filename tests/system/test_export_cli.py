@@ -13,8 +13,8 @@ from prometheus_client.openmetrics.parser import text_string_to_metric_families 
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import run_pctop
-from tests.promserver import exporter, scrape
-from tests.uffd_holder import holder
+from tests.helpers.promserver import exporter, scrape
+from tests.helpers.uffd_holder import holder
 
 
 def _values(text: str, name: str) -> dict[tuple, float]:
@@ -137,8 +137,8 @@ def test_the_dashboard_serves_metrics_while_it_runs():
     import urllib.error
 
     from tests.conftest import ROOT
-    from tests.promserver import free_port
-    from tests.test_ui_demo import read_until
+    from tests.helpers.promserver import free_port
+    from tests.system.test_ui_demo import read_until
 
     port = free_port()
     with holder(2) as (_, pid, fd):

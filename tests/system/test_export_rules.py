@@ -1,6 +1,6 @@
 """contrib/prometheus/alerts.yml: valid for Prometheus's promtool, its unit tests pass, and it
 names only metrics pctop serves. (Its evaluation on real scraped data is in
-tests/test_export_prometheus.py.)"""
+tests/system/test_export_prometheus.py.)"""
 
 from __future__ import annotations
 

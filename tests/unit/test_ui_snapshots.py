@@ -4,7 +4,7 @@ from NDJSON recordings of real reference-engine runs (tests/data, made by
 
 Deterministic: fixed terminal sizes, playback paused at a fixed sample,
 every time on screen comes from the recording, shown in UTC.
-Refresh after an intended change: pytest tests/test_ui_snapshots.py --snapshot-update
+Refresh after an intended change: pytest tests/unit/test_ui_snapshots.py --snapshot-update
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import pytest
 from pctop.ui.app import PctopApp
 from pctop.ui.feeds import ReplayFeed
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).resolve().parents[1] / "data"
 EBPF = DATA / "engine-uffd-ebpf.ndjson"  # 12 samples; stream paused in samples 5-7
 PROCFS = DATA / "engine-uffd-procfs.ndjson"  # same kind of run, --no-ebpf: the degraded tier
 

@@ -21,7 +21,7 @@ import pytest
 
 from pctop import hist
 from tests.conftest import ROOT
-from tests.promserver import Prometheus, exporter, free_port, need_prometheus, prometheus
+from tests.helpers.promserver import Prometheus, exporter, free_port, need_prometheus, prometheus
 
 ALERTS = ROOT / "contrib" / "prometheus" / "alerts.yml"
 ENGINE = ["demo", "--headless", "--json", "--vcpus", "2", "--memory", "512M", "--pattern", "random",

@@ -1,6 +1,6 @@
 """The procfs source: discovery, queue depth, vCPU identity, handler CPU%, gone targets.
 
-Real processes holding real userfaultfds (tests/uffd_holder.py) for what the
+Real processes holding real userfaultfds (tests/helpers/uffd_holder.py) for what the
 kernel shows; a fake /proc tree in a temp dir (the HostPaths redirect) for the
 not-found, gone and reused-pid paths and for exact CPU accounting.
 """
@@ -25,7 +25,7 @@ from pctop.sources.procfs import (
     scan_fds,
     vcpu_from_name,
 )
-from tests.uffd_holder import holder
+from tests.helpers.uffd_holder import holder
 
 CLK = os.sysconf("SC_CLK_TCK")
 

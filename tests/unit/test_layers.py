@@ -17,7 +17,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-PKG = Path(__file__).resolve().parent.parent / "pctop"
+PKG = Path(__file__).resolve().parents[2] / "pctop"
 BASE = {"pctop", "pctop.model", "pctop.hist", "pctop.rates", "pctop.sizes", "pctop.hostpaths", "pctop.fdinfo",
         "pctop.asm"}
 CLI = ("pctop.cli",)

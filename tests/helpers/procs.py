@@ -1,0 +1,44 @@
+"""Helpers for tests that run pctop or a workload as a child process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+
+
+def killpg(p: subprocess.Popen) -> None:
+    """End a process started with start_new_session and everything it forked (the engine's source)."""
+    if p.poll() is None:
+        try:
+            os.killpg(p.pid, signal.SIGTERM)
+            p.wait(timeout=10)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            pass
+    try:
+        os.killpg(p.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    p.wait(timeout=10)
+
+
+class LineReader:
+    """Collects a process's stdout lines in a thread, so the test can wait for one."""
+
+    def __init__(self, stream):
+        self.lines: list[str] = []
+        self._cv = threading.Condition()
+        threading.Thread(target=self._pump, args=(stream,), daemon=True).start()
+
+    def _pump(self, stream) -> None:
+        for line in stream:
+            with self._cv:
+                self.lines.append(line)
+                self._cv.notify_all()
+
+    def wait_for(self, pred, timeout: float = 30) -> list[str]:
+        with self._cv:
+            if not self._cv.wait_for(lambda: pred(self.lines), timeout):
+                raise AssertionError(f"timed out; lines so far: {self.lines[-3:]}")
+            return list(self.lines)
