@@ -10,7 +10,7 @@ Everything in one run on one machine, so the ratios compare like with like:
   * stream: the background stream alone (source process -> socket -> UFFDIO_COPY,
     no guest running) against raw UFFDIO_COPY of 2 MiB chunks from memory in this
     process into a registered region.
-Targets are in /work/shared/notes/platform.md and bench/RESULTS.md.
+Targets and results are in bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def fault_rate(strategy: str, vcpus: int, memory: int, seconds: float, workload:
 
 def local_floor(vcpus: int, memory: int, seconds: float, workload: str, pin: bool) -> dict:
     """No source, no round trip: one reader in this process resolves each fault with
-    UFFDIO_COPY of a page it already has (the platform.md prototypes). The floor
+    UFFDIO_COPY of a page it already has (the throw-away prototypes the targets came from). The floor
     that the machine's fault path and wake-ups set for the uffd strategy."""
     import select
     import threading

@@ -1,4 +1,4 @@
-"""Cost of the Prometheus exporter (issue 15's targets: a scrape of 8 VMs x 256 vCPUs within
+"""Cost of the Prometheus exporter (the targets: a scrape of 8 VMs x 256 vCPUs within
 50 ms of CPU; the exporter within 2 % of a core at 1 Hz while the engine runs).
 
 1. scrape: synthetic Samples of 8 targets x 256 vCPUs (every vCPU with faults in 10 of the

@@ -23,7 +23,7 @@ interval (bench/median_ci.py). Single pairs swing by 10-20 % on this shared VM, 
 counts as met only when the whole interval clears it, missed when the whole interval falls
 short, else the run cannot tell. The engine is restarted between pairs before its guest
 memory runs out, so a run can be as long as its intervals need.
-Target (issue 5): <= 5 % fault-rate loss.
+Target: <= 5 % fault-rate loss.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ BPF_STATS = "/proc/sys/kernel/bpf_stats_enabled"
 # unmapped) are a start-up cost, not what an attached monitor costs.
 SETTLE_S = 1.5  # default --settle
 MONITOR_START_S = 15.0  # a monitor's compile and attach, with room: what an "on" window adds
-TARGET_RATIO = 0.95  # issue 5: <= 5 % fault-rate loss
+TARGET_RATIO = 0.95  # the target: <= 5 % fault-rate loss
 
 
 class Window(NamedTuple):

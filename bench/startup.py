@@ -1,4 +1,4 @@
-"""Start-up time of the light command paths (issue: `pctop --help` under 0.3 s).
+"""Start-up time of the light command paths (target: `pctop --help` under 0.3 s).
 
 The unit tests prove these paths import neither Textual nor bcc (the cause of
 a slow start); this measures the time itself, side by side with a bare

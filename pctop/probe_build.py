@@ -100,7 +100,8 @@ def headers_fallback_candidates(paths: HostPaths = DEFAULT) -> tuple[str, str] |
     """The newest Debian-style (build, source) header pair under /usr/src, if any.
 
     bcc only needs headers for tracepoint-only programs, so headers of another
-    kernel release work when the exact ones do not exist (platform.md).
+    kernel release work when the exact ones do not exist (seen on the project's test VMs:
+    Debian's 6.1 headers for a 6.18 kernel).
     """
     builds = sorted(glob.glob(os.path.join(paths.usr_src, "linux-headers-*-amd64")))
     for build in reversed(builds):

@@ -8,7 +8,7 @@
  * Compiled by bcc at run time (pctop/sources/ebpf.py). Optional tracepoints
  * are guarded by HAVE_* macros that the loader defines when tracefs has them.
  *
- * The life of one fault, as reconstructed here (design.md):
+ * The life of one fault, as reconstructed here:
  *   1. start: exceptions:page_fault_user/kernel at an address inside a range
  *      the process registered with UFFDIO_REGISTER ("strong" candidate, we
  *      know the host address). A vCPU whose fault goes through get_user_pages

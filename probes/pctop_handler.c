@@ -345,7 +345,7 @@ TRACEPOINT_PROBE(syscalls, sys_exit_ioctl)
             return 0;
         /* (a read, clone or recvmsg entry: a syscall whose exit we missed)
          * KVM_RUN is not stashed in flight: a vCPU-exit stall starts when the
-         * memory-fault return leaves the syscall (the issue's "KVM_RUN return"),
+         * memory-fault return leaves the syscall (KVM_RUN's return to the VMM),
          * not at kvm_userspace_exit, which still has KVM_RUN's tail to run */
         struct tstate *t = tstate_of(tid);
         if (t && t->efault_open) {

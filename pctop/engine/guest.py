@@ -86,7 +86,7 @@ WRITE_OFFSET_MASK = 0xF78   # qword offsets 0..3960, +64 => 64..4024: inside any
 # Linux's GDT layout (PVM runs CPL3 code on the host's segments, so match them).
 SEL_KERNEL_CS, SEL_KERNEL_DS, SEL_USER_DS, SEL_USER_CS, SEL_TSS = 0x10, 0x18, 0x2B, 0x33, 0x40
 
-# Control registers for 64-bit paging (platform.md: what PVM runs natively).
+# Control registers for 64-bit paging (with these, PVM runs CPL3 code natively instead of emulating it).
 CR0 = 0x80050033    # PG | AM | WP | NE | ET | MP | PE
 CR4 = 0x10620       # FSGSBASE | OSXMMEXCPT | OSFXSR | PAE
 CR4_FSGSBASE = 0x10000

@@ -101,7 +101,7 @@ class PageServer:
     def serve_demand(self, ch: Channel, index: int = 0) -> None:
         if index < len(self.demand_cpus) and self.demand_cpus[index] >= 0:
             # Same CPU as the faulting vCPU (which sleeps meanwhile): a same-CPU wake-up
-            # costs a tenth of a cross-CPU one here (platform.md).
+            # costs a tenth of a cross-CPU one on the project's test VMs.
             os.sched_setaffinity(0, {self.demand_cpus[index]})
         delayed: queue.SimpleQueue | None = None
         try:

@@ -83,7 +83,7 @@ class StallClocks(NamedTuple):
 
 
 # A guest access slower than this is a stall. A fault waited for takes >= 20 us here (a
-# cross-CPU wake-up, platform.md); an access that only maps a present page takes a few us.
+# cross-CPU wake-up on the project's test VMs); an access that only maps a present page takes a few us.
 SLOW_ACCESS_NS = 10_000
 DEFAULT_TSC_HZ = 3e9   # only for the threshold, where the frequency cannot be measured
 

@@ -31,7 +31,7 @@ Guest physical layout:
     0x7C00          this sector: code, then the GDT and its descriptor
     region_base ..  the written region (default 1 MiB .. 17 MiB)
 
-Under PVM (platform.md) real mode and 32-bit flat code are emulated by KVM,
+Under PVM (KVM without VMX/SVM, as on the project's test VMs) real mode and 32-bit flat code are emulated by KVM,
 every instruction; under VMX/SVM or TCG it runs at full speed. Either way the
 guest's memory accesses go through the host mapping QEMU registers with
 userfaultfd on the destination.

@@ -8,7 +8,7 @@ the migration (the demo, the tests, `pctop qemu`). The destination
 waits with `-incoming defer` so capabilities can be set before it listens.
 Migration goes over TCP on 127.0.0.1.
 
-Under PVM (platform.md) `-cpu host` aborts; the default CPU model works, and
+Under PVM (KVM without VMX/SVM) `-cpu host` aborts; the default CPU model works, and
 with `cpu="host"` we pass `host,-arch-capabilities`, which also works.
 `QemuPair.stop()` (also on `with` exit) stops both processes and waits for them
 (SIGTERM, then SIGKILL after a short grace: a destination QEMU in post-copy ignores

@@ -1,6 +1,6 @@
 """Which thread is which vCPU, and what a running target already set up.
 
-Trust order for a vCPU index (design.md), highest first:
+Trust order for a vCPU index, highest first:
   "kvm_create_vcpu"  the probes saw KVM_CREATE_VCPU return fd F for index N,
                      then KVM_RUN on F from the thread;
   "kvm_vcpu_fd"      the same, for a target already running when pctop

@@ -68,7 +68,7 @@ def threads_of(r: Reading, pid: int) -> dict[int, ThreadFaults]:
 
 def assert_same_count(got: int, truth: int, allowed_races: int, what: str) -> None:
     """pctop's count equals the truth, or falls short by at most the named races the probes
-    counted meanwhile (their debug counters) and by at most 0.1 % (issue 5)."""
+    counted meanwhile (their debug counters) and by at most 0.1 %."""
     short = truth - got
     assert short >= 0, f"{what}: pctop counted {got}, more than the {truth} that happened"
     assert short <= allowed_races and short <= truth // 1000, \

@@ -271,7 +271,7 @@ def test_engine_vcpu_exit_strategy_counts_memory_fault_exits(follow_all):
 @pytest.mark.bpf
 def test_every_tracepoint_tracefs_has_is_attached(by_pid):
     """Optional KVM probes are compiled in when tracefs has their tracepoint. kvm:kvm_exit
-    and kvm:kvm_page_fault never fire under PVM (platform.md), so on this machine only their
+    and kvm:kvm_page_fault never fire under PVM (KVM without VMX/SVM, as here), so on this machine only their
     compiling and attaching can be checked, not what they do on a VMX/SVM host."""
     from pctop.sources.ebpf import tracepoint_exists
     from pctop.sources.tracepoints import OPTIONAL, REQUIRED
