@@ -11,6 +11,10 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+# Where a reference engine puts its control socket (engine-<pid>.sock) unless told
+# otherwise, and where pctop looks for one: the engine, `pctop ctl` and the collector.
+RUN_DIR = "/run/pctop"
+
 
 @dataclass(frozen=True)
 class HostPaths:

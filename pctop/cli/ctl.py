@@ -17,8 +17,8 @@ import sys
 import click
 
 from pctop.cli.common import HELP, Command, Unavailable, UsageError
+from pctop.hostpaths import RUN_DIR
 
-RUN_DIR = "/run/pctop"
 NUMERIC = {"bandwidth", "latency"}
 # The engine's commands (pctop.engine.run.COMMANDS, which a test holds equal), with
 # their argument, for `ctl --help` and `ctl help` (this module must not import the engine).

@@ -15,10 +15,12 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from pctop.hostpaths import RUN_DIR
+
 MAX_LINE = 1 << 16
 
 
-def default_path(pid: int | None = None, run_dir: str = "/run/pctop") -> str:
+def default_path(pid: int | None = None, run_dir: str = RUN_DIR) -> str:
     return os.path.join(run_dir, f"engine-{os.getpid() if pid is None else pid}.sock")
 
 

@@ -21,6 +21,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from pctop import rates
+from pctop.hostpaths import RUN_DIR
 from pctop.sources.readings import (
     MigrationInfo,
     Reading,
@@ -31,7 +32,7 @@ from pctop.sources.readings import (
     VcpuIdentity,
 )
 
-DEFAULT_RUN_DIR = "/run/pctop"
+DEFAULT_RUN_DIR = RUN_DIR
 _SOCK_NAME = re.compile(r"^engine-(\d+)\.sock$")
 _EXTRA_KEYS = ("strategy", "readers", "vcpus", "workload", "address_source", "background", "link",
                "bandwidth_limit_bps", "elapsed_s",
@@ -249,6 +250,13 @@ class EngineSource:
         return Reading(source=self.name, threads=tuple(threads), uffds=tuple(counters),
                        depths=tuple(depths), identities=tuple(idents), targets=tuple(targets),
                        migrations=tuple(migs), gone=tuple(gone), events=tuple(notes))
+
+    # Commands every engine takes; the others it lists in its status (migration extra "commands").
+    BASE_COMMANDS = ("pause", "resume", "bandwidth")
+
+    def supports(self, cmd: str) -> bool:
+        """pctop.ui.feeds.Controls: the base commands; others only as the engine lists them."""
+        return cmd in self.BASE_COMMANDS
 
     def send(self, cmd: str, arg: Any = None, pid: int | None = None) -> dict[str, Any]:
         """Send a control command to the engine of `pid` (or the only one)."""

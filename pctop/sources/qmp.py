@@ -199,8 +199,9 @@ class QmpSource:
     def supports(self, cmd: str) -> bool:
         return cmd in self.COMMANDS
 
-    def send(self, cmd: str, arg: Any = None) -> dict[str, Any]:
-        """Run one control; {"ok": True, "cmd", "text"} or {"ok": False, "cmd", "error"}."""
+    def send(self, cmd: str, arg: Any = None, pid: int | None = None) -> dict[str, Any]:
+        """Run one control; {"ok": True, "cmd", "text"} or {"ok": False, "cmd", "error"}.
+        `pid` is ignored: the QMP sockets name the one migration they steer."""
         try:
             text = self._control(cmd, arg)
         except (QmpError, ValueError, TypeError) as e:

@@ -10,7 +10,6 @@ Samples and the History it derives from them.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import signal
 import threading
 import time
@@ -25,7 +24,7 @@ from textual.worker import get_current_worker
 
 from pctop import exits
 from pctop.model import HIST_BUCKETS, Event, Sample, StallParts
-from pctop.ui.feeds import INTERVAL_STEPS, SPEED_STEPS, step_in
+from pctop.ui.feeds import INTERVAL_STEPS, SPEED_STEPS, Controls, LiveFeed, ReplayFeed, step_in
 from pctop.ui.history import HISTORY_LEN, History, state_events
 from pctop.ui.screens.confirm import ConfirmScreen
 from pctop.ui.screens.detail import VcpuDetailScreen, find_vcpu
@@ -44,9 +43,9 @@ MIB = 1 << 20
 BANDWIDTH_STEPS = tuple(MIB * (1 << i) for i in range(0, 11))  # 1 MiB/s .. 1 GiB/s
 # Injected per-request latency offered by l, microseconds.
 LATENCY_STEPS_US = (0, 1000, 5000, 20000)
-# Commands every engine takes (a control object with supports() is asked about them
-# too: QEMU has no pause of the background stream); the others appear only when the
-# engine lists them or supports() says yes.
+# Commands every engine takes (the controls' supports() is asked about them too: QEMU
+# has no pause of the background stream); the others appear only when the engine lists
+# them or supports() says yes.
 BASE_COMMANDS = frozenset({"pause", "resume", "bandwidth"})
 EXTRA_COMMANDS = ("latency", "drop-link", "recover", "enable-postcopy", "start-postcopy")
 
@@ -106,13 +105,16 @@ class PctopApp(App[None]):
     # like Ctrl+C in a shell it counts as an interruption (exit status 130).
     BINDINGS = [k[1] for k in KEYS] + [Binding("ctrl+c", "interrupt", "Quit", show=False, priority=True)]
 
-    def __init__(self, feed: Any, *, interval: float | None = None) -> None:
+    def __init__(self, feed: LiveFeed | ReplayFeed, *, interval: float | None = None) -> None:
         super().__init__()
         self.feed = feed
         self.header_info = feed.header
-        self.controls = getattr(feed, "controls", None)
-        self.is_replay = hasattr(feed, "seek_seconds")
-        self.interval = interval or getattr(feed, "interval", 1.0)
+        # The two modes, as types: live (with the controls of what it watches) or playback.
+        self.live: LiveFeed | None = feed if isinstance(feed, LiveFeed) else None
+        self.playback: ReplayFeed | None = feed if isinstance(feed, ReplayFeed) else None
+        self.controls: Controls | None = self.live.controls if self.live else None
+        self.is_replay = self.playback is not None
+        self.interval = interval or (self.live.interval if self.live else 1.0)
         self.history = History()
         self.sample: Sample | None = None
         self.displayed: Sample | None = None  # the Sample on screen (older than .sample while frozen)
@@ -208,13 +210,13 @@ class PctopApp(App[None]):
         h = self.history
         prev = self.sample
         fresh = h.last_seq is None or s.seq != h.last_seq + 1
-        if fresh and hasattr(self.feed, "window"):
+        if fresh and self.playback is not None:
             # After a seek (or at the start of a replay) rebuild the history and
             # the event log from the recording, so sparklines stay truthful.
             h.clear()
             self.query_one(EventLog).clear()
             prev = None
-            for earlier in self.feed.window(HISTORY_LEN)[:-1]:
+            for earlier in self.playback.window(HISTORY_LEN)[:-1]:
                 self._take(prev, earlier)
                 prev = earlier
         self._take(prev, s)
@@ -243,15 +245,15 @@ class PctopApp(App[None]):
             screen.show_sample(s, self.history)
 
     def _status(self) -> str:
-        if self.is_replay:
-            f = self.feed
+        f = self.playback
+        if f is not None:
             where = f"{f.position + 1}/{len(f.samples)}"
             if f.finished:
                 return f"■ end of recording {where}"
             if f.paused:
                 return f"❚❚ replay paused {where}"
             return f"▶ replay {f.speed:g}x {where}"
-        ended = getattr(self.feed, "ended", None)
+        ended = self.live.ended if self.live else None
         if ended:
             return f"■ {ended}"
         if self.frozen:
@@ -314,8 +316,8 @@ class PctopApp(App[None]):
         return rows
 
     def action_freeze(self) -> None:
-        if self.is_replay:
-            self.feed.toggle_pause()
+        if self.playback is not None:
+            self.playback.toggle_pause()
         else:
             self.frozen = not self.frozen
             if not self.frozen:
@@ -323,11 +325,11 @@ class PctopApp(App[None]):
         self._render_header()
 
     def action_rate(self, faster: bool) -> None:
-        if self.is_replay:
-            self.feed.set_speed(step_in(SPEED_STEPS, self.feed.speed, up=faster))
-        elif hasattr(self.feed, "set_interval"):
+        if self.playback is not None:
+            self.playback.set_speed(step_in(SPEED_STEPS, self.playback.speed, up=faster))
+        elif self.live is not None:
             self.interval = step_in(INTERVAL_STEPS, self.interval, up=not faster)
-            self.feed.set_interval(self.interval)
+            self.live.set_interval(self.interval)
         self._render_header()
 
     def action_sort(self) -> None:
@@ -353,11 +355,13 @@ class PctopApp(App[None]):
         self._render_latency()
 
     def action_step(self) -> None:
-        self.feed.step()
+        if self.playback is not None:
+            self.playback.step()
         self._render_header()
 
     def action_seek(self, seconds: float) -> None:
-        self.feed.seek_seconds(seconds)
+        if self.playback is not None:
+            self.playback.seek_seconds(seconds)
 
     # -- engine controls ---------------------------------------------------
     def _learn_controls(self, s: Sample) -> None:
@@ -368,7 +372,7 @@ class PctopApp(App[None]):
         has_migration = any(t.migration for t in s.targets)
         changed = has_migration != self._had_migration
         self._had_migration = has_migration
-        supports = getattr(self.controls, "supports", None)
+        supports = self.controls.supports  # pctop.ui.feeds.Controls
         listed: set[str] = set()
         for t in s.targets:
             if t.migration is not None:
@@ -378,10 +382,10 @@ class PctopApp(App[None]):
                     self.bandwidth_limit = limit
         for cmd in (*sorted(BASE_COMMANDS), *EXTRA_COMMANDS):
             if cmd in BASE_COMMANDS:
-                ok = not callable(supports) or bool(supports(cmd))
+                ok = supports(cmd)
             else:
                 ok = cmd not in self.refused and (
-                    cmd in listed or (callable(supports) and bool(supports(cmd))))
+                    cmd in listed or supports(cmd))
             changed |= self.supported.get(cmd, False) != ok
             self.supported[cmd] = ok
         if changed:
@@ -469,12 +473,8 @@ class PctopApp(App[None]):
     @work(thread=True, group="controls", exit_on_error=False)
     def _send_control(self, cmd: str, arg: Any, pid: int | None) -> dict:
         """Runs in a thread: the control socket must never block the UI."""
-        send = self.controls.send
         try:
-            if "pid" in inspect.signature(send).parameters:  # a client that serves several engines
-                reply = send(cmd, arg, pid=pid)
-            else:
-                reply = send(cmd, arg)
+            reply = self.controls.send(cmd, arg, pid=pid)  # pctop.ui.feeds.Controls
         except Exception as e:  # a dead socket is an event, not a crash
             reply = {"ok": False, "cmd": cmd, "error": str(e)}
         self._post(self._control_done, cmd, arg, reply)

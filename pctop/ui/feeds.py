@@ -33,6 +33,16 @@ class Feed(Protocol):
     def close(self) -> None: ...
 
 
+class Controls(Protocol):
+    """What the dashboard's keys steer: the reference engine (pctop.sources.engine.EngineSource)
+    or QEMU over QMP (pctop.sources.qmp.QmpSource). `pid` picks the engine when one client
+    serves several; a client of one migration ignores it."""
+
+    def send(self, cmd: str, arg: Any = None, pid: int | None = None) -> dict[str, Any]: ...
+
+    def supports(self, cmd: str) -> bool: ...
+
+
 def step_in(steps: tuple[float, ...], current: float, up: bool) -> float:
     """The next value of a ladder above/below `current` (clamped at the ends)."""
     if up:
@@ -52,7 +62,7 @@ class LiveFeed:
     """
 
     def __init__(self, header: Header, collect: Callable[[], Sample], interval: float = 1.0,
-                 controls: Any = None, on_close: Callable[[], None] | None = None,
+                 controls: Controls | None = None, on_close: Callable[[], None] | None = None,
                  clock: Callable[[], float] = time.monotonic,
                  ended: Callable[[], str | None] | None = None) -> None:
         self.header = header
