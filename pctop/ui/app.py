@@ -23,7 +23,8 @@ from textual.screen import Screen
 from textual.worker import get_current_worker
 
 from pctop import exits
-from pctop.model import HIST_BUCKETS, Event, Sample, StallParts
+from pctop.hist import EMPTY, merge_counts
+from pctop.model import Event, Sample, StallParts
 from pctop.ui.feeds import INTERVAL_STEPS, SPEED_STEPS, Controls, LiveFeed, ReplayFeed, step_in
 from pctop.ui.history import HISTORY_LEN, History, state_events
 from pctop.ui.screens.confirm import ConfirmScreen
@@ -518,13 +519,13 @@ def _arg_text(cmd: str, arg: Any) -> str:
     return str(arg)
 
 
-def _sum_interval(s: Sample) -> tuple[list[int], StallParts, int]:
-    hist = [0] * HIST_BUCKETS
+def _sum_interval(s: Sample) -> tuple[tuple[int, ...], StallParts, int]:
+    """Every vCPU row of the Sample: histograms merged (pctop.hist), parts and faults summed."""
+    hist = EMPTY
     q = sv = rq = faults = 0
     for t in s.targets:
         for v in t.vcpus:
-            for i, c in enumerate(v.hist[:HIST_BUCKETS]):
-                hist[i] += c
+            hist = merge_counts(hist, v.hist)
             q += v.parts.queued_ns
             sv += v.parts.service_ns
             rq += v.parts.runq_ns
