@@ -95,3 +95,10 @@ def eta_s(remaining: int | None, per_s: float) -> float | None:
     if per_s <= 0:
         return None
     return remaining / per_s
+
+
+def next_due(due: float, interval_s: float, now: float) -> float:
+    """When the next sample is due, one interval after the last due time (so the rate
+    does not drift); after a stall longer than that (a starved CPU), from now instead
+    of a burst of catch-up samples. The one pacing rule of every live loop."""
+    return max(due + interval_s, now)

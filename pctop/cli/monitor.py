@@ -15,6 +15,7 @@ from typing import TextIO
 
 import click
 
+from pctop import rates
 from pctop.cli.common import Command, Unavailable, UsageError, install_stop_handlers, live_options
 from pctop.sinks.ndjson import NdjsonWriter
 
@@ -52,8 +53,7 @@ def sample_loop(stats, interval: float, count: int | None, stop: threading.Event
         n += 1
         if count is not None and n >= count:
             break
-        # Keep the cadence; after a stall (CPU starved) restart it rather than burst.
-        due = max(due + interval, time.monotonic())
+        due = rates.next_due(due, interval, time.monotonic())
 
 
 def _serve(command: str, listen: str, header, stats):

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Protocol
 
 from pctop.model import Event, Header, Sample
+from pctop.rates import next_due
 from pctop.sources.replay import Recording, RecordingError
 
 # Steps offered by +/- (seconds between samples for live, factor for replay).
@@ -93,8 +94,7 @@ class LiveFeed:
             self._wake.clear()
         if self._closed or self._clock() < self._due:
             return None
-        # Schedule from the due time, not from now, so the rate does not drift.
-        self._due = max(self._due + self.interval, self._clock())
+        self._due = next_due(self._due, self.interval, self._clock())
         return self._collect()
 
     def close(self) -> None:

@@ -73,3 +73,9 @@ def test_progress_fraction():
     (100, 50.0, 2.0), (0, 0.0, 0.0), (-3, 1.0, 0.0), (100, 0.0, None), (None, 5.0, None)])
 def test_eta_s(remaining, per_s, expected):
     assert rates.eta_s(remaining, per_s) == expected
+
+
+def test_next_due_keeps_the_cadence_and_restarts_after_a_stall():
+    assert rates.next_due(10.0, 1.0, 10.2) == 11.0  # on time: one interval after the last due
+    assert rates.next_due(10.0, 1.0, 10.9) == 11.0  # late within the interval: no drift
+    assert rates.next_due(10.0, 1.0, 13.5) == 13.5  # starved for seconds: from now, no burst
