@@ -19,7 +19,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from pctop import __version__
@@ -138,6 +138,24 @@ def open_pipeline(pids: Sequence[int] = (), comm: str | None = None, *, use_ebpf
         stats.close()
         raise
     return header, stats, qmp
+
+class Tap:
+    """A Stats (anything with collect() -> Sample) whose every Sample also goes to an
+    observer: the exporter of `monitor --export`, the QEMU demo's tally. The views it
+    feeds do not know; everything else (close, sources) passes through."""
+
+    def __init__(self, stats: Any, observe: Callable[[Any], None]) -> None:
+        self._stats = stats
+        self._observe = observe
+
+    def collect(self) -> Any:
+        sample = self._stats.collect()
+        self._observe(sample)
+        return sample
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stats, name)
+
 
 # ---- child processes ------------------------------------------------------------------------
 
@@ -313,7 +331,7 @@ def run_qemu_demo(mode: str, accel: str, postcopy_bandwidth: int | None = None, 
         for why in header.missing:  # e.g. no eBPF: pctop's own stall numbers are not measured
             say(f"degraded: {why}")
         tally = qd.Tally(dest.pid)
-        rec = qd.RecordingStats(stats, tally)
+        rec = Tap(stats, tally.add)
         rec.collect()  # the probes follow both QEMUs before the destination registers its memory
 
         def drive() -> None:
@@ -329,7 +347,7 @@ def run_qemu_demo(mode: str, accel: str, postcopy_bandwidth: int | None = None, 
             from pctop import ui
             ui.run_live(header, rec, interval, controls=qmp)  # closes rec when the user quits
         else:
-            qd.headless_loop(mode, header, rec, driver, interval)
+            qd.headless_loop(mode, header, rec, tally, driver, interval)
         driver.join(timeout=0.1)
         guest_runs = False
         if "passes" in outcome:

@@ -45,7 +45,7 @@ def export(pids, comm, interval, count, no_ebpf, engine_sockets, qmp_sockets, qm
 
     Metrics are listed in docs/metrics.md; how to scrape them in docs/fleet.md.
     """
-    from pctop.export.server import Tee
+    from pctop.root import Tap
 
     if page_ranges:
         raise UsageError("export", "--page-ranges is not exported (address ranges are not metrics); "
@@ -60,7 +60,7 @@ def export(pids, comm, interval, count, no_ebpf, engine_sockets, qmp_sockets, qm
         stats.close()
         raise
     try:
-        sample_loop(Tee(stats, exporter), interval, count, stop, lambda _sample: None)
+        sample_loop(Tap(stats, exporter.observe), interval, count, stop, lambda _sample: None)
     finally:
         server.close()
         stats.close()

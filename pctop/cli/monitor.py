@@ -59,10 +59,10 @@ def sample_loop(stats, interval: float, count: int | None, stop: threading.Event
 def _serve(command: str, listen: str, header, stats):
     """--export: (stats whose Samples also feed /metrics, the server to close)."""
     from pctop.cli.export import start_server
-    from pctop.export.server import Tee
+    from pctop.root import Tap
 
     exporter, server = start_server(command, listen, header)
-    return Tee(stats, exporter), server
+    return Tap(stats, exporter.observe), server
 
 
 def qmp_ends(command: str, qmp_sockets, qmp_source: str | None) -> tuple:

@@ -110,21 +110,3 @@ class MetricsServer:
 
 def _show(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-class Tee:
-    """A Stats (anything with collect() -> Sample) whose every Sample also goes to an
-    Exporter: how `monitor --export` serves /metrics beside the JSON Lines or the
-    dashboard without either knowing. Other attributes (close, sources) pass through."""
-
-    def __init__(self, stats, exporter: Exporter) -> None:
-        self._stats = stats
-        self._exporter = exporter
-
-    def collect(self):
-        sample = self._stats.collect()
-        self._exporter.observe(sample)
-        return sample
-
-    def __getattr__(self, name: str):
-        return getattr(self._stats, name)

@@ -96,22 +96,6 @@ def format_table(rows: list[tuple[str, str, str]]) -> str:
     return "\n".join(lines)
 
 
-class RecordingStats:
-    """A Stats that also adds every Sample to a Tally (what the TUI and loops collect)."""
-
-    def __init__(self, stats, tally: Tally) -> None:
-        self.stats, self.tally = stats, tally
-        self.sources = stats.sources
-
-    def collect(self) -> Sample:
-        s = self.stats.collect()
-        self.tally.add(s)
-        return s
-
-    def close(self) -> None:
-        self.stats.close()
-
-
 def progress_line(t: Tally) -> str:
     e = t.extra
     stall = sum(t.stall_ns.values()) / 1e6
@@ -129,7 +113,8 @@ def tell(line: str) -> None:
         pass
 
 
-def headless_loop(mode: str, header, rec: RecordingStats, driver: threading.Thread, interval: float) -> None:
+def headless_loop(mode: str, header, rec, tally: Tally, driver: threading.Thread, interval: float) -> None:
+    """JSON Lines or a progress line until the migration driver ends; `rec` feeds `tally`."""
     from pctop.sinks.ndjson import NdjsonWriter
 
     writer = NdjsonWriter(sys.stdout) if mode == "json" else None
@@ -143,7 +128,7 @@ def headless_loop(mode: str, header, rec: RecordingStats, driver: threading.Thre
             if writer:
                 writer.write(s)
             elif tty:
-                sys.stderr.write("\r" + progress_line(rec.tally) + "\x1b[K")
+                sys.stderr.write("\r" + progress_line(tally) + "\x1b[K")
                 sys.stderr.flush()
         time.sleep(interval)
         s = rec.collect()  # stalls that ended after the last interval
