@@ -97,6 +97,46 @@ class Migration:
     eta_s: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
+    # Typed views of the source-specific fields the views read from `extra` (docs/schema.md,
+    # Migration.extra); the JSON keeps them in `extra`.
+    def _text(self, key: str) -> str | None:
+        v = self.extra.get(key) if isinstance(self.extra, dict) else None
+        return v if isinstance(v, str) and v else None
+
+    @property
+    def commands(self) -> tuple[str, ...]:
+        """Control commands the engine takes, beyond pause/resume/bandwidth."""
+        v = self.extra.get("commands") if isinstance(self.extra, dict) else None
+        return tuple(c for c in v if isinstance(c, str)) if isinstance(v, (list, tuple)) else ()
+
+    @property
+    def background(self) -> str | None:
+        """The engine's background stream: "running", "paused", "off", ..."""
+        return self._text("background")
+
+    @property
+    def bandwidth_limit_bps(self) -> float | None:
+        v = self.extra.get("bandwidth_limit_bps") if isinstance(self.extra, dict) else None
+        return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+    @property
+    def strategy(self) -> str | None:
+        return self._text("strategy")
+
+    @property
+    def role(self) -> str | None:
+        """QEMU: "source" or "destination"."""
+        return self._text("role")
+
+    @property
+    def link(self) -> str | None:
+        """The engine's link: "up" or "down"."""
+        return self._text("link")
+
+    @property
+    def address_source(self) -> str | None:
+        return self._text("address_source")
+
 
 @dataclass(frozen=True)
 class Target:

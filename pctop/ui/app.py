@@ -377,8 +377,8 @@ class PctopApp(App[None]):
         listed: set[str] = set()
         for t in s.targets:
             if t.migration is not None:
-                listed |= set(t.migration.extra.get("commands") or ())
-                limit = t.migration.extra.get("bandwidth_limit_bps")
+                listed |= set(t.migration.commands)
+                limit = t.migration.bandwidth_limit_bps
                 if limit is not None:
                     self.bandwidth_limit = limit
         for cmd in (*sorted(BASE_COMMANDS), *EXTRA_COMMANDS):
@@ -420,7 +420,7 @@ class PctopApp(App[None]):
         for t in (self.sample.targets if self.sample else ()):
             m = t.migration
             if m is not None:
-                bg = m.extra.get("background")
+                bg = m.background
                 return bg == "paused" if bg else m.state == "paused"
         return False
 

@@ -122,10 +122,10 @@ def state_events(prev: Sample | None, s: Sample) -> list[Event]:
             continue
         if m.state != old.state:
             out.append(Event(s.time, "state", f"{t.pid}: migration {old.state} → {m.state}"))
-        bg, old_bg = m.extra.get("background"), old.extra.get("background")
+        bg, old_bg = m.background, old.background
         if bg and old_bg and bg != old_bg:
             out.append(Event(s.time, "state", f"{t.pid}: background stream {old_bg} → {bg}"))
-        lim, old_lim = m.extra.get("bandwidth_limit_bps"), old.extra.get("bandwidth_limit_bps")
+        lim, old_lim = m.bandwidth_limit_bps, old.bandwidth_limit_bps
         if lim is not None and old_lim is not None and lim != old_lim:
             fmt = lambda b: f"{b / (1 << 20):g} MiB/s" if b else "unlimited"  # noqa: E731
             out.append(Event(s.time, "state", f"{t.pid}: bandwidth limit {fmt(old_lim)} → {fmt(lim)}"))

@@ -28,20 +28,19 @@ def clock(t: float) -> str:
 
 def migration_line(t: Target, m: Migration, width: int) -> Text:
     line = Text()
-    extra = m.extra if isinstance(m.extra, dict) else {}
     line.append(f"{t.comm} {t.pid} ", style="dim")
-    if extra.get("role"):  # QEMU: both ends run the same binary; say which is which
-        line.append(f"{extra['role']} ", style="bold")
+    if m.role:  # QEMU: both ends run the same binary; say which is which
+        line.append(f"{m.role} ", style="bold")
     line.append(f"{m.state.upper()}", style=STATE_STYLE.get(m.state, "bold"))
-    if extra.get("link") == "down" or (m.state == "paused" and m.source == "qmp"):
+    if m.link == "down" or (m.state == "paused" and m.source == "qmp"):
         # Said in words: a paused stream (p) and a failed link (x, postcopy-paused) differ.
         line.append(" link down", style=STATE_STYLE["paused"])
-    if extra.get("strategy"):
-        line.append(f" {extra['strategy']}", style="dim")
-    if extra.get("address_source") not in (None, "uffd"):
+    if m.strategy:
+        line.append(f" {m.strategy}", style="dim")
+    if m.address_source not in (None, "uffd"):
         # vCPU-exit runs without memory_fault data learn addresses another way: say so.
-        line.append(f" (addresses: {extra['address_source']})", style="yellow")
-    bg = extra.get("background")
+        line.append(f" (addresses: {m.address_source})", style="yellow")
+    bg = m.background
     if bg and bg != "running" and bg != m.state:  # "PAUSED stream PAUSED" says it twice
         line.append(f" stream {bg.upper()}", style="bold magenta")
     if m.pages_total:
@@ -56,7 +55,7 @@ def migration_line(t: Target, m: Migration, width: int) -> Text:
         line.append(f"  ETA {fmt_duration(m.eta_s)}", style="bold")
     if m.bandwidth_bps is not None:
         line.append(f"  {fmt_bytes(m.bandwidth_bps, per_s=True)}")
-    limit = extra.get("bandwidth_limit_bps")
+    limit = m.bandwidth_limit_bps
     if limit:
         # QMP reports QEMU's max-postcopy-bandwidth, which does not cap pre-copy.
         what = "post-copy limit" if m.source == "qmp" else "limit"
