@@ -157,6 +157,52 @@ class Tap:
         return getattr(self._stats, name)
 
 
+# ---- replay: a recording as a feed -------------------------------------------------------
+
+
+def open_replay(path: str, **kw: Any) -> Any:
+    """A recording as the dashboard's ReplayFeed (kw: speed, paused, position).
+
+    Raises pctop.sources.replay.RecordingError with a one-line message when nothing
+    can be shown. A recording damaged further on plays up to the bad line: the last
+    sample then carries the error as an event, and the feed's `.error` holds it."""
+    from dataclasses import replace
+
+    from pctop.model import Event
+    from pctop.sources.replay import Recording, RecordingError
+    from pctop.ui.feeds import ReplayFeed
+
+    with Recording(path) as rec:
+        try:
+            rec.load_more(final=True)
+        except RecordingError:
+            if rec.header is None or not rec.samples:
+                raise
+    if not rec.samples:
+        raise RecordingError(f"{path}: the recording holds no samples")
+    samples = rec.samples
+    if rec.error is not None:
+        last = samples[-1]
+        note = Event(last.time, "error", f"the recording ends here: {rec.error}")
+        samples = samples[:-1] + [replace(last, events=last.events + (note,))]
+    assert rec.header is not None  # a recording with samples has its header
+    feed = ReplayFeed(rec.header, samples, **kw)
+    feed.error = rec.error
+    return feed
+
+
+def run_replay(path: str, speed: float = 1.0, paused: bool = False) -> None:
+    """The dashboard over a recording. Raises pctop.sources.replay.RecordingError
+    (one-line message) for a bad file, at once when nothing of it can be shown, else
+    after showing it up to the bad line."""
+    from pctop import ui
+
+    feed = open_replay(path, speed=speed, paused=paused)
+    ui.run_feed(feed)
+    if feed.error is not None:
+        raise feed.error
+
+
 # ---- child processes ------------------------------------------------------------------------
 
 

@@ -186,9 +186,10 @@ def replay(file, as_json, speed) -> None:
     from pctop.sources.replay import Recording, RecordingError
 
     if not as_json:
-        from pctop import ui
+        from pctop import root
+
         try:
-            ui.run_replay(file, speed=speed)
+            root.run_replay(file, speed=speed)
         except RecordingError as e:
             raise UsageError("replay", str(e)) from None
         return

@@ -7,16 +7,15 @@ without slowing or breaking their --json paths.
 - run_feed(feed): the dashboard over any feed (see pctop.ui.feeds).
 - run_live(header, stats, interval, controls): over a live aggregator
   (`pctop.root.open_live(...)` returns the (header, stats) pair).
-- run_replay(path, speed, paused): over an NDJSON recording.
-The demos that start child processes and show them are composed in pctop.root.
+The demos that start child processes and replays of recordings are composed in
+pctop.root (run_engine_demo, run_qemu_demo, run_replay).
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
-from pctop.ui.feeds import LiveFeed, ReplayFeed
+from pctop.ui.feeds import LiveFeed
 
 
 def run_feed(feed: Any, interval: float | None = None) -> None:
@@ -51,12 +50,3 @@ def run_live(header: Any, stats: Any, interval: float = 1.0, controls: Any = Non
     feed = LiveFeed(header, stats.collect, interval=interval, controls=controls,
                     on_close=getattr(stats, "close", None), ended=lambda: getattr(stats, "ended", None))
     run_feed(feed, interval)
-
-
-def run_replay(path: str | Path, speed: float = 1.0, paused: bool = False) -> None:
-    """Raises pctop.sources.replay.RecordingError (one-line message) for a bad file,
-    at once when nothing of it can be shown, else after showing it up to the bad line."""
-    feed = ReplayFeed.open(path, speed=speed, paused=paused)
-    run_feed(feed)
-    if feed.error is not None:
-        raise feed.error

@@ -13,13 +13,10 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import replace
-from pathlib import Path
 from typing import Any, Callable, Protocol
 
-from pctop.model import Event, Header, Sample
+from pctop.model import Header, Sample
 from pctop.rates import next_due
-from pctop.sources.replay import Recording, RecordingError
 
 # Steps offered by +/- (seconds between samples for live, factor for replay).
 INTERVAL_STEPS = (0.25, 0.5, 1.0, 2.0, 5.0, 10.0)
@@ -117,7 +114,7 @@ class ReplayFeed:
     def __init__(self, header: Header, samples: list[Sample], speed: float = 1.0,
                  paused: bool = False, position: int = 0) -> None:
         if not samples:
-            raise RecordingError("the recording holds no samples")
+            raise ValueError("the recording holds no samples")
         self.header = header
         self.samples = samples
         self.speed = speed
@@ -128,30 +125,7 @@ class ReplayFeed:
         self._closed = False
         self._due = 0.0  # monotonic time the next sample is due
         self._cv = threading.Condition()
-        self.error: RecordingError | None = None  # what stopped loading (shown at the end)
-
-    @classmethod
-    def open(cls, path: str | Path, **kw: Any) -> "ReplayFeed":
-        """Raises pctop.sources.replay.RecordingError with a one-line message when
-        nothing can be shown. A recording damaged further on plays up to the bad line;
-        the last sample then carries the error as an event, and `.error` holds it."""
-        with Recording(path) as rec:
-            try:
-                rec.load_more(final=True)
-            except RecordingError:
-                if rec.header is None or not rec.samples:
-                    raise
-        if not rec.samples:
-            raise RecordingError(f"{path}: the recording holds no samples")
-        samples = rec.samples
-        if rec.error is not None:
-            last = samples[-1]
-            note = Event(last.time, "error", f"the recording ends here: {rec.error}")
-            samples = samples[:-1] + [replace(last, events=last.events + (note,))]
-        assert rec.header is not None  # a recording with samples has its header
-        feed = cls(rec.header, samples, **kw)
-        feed.error = rec.error
-        return feed
+        self.error: Exception | None = None  # what stopped loading (shown at the end; pctop.root.open_replay)
 
     # -- queries ---------------------------------------------------------
     @property

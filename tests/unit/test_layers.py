@@ -44,9 +44,7 @@ FORBIDDEN = {
     "export": lambda to: layer(to) not in ("base", "export"),
 }
 
-KNOWN = {
-    ("pctop.ui.feeds", "pctop.sources.replay"),  # the replay feed reads recordings itself
-}
+KNOWN: set[tuple[str, str]] = set()  # none left
 
 
 def module_name(path: Path) -> str:

@@ -11,6 +11,7 @@ import threading
 import pytest
 
 from pctop.model import Header
+from pctop.root import open_replay
 from pctop.sources.replay import RecordingError
 from pctop.ui.feeds import INTERVAL_STEPS, SPEED_STEPS, LiveFeed, ReplayFeed, step_in
 from pctop.ui.synthetic import synthetic_sample
@@ -109,9 +110,9 @@ def test_open_recording_errors_are_one_line(tmp_path):
     empty = tmp_path / "empty.ndjson"
     empty.write_text(json.dumps(HEADER.to_dict()) + "\n")
     with pytest.raises(RecordingError, match="no samples"):
-        ReplayFeed.open(empty)
+        open_replay(empty)
     with pytest.raises(RecordingError, match="cannot open"):
-        ReplayFeed.open(tmp_path / "missing.ndjson")
+        open_replay(tmp_path / "missing.ndjson")
 
 
 def test_importing_the_ui_package_does_not_import_textual():

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from pctop.root import open_replay
 from pctop.ui.app import PctopApp
-from pctop.ui.feeds import ReplayFeed
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 EBPF = DATA / "engine-uffd-ebpf.ndjson"  # 12 samples; stream paused in samples 5-7
@@ -32,7 +32,7 @@ def utc(monkeypatch):
 
 
 def replay_app(path: Path, position: int) -> PctopApp:
-    return PctopApp(ReplayFeed.open(path, paused=True, position=position))
+    return PctopApp(open_replay(path, paused=True, position=position))
 
 
 def after_first_sample(*keys: str):
