@@ -43,13 +43,26 @@ class ControlServer:
         if os.path.exists(self.path):
             os.unlink(self.path)  # a stale socket of a dead run
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        # Bound and listening under a private name first, then renamed into place: a
+        # client that sees the path (pctop finds /run/pctop/engine-*.sock by name) can
+        # always connect; between bind() and listen() a connect is refused.
+        staging = f"{self.path}.{os.getpid()}.tmp"
         old = os.umask(0o177)  # born 0600: no window where others can connect
         try:
-            s.bind(self.path)
+            s.bind(staging)
         finally:
             os.umask(old)
-        os.chmod(self.path, 0o600)
-        s.listen(8)
+        try:
+            os.chmod(staging, 0o600)
+            s.listen(8)
+            os.rename(staging, self.path)
+        except BaseException:
+            s.close()
+            try:
+                os.unlink(staging)
+            except OSError:
+                pass
+            raise
         self._sock = s
         threading.Thread(target=self._accept, name="control", daemon=True).start()
 
