@@ -140,9 +140,12 @@ def test_demo_that_completes_keeps_its_last_view_and_says_verified():
         Uffd().close()
     except OSError as e:
         pytest.skip(f"userfaultfd unavailable: {e}")
-    # A short run: threads for 4 s, then the rest pulled; it ends while the dashboard watches.
-    argv = [sys.executable, "-m", "pctop", "demo", "--workload", "threads", "--memory", "128M",
-            "--bandwidth", "4M", "--pattern", "hotset", "--duration", "4"]
+    # A short run: threads for 10 s on 512 MiB (more than they touch in that time), then the
+    # rest pulled; it ends while the dashboard watches.
+    # (Long enough for the probes to load first on a loaded machine: a run that ends before
+    # the dashboard could look is only relayed, by design, with no dashboard to test.)
+    argv = [sys.executable, "-m", "pctop", "demo", "--workload", "threads", "--memory", "512M",
+            "--bandwidth", "4M", "--pattern", "hotset", "--duration", "10"]
     proc, master = spawn_in_pty(argv)
     try:
         out = read_until(master, b"demo finished: verified", 120)
@@ -151,7 +154,7 @@ def test_demo_that_completes_keeps_its_last_view_and_says_verified():
         # The end is a state on screen, not an empty start: the view stays. A migration the
         # view showed ends COMPLETED (Textual redraws only what changed, so that may have been
         # drawn just before the verdict line). On a loaded machine the probes can take most
-        # of this 4 s run to load, and the engine may be done before any sample saw its
+        # of the run to load, and the engine may be done before any sample saw its
         # migration: then there is no migration line to end, only the verdict.
         assert b"no targets found yet" not in after
         if b"POSTCOPY" in out or b"PRECOPY" in out:
