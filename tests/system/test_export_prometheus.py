@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import pytest
 
 from pctop import hist
+from pctop.root import stop_child
 from tests.conftest import ROOT
 from tests.helpers.promserver import Prometheus, exporter, free_port, need_prometheus, prometheus
 
@@ -88,9 +89,7 @@ def run():
             yield Run(prom, pid, [x for x in lines if x["type"] == "sample"], t1, t2, int(seq[t1]), int(seq[t2]),
                       summary)
         finally:
-            if eng.poll() is None:
-                eng.kill()
-            eng.wait(timeout=20)
+            stop_child(eng)  # SIGTERM first: a killed engine cannot remove its folder
             eng.stdout.close()
 
 

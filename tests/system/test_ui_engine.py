@@ -10,14 +10,17 @@ import time
 
 import pytest
 
+from pctop.root import stop_child
 from pctop.sources.engine import EngineConnection
 from tests.conftest import ROOT
 from tests.unit.test_ui_app import until
 
 ENGINE_RUN = """
 import sys
+from pctop import exits
 from pctop.engine.run import Engine, EngineConfig
 from pctop.engine.workload import ThreadWorkload
+exits.raise_on_termination()  # as the pctop command does: SIGTERM runs the engine's cleanup
 # Threads, not KVM, and 1 GiB: demand faults alone pull ~10k pages/s, a KVM guest more;
 # this test needs a migration that lasts while it presses keys (hotset: cold pages come slowly).
 cfg = EngineConfig(memory=1 << 30, vcpus=2, strategy="uffd", bandwidth=2 << 20, pattern="hotset",
@@ -46,8 +49,7 @@ def engine(tmp_path):
             pytest.fail(f"engine did not start: {proc.stderr.read() if proc.poll() is not None else 'no socket'}")
         yield proc, path
     finally:
-        proc.kill()
-        proc.wait()
+        stop_child(proc)  # SIGTERM first: a killed engine cannot remove its folder
 
 
 async def test_engine_keys_drive_the_real_engine(engine):
