@@ -333,8 +333,9 @@ def test_plain_uffd_process_counts_and_queue_depth():
         mine = [v for v in rows if v["tid"] == tid]
         assert sum(v["faults"] for v in mine) == truth["faults"][str(tid)] == m
         assert sum(v["faults_no_read"] for v in mine) == 0
-        # its first fault sat unread in the queue for the whole hold
-        assert sum(v["parts"]["queued_ns"] for v in mine) >= hold_s * 1e9
+        # its first fault sat unread in the queue for the hold, less the moments the
+        # thread took to reach it after go.set() (a GIL hand-over; 1.5 ms was seen)
+        assert sum(v["parts"]["queued_ns"] for v in mine) >= 0.9 * hold_s * 1e9
     assert sum(u["msgs_read"] for u in depth) == truth["msgs"]
     assert sum(u["read_calls"] for u in depth) == truth["reads"]
     assert sum(u["pages_installed"] for u in depth) == truth["copies"]
