@@ -68,7 +68,7 @@ static __always_inline int on_page_fault(u64 addr)
 {
     u64 id = bpf_get_current_pid_tgid();
     u32 tgid = id >> 32, tid = (u32)id;
-    if (!targets.lookup(&tgid))
+    if (!is_target(tgid))
         return 0;
     if (!uffd_range_hit(tgid, addr)) {
         /* a thread handles one fault at a time: a fault elsewhere means the
@@ -234,12 +234,18 @@ TRACEPOINT_PROBE(sched, sched_waking)
     u32 waker = (u32)id, waker_tgid = id >> 32;
     struct inflight *io = peek_inflight(waker);
     int by_uffd = io && io->kind == IO_UFFD_RESOLVE;
-    /* the wake-up inside a uffd ioctl only reaches faults in its range; a
+    /* The wake-up inside a uffd ioctl only reaches faults in its range; a
      * known fault address outside it means another wake-up (e.g. an IRQ
-     * that arrived while the handler was in the ioctl) */
-    if (by_uffd && t->addr && io->len &&
-        !(t->addr + 4096 > io->start && t->addr < io->start + io->len))
-        by_uffd = 0;
+     * that arrived while the handler was in the ioctl). A fault whose message
+     * a handler read is inside handle_userfault, which nothing else wakes (a
+     * signal comes from its sender's context): its range is not read here,
+     * since a user read inside the ioctl costs about twice the one at its
+     * exit on these VMs (resolve_range). */
+    if (by_uffd && !t->read_ts) {
+        resolve_range(io);
+        if (t->addr && io->len && !(t->addr + 4096 > io->start && t->addr < io->start + io->len))
+            by_uffd = 0;
+    }
     int on_cpu = 0;
     if (t->phase == PH_FAULTED) {
         if (!by_uffd)
@@ -276,14 +282,14 @@ TRACEPOINT_PROBE(sched, sched_waking)
         t->wake_ts = bpf_ktime_get_ns();
         t->phase = PH_WOKEN;
     }
-    if (!t->read_ts && !t->addr && io->read_ts) {
+    if (!t->read_ts && !t->addr && io->read_ts) { /* (the range was read above) */
         t->read_ts = io->read_ts;
         dbg_inc(DBG_READ_VIA_COPY);
     }
     /* a separate handler process (Firecracker-style) becomes visible, and
      * which process it serves */
     if (waker_tgid != t->tgid) {
-        if (!io->followed && !targets.lookup(&waker_tgid)) {
+        if (!io->followed && !is_target(waker_tgid)) {
             adopt(waker_tgid, TARGET_HANDLER, 1);
             io->followed = 1;
         }

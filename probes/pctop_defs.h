@@ -11,6 +11,8 @@
 #define MAX_RANGES 64 /* registered ranges tracked per process; more => every fault is a candidate */
 #define MAX_MSGS 32   /* uffd_msg records matched per read() (tail-call chain); msgs_read is always exact */
 #define HINT_SLOTS 65536 /* per-thread array slots (tid mod HINT_SLOTS), pctop_state.c */
+#define UFFD_FD_SLOTS 16384  /* known-uffd cache (pctop_state.c): the slot of (tgid, fd) is */
+#define UFFD_FD_SLOT_SHIFT 6 /* ((tgid << UFFD_FD_SLOT_SHIFT) + fd) mod UFFD_FD_SLOTS */
 #define PAGE_MASK_4K (~0xfffULL)
 #define UFFD_MSG_SIZE 32
 #define UFFD_EVENT_PAGEFAULT 0x12
@@ -195,7 +197,7 @@ struct inflight {
     u32 kind;
     u32 tgid;
     u32 followed; /* tgid was a target at entry (saves a targets lookup per event after) */
-    u32 pad;
+    u32 range_read; /* IO_UFFD_RESOLVE: start/len/read_ts filled in (resolve_range) */
 };
 
 /* A thread's in-flight syscall in its tid's array slot; owner = the tid holding

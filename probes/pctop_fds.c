@@ -25,8 +25,8 @@ static __always_inline void fd_gone(s32 fd)
     u32 tgid = bpf_get_current_pid_tgid() >> 32;
     if (!has_uffds(tgid))
         return;
-    struct fd_key k = {.tgid = tgid, .fd = fd};
-    if (uffd_fds.delete(&k) == 0) {
+    if (forget_uffd(tgid, fd)) {
+        struct fd_key k = {.tgid = tgid, .fd = fd};
         serves.delete(&k);
         dbg_inc(DBG_UFFD_CLOSED);
     }
@@ -60,7 +60,7 @@ static __always_inline void on_clone(u64 flags)
 {
     u64 id = bpf_get_current_pid_tgid();
     u32 tgid = id >> 32;
-    if (!has_uffds(tgid) || !targets.lookup(&tgid))
+    if (!has_uffds(tgid) || !is_target(tgid))
         return;
     struct range_set *rs = ranges.lookup(&tgid);
     if (!rs || !rs->event_fork || (flags & CLONE_THREAD))

@@ -20,15 +20,19 @@ static __always_inline struct uf_stats *get_ufstats(u32 tgid, s32 fd)
 
 static __always_inline void remember_uffd(u32 tgid, s32 fd)
 {
+    if (is_uffd(tgid, fd))
+        return;
     struct fd_key k = {.tgid = tgid, .fd = fd};
-    if (!uffd_fds.lookup(&k)) {
-        u32 one = 1;
-        uffd_fds.update(&k, &one);
-        u32 slot = tgid & (HINT_SLOTS - 1);
-        u32 *h = uffd_tgid_hint.lookup(&slot);
-        if (h)
-            *h = 1;
-    }
+    u32 one = 1;
+    uffd_fds.update(&k, &one);
+    u64 key;
+    u64 *cached = uffd_fd_slot(tgid, fd, &key);
+    if (cached)
+        *cached = key;
+    u32 slot = tgid & (HINT_SLOTS - 1);
+    u32 *h = uffd_tgid_hint.lookup(&slot);
+    if (h)
+        *h = 1;
 }
 
 TRACEPOINT_PROBE(syscalls, sys_exit_userfaultfd)
@@ -49,7 +53,7 @@ TRACEPOINT_PROBE(syscalls, sys_enter_read)
     u32 *h = uffd_tgid_hint.lookup(&slot);
     struct fd_key k = {.tgid = id >> 32, .fd = (s32)args->fd};
     struct inflight io = {.arg = (u64)args->buf, .fd = k.fd, .tgid = k.tgid};
-    if (h && *h && uffd_fds.lookup(&k)) {
+    if (h && *h && is_uffd(k.tgid, k.fd)) {
         io.kind = IO_UFFD_READ;
         stash_inflight(tid, &io);
         return 0;
@@ -185,7 +189,7 @@ TRACEPOINT_PROBE(syscalls, sys_exit_read)
         remember_uffd(rs.tgid, rs.fd);
         dbg_inc(DBG_READER_FOUND);
         if (faulting != rs.tgid) {
-            if (!targets.lookup(&rs.tgid))
+            if (!is_target(rs.tgid))
                 adopt(rs.tgid, TARGET_HANDLER, 1);
             struct fd_key k = {.tgid = rs.tgid, .fd = rs.fd};
             serves.update(&k, &faulting);
@@ -196,12 +200,11 @@ TRACEPOINT_PROBE(syscalls, sys_exit_read)
     if (ret > 0 && (ret % UFFD_MSG_SIZE)) {
         /* a uffd returns whole messages only: the fd number is another file now
          * (closed and reused in a way no traced call showed) */
-        struct fd_key k = {.tgid = rs.tgid, .fd = rs.fd};
-        uffd_fds.delete(&k);
+        forget_uffd(rs.tgid, rs.fd);
         dbg_inc(DBG_NOT_UFFD_READ);
         return 0;
     }
-    if (targets.lookup(&rs.tgid)) {
+    if (is_target(rs.tgid)) {
         struct uf_stats *s = get_ufstats(rs.tgid, rs.fd);
         if (s) {
             __sync_fetch_and_add(&s->read_calls, 1);
@@ -301,22 +304,7 @@ TRACEPOINT_PROBE(syscalls, sys_enter_ioctl)
         io.len = r[1];
         remember_uffd(tgid, fd);
     } else if (nr >= UFFDIO_NR_WAKE && nr <= UFFDIO_NR_POISON) {
-        io.kind = IO_UFFD_RESOLVE;
-        /* uffdio_copy / uffdio_move: dst, src, len; the others start with a
-         * uffdio_range. One user read of all three: this is the hottest
-         * ioctl (one per installed page or batch). */
-        u64 r[3] = {};
-        if (bpf_probe_read_user(r, sizeof(r), (void *)arg)) /* UFFDIO_WAKE's is 16 bytes */
-            bpf_probe_read_user(r, 2 * sizeof(u64), (void *)arg);
-        io.start = r[0];
-        io.len = (nr == UFFDIO_NR_COPY || nr == UFFDIO_NR_MOVE) ? r[2] : r[1];
-        u64 page = io.start & PAGE_MASK_4K;
-        u32 slot = page_slot(page);
-        struct page_time *pt = read_pages.lookup(&slot);
-        if (pt && pt->page == page) {
-            io.read_ts = pt->ts;
-            pt->page = 0;
-        }
+        io.kind = IO_UFFD_RESOLVE; /* its range is read later (resolve_range) */
         remember_uffd(tgid, fd);
     } else {
         remember_uffd(tgid, fd); /* UFFDIO_API etc.: still tells this fd is a uffd */
@@ -380,8 +368,9 @@ TRACEPOINT_PROBE(syscalls, sys_exit_ioctl)
         return 0;
     }
     /* IO_UFFD_RESOLVE: per-uffd counters, followed processes only */
-    if (!io.followed && !targets.lookup(&io.tgid))
+    if (!io.followed && !is_target(io.tgid))
         return 0;
+    resolve_range(&io);
     struct uf_stats *s = get_ufstats(io.tgid, io.fd);
     if (!s)
         return 0;

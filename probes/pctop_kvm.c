@@ -14,7 +14,7 @@ static __always_inline int on_kvm_fault(void)
     u32 tgid = id >> 32, tid = (u32)id;
     struct tstate *t = maybe_tracked(tid) ? tstate_of(tid) : 0;
     if (!t) {
-        if (!targets.lookup(&tgid))
+        if (!is_target(tgid))
             return 0;
         t = get_tstate(tid, tgid);
         if (!t)

@@ -88,6 +88,49 @@ static __always_inline void hint_add(u32 tid, u32 delta)
         __sync_fetch_and_add(c, delta);
 }
 
+/* Known uffds, cached by (tgid, fd) slot: every read() of a process holding a
+ * uffd and every uffd ioctl asks whether its fd is a uffd, and an inlined array
+ * compare saves the uffd_fds hash lookup (bench/RESULTS.md). A slot holds the key
+ * (tgid << 32 | fd) of one known uffd, 0 if none. `uffd_fds` stays the truth: a
+ * miss looks there and caches what it finds, over whatever the slot held (either
+ * key is right to keep). Whoever forgets a uffd clears its slot (forget_uffd,
+ * EbpfSource._prune_uffd_fds). */
+BPF_ARRAY(uffd_fd_slots, u64, UFFD_FD_SLOTS);
+
+static __always_inline u64 *uffd_fd_slot(u32 tgid, s32 fd, u64 *key)
+{
+    *key = ((u64)tgid << 32) | (u32)fd;
+    u32 k = ((tgid << UFFD_FD_SLOT_SHIFT) + (u32)fd) & (UFFD_FD_SLOTS - 1);
+    return uffd_fd_slots.lookup(&k);
+}
+
+static __always_inline int is_uffd(u32 tgid, s32 fd)
+{
+    u64 key;
+    u64 *slot = uffd_fd_slot(tgid, fd, &key);
+    if (slot && *slot == key)
+        return 1;
+    struct fd_key k = {.tgid = tgid, .fd = fd};
+    if (!uffd_fds.lookup(&k))
+        return 0;
+    if (slot)
+        *slot = key;
+    return 1;
+}
+
+/* The fd is no longer a uffd. (A read or ioctl racing with the close on another
+ * thread may cache it again: the application's own race, and the next read that
+ * returns no whole messages forgets it.) Returns 1 if it was known. */
+static __always_inline int forget_uffd(u32 tgid, s32 fd)
+{
+    u64 key;
+    u64 *slot = uffd_fd_slot(tgid, fd, &key);
+    if (slot && *slot == key)
+        *slot = 0;
+    struct fd_key k = {.tgid = tgid, .fd = fd};
+    return uffd_fds.delete(&k) == 0;
+}
+
 /* Processes that ever held a known uffd, by tgid slot: read() is the most
  * frequent syscall on a host and only reads of a uffd matter. Set, never
  * cleared (a stale slot only costs the hash lookup it would have cost anyway). */
@@ -123,13 +166,40 @@ static __always_inline u32 hist_bucket(u64 ns)
     return r < HIST_BUCKETS ? r : HIST_BUCKETS - 1;
 }
 
-/* Is this process followed? In follow_all mode, `adopt` adds it (the caller
- * saw it use userfaultfd or KVM, so none of its later faults is missed). */
+/* Followed processes, cached by tgid slot (tgid mod HINT_SLOTS): whether a
+ * process is followed is asked on every uffd fault, read and ioctl, and an
+ * inlined array compare saves the targets hash lookup (~50-75 ns here,
+ * bench/RESULTS.md). `targets` stays the truth, with the flags user space reads;
+ * the kernel fills a free slot from it, and user space clears a slot when it
+ * forgets its process (EbpfSource._forget). A tgid whose slot another holds is
+ * looked up in `targets` every time. 64-bit for the BPF compare-and-swap. */
+BPF_ARRAY(target_slots, u64, HINT_SLOTS);
+
+static __always_inline void cache_target(u64 *slot, u32 tgid)
+{
+    if (slot && *slot == 0)
+        __sync_val_compare_and_swap(slot, 0, (u64)tgid);
+}
+
+static __always_inline int is_target(u32 tgid)
+{
+    u32 k = tgid & (HINT_SLOTS - 1);
+    u64 *slot = target_slots.lookup(&k);
+    if (slot && *slot == tgid)
+        return 1;
+    if (!targets.lookup(&tgid))
+        return 0;
+    cache_target(slot, tgid);
+    return 1;
+}
+
 /* Follow tgid from now on. `own`: the caller runs in that process (or, for a
  * fork child, in its parent), so the current comm is its name. */
 static __always_inline void adopt(u32 tgid, u32 flag, int own)
 {
     targets.update(&tgid, &flag);
+    u32 k = tgid & (HINT_SLOTS - 1);
+    cache_target(target_slots.lookup(&k), tgid);
     if (own) {
         struct comm_name c = {};
         bpf_get_current_comm(&c.c, sizeof(c.c));
@@ -137,9 +207,11 @@ static __always_inline void adopt(u32 tgid, u32 flag, int own)
     }
 }
 
+/* Is this process followed? In follow_all mode, `adopt_it` adds it (the caller
+ * saw it use userfaultfd or KVM, so none of its later faults is missed). */
 static __always_inline int followed(u32 tgid, int adopt_it)
 {
-    if (targets.lookup(&tgid))
+    if (is_target(tgid))
         return 1;
     if (adopt_it && cfg(CFG_FOLLOW_ALL)) {
         adopt(tgid, TARGET_AUTO, 1);
@@ -471,6 +543,34 @@ static __always_inline void stash_inflight(u32 tid, struct inflight *io)
         spill_add(SPILL_INFLIGHT, 1);
     } else {
         inflight.update(&tid, io);
+    }
+}
+
+/* The range of a resolving uffd ioctl, read from its argument the first time it
+ * is needed: at a wake-up inside the ioctl, or at its exit. Either way the kernel
+ * has copied the struct by then, so the user read finds it warm; at the ioctl's
+ * entry the same read cost twice as much here (bench/RESULTS.md, #17). The
+ * ioctl's claim on a read time kept for its first page (read_pages) is taken
+ * here too. */
+static __always_inline void resolve_range(struct inflight *io)
+{
+    if (io->range_read)
+        return;
+    io->range_read = 1;
+    /* uffdio_copy / uffdio_move: dst, src, len; the others start with a
+     * uffdio_range. One user read of all three. */
+    u64 r[3] = {};
+    if (bpf_probe_read_user(r, sizeof(r), (void *)io->arg)) /* UFFDIO_WAKE's is 16 bytes */
+        bpf_probe_read_user(r, 2 * sizeof(u64), (void *)io->arg);
+    u32 nr = io->cmd & 0xff;
+    io->start = r[0];
+    io->len = (nr == UFFDIO_NR_COPY || nr == UFFDIO_NR_MOVE) ? r[2] : r[1];
+    u64 page = io->start & PAGE_MASK_4K;
+    u32 slot = page_slot(page);
+    struct page_time *pt = read_pages.lookup(&slot);
+    if (pt && pt->page == page) {
+        io->read_ts = pt->ts;
+        pt->page = 0;
     }
 }
 

@@ -71,7 +71,6 @@ from pctop.sources.tracepoints import OPTIONAL_MACROS
 PROBE_PARTS = ("pctop_defs.h", "pctop_state.c", "pctop.bpf.c", "pctop_handler.c", "pctop_fds.c",
                "pctop_kvm.c")
 
-# Must match probes/pctop_defs.h.
 # From probes/pctop_defs.h, the one place they are written (pctop.sources.probe_defs);
 # -1 where the header is missing (ebpf_unavailable_reason then says so).
 CFG_FOLLOW_ALL, CFG_EPOCH, CFG_PAGE_MAP, CFG_FOLLOW_COMM = (DEFS.get(f"CFG_{n}", -1) for n in (
@@ -81,6 +80,7 @@ HOW_VCPU_FD = DEFS.get("HOW_VCPU_FD", -1)
 HOW_NAMES = {DEFS.get("HOW_CREATE_VCPU", -1): "kvm_create_vcpu", HOW_VCPU_FD: "kvm_vcpu_fd",
              DEFS.get("HOW_KVM_EXIT", -1): "kvm_exit"}
 MAX_RANGES, HINT_SLOTS = DEFS.get("MAX_RANGES", -1), DEFS.get("HINT_SLOTS", -1)
+UFFD_FD_SLOTS, UFFD_FD_SLOT_SHIFT = DEFS.get("UFFD_FD_SLOTS", -1), DEFS.get("UFFD_FD_SLOT_SHIFT", -1)
 COMM_LEN = 16  # TASK_COMM_LEN: the kernel keeps 15 bytes of a name
 DEBUG_COUNTERS = slots_named("DBG_")  # dbg array slots, by name
 FALLBACK_IDENTITY_TTL_S = 5.0
@@ -444,6 +444,14 @@ class EbpfSource:
                     del t[k]
                 except KeyError:
                     pass
+                self._uncache_uffd(k.tgid, k.fd)
+
+    def _uncache_uffd(self, tgid: int, fd: int) -> None:
+        """Clear the probes' cached copy of a forgotten uffd (uffd_fd_slots, pctop_state.c)."""
+        slots = self._table("uffd_fd_slots")
+        k = slots.Key(((tgid << UFFD_FD_SLOT_SHIFT) + fd) & (UFFD_FD_SLOTS - 1))
+        if slots[k].value == (tgid << 32) | (fd & 0xFFFFFFFF):
+            slots[k] = slots.Leaf(0)
 
     def _forget(self, pid: int) -> None:
         self._known.pop(pid, None)
@@ -454,6 +462,10 @@ class EbpfSource:
                 del t[t.Key(pid)]
             except KeyError:
                 pass
+        slots = self._table("target_slots")  # the probes' cache of `targets` (pctop_state.c)
+        k = slots.Key(pid & (HINT_SLOTS - 1))
+        if slots[k].value == pid:
+            slots[k] = slots.Leaf(0)
         for name in ("vcpu_fds", "vcpus", "serves"):  # uffd_fds: _prune_uffd_fds
             t = self._table(name)
             for k, v in t.items():
