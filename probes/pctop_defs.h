@@ -11,6 +11,7 @@
 #define MAX_RANGES 64 /* registered ranges tracked per process; more => every fault is a candidate */
 #define MAX_MSGS 32   /* uffd_msg records matched per read() (tail-call chain); msgs_read is always exact */
 #define HINT_SLOTS 65536 /* per-thread array slots (tid mod HINT_SLOTS), pctop_state.c */
+#define TARGET_SLOT_GONE 0x100000000ULL /* a forgotten tgid's slot in target_slots (no tgid is this) */
 #define UFFD_FD_SLOTS 16384  /* known-uffd cache (pctop_state.c): the slot of (tgid, fd) is */
 #define UFFD_FD_SLOT_SHIFT 6 /* ((tgid << UFFD_FD_SLOT_SHIFT) + fd) mod UFFD_FD_SLOTS */
 #define PAGE_MASK_4K (~0xfffULL)

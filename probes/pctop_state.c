@@ -167,29 +167,31 @@ static __always_inline u32 hist_bucket(u64 ns)
 }
 
 /* Followed processes, cached by tgid slot (tgid mod HINT_SLOTS): whether a
- * process is followed is asked on every uffd fault, read and ioctl, and an
- * inlined array compare saves the targets hash lookup (~50-75 ns here,
- * bench/RESULTS.md). `targets` stays the truth, with the flags user space reads;
- * the kernel fills a free slot from it, and user space clears a slot when it
- * forgets its process (EbpfSource._forget). A tgid whose slot another holds is
- * looked up in `targets` every time. 64-bit for the BPF compare-and-swap. */
+ * process is followed is asked on every uffd fault, read and ioctl, and on every
+ * page fault of the host; an inlined array compare saves the targets hash lookup
+ * (~50-75 ns here, bench/RESULTS.md). `targets` stays the truth, with the flags
+ * user space reads. The rule that makes a miss safe: a slot that a followed tgid
+ * maps to is never 0. So whoever follows a tgid puts it in its slot when the slot
+ * is 0 (adopt here, EbpfSource.add_pid), and a forgotten tgid's slot becomes
+ * TARGET_SLOT_GONE, not 0 (EbpfSource._forget). A slot of 0 means "not followed"
+ * at once; a slot holding another value sends the question to `targets` (a tgid
+ * that shares its slot with another), which then caches it over a GONE.
+ * 64-bit for the BPF compare-and-swap. */
 BPF_ARRAY(target_slots, u64, HINT_SLOTS);
-
-static __always_inline void cache_target(u64 *slot, u32 tgid)
-{
-    if (slot && *slot == 0)
-        __sync_val_compare_and_swap(slot, 0, (u64)tgid);
-}
 
 static __always_inline int is_target(u32 tgid)
 {
     u32 k = tgid & (HINT_SLOTS - 1);
     u64 *slot = target_slots.lookup(&k);
-    if (slot && *slot == tgid)
-        return 1;
-    if (!targets.lookup(&tgid))
+    if (!slot)
         return 0;
-    cache_target(slot, tgid);
+    u64 was = *slot;
+    if (was == tgid)
+        return 1;
+    if (was == 0 || !targets.lookup(&tgid))
+        return 0;
+    if (was == TARGET_SLOT_GONE)
+        __sync_val_compare_and_swap(slot, TARGET_SLOT_GONE, (u64)tgid);
     return 1;
 }
 
@@ -197,9 +199,14 @@ static __always_inline int is_target(u32 tgid)
  * fork child, in its parent), so the current comm is its name. */
 static __always_inline void adopt(u32 tgid, u32 flag, int own)
 {
-    targets.update(&tgid, &flag);
     u32 k = tgid & (HINT_SLOTS - 1);
-    cache_target(target_slots.lookup(&k), tgid);
+    u64 *slot = target_slots.lookup(&k);
+    if (slot) {
+        u64 was = *slot;
+        if (was == 0 || was == TARGET_SLOT_GONE)
+            __sync_val_compare_and_swap(slot, was, (u64)tgid); /* (see target_slots) */
+    }
+    targets.update(&tgid, &flag);
     if (own) {
         struct comm_name c = {};
         bpf_get_current_comm(&c.c, sizeof(c.c));

@@ -81,6 +81,7 @@ HOW_NAMES = {DEFS.get("HOW_CREATE_VCPU", -1): "kvm_create_vcpu", HOW_VCPU_FD: "k
              DEFS.get("HOW_KVM_EXIT", -1): "kvm_exit"}
 MAX_RANGES, HINT_SLOTS = DEFS.get("MAX_RANGES", -1), DEFS.get("HINT_SLOTS", -1)
 UFFD_FD_SLOTS, UFFD_FD_SLOT_SHIFT = DEFS.get("UFFD_FD_SLOTS", -1), DEFS.get("UFFD_FD_SLOT_SHIFT", -1)
+TARGET_SLOT_GONE = DEFS.get("TARGET_SLOT_GONE", -1)
 COMM_LEN = 16  # TASK_COMM_LEN: the kernel keeps 15 bytes of a name
 DEBUG_COUNTERS = slots_named("DBG_")  # dbg array slots, by name
 FALLBACK_IDENTITY_TTL_S = 5.0
@@ -223,6 +224,10 @@ class EbpfSource:
 
     def add_pid(self, pid: int) -> None:
         """Follow one more process; what it set up already is read from /proc."""
+        slots = self._table("target_slots")  # before `targets`: a followed pid's slot is never 0
+        s = slots.Key(pid & (HINT_SLOTS - 1))
+        if slots[s].value == 0:
+            slots[s] = slots.Leaf(pid)
         targets = self._table("targets")
         k = targets.Key(pid)
         flags = (targets[k].value if k in targets else 0) | TARGET_GIVEN
@@ -465,7 +470,7 @@ class EbpfSource:
         slots = self._table("target_slots")  # the probes' cache of `targets` (pctop_state.c)
         k = slots.Key(pid & (HINT_SLOTS - 1))
         if slots[k].value == pid:
-            slots[k] = slots.Leaf(0)
+            slots[k] = slots.Leaf(TARGET_SLOT_GONE)  # never 0: another followed pid may share it
         for name in ("vcpu_fds", "vcpus", "serves"):  # uffd_fds: _prune_uffd_fds
             t = self._table(name)
             for k, v in t.items():

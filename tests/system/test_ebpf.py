@@ -10,6 +10,7 @@ cannot run.
 
 from __future__ import annotations
 
+import ctypes as ct
 import json
 import subprocess
 import sys
@@ -17,7 +18,8 @@ import sys
 import pytest
 
 from pctop.hostpaths import HostPaths
-from pctop.sources.ebpf import EbpfSource, ebpf_unavailable_reason, exit_name, probe_cflags
+from pctop.sources.ebpf import (HINT_SLOTS, TARGET_SLOT_GONE, EbpfSource, ebpf_unavailable_reason, exit_name,
+                                probe_cflags)
 from pctop.sources.readings import HIST_BUCKETS, Reading, ThreadFaults
 from tests.helpers.probes import assert_same_count, need_ebpf, run_toucher, run_toucher_named, threads_of, uffd_of
 
@@ -112,6 +114,55 @@ def test_threads_whose_slot_another_tid_holds_spill_to_the_hash_maps(toucher):
             assert all(v.owner == 1 << 40 for v in src._bpf[name].values())
     finally:
         src.close()
+
+
+def _fill(table, value: int) -> None:
+    """Every slot of an array map of u64 set to `value`."""
+    keys = (table.Key * len(table))(*range(len(table)))
+    leaves = (table.Leaf * len(table))(*([table.Leaf(value)] * len(table)))
+    table.items_update_batch(keys, leaves)
+
+
+@pytest.mark.parametrize("held_by", ["another", "gone"])
+@pytest.mark.bpf
+def test_processes_and_uffds_whose_cache_slot_another_holds_are_found_in_the_hash_maps(toucher, held_by):
+    """Followed processes and known uffds are cached in arrays by slot (target_slots by
+    tgid, uffd_fd_slots by (tgid, fd)); the hashes stay the truth. Two pids 65536 apart
+    share a target slot (and their uffds an fd slot), which no pid_max here allows, so
+    every slot is taken here by a value no process has: a slot another pid holds, or one a
+    forgotten pid left (TARGET_SLOT_GONE). Every question then goes to the hash maps, and
+    the counts must be exactly the same. When the process is gone, its slot is GONE if it
+    had taken it, and left alone if another pid holds it."""
+    need_ebpf()
+    src = EbpfSource(None, follow_all=True)
+    src.start()
+    try:
+        foreign = TARGET_SLOT_GONE if held_by == "gone" else (1 << 40) | 7  # no tgid or (tgid, fd) key
+        _fill(src._bpf["target_slots"], foreign)
+        _fill(src._bpf["uffd_fd_slots"], 1 << 40)
+        truth, r = run_toucher(src, toucher, "-t", "2", "-p", "16", "-d", "100", "-b", "4", "-i")
+        check_read_faults(truth, r, 100)
+        u = uffd_of(r, truth["pid"], truth["uffd"])
+        assert (u.msgs_read, u.read_calls, u.copies) == (truth["msgs"], truth["reads"], truth["copies"])
+        assert truth["pid"] in r.gone
+        assert src._bpf["target_slots"][ct.c_int(truth["pid"] & (HINT_SLOTS - 1))].value == foreign
+    finally:
+        src.close()
+
+
+@pytest.mark.bpf
+def test_a_followed_pids_target_slot_is_never_empty(by_pid, toucher):
+    """The rule that lets the probes answer "not followed" from an empty slot without the
+    hash: a pid named by user space takes its slot before it is a target, and a forgotten
+    pid leaves TARGET_SLOT_GONE behind (another followed pid may share the slot), not 0."""
+    truth, r = run_toucher_named(by_pid, toucher, "-t", "1", "-p", "8", "-i")
+    assert sum(t["faults"] for t in truth["touchers"]) == 8
+    assert sum(t.faults for t in threads_of(r, truth["pid"]).values()) == 8
+    slots = by_pid._bpf["target_slots"]
+    key = ct.c_int(truth["pid"] & (HINT_SLOTS - 1))
+    if truth["pid"] not in r.gone:  # exited after this interval's look at /proc
+        by_pid.collect()
+    assert slots[key].value == TARGET_SLOT_GONE
 
 
 @pytest.mark.bpf
