@@ -1,6 +1,6 @@
 """Probe program time per engine fault (bpf_stats), for several source trees side by side.
 
-    .venv/bin/python bench/probe_cost.py [--tree DIR ...] [--rounds 6] [--strategy uffd] [--json]
+    .venv/bin/python bench/probe_cost.py [--tree DIR ...] [--floor] [--rounds 6] [--strategy uffd] [--json]
 
 As root. Each round runs, for every tree in turn (the order alternates between
 rounds, so drift on a shared machine falls on both alike), one measurement in a
@@ -11,6 +11,10 @@ demand fault). The figure is the summed run_time_ns of all probe programs over
 the engine's faults, and the same per program. Without --tree it compares the
 working tree with nothing (one column). To compare with an older commit:
 `git worktree add /tmp/old <commit>` and pass `--tree /tmp/old --tree .`.
+--floor adds a column measured the same way: a program that only returns 0 on each
+tracepoint the first tree's probes attach (bench/toggle.py EmptyProbes), i.e. what the
+kernel's tracepoint and BPF machinery (and bpf_stats' own clock reads) cost per engine
+fault before any probe logic runs.
 """
 
 from __future__ import annotations
@@ -31,11 +35,20 @@ BPF_STATS = "/proc/sys/kernel/bpf_stats_enabled"
 MEASURE = r"""
 import json, subprocess, sys
 from pctop.sources.ebpf import EbpfSource
-strategy = sys.argv[1]
+strategy, floor = sys.argv[1], sys.argv[2:] == ["floor"]
 src = EbpfSource(None, follow_all=True)
 src.start()
+if floor:  # the same tracepoints, empty programs: their names and fds stand in for the probes'
+    sys.path.insert(0, "bench")
+    from toggle import EmptyProbes
+    tps = [tp.decode() if isinstance(tp, bytes) else tp for tp in src._bpf.tracepoint_fds]
+    src.close()
+    src = EmptyProbes(tps)
+    src.set(True)
+    src.prog_stats = lambda: EbpfSource.prog_stats(src)
 try:
-    src.collect()
+    if not floor:
+        src.collect()
     before = src.prog_stats()
     p = subprocess.run([sys.executable, "-m", "pctop", "demo", "--headless", "--json", "--strategy", strategy,
                         "--workload", "kvm", "--vcpus", "2", "--memory", "32M", "--pattern", "random",
@@ -51,11 +64,14 @@ print(json.dumps({"faults": faults, "ns": {k: v for k, v in per.items() if v}}))
 """
 
 
-def measure(tree: str, strategy: str) -> dict:
+FLOOR = "floor (empty programs)"
+
+
+def measure(tree: str, strategy: str, floor: bool = False) -> dict:
     env = dict(os.environ, PYTHONPATH=tree)
     env.pop("PCTOP_PROBES", None)
-    p = subprocess.run([sys.executable, "-c", MEASURE, strategy], capture_output=True, text=True, cwd=tree,
-                       env=env, timeout=600)
+    p = subprocess.run([sys.executable, "-c", MEASURE, strategy] + (["floor"] if floor else []),
+                       capture_output=True, text=True, cwd=tree, env=env, timeout=600)
     if p.returncode:
         raise SystemExit(f"probe_cost: {tree}: {p.stderr.strip().splitlines()[-1:]}")
     return json.loads(p.stdout.splitlines()[-1])
@@ -66,6 +82,7 @@ def main() -> None:
     ap.add_argument("--tree", action="append", default=[], help="a source tree (repeatable); default: this one")
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--strategy", default="uffd", choices=["uffd", "sharded", "vcpu-exit"])
+    ap.add_argument("--floor", action="store_true", help="add empty programs on the same tracepoints")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     if a.rounds < 1:
@@ -77,13 +94,14 @@ def main() -> None:
     print(f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {platform.node()}, {os.cpu_count()} CPUs, "
           f"kernel {platform.release()}, strategy {a.strategy}", file=sys.stderr)
     old_stats = open(BPF_STATS).read().strip()
-    results: dict[str, list[dict]] = {t: [] for t in trees}
+    columns = trees + ([FLOOR] if a.floor else [])
+    results: dict[str, list[dict]] = {t: [] for t in columns}
     try:
         with open(BPF_STATS, "w") as f:
             f.write("1")
         for r in range(a.rounds):
-            for t in (trees if r % 2 == 0 else trees[::-1]):
-                m = measure(t, a.strategy)
+            for t in (columns if r % 2 == 0 else columns[::-1]):
+                m = measure(trees[0], a.strategy, floor=True) if t == FLOOR else measure(t, a.strategy)
                 results[t].append(m)
                 print(f"[{r + 1}/{a.rounds}] {t}: {sum(m['ns'].values()) / m['faults']:.0f} ns/fault "
                       f"({m['faults']} faults)", file=sys.stderr, flush=True)
