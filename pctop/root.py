@@ -24,7 +24,7 @@ from typing import Any
 
 from pctop import __version__
 from pctop.hostpaths import DEFAULT
-from pctop.model import Header
+from pctop.model import Header, MigrationState, ProbeTier
 from pctop.stats import Stats
 
 # ---- the live pipeline: collectors chosen for this machine ------------------------------
@@ -110,7 +110,7 @@ def open_live(pids: Sequence[int] = (), comm: str | None = None, *, use_ebpf: bo
         raise
     if not os.path.isdir(os.path.join(paths.debugfs, "kvm")):
         missing.append(f"debugfs: {paths.debugfs}/kvm not present; vCPU ids come from thread names")
-    tier = "ebpf" if ebpf_src is not None else "procfs"
+    tier = ProbeTier.EBPF if ebpf_src is not None else ProbeTier.PROCFS
     stats = Stats(sources, tier)
     header = Header(host=socket.gethostname(), kernel=os.uname().release, probe_tier=tier,
                     sources=stats.source_names, missing=tuple(missing), started=time.time(),
@@ -332,7 +332,7 @@ class _DemoStats:
             if m is None:
                 return t
             got = m.pages_total if ok else m.pages_received
-            return replace(t, migration=replace(m, state="completed" if ok else "failed", eta_s=None,
+            return replace(t, migration=replace(m, state=MigrationState.COMPLETED if ok else MigrationState.FAILED, eta_s=None,
                                                 pages_received=got))
         # The verdict last, as "<pid>: ..." so the log adds no state edge after it.
         events = [Event(sample.time, "state", line) for line in lines[-3:]]

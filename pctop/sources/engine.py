@@ -22,6 +22,7 @@ from typing import Any
 
 from pctop import rates
 from pctop.hostpaths import RUN_DIR
+from pctop.model import MigrationState
 from pctop.sources.readings import (
     MigrationInfo,
     Reading,
@@ -157,7 +158,7 @@ def status_to_reading(status: dict[str, Any], prev: _Prev, source: str = "engine
                                      eexist=diff["eexist"]))
     extra = {k: status[k] for k in _EXTRA_KEYS if k in status}
     extra.update(msgs_read=diff["msgs"], reader_busy_ns=diff["busy_ns"])
-    mig = MigrationInfo(pid=pid, source=source, state=str(status.get("state", "unknown")),
+    mig = MigrationInfo(pid=pid, source=source, state=MigrationState.parse(status.get("state")),
                         pages_total=status.get("pages_total"), pages_received=status.get("pages_received"),
                         pages_demand=status.get("pages_demand"),
                         pages_background=status.get("pages_background"),

@@ -24,7 +24,7 @@ from textual.worker import get_current_worker
 
 from pctop import exits
 from pctop.hist import EMPTY, merge_counts
-from pctop.model import Event, Sample, StallParts
+from pctop.model import Event, MigrationState, Sample, StallParts
 from pctop.ui.feeds import INTERVAL_STEPS, SPEED_STEPS, Controls, LiveFeed, ReplayFeed, step_in
 from pctop.ui.history import HISTORY_LEN, History, state_events
 from pctop.ui.screens.confirm import ConfirmScreen
@@ -421,7 +421,7 @@ class PctopApp(App[None]):
             m = t.migration
             if m is not None:
                 bg = m.background
-                return bg == "paused" if bg else m.state == "paused"
+                return bg == "paused" if bg else m.state == MigrationState.PAUSED
         return False
 
     def action_stream(self) -> None:

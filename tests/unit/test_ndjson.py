@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+from dataclasses import replace
 
 import pytest
 from hypothesis import given, settings
@@ -15,6 +16,8 @@ from pctop.model import (
     Event,
     Header,
     Migration,
+    MigrationState,
+    ProbeTier,
     Sample,
     StallParts,
     Target,
@@ -41,7 +44,7 @@ page_runs = st.none() | st.lists(st.tuples(ints, ints), max_size=3).map(tuple)
 uffds = st.builds(UffdSample, fd=st.integers(0, 65535), pending_mean=floats, pending_max=ints,
                   total_mean=floats, total_max=ints, msgs_read=ints, pages_installed=ints,
                   bytes_per_s=floats, installed_ranges=page_runs, page_map_lost=st.none() | ints)
-migrations = st.builds(Migration, source=st.sampled_from(["engine", "qmp"]), state=names,
+migrations = st.builds(Migration, source=st.sampled_from(["engine", "qmp"]), state=st.sampled_from(list(MigrationState)),
                        pages_total=st.none() | ints, pages_received=st.none() | ints,
                        bandwidth_bps=opt_floats, eta_s=opt_floats,
                        extra=st.dictionaries(names, st.none() | ints | names, max_size=3))
@@ -51,7 +54,7 @@ targets = st.builds(Target, pid=st.integers(1, 2**22), comm=names,
                     handler_cpu_pct=opt_floats, migration=st.none() | migrations,
                     registered_ranges=page_runs)
 samples = st.builds(Sample, time=floats, interval_s=floats, seq=ints,
-                    probe_tier=st.sampled_from(["ebpf", "procfs", "replay"]),
+                    probe_tier=st.sampled_from(list(ProbeTier)),
                     sources=st.lists(names, max_size=3).map(tuple),
                     targets=st.lists(targets, max_size=2).map(tuple),
                     events=st.lists(st.builds(Event, floats, names, names), max_size=2).map(tuple))
@@ -179,6 +182,56 @@ def test_unknown_record_types_are_skipped(tmp_path):
     assert load_recording(f).samples == [sample(1)]
 
 
+def test_a_state_or_tier_from_a_newer_pctop_is_read_as_unknown_and_reading_goes_on(tmp_path):
+    """The rule for words this pctop does not know (docs/schema.md, Versioning): the
+    record stays, the word is UNKNOWN, everything else in it and after it is read."""
+    newer = Sample(time=2.0, interval_s=1.0, seq=2, probe_tier=ProbeTier.EBPF, sources=("engine",), targets=(
+        Target(pid=7, comm="q", migration=Migration(source="engine", state=MigrationState.POSTCOPY,
+                                                    pages_total=100, pages_received=40)),))
+    line = json.loads(dumps(newer))
+    line["probe_tier"] = "bpf-next"
+    line["targets"][0]["migration"]["state"] = "postcopy-preempt"
+    f = tmp_path / "r.ndjson"
+    write_file(f, [dumps(HEADER), dumps(sample(1)), json.dumps(line), dumps(sample(3))])
+    rec = load_recording(f)
+    assert rec.error is None and [s.seq for s in rec.samples] == [1, 2, 3]
+    got = rec[1]
+    assert got.probe_tier is ProbeTier.UNKNOWN
+    m = got.targets[0].migration
+    assert m.state is MigrationState.UNKNOWN and (m.pages_total, m.pages_received) == (100, 40)
+    assert got == replace(newer, probe_tier=ProbeTier.UNKNOWN, targets=(
+        replace(newer.targets[0], migration=replace(m, state=MigrationState.UNKNOWN)),))
+    # written back (replay --json) as the word it was read as
+    assert json.loads(dumps(got))["targets"][0]["migration"]["state"] == "unknown"
+    # a word of the wrong type is no different
+    line["targets"][0]["migration"]["state"] = 5
+    assert parse_record(json.dumps(line), "t").targets[0].migration.state is MigrationState.UNKNOWN
+
+
+def test_replay_json_of_a_recording_with_an_unknown_state_prints_every_line(tmp_path):
+    from click.testing import CliRunner
+
+    from pctop.cli import cli
+
+    line = json.loads(dumps(sample(2)))
+    line["targets"][0]["migration"] = {"source": "engine", "state": "postcopy-preempt"}
+    f = tmp_path / "r.ndjson"
+    write_file(f, [dumps(HEADER), dumps(sample(1)), json.dumps(line), dumps(sample(3))])
+    r = CliRunner().invoke(cli, ["replay", "--json", str(f)])
+    assert r.exit_code == 0, r.output
+    out = [json.loads(x) for x in r.output.splitlines()]
+    assert [d.get("seq") for d in out] == [None, 1, 2, 3]
+    assert out[2]["targets"][0]["migration"]["state"] == "unknown"
+
+
+def test_schema_words_are_the_json_strings():
+    """StrEnum members write exactly the plain strings' JSON, so lines stay byte for byte."""
+    m = Migration(source="qmp", state=MigrationState.PAUSED)
+    plain = Migration(source="qmp", state="paused")  # type: ignore[arg-type]
+    assert dumps(Sample(1.0, 1.0, 1, ProbeTier.PROCFS, (), (Target(1, "c", migration=m),))) == \
+        dumps(Sample(1.0, 1.0, 1, "procfs", (), (Target(1, "c", migration=plain),)))  # type: ignore[arg-type]
+
+
 def test_incremental_loading_follows_a_growing_file(tmp_path):
     f = tmp_path / "r.ndjson"
     with open(f, "w") as out:
@@ -206,3 +259,5 @@ def test_schema_doc_names_every_model_field():
     for cls in (Header, Sample, Target, VcpuSample, UffdSample, Migration, Event, StallParts):
         for f in dataclasses.fields(cls):
             assert f"`{f.name}`" in doc, f"docs/schema.md does not document {cls.__name__}.{f.name}"
+    for word in (*MigrationState, *ProbeTier):
+        assert f"`{word}`" in doc, f"docs/schema.md does not name the value {word!r}"
