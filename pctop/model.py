@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass, field, fields
 from enum import StrEnum
 from typing import Any, Self
 
+from pctop.controls import Command
+
 SCHEMA_VERSION = 1
 HIST_BUCKETS = 24  # log2 us buckets, [2^N, 2^(N+1)), as QEMU's postcopy-latency-dist
 
@@ -144,10 +146,11 @@ class Migration:
         return v if isinstance(v, str) and v else None
 
     @property
-    def commands(self) -> tuple[str, ...]:
-        """Control commands the engine takes, beyond pause/resume/bandwidth."""
+    def commands(self) -> tuple[Command, ...]:
+        """The control commands the engine lists as taken (those this pctop knows)."""
         v = self.extra.get("commands") if isinstance(self.extra, dict) else None
-        return tuple(c for c in v if isinstance(c, str)) if isinstance(v, (list, tuple)) else ()
+        known = Command._value2member_map_
+        return tuple(Command(c) for c in v if isinstance(c, str) and c in known) if isinstance(v, (list, tuple)) else ()
 
     @property
     def background(self) -> str | None:

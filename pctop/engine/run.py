@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from pctop.controls import ENGINE_COMMANDS, Command
 from pctop.engine import strategies
 from pctop.engine.control import ControlServer, default_path
 from pctop.engine.dest import Installer, Receiver, UffdReader, VcpuExitHandler, VcpuMap, pin
@@ -43,7 +44,7 @@ from pctop.engine.uffd import AnonMemory
 
 PAGE_SIZE = 4096
 # Control commands this engine takes (listed in status so clients show what works).
-COMMANDS = ("status", "pause", "resume", "bandwidth", "latency", "drop-link", "recover")
+COMMANDS = ENGINE_COMMANDS
 
 
 class EngineError(Exception):
@@ -351,9 +352,9 @@ class Engine:
         path = default_path() if self.cfg.control is None else self.cfg.control
         if not path:
             return None
-        srv = ControlServer(path, self.status, {"pause": self.cmd_pause, "resume": self.cmd_resume,
-                                                "bandwidth": self.cmd_bandwidth, "latency": self.cmd_latency,
-                                                "drop-link": self.cmd_drop_link, "recover": self.cmd_recover})
+        srv = ControlServer(path, self.status, {
+            Command.PAUSE: self.cmd_pause, Command.RESUME: self.cmd_resume, Command.BANDWIDTH: self.cmd_bandwidth,
+            Command.LATENCY: self.cmd_latency, Command.DROP_LINK: self.cmd_drop_link, Command.RECOVER: self.cmd_recover})
         try:
             srv.start(make_dir=self.cfg.control is None)
         except OSError as e:

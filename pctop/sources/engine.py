@@ -21,6 +21,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from pctop import rates
+from pctop.controls import BASE_COMMANDS, Command
 from pctop.hostpaths import RUN_DIR
 from pctop.model import MigrationState
 from pctop.sources.readings import (
@@ -207,7 +208,7 @@ class EngineSource:
     def start(self) -> None:
         for path in self.explicit:  # a socket the user named must work now
             conn = EngineConnection(path, self.timeout)
-            status = conn.request({"cmd": "status"})
+            status = conn.request({"cmd": Command.STATUS})
             if not status.get("ok", False) or "pid" not in status:
                 conn.close()
                 raise EngineUnreachable(f"engine at {path} answered status with {status.get('error', status)}")
@@ -223,7 +224,7 @@ class EngineSource:
             if conn is None:
                 conn = self._conns[path] = EngineConnection(path, self.timeout)
             try:
-                status = conn.request({"cmd": "status"})
+                status = conn.request({"cmd": Command.STATUS})
                 if not status.get("ok", False) or "pid" not in status:
                     raise EngineUnreachable(f"engine at {path} answered status with {status.get('error', status)}")
                 r = status_to_reading(status, self._prev.setdefault(path, _Prev()), self.name)
@@ -252,14 +253,12 @@ class EngineSource:
                        depths=tuple(depths), identities=tuple(idents), targets=tuple(targets),
                        migrations=tuple(migs), gone=tuple(gone), events=tuple(notes))
 
-    # Commands every engine takes; the others it lists in its status (migration extra "commands").
-    BASE_COMMANDS = ("pause", "resume", "bandwidth")
+    def supports(self, cmd: Command) -> bool:
+        """pctop.ui.feeds.Controls: the base commands; others only as the engine lists them
+        in its status (Migration.commands)."""
+        return cmd in BASE_COMMANDS
 
-    def supports(self, cmd: str) -> bool:
-        """pctop.ui.feeds.Controls: the base commands; others only as the engine lists them."""
-        return cmd in self.BASE_COMMANDS
-
-    def send(self, cmd: str, arg: Any = None, pid: int | None = None) -> dict[str, Any]:
+    def send(self, cmd: Command, arg: Any = None, pid: int | None = None) -> dict[str, Any]:
         """Send a control command to the engine of `pid` (or the only one)."""
         conns = {p: c for p, c in self._conns.items() if pid is None or self._pid_of.get(p) == pid}
         if len(conns) != 1:
