@@ -181,8 +181,8 @@ def run_engine(command: str, as_json: bool, *, memory, vcpus, strategy, readers,
     except KeyboardInterrupt as e:  # Ctrl+C, SIGTERM, SIGHUP: the engine has torn down
         if tty:
             sys.stderr.write("\n")
-        inst = getattr(engine, "installer", None)
-        got = f"{inst.present_count}/{engine.npages} pages had arrived" if inst else "nothing had started"
+        arrived = engine.pages_arrived()
+        got = f"{arrived}/{engine.npages} pages had arrived" if arrived is not None else "nothing had started"
         click.echo(f"pctop {command}: {exits.what(e)} before the migration finished ({got}); not verified",
                    err=True)
         sys.exit(exits.status_of(e))
