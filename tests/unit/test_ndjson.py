@@ -26,6 +26,7 @@ from pctop.model import (
 )
 from pctop.sinks.ndjson import NdjsonWriter, dumps
 from pctop.sources.replay import Recording, RecordingError, load_recording, parse_record
+from tests.helpers.headers import DEGRADED
 
 ints = st.integers(min_value=0, max_value=2**53)
 floats = st.floats(min_value=0, max_value=1e12, allow_nan=False)
@@ -59,9 +60,6 @@ samples = st.builds(Sample, time=floats, interval_s=floats, seq=ints,
                     targets=st.lists(targets, max_size=2).map(tuple),
                     events=st.lists(st.builds(Event, floats, names, names), max_size=2).map(tuple))
 
-HEADER = Header(host="h", kernel="6.18", probe_tier="procfs", sources=("procfs",),
-                missing=("ebpf: disabled",), started=1.0, pctop_version="0.1.0")
-
 
 def sample(seq: int) -> Sample:
     return Sample(time=float(seq), interval_s=1.0, seq=seq, probe_tier="procfs", sources=("procfs",),
@@ -77,7 +75,7 @@ def test_sample_round_trips_through_one_json_line(s):
 
 
 def test_header_round_trip_and_required_line_fields():
-    assert parse_record(dumps(HEADER), "t") == HEADER
+    assert parse_record(dumps(DEGRADED), "t") == DEGRADED
     d = json.loads(dumps(sample(1)))
     assert d["type"] == "sample" and d["interval_s"] == 1.0
     assert set(d["targets"][0]["uffds"][0]) >= {"fd", "pending_mean", "pending_max", "total_mean",
@@ -111,7 +109,7 @@ def test_writer_flushes_every_line():
 
     out = Counting()
     w = NdjsonWriter(out)
-    w.write(HEADER)
+    w.write(DEGRADED)
     w.write(sample(1))
     assert out.flushes == 2 and w.lines == 2
     assert out.getvalue().count("\n") == 2
@@ -128,31 +126,31 @@ def write_file(path, lines: list[str], newline_at_end: bool = True) -> None:
 
 def test_recording_loads_and_indexes(tmp_path):
     f = tmp_path / "r.ndjson"
-    write_file(f, [dumps(HEADER), dumps(sample(1)), "", dumps(sample(2))])
+    write_file(f, [dumps(DEGRADED), dumps(sample(1)), "", dumps(sample(2))])
     rec = load_recording(f)
-    assert rec.header == HEADER and len(rec) == 2 and rec[1] == sample(2)
+    assert rec.header == DEGRADED and len(rec) == 2 and rec[1] == sample(2)
 
 
 def test_truncated_last_line_names_the_line_and_keeps_what_came_before(tmp_path):
     f = tmp_path / "r.ndjson"
-    write_file(f, [dumps(HEADER), dumps(sample(1)), dumps(sample(2))[:40]], newline_at_end=False)
+    write_file(f, [dumps(DEGRADED), dumps(sample(1)), dumps(sample(2))[:40]], newline_at_end=False)
     with Recording(f) as rec:
         got = []
         with pytest.raises(RecordingError, match=r"line 3.*truncated"):
             for r in rec.records():
                 got.append(r)
-        assert got == [HEADER, sample(1)] and rec.samples == [sample(1)]
+        assert got == [DEGRADED, sample(1)] and rec.samples == [sample(1)]
 
 
 @pytest.mark.parametrize("bad, why", [
     ("{not json", "not valid JSON"),
     ("[1, 2]", "expected a JSON object"),
     ('{"type": "sample", "seq": 1}', "not a valid sample"),
-    (dumps(HEADER), "a second header"),
+    (dumps(DEGRADED), "a second header"),
 ])
 def test_corrupt_middle_line_is_named(tmp_path, bad, why):
     f = tmp_path / "r.ndjson"
-    write_file(f, [dumps(HEADER), dumps(sample(1)), bad, dumps(sample(3))])
+    write_file(f, [dumps(DEGRADED), dumps(sample(1)), bad, dumps(sample(3))])
     rec = Recording(f)
     with pytest.raises(RecordingError, match=f"line 3: {why}"):
         rec.load_more(final=True)
@@ -163,7 +161,7 @@ def test_corrupt_middle_line_is_named(tmp_path, bad, why):
 
 def test_newer_schema_empty_file_and_headerless_file_are_errors(tmp_path):
     f = tmp_path / "r.ndjson"
-    write_file(f, [json.dumps({**HEADER.to_dict(), "schema": SCHEMA_VERSION + 1})])
+    write_file(f, [json.dumps({**DEGRADED.to_dict(), "schema": SCHEMA_VERSION + 1})])
     with pytest.raises(RecordingError, match="line 1: schema"):
         load_recording(f)
     f.write_text("")
@@ -178,7 +176,7 @@ def test_newer_schema_empty_file_and_headerless_file_are_errors(tmp_path):
 
 def test_unknown_record_types_are_skipped(tmp_path):
     f = tmp_path / "r.ndjson"
-    write_file(f, [dumps(HEADER), '{"type": "annotation", "text": "x"}', dumps(sample(1))])
+    write_file(f, [dumps(DEGRADED), '{"type": "annotation", "text": "x"}', dumps(sample(1))])
     assert load_recording(f).samples == [sample(1)]
 
 
@@ -192,7 +190,7 @@ def test_a_state_or_tier_from_a_newer_pctop_is_read_as_unknown_and_reading_goes_
     line["probe_tier"] = "bpf-next"
     line["targets"][0]["migration"]["state"] = "postcopy-preempt"
     f = tmp_path / "r.ndjson"
-    write_file(f, [dumps(HEADER), dumps(sample(1)), json.dumps(line), dumps(sample(3))])
+    write_file(f, [dumps(DEGRADED), dumps(sample(1)), json.dumps(line), dumps(sample(3))])
     rec = load_recording(f)
     assert rec.error is None and [s.seq for s in rec.samples] == [1, 2, 3]
     got = rec[1]
@@ -216,7 +214,7 @@ def test_replay_json_of_a_recording_with_an_unknown_state_prints_every_line(tmp_
     line = json.loads(dumps(sample(2)))
     line["targets"][0]["migration"] = {"source": "engine", "state": "postcopy-preempt"}
     f = tmp_path / "r.ndjson"
-    write_file(f, [dumps(HEADER), dumps(sample(1)), json.dumps(line), dumps(sample(3))])
+    write_file(f, [dumps(DEGRADED), dumps(sample(1)), json.dumps(line), dumps(sample(3))])
     r = CliRunner().invoke(cli, ["replay", "--json", str(f)])
     assert r.exit_code == 0, r.output
     out = [json.loads(x) for x in r.output.splitlines()]
@@ -236,7 +234,7 @@ def test_incremental_loading_follows_a_growing_file(tmp_path):
     f = tmp_path / "r.ndjson"
     with open(f, "w") as out:
         w = NdjsonWriter(out)
-        w.write(HEADER)
+        w.write(DEGRADED)
         w.write(sample(1))
         rec = Recording(f)
         assert rec.load_more() == 1
