@@ -8,9 +8,7 @@ import os
 import signal
 import sys
 
-import pytest
-
-from tests.conftest import ROOT
+from tests.conftest import ROOT, need_uffd
 from tests.helpers.term import children_of, in_pty, read_until, run_in_pty
 
 
@@ -44,12 +42,7 @@ def test_monitor_command_opens_the_dashboard_without_targets():
 
 
 def test_demo_opens_the_dashboard_and_q_stops_the_engine():
-    from pctop.engine.uffd import Uffd
-
-    try:
-        Uffd().close()
-    except OSError as e:
-        pytest.skip(f"userfaultfd unavailable: {e}")
+    need_uffd()
     # Threads and a slow stream: the run outlasts the test.
     argv = [sys.executable, "-m", "pctop", "demo", "--workload", "threads", "--memory", "256M",
             "--bandwidth", "2M", "--pattern", "hotset", "--duration", "60"]
@@ -74,12 +67,7 @@ def test_demo_opens_the_dashboard_and_q_stops_the_engine():
 
 
 def test_demo_that_completes_keeps_its_last_view_and_says_verified():
-    from pctop.engine.uffd import Uffd
-
-    try:
-        Uffd().close()
-    except OSError as e:
-        pytest.skip(f"userfaultfd unavailable: {e}")
+    need_uffd()
     # A short run: threads for 10 s on 512 MiB (more than they touch in that time), then the
     # rest pulled; it ends while the dashboard watches.
     # (Long enough for the probes to load first on a loaded machine: a run that ends before
