@@ -13,10 +13,9 @@ The run ends when every page has arrived (then the vCPUs are stopped), or
 when `duration` elapses (the vCPUs are stopped and the source is told to
 stream everything left, unlimited). Then every page is verified.
 
-The run's state (the status' "state", docs/engine-control.md) moves only along
-TRANSITIONS; what the run is made of (memory, uffds, source, link) is built at
-once by Engine._build_parts, after the control socket listens so that `status`
-answers while the source builds its image.
+The run's state moves only along pctop.engine.states.TRANSITIONS; what the run is
+made of (memory, uffds, source, link) is built at once by Engine._build_parts, after
+the control socket listens so that `status` answers while the source builds its image.
 """
 
 from __future__ import annotations
@@ -44,6 +43,7 @@ from pctop.engine.integrity import IntegrityReport, verify
 from pctop.engine.link import DestLink, LinkError, parse_address
 from pctop.engine.page_server import MAX_CHUNK_PAGES
 from pctop.engine.recovery import Link
+from pctop.engine.states import EngineStateError, RunState
 from pctop.engine.telemetry import Telemetry, UffdGauge
 from pctop.engine.transport import Channel, HandshakeRefused, LinkClosed, ProtocolError, config_digest
 from pctop.engine.uffd import AnonMemory
@@ -56,27 +56,6 @@ COMMANDS = ENGINE_COMMANDS
 
 class EngineError(Exception):
     """The run could not be set up or failed; the message says why, in one line."""
-
-
-class EngineStateError(EngineError):
-    """A change of the run's state that TRANSITIONS does not allow: a defect in the engine."""
-
-
-# The run's states and where each may go next. precopy: setting up (the vCPUs have not
-# started); postcopy / paused / recovering: the vCPUs run and the link is up / down /
-# reconnecting (pctop.engine.recovery); stopping: every page is in, the run winds down to
-# verify; completed / failed: the end, left never again.
-TRANSITIONS: dict[S, frozenset[S]] = {
-    S.PRECOPY: frozenset({S.POSTCOPY, S.PAUSED, S.FAILED}),
-    S.POSTCOPY: frozenset({S.PAUSED, S.RECOVERING, S.STOPPING, S.FAILED}),
-    S.PAUSED: frozenset({S.POSTCOPY, S.RECOVERING, S.STOPPING, S.FAILED}),
-    S.RECOVERING: frozenset({S.POSTCOPY, S.PAUSED, S.STOPPING, S.FAILED}),
-    S.STOPPING: frozenset({S.COMPLETED, S.FAILED}),
-    S.COMPLETED: frozenset(),
-    S.FAILED: frozenset(),
-}
-# The link's state (pctop.engine.recovery.Link) -> the run's, while the vCPUs run.
-LINK_STATES = {"up": S.POSTCOPY, "down": S.PAUSED, "recovering": S.RECOVERING}
 
 
 @dataclass
@@ -168,8 +147,7 @@ class Engine:
         self.workload_cls = workload_cls or pick_workload(cfg.workload)
         self.log = log or (lambda s: None)
         self.tel = Telemetry(cfg.vcpus, self.npages, cfg.page_size)
-        self._state = S.PRECOPY
-        self._state_lock = threading.Lock()  # the link's threads change it too
+        self._run = RunState()  # the link's threads move it too
         self.source_ended = threading.Event()
         self.source_ready = threading.Event()
         self.errors: list[str] = []
@@ -187,22 +165,9 @@ class Engine:
         self._readers: list[UffdReader] = []
         self._threads: list[threading.Thread] = []  # every epoch's receivers
 
-    # --- the run's state ---
     @property
     def state(self) -> S:
-        return self._state
-
-    def _enter(self, new: S) -> None:
-        """Move the run to state `new` (staying is no change); EngineStateError if TRANSITIONS
-        does not allow it. The caller holds _state_lock."""
-        old = self._state
-        if new is not old and new not in TRANSITIONS[old]:
-            raise EngineStateError(f"internal error: the run cannot go from {old} to {new}")
-        self._state = new
-
-    def _go(self, new: S) -> None:
-        with self._state_lock:
-            self._enter(new)
+        return self._run.now
 
     def pages_arrived(self) -> int | None:
         """Pages at the destination so far; None before the run has set up."""
@@ -279,13 +244,6 @@ class Engine:
 
     def cmd_recover(self, _arg) -> None:
         self._link().request_recover()
-
-    def _on_link_change(self, link_state: str) -> None:
-        """The link's news is the run's state while the vCPUs run (not while setting up
-        or once it winds down)."""
-        with self._state_lock:
-            if self._state in LINK_STATES.values():
-                self._enter(LINK_STATES[link_state])
 
     # --- set-up ---
     def _source_address(self, demand_channels: int) -> str:
@@ -413,7 +371,7 @@ class Engine:
         except LinkError as e:
             raise EngineError(str(e)) from None
         link = Link(dest, layout.demand_channels, self._attach, lambda: installer.present,
-                    self._after_recovery, self._on_link_change, auto_recover=cfg.auto_recover,
+                    self._after_recovery, self._run.follow_link, auto_recover=cfg.auto_recover,
                     link_timeout=cfg.link_timeout, give_up_s=cfg.give_up_s,
                     recover_timeout=cfg.recover_timeout, log=self.log)
         self._cleanup.append(lambda: link.close(stop_source=False))
@@ -489,24 +447,21 @@ class Engine:
             vmap = VcpuMap(wl.vcpu_tids, self.tel)
             if p.vcpu_exit is None:
                 self._start_readers(p, vmap)
-            with self._state_lock:  # from here on the link's news is the run's state
-                self._enter(S.POSTCOPY if p.link.state == "up" else S.PAUSED)
+            self._run.begin(lambda: p.link.state)
             self.tel.vcpu_started = time.monotonic()
             wl.start(on_memory_fault=p.vcpu_exit.on_memory_fault if p.vcpu_exit else None)
             vmap.refresh()
             for i, tid in enumerate(wl.vcpu_tids()):
                 pin(self._cpu_for(i), tid)
             self._migrate(p, wl, on_tick, tick_s)
-            self._go(S.STOPPING)
+            self._run.go(S.STOPPING)
             self._stop_threads(p)
             self.report = self._verify(p, wl)
-            self._go(S.COMPLETED if self.report.ok and not self.errors else S.FAILED)
+            self._run.go(S.COMPLETED if self.report.ok and not self.errors else S.FAILED)
             return self.summary()
         except BaseException as e:
             self.failure = self.failure or str(e) or type(e).__name__
-            with self._state_lock:
-                if self._state is not S.COMPLETED:
-                    self._enter(S.FAILED)
+            self._run.fail()
             self.log(f"state failed: {self.failure}")
             raise
         finally:
