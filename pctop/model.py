@@ -10,10 +10,52 @@ Bump SCHEMA_VERSION on any incompatible change.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from enum import StrEnum
+from typing import Any, Self
+
+from pctop.controls import Command
 
 SCHEMA_VERSION = 1
 HIST_BUCKETS = 24  # log2 us buckets, [2^N, 2^(N+1)), as QEMU's postcopy-latency-dist
+
+
+class _Word(StrEnum):
+    """A word of the schema: the member is the JSON string itself, so a line written
+    from a member is the line written from the plain string."""
+
+    @classmethod
+    def parse(cls, word: object) -> Self:
+        """The member for `word`; UNKNOWN for a word this pctop does not know (a
+        recording, an engine or a QEMU newer than it), so reading goes on."""
+        if isinstance(word, str) and word in cls._value2member_map_:
+            return cls(word)
+        return cls("unknown")
+
+
+class MigrationState(_Word):
+    """Migration.state (docs/schema.md, Migration)."""
+
+    NONE = "none"  # QMP: no migration yet
+    SETUP = "setup"  # QMP: before pre-copy moves
+    PRECOPY = "precopy"
+    POSTCOPY = "postcopy"
+    PAUSED = "paused"  # the link is down (QEMU's postcopy-paused)
+    RECOVERING = "recovering"
+    STOPPING = "stopping"  # the engine: every page is in, the run winds down to verify
+    COMPLETED = "completed"
+    FAILED = "failed"
+    COLO = "colo"  # QMP: QEMU's COLO fault tolerance
+    UNKNOWN = "unknown"  # a state this pctop does not know, or none given
+
+
+class ProbeTier(_Word):
+    """Header.probe_tier and Sample.probe_tier: what measured the stream (docs/schema.md)."""
+
+    EBPF = "ebpf"  # tracepoint probes measure every fault
+    PROCFS = "procfs"  # /proc only: per-fault fields are not measured
+    NONE = "none"  # `demo --json`, `engine dest --json`: the engine's own lines follow
+    REPLAY = "replay"  # a view's label for replayed data
+    UNKNOWN = "unknown"  # a tier this pctop does not know
 
 
 @dataclass(frozen=True)
@@ -88,7 +130,7 @@ class Migration:
     """Migration state and progress, when a source knows it (engine, QMP)."""
 
     source: str
-    state: str
+    state: MigrationState
     pages_total: int | None = None
     pages_received: int | None = None
     pages_demand: int | None = None
@@ -104,10 +146,11 @@ class Migration:
         return v if isinstance(v, str) and v else None
 
     @property
-    def commands(self) -> tuple[str, ...]:
-        """Control commands the engine takes, beyond pause/resume/bandwidth."""
+    def commands(self) -> tuple[Command, ...]:
+        """The control commands the engine lists as taken (those this pctop knows)."""
         v = self.extra.get("commands") if isinstance(self.extra, dict) else None
-        return tuple(c for c in v if isinstance(c, str)) if isinstance(v, (list, tuple)) else ()
+        known = Command._value2member_map_
+        return tuple(Command(c) for c in v if isinstance(c, str) and c in known) if isinstance(v, (list, tuple)) else ()
 
     @property
     def background(self) -> str | None:
@@ -169,7 +212,7 @@ class Sample:
     time: float  # unix seconds at the end of the interval
     interval_s: float
     seq: int
-    probe_tier: str  # "ebpf" | "procfs" | "replay"
+    probe_tier: ProbeTier
     sources: tuple[str, ...]
     targets: tuple[Target, ...] = ()
     events: tuple[Event, ...] = ()
@@ -194,7 +237,7 @@ class Header:
 
     host: str
     kernel: str
-    probe_tier: str
+    probe_tier: ProbeTier
     sources: tuple[str, ...]
     missing: tuple[str, ...] = ()  # what is unavailable, in words, when degraded
     started: float = 0.0
@@ -221,6 +264,14 @@ _NESTED: dict[tuple[type, str], type] = {
 }
 
 
+# Fields whose values are words of the schema: read with parse(), so an unknown one is UNKNOWN.
+_WORDS: dict[tuple[type, str], type[_Word]] = {
+    (Migration, "state"): MigrationState,
+    (Sample, "probe_tier"): ProbeTier,
+    (Header, "probe_tier"): ProbeTier,
+}
+
+
 # Opt-in fields (--page-ranges; vm_name, in_service_max when known): left out of the JSON
 # when not known (None), so lines without them do not grow; a reader takes a missing one as None.
 _OPT_IN = ("installed_ranges", "page_map_lost", "registered_ranges", "vm_name", "in_service_max")
@@ -234,7 +285,8 @@ def _drop_unmeasured(d: dict[str, Any]) -> None:
 
 
 def _build(cls: type, d: dict[str, Any]) -> Any:
-    """Rebuild a dataclass from its dict, ignoring unknown keys (newer writers)."""
+    """Rebuild a dataclass from its dict, ignoring unknown keys and reading unknown
+    words as UNKNOWN (newer writers)."""
     if not isinstance(d, dict):
         raise ValueError(f"{cls.__name__}: expected an object, got {type(d).__name__}")
     kwargs: dict[str, Any] = {}
@@ -243,7 +295,10 @@ def _build(cls: type, d: dict[str, Any]) -> Any:
             continue
         v = d[f.name]
         sub = _NESTED.get((cls, f.name))
-        if sub is not None and v is not None:
+        word = _WORDS.get((cls, f.name))
+        if word is not None:
+            v = word.parse(v)
+        elif sub is not None and v is not None:
             v = tuple(_build(sub, x) for x in v) if isinstance(v, list) else _build(sub, v)
         elif f.name in _RANGES and isinstance(v, list):
             v = tuple(tuple(x) for x in v)

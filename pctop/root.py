@@ -24,7 +24,7 @@ from typing import Any
 
 from pctop import __version__
 from pctop.hostpaths import DEFAULT
-from pctop.model import Header
+from pctop.model import Header, MigrationState, ProbeTier
 from pctop.stats import Stats
 
 # ---- the live pipeline: collectors chosen for this machine ------------------------------
@@ -110,7 +110,7 @@ def open_live(pids: Sequence[int] = (), comm: str | None = None, *, use_ebpf: bo
         raise
     if not os.path.isdir(os.path.join(paths.debugfs, "kvm")):
         missing.append(f"debugfs: {paths.debugfs}/kvm not present; vCPU ids come from thread names")
-    tier = "ebpf" if ebpf_src is not None else "procfs"
+    tier = ProbeTier.EBPF if ebpf_src is not None else ProbeTier.PROCFS
     stats = Stats(sources, tier)
     header = Header(host=socket.gethostname(), kernel=os.uname().release, probe_tier=tier,
                     sources=stats.source_names, missing=tuple(missing), started=time.time(),
@@ -141,8 +141,9 @@ def open_pipeline(pids: Sequence[int] = (), comm: str | None = None, *, use_ebpf
 
 class Tap:
     """A Stats (anything with collect() -> Sample) whose every Sample also goes to an
-    observer: the exporter of `monitor --export`, the QEMU demo's tally. The views it
-    feeds do not know; everything else (close, sources) passes through."""
+    observer: the exporter of `monitor --export`, the QEMU demo's tally, the engine
+    demo's end (DemoEnd). The views it feeds do not know; everything else (close,
+    sources) passes through."""
 
     def __init__(self, stats: Any, observe: Callable[[Any], None]) -> None:
         self._stats = stats
@@ -264,8 +265,8 @@ def run_engine_demo(engine_argv: list[str], control_path: str, interval: float =
                 if proc.returncode is None:
                     raise
                 return _relay(proc, out, err)
-            ui.run_live(header, _DemoStats(stats, proc, out), interval,
-                        controls=ui.engine_controls(stats))
+            demo = DemoEnd(stats, proc, out)
+            ui.run_live(header, demo, interval, controls=ui.engine_controls(stats), ended=lambda: demo.ended)
         finally:
             stopped = stop_child(proc, 15)
         if stopped:  # its output only says it was stopped; the caller says so itself
@@ -281,67 +282,75 @@ def _relay(proc: Any, out: Any, err: Any) -> int:
     return proc.returncode
 
 
-class _DemoStats:
-    """Stats over a demo run that ends on its last view, saying how the run ended.
+class DemoEnd(Tap):
+    """The demo's stream, ended by the engine child's exit on its last view, saying how
+    the run ended.
 
-    The engine closes its control socket and exits when it finishes, so without
-    this the dashboard would clear to "no targets found yet". Once the child has
-    exited, the last Sample that showed the run is handed out once more, its
-    migration marked completed or failed, with the engine's last lines and the
-    verdict as events; then nothing more (the view stays; `ended` is the verdict
-    for the header). Polling also reaps the child, so the procfs source sees it
-    gone instead of a lingering zombie.
+    The engine closes its control socket and exits when it finishes, so the plain
+    stream would clear the dashboard to "no targets found yet". This tap watches every
+    Sample for the last one that showed the run's migration, and polls the child (which
+    also reaps it, so the procfs source sees it gone instead of a lingering zombie). Once
+    the child has exited it hands out that last view once more, its migration marked
+    completed or failed, with the engine's last lines and the verdict as events; then
+    nothing more (the view stays; `ended` is the verdict for the header).
+
+    A Tap and not only an observer on one: an observer sees the stream but cannot end it
+    or add the verdict Sample, which is what this is for. The pass-through (sources,
+    close) is Tap's.
     """
 
-    def __init__(self, stats: Any, proc: Any, out: Any) -> None:
-        self._stats, self._proc, self._out = stats, proc, out
+    def __init__(self, stats: Any, proc: subprocess.Popen, out: Any) -> None:
+        super().__init__(stats, self._watch)
+        self._proc, self._out = proc, out
         self._last: Any = None  # the last Sample that showed the run's migration
         self.ended: str | None = None
-        self.sources = stats.sources
+
+    def _watch(self, sample: Any) -> None:
+        if any(t.migration is not None for t in sample.targets):
+            self._last = sample
 
     def collect(self) -> Any:
         if self.ended is not None:
             return None
-        sample = self._stats.collect()
-        if any(t.migration is not None for t in sample.targets):
-            self._last = sample
+        sample = super().collect()
         if self._proc.poll() is None:
             return sample
-        return self._final(sample)
-
-    def _final(self, sample: Any) -> Any:
-        from dataclasses import replace
-
-        from pctop.model import Event
-
-        rc = self._proc.returncode
-        ok = rc == 0
-        if ok:
-            self.ended = "demo finished: verified"
-        elif rc < 0:
-            import signal
-            self.ended = f"demo FAILED (the engine was ended by {signal.Signals(-rc).name})"
-        else:
-            self.ended = f"demo FAILED (exit {rc})"
+        self.ended = verdict(self._proc.returncode)
         self._out.seek(0)
         lines = [line for line in self._out.read().splitlines() if line.strip()]
-        last = self._last or sample
+        return final_sample(self._last or sample, sample, self._proc.returncode == 0,
+                            lines[-3:] + [f"{self._proc.pid}: {self.ended}; q quits"])
 
-        def done(t: Any) -> Any:
-            m = t.migration
-            if m is None:
-                return t
-            got = m.pages_total if ok else m.pages_received
-            return replace(t, migration=replace(m, state="completed" if ok else "failed", eta_s=None,
-                                                pages_received=got))
-        # The verdict last, as "<pid>: ..." so the log adds no state edge after it.
-        events = [Event(sample.time, "state", line) for line in lines[-3:]]
-        events.append(Event(sample.time, "state", f"{self._proc.pid}: {self.ended}; q quits"))
-        return replace(last, seq=sample.seq, time=sample.time, targets=tuple(done(t) for t in last.targets),
-                       events=sample.events + tuple(events))
 
-    def close(self) -> None:
-        self._stats.close()
+def verdict(returncode: int) -> str:
+    """How a demo's engine child ended, in the words the dashboard's header shows."""
+    if returncode == 0:
+        return "demo finished: verified"
+    if returncode < 0:
+        import signal
+        return f"demo FAILED (the engine was ended by {signal.Signals(-returncode).name})"
+    return f"demo FAILED (exit {returncode})"
+
+
+def final_sample(last: Any, now: Any, ok: bool, lines: list[str]) -> Any:
+    """`last` (the last view of the run) as of `now` (the Sample of the interval the run
+    ended in): its migrations completed (all pages) or failed, `now`'s events and then
+    `lines` as "state" events. The verdict line goes last, as "<pid>: ...", so the
+    event log adds no state edge after it."""
+    from dataclasses import replace
+
+    from pctop.model import Event
+
+    def done(t: Any) -> Any:
+        m = t.migration
+        if m is None:
+            return t
+        got = m.pages_total if ok else m.pages_received
+        return replace(t, migration=replace(m, state=MigrationState.COMPLETED if ok else MigrationState.FAILED,
+                                            eta_s=None, pages_received=got))
+    events = tuple(Event(now.time, "state", line) for line in lines)
+    return replace(last, seq=now.seq, time=now.time, targets=tuple(done(t) for t in last.targets),
+                   events=now.events + events)
 
 
 # ---- `pctop demo --vmm qemu`: two QEMUs under the dashboard or JSON Lines --------------------

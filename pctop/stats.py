@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, replace
 
 from pctop import rates
 from pctop.hist import EMPTY
-from pctop.model import Event, Migration, Sample, StallParts, Target, UffdSample, VcpuSample
+from pctop.model import Event, Migration, ProbeTier, Sample, StallParts, Target, UffdSample, VcpuSample
 from pctop.sources.readings import (
     MigrationInfo,
     Reading,
@@ -177,7 +177,7 @@ def _vcpu_sort_key(v: VcpuSample) -> tuple[int, int, int]:
 
 
 def build_sample(merged: Merged, memory: Memory, *, now: float, interval_s: float, seq: int,
-                 probe_tier: str, sources: tuple[str, ...]) -> Sample:
+                 probe_tier: ProbeTier, sources: tuple[str, ...]) -> Sample:
     """Pure apart from updating `memory`: one interval's merged readings -> Sample."""
     events: list[Event] = []
     for ident in merged.identities:
@@ -267,7 +267,7 @@ class Stats:
     """Sources in, one Sample per `collect()` out. Not thread-safe by itself:
     call it from one (worker) thread; the Samples it returns are immutable."""
 
-    def __init__(self, sources: Sequence, probe_tier: str, *,
+    def __init__(self, sources: Sequence, probe_tier: ProbeTier, *,
                  clock: Callable[[], float] = time.time,
                  monotonic: Callable[[], float] = time.monotonic) -> None:
         self.sources = list(sources)

@@ -26,3 +26,12 @@ def need_root() -> None:
 def need_kvm() -> None:
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         pytest.skip("needs /dev/kvm (KVM not available on this machine)")
+
+
+def need_uffd() -> None:
+    from pctop.engine.uffd import Uffd
+
+    try:
+        Uffd().close()
+    except OSError as e:
+        pytest.skip(f"userfaultfd unavailable: {e}")

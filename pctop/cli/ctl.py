@@ -16,20 +16,22 @@ import sys
 
 import click
 
-from pctop.cli.common import HELP, Command, Unavailable, UsageError
+from pctop.cli.common import HELP, Unavailable, UsageError
+from pctop.cli.common import Command as ClickCommand
+from pctop.controls import Command
 from pctop.hostpaths import RUN_DIR
 
-NUMERIC = {"bandwidth", "latency"}
-# The engine's commands (pctop.engine.run.COMMANDS, which a test holds equal), with
-# their argument, for `ctl --help` and `ctl help` (this module must not import the engine).
+NUMERIC = {Command.BANDWIDTH, Command.LATENCY}
+# The engine's commands (pctop.controls.ENGINE_COMMANDS, which a test holds equal), with
+# their argument, for `ctl --help` and `ctl help`.
 COMMANDS = {
-    "status": "the engine's state and counters (docs/engine-control.md)",
-    "pause": "pause the background stream (demand faults are still served)",
-    "resume": "resume the background stream",
-    "bandwidth": "BYTES_PER_S (K/M/G allowed; 0 = unlimited): cap the background stream",
-    "latency": "MICROSECONDS: added to every demand reply, as a longer link would",
-    "drop-link": "close every channel to the source, as a failed link would",
-    "recover": "reconnect after a link failure",
+    Command.STATUS: "the engine's state and counters (docs/engine-control.md)",
+    Command.PAUSE: "pause the background stream (demand faults are still served)",
+    Command.RESUME: "resume the background stream",
+    Command.BANDWIDTH: "BYTES_PER_S (K/M/G allowed; 0 = unlimited): cap the background stream",
+    Command.LATENCY: "MICROSECONDS: added to every demand reply, as a longer link would",
+    Command.DROP_LINK: "close every channel to the source, as a failed link would",
+    Command.RECOVER: "reconnect after a link failure",
 }
 
 
@@ -46,29 +48,31 @@ def _find_socket(run_dir: str = RUN_DIR) -> str:
     return found[0]
 
 
-def _parse_arg(command: str, arg: str | None):
-    if command not in COMMANDS:
-        raise UsageError("ctl", f"unknown command {command!r}; the commands: {', '.join(COMMANDS)} "
+def _parse(word: str, arg: str | None) -> tuple[Command, int | None]:
+    """The command and its argument, or a UsageError saying what is wrong."""
+    if word not in COMMANDS:
+        raise UsageError("ctl", f"unknown command {word!r}; the commands: {', '.join(COMMANDS)} "
                                  "(pctop ctl help)")
+    command = Command(word)
     if arg is not None and command not in NUMERIC:
         raise UsageError("ctl", f"{command} takes no argument, got {arg!r}")
     if arg is None:
         if command in NUMERIC:
             raise UsageError("ctl", f"{command} needs a number")
-        return None
-    if command == "bandwidth":
+        return command, None
+    if command is Command.BANDWIDTH:
         from pctop.sizes import parse_size
         try:
-            return parse_size(arg)
+            return command, parse_size(arg)
         except ValueError as e:
             raise UsageError("ctl", f"bandwidth: {e}") from None
     try:  # latency
-        return int(arg)
+        return command, int(arg)
     except ValueError:
         raise UsageError("ctl", f"latency needs whole microseconds, got {arg!r}") from None
 
 
-@click.command("ctl", cls=Command, context_settings=HELP,
+@click.command("ctl", cls=ClickCommand, context_settings=HELP,
                epilog="Commands:\n\n\b\n" + _commands_text() + "\n\nExit status: 0 the engine said ok, "
                       "1 it refused or could not be reached, 2 bad usage.")
 @click.option("--control", metavar="PATH", help="The engine's control socket (default: the only one in /run/pctop).")
@@ -84,9 +88,9 @@ def ctl(control: str | None, command: str, arg: str | None) -> None:
     if command == "help":
         click.echo("pctop ctl COMMAND [ARG], where COMMAND is one of:\n" + _commands_text())
         return
-    value = _parse_arg(command, arg)  # before looking for a socket: bad input is said first
+    cmd, value = _parse(command, arg)  # before looking for a socket: bad input is said first
     path = control or _find_socket()
-    req: dict = {"cmd": command}
+    req: dict = {"cmd": cmd}
     if value is not None:
         req["arg"] = value
     conn = EngineConnection(path, timeout=5.0)

@@ -124,7 +124,7 @@ def run_engine(command: str, as_json: bool, *, memory, vcpus, strategy, readers,
     from pctop import __version__
     from pctop.engine.control import default_path
     from pctop.engine.run import Engine, EngineConfig, EngineError
-    from pctop.model import Header
+    from pctop.model import Header, ProbeTier
 
     _check_engine_options(command, memory, vcpus, workload, copies=1 if link else 2, control=control)
     cfg = EngineConfig(memory=memory, vcpus=vcpus, strategy=strategy, readers=readers, pattern=pattern,
@@ -152,7 +152,7 @@ def run_engine(command: str, as_json: bool, *, memory, vcpus, strategy, readers,
         # The header every pctop JSON Lines stream starts with (docs/schema.md); no
         # probes here: the engine's own counters follow.
         # "pid" (the engine's) as on the start line: readers take it from the first line.
-        emit({**Header(host=socket.gethostname(), kernel=os.uname().release, probe_tier="none",
+        emit({**Header(host=socket.gethostname(), kernel=os.uname().release, probe_tier=ProbeTier.NONE,
                        sources=("engine",), started=time.time(), pctop_version=__version__).to_dict(),
               "pid": os.getpid()})
         emit({"type": "start", "pid": os.getpid(), "strategy": strategy, "vcpus": vcpus, "readers": readers,
@@ -181,8 +181,8 @@ def run_engine(command: str, as_json: bool, *, memory, vcpus, strategy, readers,
     except KeyboardInterrupt as e:  # Ctrl+C, SIGTERM, SIGHUP: the engine has torn down
         if tty:
             sys.stderr.write("\n")
-        inst = getattr(engine, "installer", None)
-        got = f"{inst.present_count}/{engine.npages} pages had arrived" if inst else "nothing had started"
+        arrived = engine.pages_arrived()
+        got = f"{arrived}/{engine.npages} pages had arrived" if arrived is not None else "nothing had started"
         click.echo(f"pctop {command}: {exits.what(e)} before the migration finished ({got}); not verified",
                    err=True)
         sys.exit(exits.status_of(e))

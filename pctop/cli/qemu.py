@@ -67,6 +67,13 @@ def _run(action):
         raise Unavailable("qemu", str(e)) from None
 
 
+def _on(ends: Ends, role: str, command: str, action, done: str) -> None:
+    """`action(connection)` on one end, then "<role>: <done>"."""
+    conn = ends.get(role, command)
+    _run(lambda: action(conn))
+    click.echo(f"{role}: {done}")
+
+
 @qemu.command("status")
 @click.option("--json", "as_json", is_flag=True, help="query-migrate of each end as one JSON object.")
 @click.pass_obj
@@ -108,8 +115,7 @@ def listen(ends: Ends, uri: str) -> None:
     """Destination (started with -incoming defer): wait for the migration on URI."""
     from pctop.qemu import control
 
-    _run(lambda: control.listen(ends.get("destination", "listen"), uri))
-    click.echo(f"destination: listening on {uri}")
+    _on(ends, "destination", "listen", lambda c: control.listen(c, uri), f"listening on {uri}")
 
 
 @qemu.command("migrate")
@@ -119,8 +125,7 @@ def migrate(ends: Ends, uri: str) -> None:
     """Source: start migrating to URI (pre-copy first)."""
     from pctop.qemu import control
 
-    _run(lambda: control.start_migration(ends.get("source", "migrate"), uri))
-    click.echo(f"source: migrating to {uri}")
+    _on(ends, "source", "migrate", lambda c: control.start_migration(c, uri), f"migrating to {uri}")
 
 
 @qemu.command("start-postcopy")
@@ -129,8 +134,7 @@ def start_postcopy(ends: Ends) -> None:
     """Source: switch the running migration to post-copy."""
     from pctop.qemu import control
 
-    _run(lambda: control.start_postcopy(ends.get("source", "start-postcopy")))
-    click.echo("source: switching to post-copy")
+    _on(ends, "source", "start-postcopy", control.start_postcopy, "switching to post-copy")
 
 
 @qemu.command("bandwidth")
@@ -141,8 +145,8 @@ def bandwidth(ends: Ends, size: int, precopy: bool) -> None:
     """Source: max-postcopy-bandwidth in bytes/s (K/M/G = powers of 1024; 0 = unlimited)."""
     from pctop.qemu import control
 
-    _run(lambda: control.set_bandwidth(ends.get("source", "bandwidth"), size, postcopy=not precopy))
-    click.echo(f"source: {'max-bandwidth' if precopy else 'max-postcopy-bandwidth'} = {size} B/s")
+    key = "max-bandwidth" if precopy else "max-postcopy-bandwidth"
+    _on(ends, "source", "bandwidth", lambda c: control.set_bandwidth(c, size, postcopy=not precopy), f"{key} = {size} B/s")
 
 
 @qemu.command("pause")
@@ -153,8 +157,7 @@ def pause(ends: Ends) -> None:
     from pctop.qemu import control
 
     role = "source" if ends.paths["source"] else "destination"
-    _run(lambda: control.pause(ends.get(role, "pause")))
-    click.echo(f"{role}: migration paused")
+    _on(ends, role, "pause", control.pause, "migration paused")
 
 
 @qemu.command("recover")

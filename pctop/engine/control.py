@@ -15,6 +15,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from pctop.controls import Command
 from pctop.hostpaths import RUN_DIR
 
 MAX_LINE = 1 << 16
@@ -26,7 +27,7 @@ def default_path(pid: int | None = None, run_dir: str = RUN_DIR) -> str:
 
 class ControlServer:
     def __init__(self, path: str, status: Callable[[], dict],
-                 commands: dict[str, Callable[[Any], None]]):
+                 commands: dict[Command, Callable[[Any], None]]):
         self.path = path
         self._status = status
         self._commands = commands
@@ -97,9 +98,9 @@ class ControlServer:
         if not isinstance(req, dict) or not isinstance(req.get("cmd"), str):
             return {"type": "reply", "ok": False, "cmd": None, "error": 'expected {"cmd": "..."}'}
         cmd = req["cmd"]
-        if cmd == "status":
+        if cmd == Command.STATUS:
             return self._status()
-        fn = self._commands.get(cmd)
+        fn = self._commands.get(Command(cmd)) if cmd in Command._value2member_map_ else None
         if fn is None:
             return {"type": "reply", "ok": False, "cmd": cmd, "error": f"unknown command {cmd!r}"}
         try:

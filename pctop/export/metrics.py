@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pctop.model import HIST_BUCKETS
+from pctop.model import HIST_BUCKETS, MigrationState
 
 PREFIX = "pctop_"
 VCPU = ("vm", "pid", "vcpu")
@@ -23,7 +23,9 @@ UFFD = ("vm", "pid", "fd")
 TARGET = ("vm", "pid")
 MIGRATION = ("vm", "pid", "source")
 # Migration.state values (docs/schema.md); every one gets a series so alerts can match on it.
-STATES = ("precopy", "postcopy", "paused", "recovering", "completed", "failed", "none", "setup")
+# (Another state, e.g. the engine's `stopping`, gets a series while it is the current one.)
+_S = MigrationState
+STATES = (_S.PRECOPY, _S.POSTCOPY, _S.PAUSED, _S.RECOVERING, _S.COMPLETED, _S.FAILED, _S.NONE, _S.SETUP)
 
 # Label meanings, shared by every metric that has the label.
 LABELS = {

@@ -17,21 +17,23 @@ import re
 import time
 from typing import Any
 
+from pctop.model import MigrationState as S
 from pctop.qemu.qmp import QmpConnection, QmpError
 
 # QEMU's migration states, and the word the Sample uses for each (docs/schema.md).
 STATE_WORDS = {
-    "none": "none", "setup": "setup", "active": "precopy", "device": "precopy",
-    "wait-unplug": "precopy", "pre-switchover": "precopy",
-    "postcopy-active": "postcopy", "postcopy-paused": "paused", "postcopy-recover": "recovering",
-    "completed": "completed", "failed": "failed", "cancelling": "failed", "cancelled": "failed",
-    "colo": "colo",
+    "none": S.NONE, "setup": S.SETUP, "active": S.PRECOPY, "device": S.PRECOPY,
+    "wait-unplug": S.PRECOPY, "pre-switchover": S.PRECOPY,
+    "postcopy-active": S.POSTCOPY, "postcopy-paused": S.PAUSED, "postcopy-recover": S.RECOVERING,
+    "completed": S.COMPLETED, "failed": S.FAILED, "cancelling": S.FAILED, "cancelled": S.FAILED,
+    "colo": S.COLO,
 }
 ENDED = ("completed", "failed", "cancelled")
 
 
-def state_word(qemu_status: str | None) -> str:
-    return STATE_WORDS.get(qemu_status or "none", qemu_status or "none")
+def state_word(qemu_status: str | None) -> S:
+    """A status newer than this pctop is UNKNOWN (QEMU's own word stays in extra.qemu_status)."""
+    return STATE_WORDS.get(qemu_status or "none", S.UNKNOWN)
 
 
 def set_capabilities(conn: QmpConnection, **caps: bool) -> None:

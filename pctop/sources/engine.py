@@ -21,7 +21,9 @@ from collections.abc import Iterable
 from typing import Any
 
 from pctop import rates
+from pctop.controls import BASE_COMMANDS, Command
 from pctop.hostpaths import RUN_DIR
+from pctop.model import MigrationState
 from pctop.sources.readings import (
     MigrationInfo,
     Reading,
@@ -157,7 +159,7 @@ def status_to_reading(status: dict[str, Any], prev: _Prev, source: str = "engine
                                      eexist=diff["eexist"]))
     extra = {k: status[k] for k in _EXTRA_KEYS if k in status}
     extra.update(msgs_read=diff["msgs"], reader_busy_ns=diff["busy_ns"])
-    mig = MigrationInfo(pid=pid, source=source, state=str(status.get("state", "unknown")),
+    mig = MigrationInfo(pid=pid, source=source, state=MigrationState.parse(status.get("state")),
                         pages_total=status.get("pages_total"), pages_received=status.get("pages_received"),
                         pages_demand=status.get("pages_demand"),
                         pages_background=status.get("pages_background"),
@@ -206,7 +208,7 @@ class EngineSource:
     def start(self) -> None:
         for path in self.explicit:  # a socket the user named must work now
             conn = EngineConnection(path, self.timeout)
-            status = conn.request({"cmd": "status"})
+            status = conn.request({"cmd": Command.STATUS})
             if not status.get("ok", False) or "pid" not in status:
                 conn.close()
                 raise EngineUnreachable(f"engine at {path} answered status with {status.get('error', status)}")
@@ -222,7 +224,7 @@ class EngineSource:
             if conn is None:
                 conn = self._conns[path] = EngineConnection(path, self.timeout)
             try:
-                status = conn.request({"cmd": "status"})
+                status = conn.request({"cmd": Command.STATUS})
                 if not status.get("ok", False) or "pid" not in status:
                     raise EngineUnreachable(f"engine at {path} answered status with {status.get('error', status)}")
                 r = status_to_reading(status, self._prev.setdefault(path, _Prev()), self.name)
@@ -251,14 +253,12 @@ class EngineSource:
                        depths=tuple(depths), identities=tuple(idents), targets=tuple(targets),
                        migrations=tuple(migs), gone=tuple(gone), events=tuple(notes))
 
-    # Commands every engine takes; the others it lists in its status (migration extra "commands").
-    BASE_COMMANDS = ("pause", "resume", "bandwidth")
+    def supports(self, cmd: Command) -> bool:
+        """pctop.ui.feeds.Controls: the base commands; others only as the engine lists them
+        in its status (Migration.commands)."""
+        return cmd in BASE_COMMANDS
 
-    def supports(self, cmd: str) -> bool:
-        """pctop.ui.feeds.Controls: the base commands; others only as the engine lists them."""
-        return cmd in self.BASE_COMMANDS
-
-    def send(self, cmd: str, arg: Any = None, pid: int | None = None) -> dict[str, Any]:
+    def send(self, cmd: Command, arg: Any = None, pid: int | None = None) -> dict[str, Any]:
         """Send a control command to the engine of `pid` (or the only one)."""
         conns = {p: c for p, c in self._conns.items() if pid is None or self._pid_of.get(p) == pid}
         if len(conns) != 1:

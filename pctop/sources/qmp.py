@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from pctop.controls import Command
 from pctop.qemu import control
 from pctop.qemu.qmp import QmpConnection, QmpError
 from pctop.sources.readings import MigrationInfo, Reading, TargetInfo, VcpuIdentity
@@ -194,12 +195,13 @@ class QmpSource:
 
     # TUI command -> what it does to QEMU. QEMU cannot pause only the background stream
     # ("pause"/"resume") nor inject latency: those are refused as unknown.
-    COMMANDS = ("bandwidth", "drop-link", "recover", "enable-postcopy", "start-postcopy")
+    COMMANDS = (Command.BANDWIDTH, Command.DROP_LINK, Command.RECOVER, Command.ENABLE_POSTCOPY,
+                Command.START_POSTCOPY)
 
-    def supports(self, cmd: str) -> bool:
+    def supports(self, cmd: Command) -> bool:
         return cmd in self.COMMANDS
 
-    def send(self, cmd: str, arg: Any = None, pid: int | None = None) -> dict[str, Any]:
+    def send(self, cmd: Command, arg: Any = None, pid: int | None = None) -> dict[str, Any]:
         """Run one control; {"ok": True, "cmd", "text"} or {"ok": False, "cmd", "error"}.
         `pid` is ignored: the QMP sockets name the one migration they steer."""
         try:
@@ -208,7 +210,7 @@ class QmpSource:
             return {"ok": False, "cmd": cmd, "error": str(e)}
         return {"ok": True, "cmd": cmd, "text": text}
 
-    def _control(self, cmd: str, arg: Any) -> str:
+    def _control(self, cmd: Command, arg: Any) -> str:
         src = self.src.conn if self.src else None
         dst = self.dest.conn if self.dest else None
 
@@ -221,21 +223,21 @@ class QmpSource:
             if dst is None:
                 raise QmpError(f"{cmd} goes to the destination QEMU: give its socket with --qmp")
             return dst
-        if cmd == "enable-postcopy":
+        if cmd == Command.ENABLE_POSTCOPY:
             done = [f"destination: {', '.join(control.enable_postcopy(need_dest(), True))}"]
             if src is not None:
                 done.append(f"source: {', '.join(control.enable_postcopy(src, False))}")
             return "enabled " + "; ".join(done)
-        if cmd == "start-postcopy":
+        if cmd == Command.START_POSTCOPY:
             control.start_postcopy(need_source())
             return "asked the source to switch to post-copy"
-        if cmd == "bandwidth":
+        if cmd == Command.BANDWIDTH:
             control.set_bandwidth(need_source(), int(arg or 0))
             return f"max-postcopy-bandwidth = {int(arg or 0)} B/s"
-        if cmd == "drop-link":
+        if cmd == Command.DROP_LINK:
             control.pause(src or need_dest())
             return "paused the migration (migrate-pause)"
-        if cmd == "recover":
+        if cmd == Command.RECOVER:
             uri = arg or control.local_uri()
             control.recover(need_dest(), need_source(), uri)
             return f"recovering over {uri}"

@@ -12,7 +12,10 @@ from __future__ import annotations
 
 from typing import NamedTuple, Protocol
 
-from pctop.model import HIST_BUCKETS  # re-exported: one value for every layer  # noqa: F401
+from pctop.model import (
+    HIST_BUCKETS,  # re-exported: one value for every layer  # noqa: F401
+    MigrationState,
+)
 
 
 class ThreadFaults(NamedTuple):
@@ -89,7 +92,7 @@ class MigrationInfo(NamedTuple):
 
     pid: int
     source: str  # "engine" | "qmp"
-    state: str  # precopy | postcopy | paused | recovering | completed | failed
+    state: MigrationState
     pages_total: int | None = None
     pages_received: int | None = None
     pages_demand: int | None = None

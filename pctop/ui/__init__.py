@@ -13,6 +13,7 @@ pctop.root (run_engine_demo, run_qemu_demo, run_replay).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from pctop.ui.feeds import LiveFeed
@@ -41,12 +42,14 @@ def engine_controls(stats: Any) -> Any:
     return None
 
 
-def run_live(header: Any, stats: Any, interval: float = 1.0, controls: Any = None) -> None:
-    """`stats` is anything with `collect() -> Sample` (and optionally `close()`);
-    controls default to the engine source inside it (keys appear once an
-    engine's migration shows up in a Sample)."""
+def run_live(header: Any, stats: Any, interval: float = 1.0, controls: Any = None,
+             ended: Callable[[], str | None] | None = None) -> None:
+    """`stats` is anything with `collect() -> Sample` and `close()` (a Stats, a
+    pctop.root.Tap); controls default to the engine source inside it (keys appear
+    once an engine's migration shows up in a Sample). `ended`: how the watched run
+    ended, once it has (the header says so; pctop.root.DemoEnd)."""
     if controls is None:
         controls = engine_controls(stats)
     feed = LiveFeed(header, stats.collect, interval=interval, controls=controls,
-                    on_close=getattr(stats, "close", None), ended=lambda: getattr(stats, "ended", None))
+                    on_close=stats.close, ended=ended)
     run_feed(feed, interval)

@@ -23,8 +23,9 @@ from textual.screen import Screen
 from textual.worker import get_current_worker
 
 from pctop import exits
+from pctop.controls import BASE_COMMANDS, Command
 from pctop.hist import EMPTY, merge_counts
-from pctop.model import Event, Sample, StallParts
+from pctop.model import Event, MigrationState, Sample, StallParts
 from pctop.ui.feeds import INTERVAL_STEPS, SPEED_STEPS, Controls, LiveFeed, ReplayFeed, step_in
 from pctop.ui.history import HISTORY_LEN, History, state_events
 from pctop.ui.screens.confirm import ConfirmScreen
@@ -44,11 +45,11 @@ MIB = 1 << 20
 BANDWIDTH_STEPS = tuple(MIB * (1 << i) for i in range(0, 11))  # 1 MiB/s .. 1 GiB/s
 # Injected per-request latency offered by l, microseconds.
 LATENCY_STEPS_US = (0, 1000, 5000, 20000)
-# Commands every engine takes (the controls' supports() is asked about them too: QEMU
-# has no pause of the background stream); the others appear only when the engine lists
-# them or supports() says yes.
-BASE_COMMANDS = frozenset({"pause", "resume", "bandwidth"})
-EXTRA_COMMANDS = ("latency", "drop-link", "recover", "enable-postcopy", "start-postcopy")
+# Beyond the commands every engine takes (pctop.controls.BASE_COMMANDS; the controls'
+# supports() is asked about them too: QEMU has no pause of the background stream), the
+# others appear only when the engine lists them or supports() says yes.
+EXTRA_COMMANDS = (Command.LATENCY, Command.DROP_LINK, Command.RECOVER, Command.ENABLE_POSTCOPY,
+                  Command.START_POSTCOPY)
 
 # Trailing spaces: the footer draws a group label flush against the next key.
 RATE = Binding.Group("rate ")
@@ -88,9 +89,9 @@ KEYS: tuple[tuple[str, Binding, str], ...] = (
 # Key action -> the control command it sends (engine or QMP, pctop.sources.qmp).
 # Actions on the dashboard's table and panels: not offered over the detail screen.
 DASHBOARD_ACTIONS = {"sort", "reverse_sort", "detail", "hist_scope", "hist_span"}
-ENGINE_ACTIONS = {"stream": "pause", "bandwidth": "bandwidth", "latency": "latency",
-                  "drop_link": "drop-link", "recover": "recover",
-                  "enable_postcopy": "enable-postcopy", "start_postcopy": "start-postcopy"}
+ENGINE_ACTIONS = {"stream": Command.PAUSE, "bandwidth": Command.BANDWIDTH, "latency": Command.LATENCY,
+                  "drop_link": Command.DROP_LINK, "recover": Command.RECOVER,
+                  "enable_postcopy": Command.ENABLE_POSTCOPY, "start_postcopy": Command.START_POSTCOPY}
 # Why a key is greyed out in the help screen, by section.
 UNAVAILABLE = {"Replay": "replay only", "Migration": "no engine or QEMU attached, or it lacks this",
                "QEMU": "QEMU attached with --qmp only"}
@@ -122,11 +123,11 @@ class PctopApp(App[None]):
         self.frozen = False
         self.hist_selected = False
         self.hist_cumulative = False
-        self.supported: dict[str, bool] = {c: True for c in BASE_COMMANDS}
+        self.supported: dict[Command, bool] = {c: True for c in BASE_COMMANDS}
         self.bandwidth_limit: float | None = None
         self.latency_us = 0
         self._had_migration = False
-        self.refused: set[str] = set()  # commands the engine answered "unknown" to
+        self.refused: set[Command] = set()  # commands the engine answered "unknown" to
         self.control_log: list[dict] = []  # replies, newest last (tests read it)
         self.ended_by: int | None = None  # the signal that ended the app (Ctrl+C counts as SIGINT)
 
@@ -374,14 +375,14 @@ class PctopApp(App[None]):
         changed = has_migration != self._had_migration
         self._had_migration = has_migration
         supports = self.controls.supports  # pctop.ui.feeds.Controls
-        listed: set[str] = set()
+        listed: set[Command] = set()
         for t in s.targets:
             if t.migration is not None:
                 listed |= set(t.migration.commands)
                 limit = t.migration.bandwidth_limit_bps
                 if limit is not None:
                     self.bandwidth_limit = limit
-        for cmd in (*sorted(BASE_COMMANDS), *EXTRA_COMMANDS):
+        for cmd in (*BASE_COMMANDS, *EXTRA_COMMANDS):
             if cmd in BASE_COMMANDS:
                 ok = supports(cmd)
             else:
@@ -421,11 +422,11 @@ class PctopApp(App[None]):
             m = t.migration
             if m is not None:
                 bg = m.background
-                return bg == "paused" if bg else m.state == "paused"
+                return bg == "paused" if bg else m.state == MigrationState.PAUSED
         return False
 
     def action_stream(self) -> None:
-        self.send_control("resume" if self._stream_paused() else "pause")
+        self.send_control(Command.RESUME if self._stream_paused() else Command.PAUSE)
 
     def action_bandwidth(self, up: bool) -> None:
         cur = self.bandwidth_limit
@@ -440,39 +441,39 @@ class PctopApp(App[None]):
         smaller = [b for b in BANDWIDTH_STEPS if b < cur]
         new = (bigger[0] if bigger else 0) if up else (smaller[-1] if smaller else BANDWIDTH_STEPS[0])
         self.bandwidth_limit = new
-        self.send_control("bandwidth", new)
+        self.send_control(Command.BANDWIDTH, new)
 
     def action_latency(self) -> None:
         i = LATENCY_STEPS_US.index(self.latency_us) if self.latency_us in LATENCY_STEPS_US else 0
         self.latency_us = LATENCY_STEPS_US[(i + 1) % len(LATENCY_STEPS_US)]
-        self.send_control("latency", self.latency_us)
+        self.send_control(Command.LATENCY, self.latency_us)
 
     def action_drop_link(self) -> None:
         def answered(yes: bool | None) -> None:
             if yes:
-                self.send_control("drop-link")
+                self.send_control(Command.DROP_LINK)
         self.push_screen(ConfirmScreen("Drop the migration link? Faulting vCPUs will stall until "
                                        "you recover it (r)."), answered)
 
     def action_recover(self) -> None:
-        self.send_control("recover")
+        self.send_control(Command.RECOVER)
 
     def action_enable_postcopy(self) -> None:
-        self.send_control("enable-postcopy")
+        self.send_control(Command.ENABLE_POSTCOPY)
 
     def action_start_postcopy(self) -> None:
         def answered(yes: bool | None) -> None:
             if yes:
-                self.send_control("start-postcopy")
+                self.send_control(Command.START_POSTCOPY)
         self.push_screen(ConfirmScreen("Switch to post-copy? There is no way back: the destination runs "
                                        "the VM from now on, and if the link fails before the last page "
                                        "arrives, the VM is lost."), answered)
 
-    def send_control(self, cmd: str, arg: Any = None) -> None:
+    def send_control(self, cmd: Command, arg: Any = None) -> None:
         self._send_control(cmd, arg, self._control_pid())
 
     @work(thread=True, group="controls", exit_on_error=False)
-    def _send_control(self, cmd: str, arg: Any, pid: int | None) -> dict:
+    def _send_control(self, cmd: Command, arg: Any, pid: int | None) -> dict:
         """Runs in a thread: the control socket must never block the UI."""
         try:
             reply = self.controls.send(cmd, arg, pid=pid)  # pctop.ui.feeds.Controls
@@ -481,7 +482,7 @@ class PctopApp(App[None]):
         self._post(self._control_done, cmd, arg, reply)
         return reply
 
-    def _control_done(self, cmd: str, arg: Any, reply: dict) -> None:
+    def _control_done(self, cmd: Command, arg: Any, reply: dict) -> None:
         self.control_log.append(reply)
         what = cmd if arg is None else f"{cmd} {_arg_text(cmd, arg)}"
         if reply.get("ok"):
@@ -511,10 +512,10 @@ def _bound(app: PctopApp, action: str):
     return run
 
 
-def _arg_text(cmd: str, arg: Any) -> str:
-    if cmd == "bandwidth":
+def _arg_text(cmd: Command, arg: Any) -> str:
+    if cmd == Command.BANDWIDTH:
         return fmt_bytes(arg, per_s=True) if arg else "unlimited"
-    if cmd == "latency":
+    if cmd == Command.LATENCY:
         return fmt_us(arg) if arg else "off"
     return str(arg)
 

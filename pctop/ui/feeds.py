@@ -15,6 +15,7 @@ import threading
 import time
 from typing import Any, Callable, Protocol
 
+from pctop.controls import Command
 from pctop.model import Header, Sample
 from pctop.rates import next_due
 
@@ -36,9 +37,9 @@ class Controls(Protocol):
     or QEMU over QMP (pctop.sources.qmp.QmpSource). `pid` picks the engine when one client
     serves several; a client of one migration ignores it."""
 
-    def send(self, cmd: str, arg: Any = None, pid: int | None = None) -> dict[str, Any]: ...
+    def send(self, cmd: Command, arg: Any = None, pid: int | None = None) -> dict[str, Any]: ...
 
-    def supports(self, cmd: str) -> bool: ...
+    def supports(self, cmd: Command) -> bool: ...
 
 
 def step_in(steps: tuple[float, ...], current: float, up: bool) -> float:

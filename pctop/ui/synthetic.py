@@ -7,12 +7,23 @@ from __future__ import annotations
 import random
 
 from pctop.hist import bucket_index
-from pctop.model import HIST_BUCKETS, Event, Migration, Sample, StallParts, Target, UffdSample, VcpuSample
+from pctop.model import (
+    HIST_BUCKETS,
+    Event,
+    Migration,
+    MigrationState,
+    ProbeTier,
+    Sample,
+    StallParts,
+    Target,
+    UffdSample,
+    VcpuSample,
+)
 
 
 def synthetic_sample(seq: int = 1, vcpus: int = 4, uffds: int = 1, pid: int = 4242,
                      t0: float = 1_700_000_000.0, seed: int = 7, events: tuple[Event, ...] = (),
-                     tier: str = "ebpf", vmm: bool = False) -> Sample:
+                     tier: ProbeTier = ProbeTier.EBPF, vmm: bool = False) -> Sample:
     """vmm: give each vCPU a VMM blocktime (QEMU's, which under-reports: 70% of the stall)."""
     rnd = random.Random(seed * 1000 + seq)
     vs = []
@@ -39,7 +50,7 @@ def synthetic_sample(seq: int = 1, vcpus: int = 4, uffds: int = 1, pid: int = 42
                           total_mean=rnd.random() * 5, total_max=rnd.randint(0, 8),
                           msgs_read=1000, reads_per_s=1000.0 + k, installs_per_s=2000.0 + k)
                for k in range(uffds))
-    mig = Migration(source="engine", state="postcopy", pages_total=65536,
+    mig = Migration(source="engine", state=MigrationState.POSTCOPY, pages_total=65536,
                     pages_received=min(65536, 4000 * seq), pages_demand=100 * seq,
                     pages_background=3900 * seq, bandwidth_bps=2.0e8, eta_s=max(0.0, 16.0 - seq),
                     extra={"background": "running", "bandwidth_limit_bps": 0})

@@ -1,7 +1,13 @@
-"""A terminal for tests: run pctop on a pty that is its controlling terminal, so Ctrl+C
-(the byte 0x03) reaches its process group as SIGINT and closing the terminal sends
-SIGHUP, exactly as in a terminal emulator or tmux. Also: every process it started,
-so a test can check none is left behind, and a private TMPDIR to check for folders."""
+"""Terminals for tests.
+
+Term: pctop on a pty that is its controlling terminal, so Ctrl+C (the byte 0x03)
+reaches its process group as SIGINT and closing the terminal sends SIGHUP, exactly as
+in a terminal emulator or tmux. Also: every process it started, so a test can check
+none is left behind, and a private TMPDIR to check for folders.
+
+in_pty / run_in_pty: a command on a pty that is only where it reads keys and draws
+(the dashboard's tests press keys, never Ctrl+C).
+"""
 
 from __future__ import annotations
 
@@ -15,9 +21,67 @@ import subprocess
 import sys
 import termios
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from tests.conftest import ROOT
+
+
+def open_pty(cols: int = 100, rows: int = 30) -> tuple[int, int]:
+    """(master, slave) of a new pty of cols x rows."""
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+    return master, slave
+
+
+def read_until(fd: int, needle: bytes, timeout: float) -> bytes:
+    """What the pty shows until `needle` appears, the pty closes or `timeout` passes."""
+    buf = b""
+    deadline = time.monotonic() + timeout
+    while needle not in buf and time.monotonic() < deadline:
+        r, _, _ = select.select([fd], [], [], 0.2)
+        if r:
+            try:
+                buf += os.read(fd, 65536)
+            except OSError:
+                break
+    return buf
+
+
+@contextmanager
+def in_pty(argv: list[str]) -> Iterator[tuple[subprocess.Popen, int]]:
+    """argv on a 100x30 pty in its own session: (process, the pty's master fd). Whatever
+    the test does, the process group is gone and the pty closed afterwards."""
+    master, slave = open_pty()
+    proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, cwd=ROOT,
+                            env=dict(os.environ, TERM="xterm-256color"), start_new_session=True)
+    os.close(slave)
+    try:
+        yield proc, master
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        os.close(master)
+
+
+def run_in_pty(argv: list[str], wait_for: bytes, timeout: float = 60) -> tuple[int, bytes]:
+    """Start argv in a 100x30 pty, wait for `wait_for` on screen, press q; (exit status, output)."""
+    with in_pty(argv) as (proc, master):
+        out = read_until(master, wait_for, timeout)
+        os.write(master, b"q")
+        out += read_until(master, b"\x00never", 1)
+        return proc.wait(30), out
+
+
+def children_of(pid: int) -> list[int]:
+    """The children of pid's main thread."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(x) for x in f.read().split()]
+    except OSError:
+        return []
 
 
 def _take_terminal() -> None:
@@ -64,8 +128,7 @@ class Term:
     def __init__(self, args: list[str], tmpdir: Path, cols: int = 100, rows: int = 30) -> None:
         self.tmpdir = tmpdir
         tmpdir.mkdir(parents=True, exist_ok=True)
-        self.master, slave = pty.openpty()
-        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+        self.master, slave = open_pty(cols, rows)
         env = dict(os.environ, TERM="xterm-256color", TMPDIR=str(tmpdir))
         self.proc = subprocess.Popen([sys.executable, "-m", "pctop", *args], stdin=slave, stdout=slave,
                                      stderr=slave, cwd=ROOT, env=env, start_new_session=True,

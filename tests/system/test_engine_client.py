@@ -206,14 +206,10 @@ def test_against_the_real_engine_counts_controls_and_exit(tmp_path):
     import sys
     import time
 
-    from pctop.engine.uffd import Uffd
     from pctop.sources.procfs import ProcfsSource
-    from tests.conftest import ROOT
+    from tests.conftest import ROOT, need_uffd
 
-    try:
-        Uffd().close()
-    except OSError as e:
-        pytest.skip(f"userfaultfd unavailable: {e}")
+    need_uffd()
     path = str(tmp_path / "engine.sock")
     eng = subprocess.Popen([sys.executable, "-c", ENGINE_RUN, path], cwd=ROOT, stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True)

@@ -15,18 +15,12 @@ import pytest
 from pctop.engine import integrity
 from pctop.engine.image import PageImage
 from pctop.engine.run import Engine, EngineConfig
-from pctop.engine.uffd import AnonMemory, Uffd
+from pctop.engine.uffd import AnonMemory
 from pctop.engine.workload import KvmWorkload, ThreadWorkload
+from tests.conftest import need_uffd
 
 MiB = 1 << 20
 STRATEGIES = ("uffd", "sharded", "vcpu-exit")
-
-
-def _need_uffd():
-    try:
-        Uffd().close()
-    except OSError as e:
-        pytest.skip(f"userfaultfd unavailable: {e}")
 
 
 def _need_kvm():
@@ -50,7 +44,7 @@ def _check_complete(s: dict, cfg: EngineConfig) -> None:
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_kvm_guest_256mib_two_vcpus_migrates_and_verifies(strategy, tmp_path):
     _need_kvm()
-    _need_uffd()
+    need_uffd()
     # Background limited so that demand faults and the stream overlap (EEXIST races
     # happen); the guest writes 20 % of its accesses, so unwritten-page checks and
     # written-page header checks both run.
@@ -70,7 +64,7 @@ def test_kvm_guest_256mib_two_vcpus_migrates_and_verifies(strategy, tmp_path):
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_threads_every_first_touch_is_a_demand_fault_without_background(strategy, tmp_path):
-    _need_uffd()
+    need_uffd()
     cfg = EngineConfig(memory=16 * MiB, vcpus=2, strategy=strategy, background=False,
                        pattern="seq", readers=2, control="", duration=60)
     s = Engine(cfg, ThreadWorkload).run()
@@ -84,7 +78,7 @@ def test_threads_every_first_touch_is_a_demand_fault_without_background(strategy
 
 
 def test_duration_stops_the_guest_and_pulls_the_remaining_pages():
-    _need_uffd()
+    need_uffd()
     # hotset touches only 10 % of each shard: without background the run can only end
     # by --duration, after which the engine pulls every other page and verifies.
     cfg = EngineConfig(memory=128 * MiB, vcpus=2, strategy="uffd", background=False,
@@ -95,7 +89,7 @@ def test_duration_stops_the_guest_and_pulls_the_remaining_pages():
 
 
 def test_corrupted_page_fails_the_integrity_check():
-    _need_uffd()
+    need_uffd()
     cfg = EngineConfig(memory=8 * MiB, vcpus=1, strategy="uffd", control="", corrupt_page=77)
     s = Engine(cfg, ThreadWorkload).run()
     assert not s["ok"] and s["state"] == "failed"
@@ -133,7 +127,7 @@ def _control(path: str, *reqs: dict) -> list[dict]:
 
 
 def test_control_socket_status_pause_resume_bandwidth(tmp_path):
-    _need_uffd()
+    need_uffd()
     path = str(tmp_path / "engine.sock")
     # 64 MiB at 16 MiB/s would take 4 s: the test lifts the limit when it is done.
     cfg = EngineConfig(memory=64 * MiB, vcpus=2, strategy="uffd", bandwidth=16 * MiB,
@@ -169,7 +163,7 @@ def test_control_socket_status_pause_resume_bandwidth(tmp_path):
 
 
 def test_source_dying_mid_run_fails_fast_and_cleans_up():
-    _need_uffd()
+    need_uffd()
     cfg = EngineConfig(memory=64 * MiB, vcpus=2, strategy="uffd", background=False, control="", duration=60)
     eng = Engine(cfg, ThreadWorkload)
 

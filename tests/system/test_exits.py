@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import need_uffd
 from tests.helpers.term import Term
 
 
@@ -22,15 +23,6 @@ def short_tmp():
     d = Path(tempfile.mkdtemp(prefix="pctop-t-"))
     yield d
     shutil.rmtree(d, ignore_errors=True)
-
-
-def need_uffd() -> None:
-    from pctop.engine.uffd import Uffd
-
-    try:
-        Uffd().close()
-    except OSError as e:
-        pytest.skip(f"userfaultfd unavailable: {e}")
 
 
 def stop(t: Term, how: str) -> None:

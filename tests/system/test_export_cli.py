@@ -127,29 +127,18 @@ def test_the_source_socket_is_given_once():
 def test_the_dashboard_serves_metrics_while_it_runs():
     """monitor --export with the TUI (in a pty, as a user's terminal): /metrics answers while
     the dashboard shows, and q closes both."""
-    import fcntl
     import os
-    import pty
-    import signal
-    import struct
     import sys
-    import termios
     import urllib.error
 
-    from tests.conftest import ROOT
     from tests.helpers.promserver import free_port
-    from tests.system.test_ui_demo import read_until
+    from tests.helpers.term import in_pty, read_until
 
     port = free_port()
     with holder(2) as (_, pid, fd):
-        master, slave = pty.openpty()
-        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 100, 0, 0))
-        proc = subprocess.Popen([sys.executable, "-m", "pctop", "monitor", "--no-ebpf", "-p", str(pid),
-                                 "--interval", "0.2", "--export", f"127.0.0.1:{port}"],
-                                stdin=slave, stdout=slave, stderr=slave, cwd=ROOT,
-                                env=dict(os.environ, TERM="xterm-256color"), start_new_session=True)
-        os.close(slave)
-        try:
+        argv = [sys.executable, "-m", "pctop", "monitor", "--no-ebpf", "-p", str(pid), "--interval", "0.2",
+                "--export", f"127.0.0.1:{port}"]
+        with in_pty(argv) as (proc, master):
             out = read_until(master, b"DEGRADED", 60)
             assert b"DEGRADED" in out, out[-2000:]
             url = f"http://127.0.0.1:{port}/metrics"
@@ -160,11 +149,6 @@ def test_the_dashboard_serves_metrics_while_it_runs():
             assert proc.wait(30) == 0
             with pytest.raises(urllib.error.URLError):
                 scrape(url)  # the endpoint went with the dashboard
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-            os.close(master)
 
 
 def test_export_imports_neither_textual_nor_bcc_nor_prometheus_client():

@@ -11,11 +11,12 @@ import subprocess
 
 import pytest
 
+from pctop.model import MigrationState
 from pctop.qemu import control
 from pctop.qemu.guest import LOAD_ADDR, MAILBOX_GPA, MB_PASSES, SECTOR, build_boot_sector
 from pctop.qemu.launch import QemuConfig, QemuPair, qemu_unavailable_reason
 from pctop.qemu.qmp import QmpError
-from pctop.sources.qmp import QmpSource, blocktime_growth
+from pctop.sources.qmp import QmpSource, blocktime_growth, migration_info
 from tests.conftest import run_pctop
 
 pytestmark = pytest.mark.timeout(120)
@@ -164,4 +165,8 @@ def test_state_words_cover_qemus_postcopy_states():
     for qemu, word in [("active", "precopy"), ("postcopy-active", "postcopy"), ("postcopy-paused", "paused"),
                        ("postcopy-recover", "recovering"), ("completed", "completed"), ("failed", "failed")]:
         assert control.state_word(qemu) == word
-    assert control.state_word("some-future-state") == "some-future-state"
+    assert control.state_word(None) is MigrationState.NONE
+    # A status newer than pctop: unknown, while QEMU's own word stays in extra.qemu_status
+    assert control.state_word("some-future-state") is MigrationState.UNKNOWN
+    mi = migration_info(7, "destination", {"status": "some-future-state"}, None)
+    assert (mi.state, mi.extra["qemu_status"]) == (MigrationState.UNKNOWN, "some-future-state")

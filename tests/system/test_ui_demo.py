@@ -4,66 +4,12 @@
 
 from __future__ import annotations
 
-import fcntl
 import os
-import pty
-import select
 import signal
-import struct
-import subprocess
 import sys
-import termios
-import time
 
-import pytest
-
-from tests.conftest import ROOT
-
-
-def children_of(pid: int) -> list[int]:
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            return [int(x) for x in f.read().split()]
-    except OSError:
-        return []
-
-
-def read_until(fd: int, needle: bytes, timeout: float) -> bytes:
-    buf = b""
-    deadline = time.monotonic() + timeout
-    while needle not in buf and time.monotonic() < deadline:
-        r, _, _ = select.select([fd], [], [], 0.2)
-        if r:
-            try:
-                buf += os.read(fd, 65536)
-            except OSError:
-                break
-    return buf
-
-
-def spawn_in_pty(argv: list[str]) -> tuple[subprocess.Popen, int]:
-    """argv on a 100x30 pty: (process, the pty's master fd)."""
-    master, slave = pty.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 100, 0, 0))
-    proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, cwd=ROOT,
-                            env=dict(os.environ, TERM="xterm-256color"), start_new_session=True)
-    os.close(slave)
-    return proc, master
-
-
-def run_in_pty(argv: list[str], wait_for: bytes, timeout: float = 60) -> tuple[int, bytes]:
-    """Start argv in a 100x30 pty, wait for `wait_for` on screen, press q; (exit status, output)."""
-    proc, master = spawn_in_pty(argv)
-    try:
-        out = read_until(master, wait_for, timeout)
-        os.write(master, b"q")
-        out += read_until(master, b"\x00never", 1)
-        return proc.wait(30), out
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        os.close(master)
+from tests.conftest import ROOT, need_uffd
+from tests.helpers.term import children_of, in_pty, read_until, run_in_pty
 
 
 def test_replay_command_shows_the_recording():
@@ -96,58 +42,39 @@ def test_monitor_command_opens_the_dashboard_without_targets():
 
 
 def test_demo_opens_the_dashboard_and_q_stops_the_engine():
-    from pctop.engine.uffd import Uffd
-
-    try:
-        Uffd().close()
-    except OSError as e:
-        pytest.skip(f"userfaultfd unavailable: {e}")
-    master, slave = pty.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 100, 0, 0))
+    need_uffd()
     # Threads and a slow stream: the run outlasts the test.
     argv = [sys.executable, "-m", "pctop", "demo", "--workload", "threads", "--memory", "256M",
             "--bandwidth", "2M", "--pattern", "hotset", "--duration", "60"]
-    proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, cwd=ROOT,
-                            env=dict(os.environ, TERM="xterm-256color"), start_new_session=True)
-    os.close(slave)
     engine_pids: list[int] = []
-    try:
-        out = read_until(master, b"POSTCOPY", 90)
-        assert b"POSTCOPY" in out, out[-2000:]
-        engine_pids = children_of(proc.pid)
-        assert engine_pids, "the engine runs as a child process"
-        os.write(master, b"q")
-        read_until(master, b"\x00never", 1)  # keep draining while it exits
-        assert proc.wait(30) == 130  # quit before the end: not verified (tests/system/test_exits.py)
-        for pid in engine_pids:
-            assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        for pid in engine_pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        os.close(master)
+    with in_pty(argv) as (proc, master):
+        try:
+            out = read_until(master, b"POSTCOPY", 90)
+            assert b"POSTCOPY" in out, out[-2000:]
+            engine_pids = children_of(proc.pid)
+            assert engine_pids, "the engine runs as a child process"
+            os.write(master, b"q")
+            read_until(master, b"\x00never", 1)  # keep draining while it exits
+            assert proc.wait(30) == 130  # quit before the end: not verified (tests/system/test_exits.py)
+            for pid in engine_pids:
+                assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
+        finally:
+            for pid in engine_pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
 
 
 def test_demo_that_completes_keeps_its_last_view_and_says_verified():
-    from pctop.engine.uffd import Uffd
-
-    try:
-        Uffd().close()
-    except OSError as e:
-        pytest.skip(f"userfaultfd unavailable: {e}")
+    need_uffd()
     # A short run: threads for 10 s on 512 MiB (more than they touch in that time), then the
     # rest pulled; it ends while the dashboard watches.
     # (Long enough for the probes to load first on a loaded machine: a run that ends before
     # the dashboard could look is only relayed, by design, with no dashboard to test.)
     argv = [sys.executable, "-m", "pctop", "demo", "--workload", "threads", "--memory", "512M",
             "--bandwidth", "4M", "--pattern", "hotset", "--duration", "10"]
-    proc, master = spawn_in_pty(argv)
-    try:
+    with in_pty(argv) as (proc, master):
         out = read_until(master, b"demo finished: verified", 120)
         assert b"demo finished: verified" in out, out[-3000:]
         after = out.split(b"demo finished: verified", 1)[1] + read_until(master, b"\x00never", 3)
@@ -162,8 +89,3 @@ def test_demo_that_completes_keeps_its_last_view_and_says_verified():
         os.write(master, b"q")
         read_until(master, b"\x00never", 1)
         assert proc.wait(30) == 0
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        os.close(master)

@@ -12,7 +12,7 @@ import pytest
 
 from pctop.root import stop_child
 from pctop.sources.engine import EngineConnection
-from tests.conftest import ROOT
+from tests.conftest import ROOT, need_uffd
 from tests.unit.test_ui_app import until
 
 ENGINE_RUN = """
@@ -32,12 +32,7 @@ MiB = 1 << 20
 
 @pytest.fixture
 def engine(tmp_path):
-    from pctop.engine.uffd import Uffd
-
-    try:
-        Uffd().close()
-    except OSError as e:
-        pytest.skip(f"userfaultfd unavailable: {e}")
+    need_uffd()
     path = str(tmp_path / "engine.sock")
     proc = subprocess.Popen([sys.executable, "-c", ENGINE_RUN, path], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

@@ -18,7 +18,6 @@ from pctop.export.collector import OTHER, Exporter
 from pctop.export.metrics import METRICS, PREFIX, STATES, bucket_edges_s, render_markdown
 from pctop.model import (
     HIST_BUCKETS,
-    Header,
     Migration,
     Sample,
     StallParts,
@@ -27,10 +26,7 @@ from pctop.model import (
     VcpuSample,
 )
 from tests.conftest import ROOT
-
-HEADER = Header(host="h", kernel="k", probe_tier="procfs", sources=("engine", "procfs"),
-                missing=("ebpf: disabled by --no-ebpf; per-vCPU ...", "debugfs: not mounted"),
-                pctop_version="9.9.9")
+from tests.helpers.headers import DEGRADED
 
 
 def _hist(**buckets: int) -> tuple[int, ...]:
@@ -105,7 +101,7 @@ def test_metric_names_follow_prometheus_conventions(key):
 
 
 def test_every_metric_is_exposed_once_with_its_labels_and_only_those():
-    ex = Exporter(HEADER)
+    ex = Exporter(DEGRADED)
     ex.observe(sample(1, rich_target()))
     text = scrape(ex)
     fams = {f.name: f for f in text_string_to_metric_families(text)}
@@ -121,7 +117,7 @@ def test_every_metric_is_exposed_once_with_its_labels_and_only_those():
 
 
 def test_values_are_in_base_units():
-    ex = Exporter(HEADER)
+    ex = Exporter(DEGRADED)
     t = rich_target(faults=3)
     ex.observe(sample(1, t, interval_s=2.0))
     text = scrape(ex)
@@ -152,7 +148,7 @@ def test_values_are_in_base_units():
 
 def test_thread_ids_never_multiply_series():
     """A vCPU whose thread changes (and 50 short-lived helper threads) keep one series each."""
-    ex = Exporter(HEADER)
+    ex = Exporter(DEGRADED)
     for seq in range(1, 51):
         t = rich_target(tid=10_000 + 2 * seq)  # new tids for vCPU 0 and the other thread
         ex.observe(sample(seq, t))
@@ -166,7 +162,7 @@ def test_thread_ids_never_multiply_series():
 
 
 def _one_scrape() -> str:
-    ex = Exporter(HEADER)
+    ex = Exporter(DEGRADED)
     ex.observe(sample(1, rich_target()))
     return scrape(ex)
 
@@ -183,7 +179,7 @@ def test_counters_are_monotonic_across_intervals_and_targets_that_come_and_go():
     intervals since it appeared (a target leaves /metrics only on the scrape after its
     last interval, and a pid that returns after that starts from 0)."""
     rng = random.Random(15)
-    ex = Exporter(HEADER)
+    ex = Exporter(DEGRADED)
     alive = {1: False, 2: False, 3: False}
     expected: dict[tuple[int, int], int] = {}  # (pid, vcpu) -> faults since the series appeared
     leaving: set[int] = set()  # absent from the last Sample: removed by the next scrape
@@ -231,7 +227,7 @@ def test_counters_are_monotonic_across_intervals_and_targets_that_come_and_go():
 
 
 def test_a_target_that_exits_is_scraped_once_more_then_removed():
-    ex = Exporter(HEADER)
+    ex = Exporter(DEGRADED)
     ex.observe(sample(1, rich_target(pid=1), rich_target(pid=2)))
     ex.observe(sample(2, rich_target(pid=1), rich_target(pid=2, faults=5)))  # pid 2's last interval
     ex.observe(sample(3, rich_target(pid=1)))  # pid 2 gone
@@ -245,7 +241,7 @@ def test_a_target_that_exits_is_scraped_once_more_then_removed():
 
 
 def test_a_vcpu_seen_again_keeps_its_series_and_value():
-    ex = Exporter(HEADER)
+    ex = Exporter(DEGRADED)
     t = rich_target(faults=4)
     ex.observe(sample(1, t))
     quiet = dataclasses.replace(t, vcpus=(), uffds=())
@@ -261,7 +257,7 @@ def test_a_vcpu_seen_again_keeps_its_series_and_value():
 
 def test_collection_errors_are_counted():
     from pctop.model import Event
-    ex = Exporter(HEADER)
+    ex = Exporter(DEGRADED)
     ex.observe(sample(1, events=(Event(1.0, "error", "engine failed: x"), Event(1.0, "target-new", "y"))))
     ex.observe(sample(2, events=(Event(2.0, "error", "procfs failed: z"),)))
     text = scrape(ex)
@@ -276,7 +272,7 @@ def test_le_edges_are_the_upper_edges_of_the_log2_buckets():
     assert len(bucket_edges_s()) == HIST_BUCKETS - 1
     for n, edge in enumerate(bucket_edges_s()):
         assert edge == hist.bucket_bounds(n)[1] / 1e6
-    ex = Exporter(HEADER)
+    ex = Exporter(DEGRADED)
     ex.observe(sample(1, rich_target(faults=3)))
     les = [s.labels["le"] for f in text_string_to_metric_families(scrape(ex)) if f.name == "pctop_vcpu_stall_seconds"
            for s in f.samples if s.name.endswith("_bucket") and s.labels["vcpu"] == "0"]
@@ -287,7 +283,7 @@ def test_le_edges_are_the_upper_edges_of_the_log2_buckets():
 def test_a_stall_is_counted_from_the_first_le_at_or_above_it_and_at_most_one_bucket_high(us):
     h = [0] * HIST_BUCKETS
     h[hist.bucket_index(us)] = 1
-    ex = Exporter(HEADER)
+    ex = Exporter(DEGRADED)
     ex.observe(sample(1, Target(pid=1, comm="x", vcpus=(VcpuSample(vcpu=0, tid=1, faults=1, hist=tuple(h),
                                                                   stall_ns=int(us * 1000)),))))
     buckets = [(float(s.labels["le"]), s.value) for f in text_string_to_metric_families(scrape(ex))
@@ -299,7 +295,7 @@ def test_a_stall_is_counted_from_the_first_le_at_or_above_it_and_at_most_one_buc
 
 
 def test_the_last_bucket_is_only_in_inf():
-    ex = Exporter(HEADER)
+    ex = Exporter(DEGRADED)
     ex.observe(sample(1, Target(pid=1, comm="x", vcpus=(VcpuSample(vcpu=0, tid=1, faults=2, hist=_hist(b23=2)),))))
     text = scrape(ex)
     v = dict(vm="x", pid="1", vcpu="0")
@@ -314,7 +310,7 @@ def test_promtool_check_metrics_passes_on_the_exposition():
     promtool = shutil.which("promtool")
     if promtool is None:
         pytest.skip("promtool missing (Debian package prometheus; make setup installs it)")
-    ex = Exporter(HEADER)
+    ex = Exporter(DEGRADED)
     ex.observe(sample(1, rich_target(pid=1), rich_target(pid=2, comm="fc_vmm")))
     r = subprocess.run([promtool, "check", "metrics"], input=scrape(ex), capture_output=True, text=True, timeout=30)
     assert r.returncode == 0 and not r.stdout.strip() and not r.stderr.strip(), r.stdout + r.stderr
@@ -328,7 +324,7 @@ def _om_series(text: str) -> dict:
 def test_the_openmetrics_exposition_has_the_same_series_and_values():
     """promtool reads only the text format; OpenMetrics (what Prometheus asks for) is checked
     by prometheus_client's strict OpenMetrics parser, series by series against the text."""
-    ex = Exporter(HEADER)
+    ex = Exporter(DEGRADED)
     ex.observe(sample(1, rich_target(pid=1), rich_target(pid=2, comm="fc_vmm")))
     om = scrape(ex, openmetrics=True)
     assert om.endswith("\n# EOF\n")
@@ -338,7 +334,7 @@ def test_the_openmetrics_exposition_has_the_same_series_and_values():
 def test_label_values_and_help_are_escaped():
     """A process names itself (prctl): quotes, backslashes and newlines must come back intact."""
     comm = 'a"b\\c\nd'
-    ex = Exporter(HEADER)
+    ex = Exporter(DEGRADED)
     ex.observe(sample(1, rich_target(pid=1, comm=comm)))
     for text, parse in ((scrape(ex), series), (scrape(ex, openmetrics=True), _om_series)):
         vms = {dict(k[1]).get("vm") for k in parse(text)} - {None}
@@ -382,7 +378,7 @@ def test_every_json_field_a_metric_names_exists_in_the_model_and_in_schema_md():
 
 
 def test_the_vm_label_is_the_guests_name_when_the_vmm_gives_one():
-    ex = Exporter(HEADER)
+    ex = Exporter(DEGRADED)
     ex.observe(sample(1, dataclasses.replace(rich_target(pid=1, comm="qemu-system-x86"), vm_name="web-7"),
                       rich_target(pid=2, comm="fc_vmm")))
     vms = {(dict(k[1])["pid"], dict(k[1])["vm"]) for k in series(scrape(ex)) if k[0] == "pctop_handler_cpu_seconds_total"}

@@ -1,6 +1,6 @@
 """Imports run down the layers: the rule, read from the source with `ast`.
 
-    base      model, hist, rates, sizes, hostpaths, fdinfo, asm: import no other pctop module
+    base      model, controls, hist, rates, sizes, hostpaths, fdinfo, asm: import only each other
     sources   collectors: never the engine, the UI, stats, doctor or a command-line module
     stats     the aggregator: only base and sources.readings
     ui        the dashboard: only base (the model) and its own feeds, never a collector
@@ -18,8 +18,8 @@ import ast
 from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[2] / "pctop"
-BASE = {"pctop", "pctop.model", "pctop.hist", "pctop.rates", "pctop.sizes", "pctop.hostpaths", "pctop.fdinfo",
-        "pctop.asm"}
+BASE = {"pctop", "pctop.model", "pctop.controls", "pctop.hist", "pctop.rates", "pctop.sizes", "pctop.hostpaths",
+        "pctop.fdinfo", "pctop.asm"}
 CLI = ("pctop.cli",)
 
 

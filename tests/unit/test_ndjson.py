@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+from dataclasses import replace
 
 import pytest
 from hypothesis import given, settings
@@ -15,6 +16,8 @@ from pctop.model import (
     Event,
     Header,
     Migration,
+    MigrationState,
+    ProbeTier,
     Sample,
     StallParts,
     Target,
@@ -23,6 +26,7 @@ from pctop.model import (
 )
 from pctop.sinks.ndjson import NdjsonWriter, dumps
 from pctop.sources.replay import Recording, RecordingError, load_recording, parse_record
+from tests.helpers.headers import DEGRADED
 
 ints = st.integers(min_value=0, max_value=2**53)
 floats = st.floats(min_value=0, max_value=1e12, allow_nan=False)
@@ -41,7 +45,7 @@ page_runs = st.none() | st.lists(st.tuples(ints, ints), max_size=3).map(tuple)
 uffds = st.builds(UffdSample, fd=st.integers(0, 65535), pending_mean=floats, pending_max=ints,
                   total_mean=floats, total_max=ints, msgs_read=ints, pages_installed=ints,
                   bytes_per_s=floats, installed_ranges=page_runs, page_map_lost=st.none() | ints)
-migrations = st.builds(Migration, source=st.sampled_from(["engine", "qmp"]), state=names,
+migrations = st.builds(Migration, source=st.sampled_from(["engine", "qmp"]), state=st.sampled_from(list(MigrationState)),
                        pages_total=st.none() | ints, pages_received=st.none() | ints,
                        bandwidth_bps=opt_floats, eta_s=opt_floats,
                        extra=st.dictionaries(names, st.none() | ints | names, max_size=3))
@@ -51,13 +55,10 @@ targets = st.builds(Target, pid=st.integers(1, 2**22), comm=names,
                     handler_cpu_pct=opt_floats, migration=st.none() | migrations,
                     registered_ranges=page_runs)
 samples = st.builds(Sample, time=floats, interval_s=floats, seq=ints,
-                    probe_tier=st.sampled_from(["ebpf", "procfs", "replay"]),
+                    probe_tier=st.sampled_from(list(ProbeTier)),
                     sources=st.lists(names, max_size=3).map(tuple),
                     targets=st.lists(targets, max_size=2).map(tuple),
                     events=st.lists(st.builds(Event, floats, names, names), max_size=2).map(tuple))
-
-HEADER = Header(host="h", kernel="6.18", probe_tier="procfs", sources=("procfs",),
-                missing=("ebpf: disabled",), started=1.0, pctop_version="0.1.0")
 
 
 def sample(seq: int) -> Sample:
@@ -74,7 +75,7 @@ def test_sample_round_trips_through_one_json_line(s):
 
 
 def test_header_round_trip_and_required_line_fields():
-    assert parse_record(dumps(HEADER), "t") == HEADER
+    assert parse_record(dumps(DEGRADED), "t") == DEGRADED
     d = json.loads(dumps(sample(1)))
     assert d["type"] == "sample" and d["interval_s"] == 1.0
     assert set(d["targets"][0]["uffds"][0]) >= {"fd", "pending_mean", "pending_max", "total_mean",
@@ -108,7 +109,7 @@ def test_writer_flushes_every_line():
 
     out = Counting()
     w = NdjsonWriter(out)
-    w.write(HEADER)
+    w.write(DEGRADED)
     w.write(sample(1))
     assert out.flushes == 2 and w.lines == 2
     assert out.getvalue().count("\n") == 2
@@ -125,31 +126,31 @@ def write_file(path, lines: list[str], newline_at_end: bool = True) -> None:
 
 def test_recording_loads_and_indexes(tmp_path):
     f = tmp_path / "r.ndjson"
-    write_file(f, [dumps(HEADER), dumps(sample(1)), "", dumps(sample(2))])
+    write_file(f, [dumps(DEGRADED), dumps(sample(1)), "", dumps(sample(2))])
     rec = load_recording(f)
-    assert rec.header == HEADER and len(rec) == 2 and rec[1] == sample(2)
+    assert rec.header == DEGRADED and len(rec) == 2 and rec[1] == sample(2)
 
 
 def test_truncated_last_line_names_the_line_and_keeps_what_came_before(tmp_path):
     f = tmp_path / "r.ndjson"
-    write_file(f, [dumps(HEADER), dumps(sample(1)), dumps(sample(2))[:40]], newline_at_end=False)
+    write_file(f, [dumps(DEGRADED), dumps(sample(1)), dumps(sample(2))[:40]], newline_at_end=False)
     with Recording(f) as rec:
         got = []
         with pytest.raises(RecordingError, match=r"line 3.*truncated"):
             for r in rec.records():
                 got.append(r)
-        assert got == [HEADER, sample(1)] and rec.samples == [sample(1)]
+        assert got == [DEGRADED, sample(1)] and rec.samples == [sample(1)]
 
 
 @pytest.mark.parametrize("bad, why", [
     ("{not json", "not valid JSON"),
     ("[1, 2]", "expected a JSON object"),
     ('{"type": "sample", "seq": 1}', "not a valid sample"),
-    (dumps(HEADER), "a second header"),
+    (dumps(DEGRADED), "a second header"),
 ])
 def test_corrupt_middle_line_is_named(tmp_path, bad, why):
     f = tmp_path / "r.ndjson"
-    write_file(f, [dumps(HEADER), dumps(sample(1)), bad, dumps(sample(3))])
+    write_file(f, [dumps(DEGRADED), dumps(sample(1)), bad, dumps(sample(3))])
     rec = Recording(f)
     with pytest.raises(RecordingError, match=f"line 3: {why}"):
         rec.load_more(final=True)
@@ -160,7 +161,7 @@ def test_corrupt_middle_line_is_named(tmp_path, bad, why):
 
 def test_newer_schema_empty_file_and_headerless_file_are_errors(tmp_path):
     f = tmp_path / "r.ndjson"
-    write_file(f, [json.dumps({**HEADER.to_dict(), "schema": SCHEMA_VERSION + 1})])
+    write_file(f, [json.dumps({**DEGRADED.to_dict(), "schema": SCHEMA_VERSION + 1})])
     with pytest.raises(RecordingError, match="line 1: schema"):
         load_recording(f)
     f.write_text("")
@@ -175,15 +176,65 @@ def test_newer_schema_empty_file_and_headerless_file_are_errors(tmp_path):
 
 def test_unknown_record_types_are_skipped(tmp_path):
     f = tmp_path / "r.ndjson"
-    write_file(f, [dumps(HEADER), '{"type": "annotation", "text": "x"}', dumps(sample(1))])
+    write_file(f, [dumps(DEGRADED), '{"type": "annotation", "text": "x"}', dumps(sample(1))])
     assert load_recording(f).samples == [sample(1)]
+
+
+def test_a_state_or_tier_from_a_newer_pctop_is_read_as_unknown_and_reading_goes_on(tmp_path):
+    """The rule for words this pctop does not know (docs/schema.md, Versioning): the
+    record stays, the word is UNKNOWN, everything else in it and after it is read."""
+    newer = Sample(time=2.0, interval_s=1.0, seq=2, probe_tier=ProbeTier.EBPF, sources=("engine",), targets=(
+        Target(pid=7, comm="q", migration=Migration(source="engine", state=MigrationState.POSTCOPY,
+                                                    pages_total=100, pages_received=40)),))
+    line = json.loads(dumps(newer))
+    line["probe_tier"] = "bpf-next"
+    line["targets"][0]["migration"]["state"] = "postcopy-preempt"
+    f = tmp_path / "r.ndjson"
+    write_file(f, [dumps(DEGRADED), dumps(sample(1)), json.dumps(line), dumps(sample(3))])
+    rec = load_recording(f)
+    assert rec.error is None and [s.seq for s in rec.samples] == [1, 2, 3]
+    got = rec[1]
+    assert got.probe_tier is ProbeTier.UNKNOWN
+    m = got.targets[0].migration
+    assert m.state is MigrationState.UNKNOWN and (m.pages_total, m.pages_received) == (100, 40)
+    assert got == replace(newer, probe_tier=ProbeTier.UNKNOWN, targets=(
+        replace(newer.targets[0], migration=replace(m, state=MigrationState.UNKNOWN)),))
+    # written back (replay --json) as the word it was read as
+    assert json.loads(dumps(got))["targets"][0]["migration"]["state"] == "unknown"
+    # a word of the wrong type is no different
+    line["targets"][0]["migration"]["state"] = 5
+    assert parse_record(json.dumps(line), "t").targets[0].migration.state is MigrationState.UNKNOWN
+
+
+def test_replay_json_of_a_recording_with_an_unknown_state_prints_every_line(tmp_path):
+    from click.testing import CliRunner
+
+    from pctop.cli import cli
+
+    line = json.loads(dumps(sample(2)))
+    line["targets"][0]["migration"] = {"source": "engine", "state": "postcopy-preempt"}
+    f = tmp_path / "r.ndjson"
+    write_file(f, [dumps(DEGRADED), dumps(sample(1)), json.dumps(line), dumps(sample(3))])
+    r = CliRunner().invoke(cli, ["replay", "--json", str(f)])
+    assert r.exit_code == 0, r.output
+    out = [json.loads(x) for x in r.output.splitlines()]
+    assert [d.get("seq") for d in out] == [None, 1, 2, 3]
+    assert out[2]["targets"][0]["migration"]["state"] == "unknown"
+
+
+def test_schema_words_are_the_json_strings():
+    """StrEnum members write exactly the plain strings' JSON, so lines stay byte for byte."""
+    m = Migration(source="qmp", state=MigrationState.PAUSED)
+    plain = Migration(source="qmp", state="paused")  # type: ignore[arg-type]
+    assert dumps(Sample(1.0, 1.0, 1, ProbeTier.PROCFS, (), (Target(1, "c", migration=m),))) == \
+        dumps(Sample(1.0, 1.0, 1, "procfs", (), (Target(1, "c", migration=plain),)))  # type: ignore[arg-type]
 
 
 def test_incremental_loading_follows_a_growing_file(tmp_path):
     f = tmp_path / "r.ndjson"
     with open(f, "w") as out:
         w = NdjsonWriter(out)
-        w.write(HEADER)
+        w.write(DEGRADED)
         w.write(sample(1))
         rec = Recording(f)
         assert rec.load_more() == 1
@@ -206,3 +257,5 @@ def test_schema_doc_names_every_model_field():
     for cls in (Header, Sample, Target, VcpuSample, UffdSample, Migration, Event, StallParts):
         for f in dataclasses.fields(cls):
             assert f"`{f.name}`" in doc, f"docs/schema.md does not document {cls.__name__}.{f.name}"
+    for word in (*MigrationState, *ProbeTier):
+        assert f"`{word}`" in doc, f"docs/schema.md does not name the value {word!r}"

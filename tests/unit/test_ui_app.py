@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import pytest
 
-from pctop.model import Header
 from pctop.ui.app import PctopApp
 from pctop.ui.feeds import LiveFeed, ReplayFeed
 from pctop.ui.screens.confirm import ConfirmScreen
@@ -17,8 +16,8 @@ from pctop.ui.synthetic import synthetic_sample
 from pctop.ui.widgets.event_log import EventLog
 from pctop.ui.widgets.latency import LatencyHistogram
 from pctop.ui.widgets.vcpu_table import COLUMNS, VcpuTable, fmt_ms
+from tests.helpers.headers import LIVE
 
-HEADER = Header(host="h", kernel="k", probe_tier="ebpf", sources=("engine",), started=1.7e9)
 VCPUS = 6
 
 
@@ -33,7 +32,7 @@ async def until(pilot, cond, what: str, tries: int = 200) -> None:
 
 def replay_app(position: int = 10) -> PctopApp:
     samples = [synthetic_sample(seq=i, vcpus=VCPUS) for i in range(1, 41)]
-    return PctopApp(ReplayFeed(HEADER, samples, paused=True, position=position))
+    return PctopApp(ReplayFeed(LIVE, samples, paused=True, position=position))
 
 
 def live_app() -> tuple[PctopApp, list]:
@@ -43,7 +42,7 @@ def live_app() -> tuple[PctopApp, list]:
         made.append(synthetic_sample(seq=len(made) + 1, vcpus=VCPUS))
         return made[-1]
 
-    return PctopApp(LiveFeed(HEADER, collect, interval=0.05)), made
+    return PctopApp(LiveFeed(LIVE, collect, interval=0.05)), made
 
 
 def table_rows(app: PctopApp) -> list[tuple[int, int]]:
@@ -169,7 +168,7 @@ async def test_events_from_samples_reach_the_log_with_their_time():
     from pctop.model import Event
 
     samples = [synthetic_sample(seq=i, events=(Event(1.7e9 + i, "state", f"s{i}"),)) for i in range(1, 6)]
-    app = PctopApp(ReplayFeed(HEADER, samples, paused=True, position=4))
+    app = PctopApp(ReplayFeed(LIVE, samples, paused=True, position=4))
     async with app.run_test(size=(100, 30)) as pilot:
         await until(pilot, lambda: app.sample is not None, "first sample")
         log = app.query_one(EventLog)
@@ -223,7 +222,7 @@ async def test_palette_action_has_its_effect(title):
 
 async def test_table_mouse_and_paging():
     samples = [synthetic_sample(seq=i, vcpus=64) for i in range(1, 4)]
-    app = PctopApp(ReplayFeed(HEADER, samples, paused=True, position=2))
+    app = PctopApp(ReplayFeed(LIVE, samples, paused=True, position=2))
     async with app.run_test(size=(100, 30)) as pilot:
         await until(pilot, lambda: app.sample is not None, "first sample")
         table = app.query_one(VcpuTable)
@@ -276,7 +275,7 @@ async def test_a_failing_collection_is_logged_and_the_dashboard_goes_on():
             raise RuntimeError("procfs went away")
         return synthetic_sample(seq=len(calls))
 
-    app = PctopApp(LiveFeed(HEADER, collect, interval=0.05))
+    app = PctopApp(LiveFeed(LIVE, collect, interval=0.05))
     async with app.run_test(size=(100, 30)) as pilot:
         await until(pilot, lambda: app.sample is not None and app.sample.seq >= 4, "samples after the error")
         log = app.query_one(EventLog)
@@ -293,7 +292,7 @@ async def test_qemu_blocktime_beside_the_measured_stall_in_table_and_detail(size
     """A VMM's own blocktime (QEMU's, from QMP) gets a column next to pctop's stall,
     at 80 columns too, and a line in the vCPU detail; synthetic Samples carry it."""
     samples = [synthetic_sample(seq=i, vcpus=VCPUS, vmm=True) for i in range(1, 6)]
-    app = PctopApp(ReplayFeed(HEADER, samples, paused=True, position=4))
+    app = PctopApp(ReplayFeed(LIVE, samples, paused=True, position=4))
     async with app.run_test(size=size) as pilot:
         await until(pilot, lambda: app.sample is not None, "first sample")
         await pilot.pause()
@@ -321,7 +320,7 @@ async def test_qemu_blocktime_beside_the_measured_stall_in_table_and_detail(size
 async def test_qemu_column_stays_with_its_total_after_qemu_stops_reporting():
     # QEMU 7.2 reports blocktime once, at completion: the next intervals carry none.
     samples = [synthetic_sample(seq=i, vcpus=VCPUS, vmm=(i == 2)) for i in range(1, 5)]
-    app = PctopApp(ReplayFeed(HEADER, samples, paused=True, position=0))
+    app = PctopApp(ReplayFeed(LIVE, samples, paused=True, position=0))
     async with app.run_test(size=(120, 36)) as pilot:
         await until(pilot, lambda: app.sample is not None, "first sample")
         for _ in range(3):

@@ -10,13 +10,11 @@ import threading
 
 import pytest
 
-from pctop.model import Header
 from pctop.root import open_replay
 from pctop.sources.replay import RecordingError
 from pctop.ui.feeds import INTERVAL_STEPS, SPEED_STEPS, LiveFeed, ReplayFeed, step_in
 from pctop.ui.synthetic import synthetic_sample
-
-HEADER = Header(host="h", kernel="k", probe_tier="ebpf", sources=("engine",), started=1.7e9)
+from tests.helpers.headers import LIVE
 
 
 def samples(n: int = 30):
@@ -24,7 +22,7 @@ def samples(n: int = 30):
 
 
 def test_first_sample_comes_at_once_even_paused_then_nothing_until_step():
-    f = ReplayFeed(HEADER, samples(), paused=True, position=5)
+    f = ReplayFeed(LIVE, samples(), paused=True, position=5)
     assert f.next_sample(0.01).seq == 6
     assert f.next_sample(0.01) is None  # paused
     f.step()
@@ -34,7 +32,7 @@ def test_first_sample_comes_at_once_even_paused_then_nothing_until_step():
 
 
 def test_seek_by_recording_time_both_ways_and_clamped():
-    f = ReplayFeed(HEADER, samples(), paused=True, position=10)
+    f = ReplayFeed(LIVE, samples(), paused=True, position=10)
     f.next_sample(0.01)
     assert f.seek_seconds(5) == 15
     assert f.next_sample(0.01).seq == 16
@@ -48,7 +46,7 @@ def test_seek_by_recording_time_both_ways_and_clamped():
 
 
 def test_playback_hands_out_in_order_and_finishes():
-    f = ReplayFeed(HEADER, samples(5), speed=1000.0)
+    f = ReplayFeed(LIVE, samples(5), speed=1000.0)
     got = []
     while not f.finished:
         s = f.next_sample(0.5)
@@ -59,7 +57,7 @@ def test_playback_hands_out_in_order_and_finishes():
 
 
 def test_pause_from_another_thread_stops_playback():
-    f = ReplayFeed(HEADER, samples(), speed=0.01)  # 100 s per sample: it waits
+    f = ReplayFeed(LIVE, samples(), speed=0.01)  # 100 s per sample: it waits
     assert f.next_sample(0.01).seq == 1
     t = threading.Timer(0.05, f.toggle_pause)
     t.start()
@@ -86,7 +84,7 @@ def test_live_feed_collects_once_per_due_interval_and_close_wakes_it():
         calls.append(1)
         return synthetic_sample(seq=len(calls))
 
-    f = LiveFeed(HEADER, collect, interval=0.01)
+    f = LiveFeed(LIVE, collect, interval=0.01)
     got = [f.next_sample() for _ in range(5)]
     assert [s.seq for s in got if s] == list(range(1, len(calls) + 1))
     assert len(calls) >= 1
@@ -108,7 +106,7 @@ def test_live_feed_collects_once_per_due_interval_and_close_wakes_it():
 
 def test_open_recording_errors_are_one_line(tmp_path):
     empty = tmp_path / "empty.ndjson"
-    empty.write_text(json.dumps(HEADER.to_dict()) + "\n")
+    empty.write_text(json.dumps(LIVE.to_dict()) + "\n")
     with pytest.raises(RecordingError, match="no samples"):
         open_replay(empty)
     with pytest.raises(RecordingError, match="cannot open"):

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from pctop.hist import bucket_index
-from pctop.model import HIST_BUCKETS, Header, Migration, StallParts
+from pctop.model import HIST_BUCKETS, Header, Migration, ProbeTier, StallParts
 from pctop.ui.history import History
 from pctop.ui.synthetic import synthetic_sample
 from pctop.ui.widgets.header import header_text
@@ -139,7 +139,7 @@ def test_parts_say_what_is_missing_when_degraded():
 def test_header_says_degraded_and_what_is_missing():
     h = Header(host="hostA", kernel="6.18", probe_tier="procfs", sources=("procfs",),
                missing=("ebpf: no kernel headers",), started=100.0)
-    s = synthetic_sample(seq=1, tier="procfs")
+    s = synthetic_sample(seq=1, tier=ProbeTier.PROCFS)
     text = header_text(h, s, "▶ live", 200).plain
     assert "DEGRADED" in text and "no kernel headers" in text and "hostA" in text
     assert "POSTCOPY" in text and "ETA" in text and "pages" in text

@@ -7,17 +7,17 @@ import time
 
 from rich.text import Text
 
-from pctop.model import Header, Migration, Sample, Target
+from pctop.model import Header, Migration, MigrationState, ProbeTier, Sample, Target
 from pctop.ui.widgets.base import TextPanel
 from pctop.ui.widgets.render import bar, fmt_bytes, fmt_duration, fmt_rate
 
 STATE_STYLE = {
-    "precopy": "cyan",
-    "postcopy": "bold yellow",
-    "paused": "bold magenta",
-    "recovering": "bold magenta",
-    "completed": "bold green",
-    "failed": "bold red",
+    MigrationState.PRECOPY: "cyan",
+    MigrationState.POSTCOPY: "bold yellow",
+    MigrationState.PAUSED: "bold magenta",
+    MigrationState.RECOVERING: "bold magenta",
+    MigrationState.COMPLETED: "bold green",
+    MigrationState.FAILED: "bold red",
 }
 
 
@@ -32,9 +32,9 @@ def migration_line(t: Target, m: Migration, width: int) -> Text:
     if m.role:  # QEMU: both ends run the same binary; say which is which
         line.append(f"{m.role} ", style="bold")
     line.append(f"{m.state.upper()}", style=STATE_STYLE.get(m.state, "bold"))
-    if m.link == "down" or (m.state == "paused" and m.source == "qmp"):
+    if m.link == "down" or (m.state == MigrationState.PAUSED and m.source == "qmp"):
         # Said in words: a paused stream (p) and a failed link (x, postcopy-paused) differ.
-        line.append(" link down", style=STATE_STYLE["paused"])
+        line.append(" link down", style=STATE_STYLE[MigrationState.PAUSED])
     if m.strategy:
         line.append(f" {m.strategy}", style="dim")
     if m.address_source not in (None, "uffd"):
@@ -51,7 +51,7 @@ def migration_line(t: Target, m: Migration, width: int) -> Text:
         line.append(f" {frac * 100:.1f}%")
     # Most useful first: a narrow terminal cuts the tail (header_text may wrap it here).
     line.append("\0")
-    if m.eta_s is not None and m.state not in ("completed", "failed"):
+    if m.eta_s is not None and m.state not in (MigrationState.COMPLETED, MigrationState.FAILED):
         line.append(f"  ETA {fmt_duration(m.eta_s)}", style="bold")
     if m.bandwidth_bps is not None:
         line.append(f"  {fmt_bytes(m.bandwidth_bps, per_s=True)}")
@@ -78,7 +78,7 @@ def header_text(header: Header, sample: Sample | None, status: str, width: int =
         if header.started:
             out.append(f" +{fmt_duration(sample.time - header.started)}", style="dim")
     tier = sample.probe_tier if sample else header.probe_tier
-    degraded = tier == "procfs"
+    degraded = tier == ProbeTier.PROCFS
     out.append("  probes ")
     out.append(tier, style="bold yellow" if degraded else "bold green")
     out.append("  host ")

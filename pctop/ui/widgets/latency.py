@@ -8,7 +8,7 @@ from typing import Sequence
 from rich.text import Text
 
 from pctop.hist import bucket_index, percentile_us
-from pctop.model import StallParts
+from pctop.model import ProbeTier, StallParts
 from pctop.ui.widgets.base import TextPanel
 from pctop.ui.widgets.render import Part, bar, bucket_label, fmt_count, fmt_us, latency_severity, stacked_bar
 
@@ -54,7 +54,7 @@ def hist_text(hist: Sequence[int], width: int, max_rows: int, title: str, max_us
 
 
 def parts_text(parts: StallParts | Sequence[int], faults: int, width: int, title: str,
-               tier: str | None = None) -> Text:
+               tier: ProbeTier | None = None) -> Text:
     """tier: the sample's probe tier; with eBPF, faults without parts are ones that did
     not wait on a uffd (vcpu-exit: the vCPU fetched its own page)."""
     vals = (parts.queued_ns, parts.service_ns, parts.runq_ns) if isinstance(parts, StallParts) else tuple(parts)
@@ -64,7 +64,7 @@ def parts_text(parts: StallParts | Sequence[int], faults: int, width: int, title
     if total <= 0:
         if faults == 0:
             note = "no stall time in this view"
-        elif tier == "ebpf":
+        elif tier == ProbeTier.EBPF:
             note = "these faults waited on no uffd (resolved on a KVM_RUN exit): no parts to split"
         else:
             note = "stall parts need the eBPF probes"
@@ -99,5 +99,5 @@ class StallBreakdown(TextPanel):
     """show(parts, faults, title, tier)"""
 
     def draw(self, width: int, height: int, parts: StallParts | Sequence[int], faults: int,
-             title: str, tier: str | None = None) -> Text:
+             title: str, tier: ProbeTier | None = None) -> Text:
         return parts_text(parts, faults, width, title, tier)
