@@ -18,8 +18,7 @@ import sys
 import pytest
 
 from pctop.hostpaths import HostPaths
-from pctop.sources.ebpf import (HINT_SLOTS, TARGET_SLOT_GONE, EbpfSource, ebpf_unavailable_reason, exit_name,
-                                probe_cflags)
+from pctop.sources.ebpf import HINT_SLOTS, TARGET_SLOT_GONE, EbpfSource, ebpf_unavailable_reason, exit_name, probe_cflags
 from pctop.sources.readings import HIST_BUCKETS, Reading, ThreadFaults
 from tests.helpers.probes import assert_same_count, need_ebpf, run_toucher, run_toucher_named, threads_of, uffd_of
 
