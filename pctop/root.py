@@ -39,6 +39,14 @@ EBPF_MISSING_EFFECT = ("per-vCPU fault counts, stall times, percentiles, histogr
                        "vCPU identity and handler CPU come from /proc")
 
 
+def engine_controls(stats: Any) -> Any:
+    """What the dashboard's keys drive when it watches engines: the engine source that
+    open_live put among the Stats' sources (a Tap passes them through), None without one."""
+    from pctop.sources.engine import EngineSource
+
+    return next((s for s in getattr(stats, "sources", ()) if isinstance(s, EngineSource)), None)
+
+
 def start_ebpf(pids: tuple[int, ...], follow_all: bool, page_map: bool = False, comm: str | None = None):
     """(started EbpfSource, None) or (None, why not). bcc is imported only here."""
     try:
@@ -138,6 +146,7 @@ def open_pipeline(pids: Sequence[int] = (), comm: str | None = None, *, use_ebpf
         stats.close()
         raise
     return header, stats, qmp
+
 
 class Tap:
     """A Stats (anything with collect() -> Sample) whose every Sample also goes to an
@@ -266,7 +275,7 @@ def run_engine_demo(engine_argv: list[str], control_path: str, interval: float =
                     raise
                 return _relay(proc, out, err)
             demo = DemoEnd(stats, proc, out)
-            ui.run_live(header, demo, interval, controls=ui.engine_controls(stats), ended=lambda: demo.ended)
+            ui.run_live(header, demo, interval, controls=engine_controls(stats), ended=lambda: demo.ended)
         finally:
             stopped = stop_child(proc, 15)
         if stopped:  # its output only says it was stopped; the caller says so itself

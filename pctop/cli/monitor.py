@@ -139,6 +139,7 @@ def _run_tui(pids, comm, interval: float, no_ebpf: bool, engine_sockets, qmp_soc
              export: str | None = None) -> None:
     """The dashboard (pctop.ui); Textual is imported only on this path."""
     from pctop import ui
+    from pctop.root import engine_controls
 
     header, stats, qmp = open_samples("monitor", pids, comm, interval, no_ebpf, engine_sockets, qmp_sockets)
     server = None
@@ -149,7 +150,7 @@ def _run_tui(pids, comm, interval: float, no_ebpf: bool, engine_sockets, qmp_soc
             stats.close()
             raise
     try:
-        ui.run_live(header, stats, interval, controls=qmp)  # None: the engine's controls, if any
+        ui.run_live(header, stats, interval, controls=qmp if qmp is not None else engine_controls(stats))
     finally:
         if server is not None:
             server.close()

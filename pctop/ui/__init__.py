@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from pctop.ui.feeds import LiveFeed
+from pctop.ui.feeds import Controls, LiveFeed
 
 
 def run_feed(feed: Any, interval: float | None = None) -> None:
@@ -34,22 +34,12 @@ def run_feed(feed: Any, interval: float | None = None) -> None:
         raise exits.Interrupted(app.ended_by)
 
 
-def engine_controls(stats: Any) -> Any:
-    """The control client among a Stats' sources (the engine source), if any."""
-    for src in getattr(stats, "sources", ()):
-        if callable(getattr(src, "send", None)):
-            return src
-    return None
-
-
-def run_live(header: Any, stats: Any, interval: float = 1.0, controls: Any = None,
+def run_live(header: Any, stats: Any, interval: float = 1.0, controls: Controls | None = None,
              ended: Callable[[], str | None] | None = None) -> None:
     """`stats` is anything with `collect() -> Sample` and `close()` (a Stats, a
-    pctop.root.Tap); controls default to the engine source inside it (keys appear
-    once an engine's migration shows up in a Sample). `ended`: how the watched run
-    ended, once it has (the header says so; pctop.root.DemoEnd)."""
-    if controls is None:
-        controls = engine_controls(stats)
+    pctop.root.Tap); `controls`: what the keys drive, chosen by the caller
+    (pctop.root.engine_controls, or a QMP source), none without. `ended`: how the
+    watched run ended, once it has (the header says so; pctop.root.DemoEnd)."""
     feed = LiveFeed(header, stats.collect, interval=interval, controls=controls,
                     on_close=stats.close, ended=ended)
     run_feed(feed, interval)

@@ -48,8 +48,7 @@ def engine(tmp_path):
 
 
 async def test_engine_keys_drive_the_real_engine(engine):
-    from pctop.root import open_live
-    from pctop.ui import engine_controls
+    from pctop.root import Tap, engine_controls, open_live
     from pctop.ui.app import PctopApp
     from pctop.ui.feeds import LiveFeed
     from pctop.ui.widgets.vcpu_table import VcpuTable
@@ -58,6 +57,7 @@ async def test_engine_keys_drive_the_real_engine(engine):
     header, stats = open_live([proc.pid], None, use_ebpf=False, engine_sockets=[path])
     controls = engine_controls(stats)
     assert controls is not None
+    assert engine_controls(Tap(stats, lambda sample: None)) is controls  # `monitor --export` wraps it
     app = PctopApp(LiveFeed(header, stats.collect, interval=0.25, controls=controls,
                             on_close=stats.close))
     probe = EngineConnection(path)
