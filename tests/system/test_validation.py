@@ -204,13 +204,19 @@ LINK_LATENCY_US = 1000
 def test_stream_off_stalls_over_a_link_with_a_round_trip(engine_run, strategy):
     """Stalls of real link length: the same nesting, and no stall shorter than the
     link's round trip (each waited for a reply sent LINK_LATENCY_US late), so none was
-    cut short by an event pctop took for its end. How close pctop comes to the engine's
-    clocks at this length ("within 5 %") depends on the host: bench/accuracy.py."""
+    cut short by an event pctop took for its end. The engine's own inner clock says which
+    waited less: a vCPU that faults on a page whose reply another vCPU's fault already
+    awaits waits only for the rest of it (seen twice in 2048 faults with a CPU hog); pctop
+    may show no more of them than that clock. How close pctop comes to the engine's clocks
+    at this length ("within 5 %") depends on the host: bench/accuracy.py."""
     o = engine_run(strategy, False, LINK_LATENCY_US)
     check_nesting(o, strategy)
     floor = bucket_index(LINK_LATENCY_US)
     for v, tf in o.vcpus:
-        assert tails(tf.hist)[floor] == tf.faults > 0, f"vCPU {v['vcpu']}: stalls below the link: {tf.hist}"
+        inner = v["exit_hist"] if strategy == "vcpu-exit" else v["handler_hist"]
+        short = sum(inner) - tails(inner)[floor]  # the engine's own stalls below the link
+        assert tf.faults > 0 and short <= tf.faults // 100, f"vCPU {v['vcpu']}: the engine's clock: {inner}"
+        assert tf.faults - tails(tf.hist)[floor] <= short, f"vCPU {v['vcpu']}: stalls below the link: {tf.hist}"
 
 
 @pytest.mark.kvm
