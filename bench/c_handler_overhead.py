@@ -61,7 +61,8 @@ def main() -> int:
     from pctop.sources.ebpf import EbpfSource
 
     require_ebpf("c_handler_overhead")
-    toucher = build_toucher(tempfile.mkdtemp(prefix="pctop-bench-"))
+    tmp = tempfile.TemporaryDirectory(prefix="pctop-bench-")  # its programs, removed at the end
+    toucher = build_toucher(tmp.name)
     src = EbpfSource(None, follow_all=True)
     src.start()
     probes = ToggledProbes(src)
@@ -75,6 +76,7 @@ def main() -> int:
         pairs = abba_pairs(probes, a.pairs, run, "faults/s, ")
     finally:
         src.close()
+        tmp.cleanup()
     rates = {"off": [round(off) for off, _ in pairs], "on": [round(on) for _, on in pairs]}
     ratios = [on / off for off, on in pairs]
     ci = median_ci(ratios)

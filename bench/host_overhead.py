@@ -64,7 +64,8 @@ def main() -> int:
     from pctop.sources.ebpf import EbpfSource
 
     require_ebpf("host_overhead")
-    cmds = build(tempfile.mkdtemp(prefix="pctop-bench-"))
+    tmp = tempfile.TemporaryDirectory(prefix="pctop-bench-")  # its programs, removed at the end
+    cmds = build(tmp.name)
     src = EbpfSource(None)  # follows nothing: everything it sees is turned away
     src.start()
     probes = ToggledProbes(src)
@@ -80,6 +81,7 @@ def main() -> int:
                          "ci_confidence": round(ci.confidence, 3)}
     finally:
         src.close()
+        tmp.cleanup()
     result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "host": platform.node(),
               "cpus": os.cpu_count(), "kernel": platform.release(), "load_avg_1m": os.getloadavg()[0],
               "programs": out}

@@ -109,6 +109,7 @@ class EngineUnderTest:
         self.args, self.cpus = args, cpus
         self.proc: subprocess.Popen | None = None
         self.conn: EngineConnection | None = None
+        self.tmp: tempfile.TemporaryDirectory | None = None
         self.restarts = -1
 
     @property
@@ -117,7 +118,8 @@ class EngineUnderTest:
 
     def start(self) -> None:
         a = self.args
-        sock = os.path.join(tempfile.mkdtemp(prefix="pctop-bench-"), "engine.sock")
+        self.tmp = tempfile.TemporaryDirectory(prefix="pctop-bench-")  # the socket's folder, removed by stop()
+        sock = os.path.join(self.tmp.name, "engine.sock")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "pctop", "demo", "--headless", "--json", "--workload", "kvm",
              "--strategy", a.strategy, "--vcpus", "2", "--memory", a.memory, "--pattern", "seq",
@@ -147,14 +149,16 @@ class EngineUnderTest:
     def stop(self) -> None:
         if self.conn is not None:
             self.conn.close()
-        if self.proc is None:
-            return
-        try:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(timeout=30)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
+        if self.proc is not None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+                self.proc.wait(timeout=30)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        if self.tmp is not None:
+            self.tmp.cleanup()
+            self.tmp = None
 
 
 def measure(eng: EngineUnderTest, kind: str, seconds: float) -> Window:
