@@ -85,6 +85,12 @@ TARGET_SLOT_GONE = DEFS.get("TARGET_SLOT_GONE", -1)
 COMM_LEN = 16  # TASK_COMM_LEN: the kernel keeps 15 bytes of a name
 DEBUG_COUNTERS = slots_named("DBG_")  # dbg array slots, by name
 FALLBACK_IDENTITY_TTL_S = 5.0
+# A program that read the old epoch just before the flip may still be adding to one of
+# its entries, or making one, when collect() takes them: a stall then comes two intervals
+# late (its entry is taken when that epoch comes round again) or not at all (added to an
+# entry already deleted). Programs run for microseconds; this wait before the take lets
+# them finish (the likely cause of bench/soak.py's one count of 255 of 256 stalls).
+EPOCH_GRACE_S = 0.002
 
 # include/uapi/linux/kvm.h KVM_EXIT_*; index = exit_reason.
 KVM_EXIT_NAMES = (
@@ -242,6 +248,7 @@ class EbpfSource:
         old = self._epoch
         self._epoch ^= 1
         self._set_config(CFG_EPOCH, self._epoch)
+        time.sleep(EPOCH_GRACE_S)
         stats = self._take("stats", old)
         exits = self._take("exits", old)
         ufs = self._take("ufstats", old)
