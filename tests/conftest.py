@@ -35,3 +35,11 @@ def need_uffd() -> None:
         Uffd().close()
     except OSError as e:
         pytest.skip(f"userfaultfd unavailable: {e}")
+
+
+def need_qemu(accel: str = "tcg") -> None:
+    from pctop.qemu.launch import qemu_unavailable_reason
+
+    reason = qemu_unavailable_reason(accel)
+    if reason:
+        pytest.skip(reason)

@@ -97,13 +97,10 @@ def test_dashboard_demo_ends_cleanly_however_it_is_stopped(short_tmp, how, statu
     ("hangup", [], 128 + signal.SIGHUP),                     # tmux kill-session, a closed window
 ])
 def test_qemu_demo_in_post_copy_leaves_no_qemu_and_no_folder(short_tmp, how, args, status):
-    from pctop.qemu.launch import qemu_unavailable_reason
-    from tests.conftest import need_root
+    from tests.conftest import need_qemu, need_root
 
     need_root()
-    reason = qemu_unavailable_reason("tcg")
-    if reason:
-        pytest.skip(reason)
+    need_qemu()
     # A destination QEMU in post-copy ignores SIGTERM (and spins): pctop must kill it.
     t = Term(["demo", "--vmm", "qemu", "--accel", "tcg", "--bandwidth", "256K", *args], short_tmp)
     try:

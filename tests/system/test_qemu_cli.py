@@ -9,18 +9,16 @@ import time
 import pytest
 
 from pctop.qemu import control
-from pctop.qemu.launch import QemuConfig, QemuPair, free_port, qemu_unavailable_reason
+from pctop.qemu.launch import QemuConfig, QemuPair, free_port
 from pctop.qemu.qmp import QmpConnection
-from tests.conftest import run_pctop
+from tests.conftest import need_qemu, run_pctop
 
 pytestmark = pytest.mark.timeout(180)
 
 
 @pytest.fixture(scope="module")
 def pair(request):
-    reason = qemu_unavailable_reason("tcg")
-    if reason:
-        pytest.skip(reason)
+    need_qemu()
     p = QemuPair(QemuConfig(accel="tcg", region_size=8 << 20))
     request.addfinalizer(p.stop)
     p.start()

@@ -7,17 +7,14 @@ import os
 
 import pytest
 
-from pctop.qemu.launch import qemu_unavailable_reason
-from tests.conftest import need_root, run_pctop
+from tests.conftest import need_qemu, need_root, run_pctop
 
 pytestmark = [pytest.mark.bpf, pytest.mark.timeout(180)]
 
 
 def test_demo_vmm_qemu_json_migrates_and_compares_with_qemu():
     need_root()
-    reason = qemu_unavailable_reason("tcg")
-    if reason:
-        pytest.skip(reason)
+    need_qemu()
     r = run_pctop("demo", "--vmm", "qemu", "--accel", "tcg", "--json", "--bandwidth", "4M", timeout=150)
     assert r.returncode == 0, r.stderr
     lines = [json.loads(x) for x in r.stdout.splitlines()]

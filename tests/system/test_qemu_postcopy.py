@@ -16,12 +16,12 @@ import time
 import pytest
 
 from pctop.qemu import control
-from pctop.qemu.launch import qemu_unavailable_reason
 from pctop.qemu.migration import MIB, MigrationSettings, QemuMigration
 from pctop.root import open_live
 from pctop.sources.pagemap import PAGE_SHIFT, merge_runs, page_count, pages_missing
 from pctop.sources.qmp import attach
-from tests.conftest import need_root
+from tests.conftest import need_qemu, need_root
+from tests.helpers.probes import need_ebpf
 
 pytestmark = [pytest.mark.bpf, pytest.mark.timeout(240)]
 
@@ -30,13 +30,8 @@ SAMPLE_S = 0.25
 
 def need_qemu_and_ebpf(accel: str) -> None:
     need_root()
-    reason = qemu_unavailable_reason(accel)
-    if reason:
-        pytest.skip(reason)
-    from pctop.sources.ebpf import ebpf_unavailable_reason
-    reason = ebpf_unavailable_reason()
-    if reason:
-        pytest.skip(f"eBPF probes cannot run here: {reason}")
+    need_qemu(accel)
+    need_ebpf()
 
 
 class Watcher:

@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 
 from pctop.qemu import control
-from pctop.qemu.launch import qemu_unavailable_reason
 from pctop.qemu.migration import MIB, MigrationSettings, QemuMigration
+from tests.conftest import need_qemu
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -25,9 +25,7 @@ async def until(pilot, cond, what: str, tries: int = 300) -> None:
 def booted(request):
     """Two QEMUs (TCG), the guest running on the source, no migration set up yet;
     the post-copy stream capped so a migration outlasts the test's key presses."""
-    reason = qemu_unavailable_reason("tcg")
-    if reason:
-        pytest.skip(reason)
+    need_qemu()
     mig = QemuMigration(MigrationSettings(accel="tcg", region_mib=16, postcopy_bandwidth=2 * MIB))
     request.addfinalizer(mig.close)
     mig.boot()

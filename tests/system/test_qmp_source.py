@@ -14,19 +14,17 @@ import pytest
 from pctop.model import MigrationState
 from pctop.qemu import control
 from pctop.qemu.guest import LOAD_ADDR, MAILBOX_GPA, MB_PASSES, SECTOR, build_boot_sector
-from pctop.qemu.launch import QemuConfig, QemuPair, qemu_unavailable_reason
+from pctop.qemu.launch import QemuConfig, QemuPair
 from pctop.qemu.qmp import QmpError
 from pctop.sources.qmp import QmpSource, blocktime_growth, migration_info
-from tests.conftest import run_pctop
+from tests.conftest import need_qemu, run_pctop
 
 pytestmark = pytest.mark.timeout(120)
 
 
 @pytest.fixture(scope="module")
 def pair(request):
-    reason = qemu_unavailable_reason("tcg")
-    if reason:
-        pytest.skip(reason)
+    need_qemu()
     # Unnamed threads: identities must come from QEMU's word, not thread names.
     p = QemuPair(QemuConfig(accel="tcg", name_threads=False, region_size=1 << 20))
     request.addfinalizer(p.stop)
@@ -61,9 +59,7 @@ def test_qmp_source_refuses_the_same_qemu_twice_and_missing_sockets(pair):
 
 
 def test_qmp_source_reports_a_qemu_that_exits(request):
-    reason = qemu_unavailable_reason("tcg")
-    if reason:
-        pytest.skip(reason)
+    need_qemu()
     p = QemuPair(QemuConfig(accel="tcg", region_size=1 << 20))
     request.addfinalizer(p.stop)
     p.start()
