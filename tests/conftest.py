@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
@@ -16,6 +18,31 @@ def run_pctop(*args: str, timeout: float = 60, **kw) -> subprocess.CompletedProc
     """Run `python -m pctop ARGS` in a fresh interpreter, as the installed command would."""
     return subprocess.run([sys.executable, "-m", "pctop", *args], capture_output=True, text=True,
                           timeout=timeout, cwd=ROOT, **kw)
+
+
+class FreshRun(NamedTuple):
+    lines: list[str]  # what the command printed
+    imported: dict[str, bool]  # textual, bcc, rich -> whether the run imported it
+
+
+def cli_in_fresh_interpreter(argv: list[str]) -> FreshRun:
+    """Run the CLI with argv in a fresh interpreter: what it printed, and which of the
+    heavy libraries it imported."""
+    code = (
+        "import sys, json\n"
+        "from pctop.cli import cli\n"
+        "try:\n"
+        f"    cli.main({argv!r}, prog_name='pctop', standalone_mode=False)\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "mods = set(sys.modules)\n"
+        "print(json.dumps({m: any(x == m or x.startswith(m + '.') for x in mods)"
+        " for m in ('textual', 'bcc', 'rich')}))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert r.returncode == 0, r.stderr
+    *lines, last = r.stdout.strip().splitlines()
+    return FreshRun(lines, json.loads(last))
 
 
 def need_root() -> None:

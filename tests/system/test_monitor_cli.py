@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from tests.conftest import ROOT, run_pctop
+from tests.conftest import ROOT, cli_in_fresh_interpreter, run_pctop
 from tests.helpers.uffd_holder import holder
 
 
@@ -38,22 +38,9 @@ def test_monitor_json_count_prints_a_header_and_that_many_samples_of_a_live_uffd
 
 
 def test_json_path_imports_neither_textual_nor_bcc():
-    code = (
-        "import sys, json\n"
-        "from pctop.cli import cli\n"
-        "try:\n"
-        "    cli.main(['monitor', '--json', '--count', '1', '--interval', '0.1', '--no-ebpf'],"
-        " prog_name='pctop', standalone_mode=False)\n"
-        "except SystemExit:\n"
-        "    pass\n"
-        "print(json.dumps({m: any(x == m or x.startswith(m + '.') for x in sys.modules)"
-        " for m in ('textual', 'bcc', 'rich')}))\n"
-    )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
-    assert r.returncode == 0, r.stderr
-    out = r.stdout.strip().splitlines()
-    assert json.loads(out[0])["type"] == "header" and json.loads(out[1])["type"] == "sample"
-    assert json.loads(out[-1]) == {"textual": False, "bcc": False, "rich": False}
+    run = cli_in_fresh_interpreter(["monitor", "--json", "--count", "1", "--interval", "0.1", "--no-ebpf"])
+    assert json.loads(run.lines[0])["type"] == "header" and json.loads(run.lines[1])["type"] == "sample"
+    assert run.imported == {"textual": False, "bcc": False, "rich": False}
 
 
 def _wait_lines(path, n: int, timeout: float = 20) -> None:
