@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -22,6 +24,18 @@ def need_ebpf() -> None:
     why = ebpf_unavailable_reason()
     if why:
         pytest.skip(f"eBPF unavailable: {why}")
+
+
+@contextmanager
+def running_probes(*args, **kw) -> Iterator[EbpfSource]:
+    """An EbpfSource(*args, **kw), started (skipping where eBPF is unavailable), closed after."""
+    need_ebpf()
+    src = EbpfSource(*args, **kw)
+    src.start()
+    try:
+        yield src
+    finally:
+        src.close()
 
 
 def build_program(tmp_path_factory, name: str) -> Path:

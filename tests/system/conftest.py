@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pctop.sources.ebpf import EbpfSource
-from tests.helpers.probes import build_program, need_ebpf
+from tests.helpers.probes import build_program, running_probes
 
 
 def pytest_collection_modifyitems(items):
@@ -27,21 +26,11 @@ def toucher(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def follow_all():
-    need_ebpf()
-    src = EbpfSource(None, follow_all=True)
-    src.start()
-    try:
+    with running_probes(None, follow_all=True) as src:
         yield src
-    finally:
-        src.close()
 
 
 @pytest.fixture(scope="module")
 def by_pid():
-    need_ebpf()
-    src = EbpfSource([], follow_all=False)
-    src.start()
-    try:
+    with running_probes([], follow_all=False) as src:
         yield src
-    finally:
-        src.close()

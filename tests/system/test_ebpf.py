@@ -20,7 +20,14 @@ import pytest
 from pctop.hostpaths import HostPaths
 from pctop.sources.ebpf import HINT_SLOTS, TARGET_SLOT_GONE, EbpfSource, ebpf_unavailable_reason, exit_name, probe_cflags
 from pctop.sources.readings import HIST_BUCKETS, Reading, ThreadFaults
-from tests.helpers.probes import assert_same_count, need_ebpf, run_toucher, run_toucher_named, threads_of, uffd_of
+from tests.helpers.probes import (
+    assert_same_count,
+    run_toucher,
+    run_toucher_named,
+    running_probes,
+    threads_of,
+    uffd_of,
+)
 
 PAGE = 4096
 
@@ -90,10 +97,7 @@ def test_threads_whose_slot_another_tid_holds_spill_to_the_hash_maps(toucher):
     65536); a thread whose slot another live thread holds uses the hash maps instead. Two
     such tids are rare, so every slot is taken here by a tid that cannot exist: all threads
     spill, and the counts must be exactly the same."""
-    need_ebpf()
-    src = EbpfSource(None, follow_all=True)
-    src.start()
-    try:
+    with running_probes(None, follow_all=True) as src:
         for name in ("tstate_slots", "inflight_slots"):
             table = src._bpf[name]
             foreign = table.Leaf()
@@ -111,8 +115,6 @@ def test_threads_whose_slot_another_tid_holds_spill_to_the_hash_maps(toucher):
         assert spilled[1] == len(src._bpf["tstate"])  # threads still alive elsewhere, if any
         for name in ("tstate_slots", "inflight_slots"):
             assert all(v.owner == 1 << 40 for v in src._bpf[name].values())
-    finally:
-        src.close()
 
 
 def _fill(table, value: int) -> None:
@@ -132,10 +134,7 @@ def test_processes_and_uffds_whose_cache_slot_another_holds_are_found_in_the_has
     forgotten pid left (TARGET_SLOT_GONE). Every question then goes to the hash maps, and
     the counts must be exactly the same. When the process is gone, its slot is GONE if it
     had taken it, and left alone if another pid holds it."""
-    need_ebpf()
-    src = EbpfSource(None, follow_all=True)
-    src.start()
-    try:
+    with running_probes(None, follow_all=True) as src:
         foreign = TARGET_SLOT_GONE if held_by == "gone" else (1 << 40) | 7  # no tgid or (tgid, fd) key
         _fill(src._bpf["target_slots"], foreign)
         _fill(src._bpf["uffd_fd_slots"], 1 << 40)
@@ -145,8 +144,6 @@ def test_processes_and_uffds_whose_cache_slot_another_holds_are_found_in_the_has
         assert (u.msgs_read, u.read_calls, u.copies) == (truth["msgs"], truth["reads"], truth["copies"])
         assert truth["pid"] in r.gone
         assert src._bpf["target_slots"][ct.c_int(truth["pid"] & (HINT_SLOTS - 1))].value == foreign
-    finally:
-        src.close()
 
 
 @pytest.mark.bpf

@@ -12,6 +12,7 @@ import time
 import pytest
 
 from tests.conftest import ROOT, cli_in_fresh_interpreter, run_pctop
+from tests.helpers.probes import need_ebpf
 from tests.helpers.uffd_holder import holder
 
 
@@ -123,13 +124,7 @@ def test_bad_input_is_a_one_line_error_with_exit_2(args, needle):
 
 @pytest.mark.bpf
 def test_monitor_json_ebpf_tier_when_the_probes_load():
-    try:
-        from pctop.sources.ebpf import ebpf_unavailable_reason
-    except ImportError:
-        pytest.skip("the eBPF source (pctop/sources/ebpf.py) is not in this checkout yet")
-    reason = ebpf_unavailable_reason()
-    if reason:
-        pytest.skip(f"eBPF unavailable on this machine: {reason}")
+    need_ebpf()
     with holder(2, stream=True) as (_, pid, fd):
         r = run_pctop("monitor", "--json", "--count", "3", "--interval", "0.5", "-p", str(pid), timeout=120)
     assert r.returncode == 0, r.stderr
@@ -149,11 +144,8 @@ def test_monitor_json_ebpf_tier_when_the_probes_load():
 
 @pytest.mark.bpf
 def test_record_page_ranges_shows_which_pages_were_installed_and_replays(tmp_path):
-    from pctop.sources.ebpf import ebpf_unavailable_reason
     from pctop.sources.pagemap import PAGE_SHIFT, page_count
-    reason = ebpf_unavailable_reason()
-    if reason:
-        pytest.skip(f"eBPF unavailable on this machine: {reason}")
+    need_ebpf()
     out = tmp_path / "rec.ndjson"
     with holder(2, stream=True) as (_, pid, fd):
         r = run_pctop("record", "-o", str(out), "--page-ranges", "--count", "3", "--interval", "0.5",

@@ -20,6 +20,7 @@ import pytest
 
 from pctop.sources import pagemap
 from pctop.sources.pagemap import coalesce, merge_runs, page_count, pages_missing
+from tests.helpers.probes import running_probes
 
 ROOT = Path(__file__).resolve().parents[2]
 PAGE = 4096
@@ -112,13 +113,6 @@ def expected_pages(base: int) -> set[int]:
     return {base + p * PAGE for p in pages}
 
 
-def need_ebpf() -> None:
-    from pctop.sources.ebpf import ebpf_unavailable_reason
-    why = ebpf_unavailable_reason()
-    if why:
-        pytest.skip(f"eBPF unavailable: {why}")
-
-
 class HugePages:
     """Reserve one more 2 MiB hugetlb page for the test, and give it back."""
 
@@ -170,14 +164,8 @@ def run_installer(src, huge: bool, ops=OPS, pages: int = 4096) -> tuple[dict, li
 
 @pytest.fixture(scope="module")
 def with_page_map():
-    need_ebpf()
-    from pctop.sources.ebpf import EbpfSource
-    src = EbpfSource([], page_map=True)
-    src.start()
-    try:
+    with running_probes([], page_map=True) as src:
         yield src
-    finally:
-        src.close()
 
 
 @pytest.mark.bpf
@@ -203,15 +191,9 @@ def test_installed_ranges_are_exactly_the_pages_installed(with_page_map):
 
 @pytest.mark.bpf
 def test_without_the_page_map_no_ranges_and_no_page_map_entries():
-    need_ebpf()
-    from pctop.sources.ebpf import EbpfSource
-    src = EbpfSource([], page_map=False)
-    src.start()
-    try:
+    with running_probes([], page_map=False) as src:
         info, _, r = run_installer(src, huge=False)
         entries = len(src._table("page_map").items()) + len(src._table("page_spans").items())
-    finally:
-        src.close()
     u = next(c for c in r.uffds if c.pid == info["pid"])
     assert u.pages_installed == len(expected_pages(info["base"]))
     assert u.installed_ranges is None

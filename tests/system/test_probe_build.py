@@ -25,6 +25,7 @@ import pytest
 from pctop import probe_build as pb
 from pctop.hostpaths import HostPaths
 from tests.conftest import ROOT, need_root
+from tests.helpers.probes import need_ebpf
 
 REAL_BTF = "/sys/kernel/btf/vmlinux"
 
@@ -39,11 +40,7 @@ def need_btf_and_bpftool() -> None:
 def need_ebpf_and_btf() -> None:
     need_root()
     need_btf_and_bpftool()
-    from pctop.sources.ebpf import ebpf_unavailable_reason
-
-    why = ebpf_unavailable_reason()
-    if why:
-        pytest.skip(f"eBPF unavailable: {why}")
+    need_ebpf()
 
 
 def run_without_headers(*cmd: str, cache: Path) -> subprocess.CompletedProcess:
