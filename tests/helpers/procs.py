@@ -42,3 +42,15 @@ class LineReader:
             if not self._cv.wait_for(lambda: pred(self.lines), timeout):
                 raise AssertionError(f"timed out; lines so far: {self.lines[-3:]}")
             return list(self.lines)
+
+
+def engine_request(control: str, cmd: str, arg=None, timeout: float = 3.0) -> dict:
+    """One request on an engine's control socket, straight from this process (no
+    interpreter start-up): its reply."""
+    from pctop.sources.engine import EngineConnection
+
+    c = EngineConnection(control, timeout=timeout)
+    try:
+        return c.request({"cmd": cmd} if arg is None else {"cmd": cmd, "arg": arg})
+    finally:
+        c.close()

@@ -24,9 +24,9 @@ import time
 import pytest
 
 from pctop.engine import transport as T
-from pctop.sources.engine import EngineConnection
 from tests.conftest import ROOT
 from tests.helpers.netns import VethLink, can_make_netns
+from tests.helpers.procs import engine_request
 
 PCTOP = [sys.executable, "-m", "pctop"]
 MEM = "64M"
@@ -98,14 +98,6 @@ def _start_dest(procs, link, address, control, *extra, token=None) -> subprocess
     return p
 
 
-def _status(control: str) -> dict:
-    c = EngineConnection(control, timeout=3)
-    try:
-        return c.request({"cmd": "status"})
-    finally:
-        c.close()
-
-
 def _wait(control: str, pred, what: str, timeout: float = 15, proc=None) -> dict:
     deadline = time.monotonic() + timeout
     st: dict = {}
@@ -113,7 +105,7 @@ def _wait(control: str, pred, what: str, timeout: float = 15, proc=None) -> dict
         if proc is not None and proc.poll() is not None:
             raise AssertionError(f"{what}: destination exited {proc.returncode}: {proc.stderr.read()}")
         try:
-            st = _status(control)
+            st = engine_request(control, "status")
             if pred(st):
                 return st
         except Exception:  # noqa: BLE001 - the socket may not exist yet
@@ -121,15 +113,6 @@ def _wait(control: str, pred, what: str, timeout: float = 15, proc=None) -> dict
         time.sleep(0.05)
     raise AssertionError(f"timed out waiting for {what}; last status: "
                          f"{ {k: st.get(k) for k in ('state', 'link', 'link_drops', 'pages_received')} }")
-
-
-def _req(control: str, cmd: str, arg=None) -> dict:
-    """One control request straight from this process (no interpreter start-up)."""
-    c = EngineConnection(control, timeout=3)
-    try:
-        return c.request({"cmd": cmd} if arg is None else {"cmd": cmd, "arg": arg})
-    finally:
-        c.close()
 
 
 def _ctl(control: str, *args: str) -> dict:
@@ -182,9 +165,9 @@ def test_three_link_drops_during_postcopy_then_verified(link, procs, tmp_path):
     assert st["latency_us"] == 1000
 
     def drop(how: str) -> None:
-        before = _status(ctl)["link_drops"]
+        before = engine_request(ctl, "status")["link_drops"]
         if how == "ctl":
-            assert _req(ctl, "drop-link") == {"type": "reply", "ok": True, "cmd": "drop-link"}
+            assert engine_request(ctl, "drop-link") == {"type": "reply", "ok": True, "cmd": "drop-link"}
         elif how == "link-down":
             link.set_link(False)
         elif how == "nft":
@@ -201,12 +184,12 @@ def test_three_link_drops_during_postcopy_then_verified(link, procs, tmp_path):
         st = _wait(ctl, lambda s: _blocked(s) >= 1 and s["pages_missing"] > 0, f"{how}: a blocked vCPU fault queued",
                    proc=dst)
         time.sleep(0.3)  # the vCPUs stay blocked: nothing arrives while the link is down
-        assert _status(ctl)["pages_received"] == st["pages_received"]
+        assert engine_request(ctl, "status")["pages_received"] == st["pages_received"]
         if how == "link-down":
             link.set_link(True)
         elif how == "nft":
             link.nft_drop("b", 0) if link.nft_available() else link.set_link(True)
-        assert (_ctl(ctl, "recover") if how == "ctl" else _req(ctl, "recover"))["ok"]
+        assert (_ctl(ctl, "recover") if how == "ctl" else engine_request(ctl, "recover"))["ok"]
         _wait(ctl, lambda s: s["link"] == "up" and s["recoveries"] == before + 1, f"{how}: recovered", proc=dst)
 
     for how in ("ctl", "link-down", "nft"):
@@ -217,10 +200,10 @@ def test_three_link_drops_during_postcopy_then_verified(link, procs, tmp_path):
         link.nft_drop("a", 2)
         time.sleep(1.5)
         link.nft_drop("a", 0)
-        if _status(ctl)["link"] != "up":
+        if engine_request(ctl, "status")["link"] != "up":
             _wait(ctl, lambda s: s["link"] == "down", "loss: link down", proc=dst)
-            assert _req(ctl, "recover")["ok"]
-    assert _req(ctl, "bandwidth", 0)["ok"]  # then let the stream finish
+            assert engine_request(ctl, "recover")["ok"]
+    assert engine_request(ctl, "bandwidth", 0)["ok"]  # then let the stream finish
     s, err = _summary(dst)
     assert s["ok"] and s["mismatches"] == 0, (s["mismatch_list"], s["errors"], err)
     assert s["state"] == "completed" and s["link_drops"] == s["recoveries"] >= 3
@@ -311,12 +294,12 @@ def test_auto_recover_on_loopback_after_drop_link(procs, tmp_path):
     src, address = _start_source(procs, None, tmp_path, "--bandwidth", "2M", "--memory", "32M")
     dst = _start_dest(procs, None, address, ctl, "--auto-recover", "--memory", "32M", "--latency", "2000")
     _wait(ctl, lambda s: s["state"] == "postcopy" and s["pages_received"] > 0, "post-copy", proc=dst)
-    assert _req(ctl, "drop-link")["ok"]
+    assert engine_request(ctl, "drop-link")["ok"]
     _wait(ctl, lambda s: s["recoveries"] >= 1 and s["link"] == "up", "recovered by itself", proc=dst)
-    assert _req(ctl, "recover") == {"type": "reply", "ok": False, "cmd": "recover", "error": "the link is up"}
-    assert _req(ctl, "latency", 250)["ok"] and _status(ctl)["latency_us"] == 250
-    assert not _req(ctl, "latency", -1)["ok"]
-    assert _req(ctl, "bandwidth", 0)["ok"]
+    assert engine_request(ctl, "recover") == {"type": "reply", "ok": False, "cmd": "recover", "error": "the link is up"}
+    assert engine_request(ctl, "latency", 250)["ok"] and engine_request(ctl, "status")["latency_us"] == 250
+    assert not engine_request(ctl, "latency", -1)["ok"]
+    assert engine_request(ctl, "bandwidth", 0)["ok"]
     s, err = _summary(dst)
     assert s["ok"] and s["mismatches"] == 0 and s["link_drops"] >= 1, err
     assert src.wait(20) == 0

@@ -31,7 +31,7 @@ import pytest
 from pctop.hist import bucket_index
 from tests.conftest import ROOT
 from tests.helpers.probes import assert_same_count, need_ebpf
-from tests.helpers.procs import LineReader, killpg
+from tests.helpers.procs import LineReader, engine_request, killpg
 
 pytestmark = pytest.mark.bpf
 
@@ -353,16 +353,6 @@ def test_plain_uffd_process_counts_and_queue_depth():
 # ---- attach: `pctop monitor -p` on an engine run that started before it --------------------
 
 
-def _status(path: str) -> dict:
-    from pctop.sources.engine import EngineConnection
-
-    conn = EngineConnection(path, timeout=10)
-    try:
-        return conn.request({"cmd": "status"})
-    finally:
-        conn.close()
-
-
 @pytest.mark.kvm
 @pytest.mark.parametrize("strategy, how", [("uffd", "debugfs"), ("vcpu-exit", "kvm_vcpu_fd")])
 def test_attach_to_a_running_engine_identifies_its_vcpus(tmp_path, strategy, how):
@@ -383,7 +373,7 @@ def test_attach_to_a_running_engine_identifies_its_vcpus(tmp_path, strategy, how
         pid = json.loads(eng.stdout.readline())["pid"]
         deadline = time.monotonic() + 30
         while True:
-            st = os.path.exists(sock) and _status(sock)
+            st = os.path.exists(sock) and engine_request(sock, "status", timeout=10)
             if st and st["faults_total"] > 0 and all(v["tid"] for v in st["per_vcpu"]):
                 break
             assert time.monotonic() < deadline and eng.poll() is None, "the engine never got going"
@@ -392,7 +382,7 @@ def test_attach_to_a_running_engine_identifies_its_vcpus(tmp_path, strategy, how
                               "--interval", "0.5", "-p", str(pid)], cwd=ROOT, capture_output=True, text=True,
                              timeout=90)
         if eng.poll() is None:
-            after = _status(sock)
+            after = engine_request(sock, "status", timeout=10)
         else:  # it finished meanwhile (a slow machine): its summary has the same counters
             after = json.loads(eng.stdout.read().splitlines()[-1])
     finally:
