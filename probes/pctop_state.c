@@ -179,6 +179,13 @@ static __always_inline u32 hist_bucket(u64 ns)
  * 64-bit for the BPF compare-and-swap. */
 BPF_ARRAY(target_slots, u64, HINT_SLOTS);
 
+/* A followed tgid takes its slot if it was empty or left GONE (`was`, read before). */
+static __always_inline void take_target_slot(u64 *slot, u64 was, u32 tgid)
+{
+    if (was == 0 || was == TARGET_SLOT_GONE)
+        __sync_val_compare_and_swap(slot, was, (u64)tgid);
+}
+
 static __always_inline int is_target(u32 tgid)
 {
     u32 k = tgid & (HINT_SLOTS - 1);
@@ -190,8 +197,7 @@ static __always_inline int is_target(u32 tgid)
         return 1;
     if (was == 0 || !targets.lookup(&tgid))
         return 0;
-    if (was == TARGET_SLOT_GONE)
-        __sync_val_compare_and_swap(slot, TARGET_SLOT_GONE, (u64)tgid);
+    take_target_slot(slot, was, tgid);
     return 1;
 }
 
@@ -201,11 +207,8 @@ static __always_inline void adopt(u32 tgid, u32 flag, int own)
 {
     u32 k = tgid & (HINT_SLOTS - 1);
     u64 *slot = target_slots.lookup(&k);
-    if (slot) {
-        u64 was = *slot;
-        if (was == 0 || was == TARGET_SLOT_GONE)
-            __sync_val_compare_and_swap(slot, was, (u64)tgid); /* (see target_slots) */
-    }
+    if (slot)
+        take_target_slot(slot, *slot, tgid); /* before `targets` (see target_slots) */
     targets.update(&tgid, &flag);
     if (own) {
         struct comm_name c = {};
