@@ -21,7 +21,11 @@
  *   4. sched_waking of the thread while the waker (current) is inside a
  *      resolving uffd ioctl (COPY/ZEROPAGE/CONTINUE/WAKE/...) whose range
  *      covers the fault address: it is a uffd stall, and it is resolved.
- *      Any other wake-up (signal, I/O, IRQ) means the sleep was not ours.
+ *      Any other wake-up (signal, I/O, IRQ) means the sleep was not ours,
+ *      unless a handler read the fault's message: then it was in
+ *      handle_userfault, and a signal ends that wait (end_unwoken). A thread
+ *      may also find its page installed before it sleeps, so that no wake-up
+ *      reaches it: the install ends it (installed_unwoken).
  *   5. sched_switch with next = the thread: running again (run-queue delay).
  * The result is aggregated in the kernel per thread and per interval epoch;
  * user space flips the epoch, then reads and deletes the old epoch's entries.
@@ -40,6 +44,23 @@ static __always_inline struct tstate *unread_fault_on(u32 tid, u64 page)
         (t->phase == PH_FAULTED || t->phase == PH_SLEEPING || t->phase == PH_PREEMPTED))
         return t;
     return 0;
+}
+
+/* The thread is seen in a new fault (or leaving), still in an earlier one whose
+ * message a handler read, with no uffd wake-up or install of its page seen:
+ * a signal woke it out of handle_userfault and it faulted again, or the page
+ * was installed as a later page of a range (installed_unwoken looks at the
+ * first). That fault was a stall, over by now: counted, ending at the last
+ * point known inside it, the other wake-up or else its read. */
+static __always_inline void end_unwoken(u32 tid, struct tstate *t)
+{
+    if (!t->read_ts || (t->phase != PH_FAULTED && t->phase != PH_PREEMPTED))
+        return;
+    dbg_inc(DBG_UNWOKEN_END);
+    u64 end = t->wake_ts > t->read_ts ? t->wake_ts : t->read_ts;
+    t->phase = PH_WOKEN;
+    t->wake_ts = end;
+    back_on_cpu(tid, t, end);
 }
 
 /* Add tid to the page's faulters, after those still waiting unread (several
@@ -78,6 +99,7 @@ static __always_inline int on_page_fault(u64 addr)
         struct tstate *t = tstate_of(tid);
         if (t) {
             running_now(tid, t);
+            end_unwoken(tid, t);
             if (t->phase == PH_FAULTED)
                 clear_fault(t);
         }
@@ -88,6 +110,7 @@ static __always_inline int on_page_fault(u64 addr)
         return 0;
     u64 page = addr & PAGE_MASK_4K;
     running_now(tid, t);
+    end_unwoken(tid, t);
     clear_fault(t);
     t->phase = PH_FAULTED;
     t->fault_ts = bpf_ktime_get_ns();
@@ -246,6 +269,8 @@ TRACEPOINT_PROBE(sched, sched_waking)
         if (t->addr && io->len && !(t->addr + 4096 > io->start && t->addr < io->start + io->len))
             by_uffd = 0;
     }
+    if (!by_uffd && t->read_ts)
+        t->wake_ts = bpf_ktime_get_ns(); /* it leaves handle_userfault (a signal), or waits again there */
     int on_cpu = 0;
     if (t->phase == PH_FAULTED) {
         if (!by_uffd)
@@ -303,13 +328,50 @@ TRACEPOINT_PROBE(sched, sched_waking)
     return 0;
 }
 
+/* A resolving ioctl that woke its range installed `page`, its first. A thread
+ * still in a fault on that page whose message a handler read, and whom no
+ * wake-up reached, queued its message and then found the page installed before
+ * it slept: handle_userfault checks the page table after queueing, and the
+ * install came in between, so it never slept and the wake-up found it running.
+ * It waited for the handler all the same; its stall ends now, as one woken on
+ * its CPU (a preempted one when it runs again). Later pages of a range are left
+ * to end_unwoken. */
+static __always_inline void installed_unwoken(u64 page)
+{
+    u32 slot = page_slot(page);
+    struct pending_fault *p = pending_addr.lookup(&slot);
+    if (!p || p->page != page)
+        return;
+    u64 now = 0;
+#pragma unroll
+    for (int i = 0; i < PENDING_TIDS; i++) {
+        u32 tid = p->tid[i];
+        struct tstate *t = tid ? tstate_of(tid) : 0;
+        if (!t || t->addr != page || !t->read_ts || t->early_wake_ts)
+            continue;
+        if (t->phase != PH_FAULTED && t->phase != PH_PREEMPTED)
+            continue;
+        if (!now)
+            now = bpf_ktime_get_ns();
+        dbg_inc(DBG_INSTALLED_UNWOKEN);
+        if (t->phase == PH_FAULTED) {
+            t->early_wake_ts = now;
+        } else {
+            t->phase = PH_WOKEN;
+            t->wake_ts = now;
+        }
+    }
+}
+
 TRACEPOINT_PROBE(sched, sched_process_exit)
 {
     u32 tid = args->pid;
     if (maybe_tracked(tid)) {
         struct tstate *t = tstate_of(tid);
-        if (t)
+        if (t) {
             running_now(tid, t); /* a stall it was woken from ends before it does */
+            end_unwoken(tid, t);
+        }
         drop_tstate(tid);
     }
     struct inflight io;

@@ -35,6 +35,9 @@
 #define UFFDIO_NR_WRITEPROTECT 0x06
 #define UFFDIO_NR_CONTINUE 0x07
 #define UFFDIO_NR_POISON 0x08
+#define UFFDIO_MODE_DONTWAKE 0x1 /* bit 0 of mode in uffdio_copy/zeropage/continue/move/poison */
+#define UFFDIO_WP_MODE_WP 0x1    /* uffdio_writeprotect's mode: protect (no wake-up) */
+#define UFFDIO_WP_MODE_DONTWAKE 0x2
 #define KVM_CREATE_VCPU 0xae41
 #define KVM_RUN 0xae80
 #define KVM_EXIT_UNKNOWN 0
@@ -110,7 +113,9 @@
 #define DBG_NOT_UFFD_READ 14  /* a read() of a "uffd" fd that returned no whole messages: forgotten */
 #define DBG_READER_FOUND 15   /* uffds learned from their first read (received from another process) */
 #define DBG_FORK_CHILD 16     /* children followed from birth (EVENT_FORK) */
-#define DBG_SLOTS 17
+#define DBG_INSTALLED_UNWOKEN 17 /* a read fault's page installed (and woken) before it slept: no wake-up reached it */
+#define DBG_UNWOKEN_END 18    /* a read fault seen over with no install or wake-up seen (ends at its read) */
+#define DBG_SLOTS 19
 
 /* A switch-out this soon after a uffd wake-up that reached the thread on its CPU
  * is the one of that fault (the wake-up overtook its tracepoint, or came before
@@ -198,7 +203,8 @@ struct inflight {
     u32 kind;
     u32 tgid;
     u32 followed; /* tgid was a target at entry (saves a targets lookup per event after) */
-    u32 range_read; /* IO_UFFD_RESOLVE: start/len/read_ts filled in (resolve_range) */
+    u16 range_read; /* IO_UFFD_RESOLVE: start/len/read_ts/wakes filled in (resolve_range) */
+    u16 wakes;      /* ...and it wakes the range's waiters (no DONTWAKE mode) */
 };
 
 /* A thread's in-flight syscall in its tid's array slot; owner = the tid holding

@@ -371,31 +371,33 @@ TRACEPOINT_PROBE(syscalls, sys_exit_ioctl)
     if (!io.followed && !is_target(io.tgid))
         return 0;
     resolve_range(&io);
-    struct uf_stats *s = get_ufstats(io.tgid, io.fd);
-    if (!s)
-        return 0;
     u32 nr = io.cmd & 0xff;
     /* Bytes installed: the whole range when the ioctl returns 0 (the kernel
      * returns 0 only if all of len was done); else the count it wrote back to
      * user space (partial with -EAGAIN, -errno if none), one user read. */
     s64 done = 0;
     u64 done_at = 0; /* offset of that count in the ioctl's struct */
-    if (nr == UFFDIO_NR_COPY) {
-        __sync_fetch_and_add(&s->copies, 1);
+    if (nr == UFFDIO_NR_COPY || nr == UFFDIO_NR_MOVE)
         done_at = 32;
-    } else if (nr == UFFDIO_NR_MOVE) {
-        done_at = 32;
-    } else if (nr == UFFDIO_NR_ZEROPAGE) {
-        __sync_fetch_and_add(&s->zeropages, 1);
+    else if (nr == UFFDIO_NR_ZEROPAGE || nr == UFFDIO_NR_CONTINUE)
         done_at = 24;
-    } else if (nr == UFFDIO_NR_CONTINUE) {
-        __sync_fetch_and_add(&s->continues, 1);
-        done_at = 24;
-    } else if (nr == UFFDIO_NR_WAKE) {
-        __sync_fetch_and_add(&s->wakes, 1);
-    }
     if (done_at)
         done = ret == 0 ? (s64)io.len : (s64)read_u64(io.arg + done_at);
+    /* the kernel wakes the range's waiters after a successful install (or
+     * un-protect, or UFFDIO_WAKE) unless told DONTWAKE */
+    if (io.wakes && (ret == 0 || done > 0))
+        installed_unwoken(io.start & PAGE_MASK_4K);
+    struct uf_stats *s = get_ufstats(io.tgid, io.fd);
+    if (!s)
+        return 0;
+    if (nr == UFFDIO_NR_COPY)
+        __sync_fetch_and_add(&s->copies, 1);
+    else if (nr == UFFDIO_NR_ZEROPAGE)
+        __sync_fetch_and_add(&s->zeropages, 1);
+    else if (nr == UFFDIO_NR_CONTINUE)
+        __sync_fetch_and_add(&s->continues, 1);
+    else if (nr == UFFDIO_NR_WAKE)
+        __sync_fetch_and_add(&s->wakes, 1);
     if (done > 0) {
         __sync_fetch_and_add(&s->bytes_installed, (u64)done);
         __sync_fetch_and_add(&s->pages_installed, (u64)done >> 12);

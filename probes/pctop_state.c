@@ -567,14 +567,22 @@ static __always_inline void resolve_range(struct inflight *io)
     if (io->range_read)
         return;
     io->range_read = 1;
-    /* uffdio_copy / uffdio_move: dst, src, len; the others start with a
-     * uffdio_range. One user read of all three. */
-    u64 r[3] = {};
+    /* uffdio_copy / uffdio_move: dst, src, len, mode; the others a uffdio_range,
+     * then mode. One user read of the first 32 bytes. */
+    u64 r[4] = {};
     if (bpf_probe_read_user(r, sizeof(r), (void *)io->arg)) /* UFFDIO_WAKE's is 16 bytes */
         bpf_probe_read_user(r, 2 * sizeof(u64), (void *)io->arg);
     u32 nr = io->cmd & 0xff;
+    int three = nr == UFFDIO_NR_COPY || nr == UFFDIO_NR_MOVE;
     io->start = r[0];
-    io->len = (nr == UFFDIO_NR_COPY || nr == UFFDIO_NR_MOVE) ? r[2] : r[1];
+    io->len = three ? r[2] : r[1];
+    u64 mode = three ? r[3] : r[2];
+    if (nr == UFFDIO_NR_WAKE)
+        io->wakes = 1;
+    else if (nr == UFFDIO_NR_WRITEPROTECT)
+        io->wakes = !(mode & (UFFDIO_WP_MODE_WP | UFFDIO_WP_MODE_DONTWAKE));
+    else
+        io->wakes = !(mode & UFFDIO_MODE_DONTWAKE);
     u64 page = io->start & PAGE_MASK_4K;
     u32 slot = page_slot(page);
     struct page_time *pt = read_pages.lookup(&slot);

@@ -21,6 +21,13 @@
  *                   touches); the handler then reads ONE message (the oldest:
  *                   thread 0's) and copies the page, which wakes all T. So per
  *                   page thread 0's fault is read, the others' never are.
+ *   signal [-p N]   one thread touches N pages; for each, the handler reads the
+ *                   message, waits until the thread sleeps in handle_userfault
+ *                   and sends it a signal, which takes it out of the fault: its
+ *                   handler returns and the touch faults again, a second
+ *                   message, which the handler reads and resolves. As QEMU's
+ *                   kicks (SIG_IPI) do to a vCPU thread in a fault. So 2N
+ *                   faults, each a wait for the handler.
  * -i asks for UFFD_FEATURE_THREAD_ID (default off: matching by address).
  * -w prints "ready <pid>" when set up and waits for a line on stdin.
  */
@@ -30,6 +37,7 @@
 #include <linux/userfaultfd.h>
 #include <poll.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -378,10 +386,74 @@ static int run_samepage(void)
     return 0;
 }
 
+/* ---------------------------------------------------------------- signal */
+
+static char *sg_region;
+static volatile pid_t sg_tid;
+static volatile int sg_go;
+static volatile long sg_signals; /* handled by the toucher */
+
+static void sg_on_signal(int sig)
+{
+    (void)sig;
+    sg_signals++;
+}
+
+static void *sg_toucher(void *arg)
+{
+    (void)arg;
+    sg_tid = (pid_t)syscall(SYS_gettid);
+    while (!sg_go)
+        usleep(100);
+    for (int i = 0; i < n_pages; i++)
+        (void)((volatile char *)sg_region)[(size_t)i * PAGE];
+    return NULL;
+}
+
+static void sg_read(int uffd, struct uffd_msg *m)
+{
+    if (!wait_readable(uffd, 5000) || read(uffd, m, sizeof(*m)) != sizeof(*m) || m->event != UFFD_EVENT_PAGEFAULT)
+        die("read");
+}
+
+static int run_signal(void)
+{
+    struct sigaction sa = {.sa_handler = sg_on_signal}; /* no SA_RESTART: a fault is not a syscall anyway */
+    if (sigaction(SIGUSR1, &sa, NULL) < 0)
+        die("sigaction");
+    int uffd = new_uffd(0);
+    sg_region = registered_region(uffd, (size_t)n_pages * PAGE);
+    pthread_t th;
+    if (pthread_create(&th, NULL, sg_toucher, NULL))
+        die("pthread_create");
+    while (!sg_tid)
+        usleep(100);
+    ready();
+    sg_go = 1;
+    long msgs = 0, same = 0;
+    for (int i = 0; i < n_pages; i++) {
+        struct uffd_msg m1, m2;
+        sg_read(uffd, &m1);
+        while (!asleep_in_uffd(sg_tid))
+            usleep(20);
+        long before = sg_signals;
+        if (pthread_kill(th, SIGUSR1))
+            die("pthread_kill");
+        sg_read(uffd, &m2); /* the same touch, faulting again after its signal handler */
+        msgs += 2;
+        same += m1.arg.pagefault.address == m2.arg.pagefault.address && sg_signals == before + 1;
+        copy_page(uffd, m2.arg.pagefault.address);
+    }
+    pthread_join(th, NULL);
+    printf("{\"pid\": %d, \"tid\": %d, \"uffd\": %d, \"msgs\": %ld, \"signals\": %ld, \"same_page\": %ld}\n",
+           getpid(), sg_tid, uffd, msgs, sg_signals, same);
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     if (argc < 2) {
-        fprintf(stderr, "usage: %s fork|scm|reuse|samepage [-t threads] [-p pages] [-i] [-w]\n", argv[0]);
+        fprintf(stderr, "usage: %s fork|scm|reuse|samepage|signal [-t threads] [-p pages] [-i] [-w]\n", argv[0]);
         return 2;
     }
     const char *mode = argv[1];
@@ -409,6 +481,8 @@ int main(int argc, char **argv)
         return run_reuse();
     if (!strcmp(mode, "samepage"))
         return run_samepage();
+    if (!strcmp(mode, "signal"))
+        return run_signal();
     fprintf(stderr, "uffd_scenarios: unknown mode %s\n", mode);
     return 2;
 }
