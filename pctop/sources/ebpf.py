@@ -89,7 +89,7 @@ FALLBACK_IDENTITY_TTL_S = 5.0
 # its entries, or making one, when collect() takes them: a stall then comes two intervals
 # late (its entry is taken when that epoch comes round again) or not at all (added to an
 # entry already deleted). Programs run for microseconds; this wait before the take lets
-# them finish (the likely cause of bench/soak.py's one count of 255 of 256 stalls).
+# them finish.
 EPOCH_GRACE_S = 0.002
 
 # include/uapi/linux/kvm.h KVM_EXIT_*; index = exit_reason.
