@@ -328,7 +328,7 @@ TRACEPOINT_PROBE(sched, sched_waking)
     return 0;
 }
 
-/* A resolving ioctl that woke its range installed `page`, its first. A thread
+/* A resolving ioctl that woke its range has installed its first page. A thread
  * still in a fault on that page whose message a handler read, and whom no
  * wake-up reached, queued its message and then found the page installed before
  * it slept: handle_userfault checks the page table after queueing, and the
@@ -336,13 +336,15 @@ TRACEPOINT_PROBE(sched, sched_waking)
  * It waited for the handler all the same; its stall ends now, as one woken on
  * its CPU (a preempted one when it runs again). Later pages of a range are left
  * to end_unwoken. */
-static __always_inline void installed_unwoken(u64 page)
+static __always_inline void installed_unwoken(struct inflight *io)
 {
+    u64 page = io->start & PAGE_MASK_4K;
     u32 slot = page_slot(page);
     struct pending_fault *p = pending_addr.lookup(&slot);
     if (!p || p->page != page)
         return;
     u64 now = 0;
+    int ours = p->tgid == io->tgid; /* else asked once, when there is a candidate */
 #pragma unroll
     for (int i = 0; i < PENDING_TIDS; i++) {
         u32 tid = p->tid[i];
@@ -351,6 +353,14 @@ static __always_inline void installed_unwoken(u64 page)
             continue;
         if (t->phase != PH_FAULTED && t->phase != PH_PREEMPTED)
             continue;
+        if (!ours) {
+            /* the same address in another process: only the one this uffd serves */
+            struct fd_key k = {.tgid = io->tgid, .fd = io->fd};
+            u32 *to = serves.lookup(&k);
+            if (!to || *to != p->tgid)
+                return;
+            ours = 1;
+        }
         if (!now)
             now = bpf_ktime_get_ns();
         dbg_inc(DBG_INSTALLED_UNWOKEN);

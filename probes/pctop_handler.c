@@ -386,7 +386,7 @@ TRACEPOINT_PROBE(syscalls, sys_exit_ioctl)
     /* the kernel wakes the range's waiters after a successful install (or
      * un-protect, or UFFDIO_WAKE) unless told DONTWAKE */
     if (io.wakes && (ret == 0 || done > 0))
-        installed_unwoken(io.start & PAGE_MASK_4K);
+        installed_unwoken(&io);
     struct uf_stats *s = get_ufstats(io.tgid, io.fd);
     if (!s)
         return 0;
