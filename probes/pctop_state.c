@@ -317,15 +317,19 @@ static __always_inline struct tstats *get_stats(u32 tid, u32 tgid)
     return s;
 }
 
+/* A thread's statistics are written only from events serialized with the thread
+ * itself (its own context, or its switch-in, which the scheduler orders after its
+ * switch-out): plain adds, no atomics (sched_switch -30 to -44 ns per fault,
+ * bench/RESULTS.md). */
 static __always_inline void account_stall(struct tstats *s, u64 stall)
 {
-    __sync_fetch_and_add(&s->faults, 1);
-    __sync_fetch_and_add(&s->stall_ns, stall);
+    s->faults += 1;
+    s->stall_ns += stall;
     if (stall > s->max_ns)
-        s->max_ns = stall; /* racy max: only this thread's events update it */
+        s->max_ns = stall;
     u32 b = hist_bucket(stall);
     if (b < HIST_BUCKETS)
-        __sync_fetch_and_add(&s->hist[b], 1);
+        s->hist[b] += 1;
 }
 
 static __always_inline void clear_fault(struct tstate *t)
@@ -441,14 +445,14 @@ static __always_inline void back_on_cpu(u32 tid, struct tstate *t, u64 now)
     struct tstats *s = get_stats(tid, t->tgid);
     if (s) {
         account_stall(s, stall);
-        __sync_fetch_and_add(&s->runq_ns, runq);
+        s->runq_ns += runq;
         if (t->read_ts) {
             u64 rd = t->read_ts > start ? t->read_ts : start;
-            __sync_fetch_and_add(&s->queued_ns, rd - start);
+            s->queued_ns += rd - start;
             if (t->wake_ts > rd)
-                __sync_fetch_and_add(&s->service_ns, t->wake_ts - rd);
+                s->service_ns += t->wake_ts - rd;
         } else {
-            __sync_fetch_and_add(&s->faults_no_read, 1);
+            s->faults_no_read += 1;
         }
     }
     clear_fault(t);
