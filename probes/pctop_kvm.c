@@ -22,6 +22,7 @@ static __always_inline int on_kvm_fault(void)
     }
     t->in_run = 1; /* these fire only inside KVM_RUN */
     running_now(tid, t);
+    end_unwoken(tid, t); /* a read fault is over once KVM runs this vCPU again */
     t->early_wake_ts = 0;
     if (t->phase == PH_NONE || (t->phase == PH_FAULTED && t->addr == 0)) {
         t->phase = PH_FAULTED;
