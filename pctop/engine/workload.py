@@ -392,6 +392,13 @@ class KvmWorkload(_WorkloadBase):
                 pages.update(byte_index * 8 + bit for bit in range(8) if byte >> bit & 1)
         return pages
 
+    def kick(self, vcpu: int) -> None:
+        """Interrupt vCPU `vcpu`'s KVM_RUN once, as QEMU's SIG_IPI does (also out of a
+        userfaultfd wait): its loop enters KVM_RUN again, and a fault it was in repeats."""
+        v = self._vcpus[vcpu]
+        if v is not None:
+            v.kick()
+
     def stop(self) -> None:
         """Stop every vCPU (immediate_exit + kick signal), join the threads, close KVM."""
         self._stopping = True
