@@ -1,15 +1,15 @@
-"""Race loop: one tests/programs/uffd_scenarios.c scenario many times against one
+"""Race loop: one run of a tests/programs uffd user many times against one
 EbpfSource, each run inside its own interval, every thread's stalls compared with
 the program's own count.
 
-    .venv/bin/python bench/race_loop.py [--runs 2000] [--tree DIR] [--] [scenario args]
+    .venv/bin/python bench/race_loop.py [--runs 2000] [--tree DIR] [--program P] [--] [args]
 
-(scenarios whose output lists its `touchers`: scm).
-
-As root. Default scenario: `scm -t 3 -p 128` (a handler process that got the uffd
-over a unix socket; ~25 ms a run). A race that drops one stall in a few hundred
-runs needs thousands of runs to show: the soak (bench/soak.py) takes seconds a
-run, this a few milliseconds. `--tree` loads the probes and collector of another
+As root. --program uffd_scenarios (default; args default `scm -t 3 -p 128`: a
+handler process that got the uffd over a unix socket, ~25 ms a run) or
+uffd_toucher (args default `-t 2 -p 256 -m read -S`: a spinning handler); any
+run whose JSON lists its `touchers` with their `faults`. A race that drops one
+stall in a few hundred runs needs thousands of runs to show: the soak
+(bench/soak.py) takes seconds a run, this a few milliseconds. `--tree` loads the probes and collector of another
 checkout (e.g. a `git worktree` of an older commit), to compare miss rates side by
 side. Prints each short thread with the probes' debug-counter deltas of its run,
 then the totals; exit status 1 if any thread came out short beyond the races the
@@ -27,14 +27,18 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_ARGS = {"uffd_scenarios": ["scm", "-t", "3", "-p", "128"],
+                "uffd_toucher": ["-t", "2", "-p", "256", "-m", "read", "-S"]}
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=2000)
     ap.add_argument("--tree", default=ROOT, help="checkout whose probes and collector to load")
-    ap.add_argument("scenario", nargs="*", default=["scm", "-t", "3", "-p", "128"])
+    ap.add_argument("--program", choices=sorted(DEFAULT_ARGS), default="uffd_scenarios")
+    ap.add_argument("scenario", nargs="*", help="the program's arguments")
     a = ap.parse_args()
+    a.scenario = a.scenario or DEFAULT_ARGS[a.program]
     tree = os.path.abspath(a.tree)
     sys.path.insert(0, tree)
     from pctop.sources.ebpf import EbpfSource, ebpf_unavailable_reason
@@ -43,8 +47,8 @@ def main() -> int:
     if why:
         raise SystemExit(f"race_loop: eBPF unavailable: {why}")
     with tempfile.TemporaryDirectory(prefix="pctop-race-") as d:
-        prog = os.path.join(d, "uffd_scenarios")
-        subprocess.run(["gcc", "-O2", "-pthread", "-o", prog, os.path.join(tree, "tests/programs/uffd_scenarios.c")],
+        prog = os.path.join(d, a.program)
+        subprocess.run(["gcc", "-O2", "-pthread", "-o", prog, os.path.join(tree, f"tests/programs/{a.program}.c")],
                        check=True)
         src = EbpfSource(None, follow_all=True)
         src.start()
@@ -72,7 +76,7 @@ def main() -> int:
                           file=sys.stderr, flush=True)
         finally:
             src.close()
-    print(f"{tree}: {short} short threads in {a.runs} runs of {' '.join(a.scenario)}")
+    print(f"{tree}: {short} short threads in {a.runs} runs of {a.program} {' '.join(a.scenario)}")
     print(f"debug counters over all runs: {json.dumps(totals, sort_keys=True)}")
     return 1 if short else 0
 
