@@ -114,7 +114,7 @@
 #define DBG_READER_FOUND 15   /* uffds learned from their first read (received from another process) */
 #define DBG_FORK_CHILD 16     /* children followed from birth (EVENT_FORK) */
 #define DBG_INSTALLED_UNWOKEN 17 /* a read fault's page installed (and woken) before it slept: no wake-up reached it */
-#define DBG_UNWOKEN_END 18    /* a read fault seen over with no install or wake-up seen (ends at its read) */
+#define DBG_UNWOKEN_END 18    /* a read fault seen over with no uffd wake-up or install seen (e.g. a signal ended it) */
 #define DBG_SLOTS 19
 
 /* A switch-out this soon after a uffd wake-up that reached the thread on its CPU
