@@ -178,7 +178,7 @@ class PageServer:
         return True
 
     def _unsent_runs(self, lo: int, hi: int):
-        """Runs (start, count) of pages in [lo, hi) not yet sent."""
+        """Runs (start, count) of pages in [lo, hi) not yet sent, each of at least one page."""
         sent = self.sent
         p = lo
         while p < hi:
@@ -187,8 +187,9 @@ class PageServer:
                 return
             e = sent.find(b"\x01", s, hi)
             e = hi if e < 0 else e
-            yield s, e - s
-            p = e
+            if e > s:  # a demand thread may have sent page s between the two finds
+                yield s, e - s
+            p = max(e, s + 1)
 
     def _next_runs(self) -> tuple[int, list[tuple[int, int]]]:
         """The next runs to stream: prefetch around recent faults first, then the cursor."""

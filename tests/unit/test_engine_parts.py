@@ -143,6 +143,29 @@ def test_source_prefetches_after_a_demand_fault():
     t.join(5)
 
 
+class _SentByDemandMeanwhile(bytearray):
+    """`sent`, where a demand thread sends the first unsent page the stream finds,
+    between its two searches (as a demand-serving thread can at any moment)."""
+
+    raced = False
+
+    def find(self, sub, *args):
+        i = super().find(sub, *args)
+        if sub == b"\x00" and i >= 0 and not self.raced:
+            self[i], self.raced = 1, True
+        return i
+
+
+def test_stream_runs_never_hold_zero_pages_when_demand_sends_meanwhile():
+    # a run of 0 pages went out as a PAGES frame of 0 pages, which the destination
+    # refuses ("pages N+0 outside the region"): seen once in CI, sharded with a stream
+    sent = _SentByDemandMeanwhile(b"\x00\x00\x01\x00\x01\x01\x00\x00")
+    runs = list(PageServer._unsent_runs(type("S", (), {"sent": sent})(), 0, len(sent)))
+    assert runs == [(1, 1), (3, 1), (6, 2)]  # page 0 went by demand; before the fix, (0, 0) came first
+    plain = bytearray(b"\x00\x00\x01\x00\x01\x01\x00\x00")
+    assert list(PageServer._unsent_runs(type("S", (), {"sent": plain})(), 0, 8)) == [(0, 2), (3, 1), (6, 2)]
+
+
 def test_requests_sent_back_to_back_are_parsed_from_one_recv(pair):
     dst, src = pair
     dst.send_request([1, 2])
