@@ -70,7 +70,7 @@ def _m(key: str, name: str, kind: str, labels, help_: str, *json: str) -> tuple[
 METRICS: dict[str, Metric] = dict([
     # per vCPU
     _m("vcpu_faults", "vcpu_stall_faults_total", "counter", VCPU,
-       "Faults that stalled the vCPU (it slept in the uffd fault path, or took a memory-fault exit).",
+       "Faults that stalled the vCPU (a wait in the uffd fault path, or a memory-fault exit).",
        "vcpus[].faults"),
     _m("vcpu_stall", "vcpu_stall_seconds", "histogram", VCPU,
        "Stall time per fault, fault to running again: the kernel's log2 buckets, bucket N = "
