@@ -7,9 +7,10 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
@@ -18,6 +19,7 @@ from pctop.sources.readings import Reading, ThreadFaults, UffdCounters
 from tests.conftest import ROOT
 
 PROGRAMS = ROOT / "tests" / "programs"
+T = TypeVar("T")
 
 
 def need_ebpf() -> None:
@@ -47,6 +49,22 @@ def build_program(tmp_path_factory, name: str) -> Path:
     subprocess.run([gcc, "-O2", "-Wall", "-Werror", "-pthread", "-o", str(out), str(PROGRAMS / f"{name}.c")],
                    check=True)
     return out
+
+
+def debug_delta(src: EbpfSource, before: dict[str, int]) -> dict[str, int]:
+    """The probes' debug counters that moved since `before` (the races they named), by how much."""
+    after = src.debug_counters()
+    return {k: v - before[k] for k, v in after.items() if v != before[k]}
+
+
+def in_one_interval(src: EbpfSource, run: Callable[[], T]) -> tuple[T, Reading, dict[str, int]]:
+    """run() inside one interval of `src`: its result, the probes' reading of that
+    interval, and their debug counters' changes meanwhile (debug_delta)."""
+    src.collect()  # everything before belongs to the previous interval
+    before = src.debug_counters()
+    result = run()
+    r = src.collect()
+    return result, r, debug_delta(src, before)
 
 
 def run_toucher(src: EbpfSource, toucher: Path, *args: str) -> tuple[dict, Reading]:

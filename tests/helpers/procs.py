@@ -6,6 +6,27 @@ import os
 import signal
 import subprocess
 import threading
+import time
+
+
+def read_wchan(tid: int) -> str:
+    """Where a thread of this process sleeps in the kernel ("handle_userfault": in a
+    uffd fault); "" once it is gone."""
+    try:
+        with open(f"/proc/self/task/{tid}/wchan") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def wait_for(condition, timeout: float = 10.0) -> bool:
+    """Poll condition() until it holds (True) or `timeout` seconds pass (False)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.001)
+    return True
 
 
 def killpg(p: subprocess.Popen) -> None:

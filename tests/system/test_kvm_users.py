@@ -18,16 +18,14 @@ from __future__ import annotations
 
 import ctypes
 import os
-import time
-from collections.abc import Callable
 from typing import NamedTuple
 
 import pytest
 
 from pctop.engine.uffd import AnonMemory, FaultMsg, Uffd
 from pctop.engine.workload import KvmWorkload
-from pctop.sources.readings import Reading
-from tests.helpers.probes import assert_same_count, threads_of
+from tests.helpers.probes import assert_same_count, in_one_interval, threads_of
+from tests.helpers.procs import read_wchan, wait_for
 
 pytestmark = [pytest.mark.bpf, pytest.mark.kvm,
               pytest.mark.skipif(not os.access("/dev/kvm", os.R_OK | os.W_OK),
@@ -42,22 +40,6 @@ class GuestRun(NamedTuple):
     tid: int           # the vCPU thread
     msgs: list[FaultMsg]
     kicked: int        # pages whose fault a kick interrupted
-
-
-def _wchan(tid: int) -> str:
-    try:
-        with open(f"/proc/self/task/{tid}/wchan") as f:
-            return f.read()
-    except OSError:
-        return ""
-
-
-def _await(what: str, condition: Callable[[], bool]) -> None:
-    deadline = time.monotonic() + WAIT_S
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting until {what}")
-        time.sleep(0.0002)
 
 
 def _read_one(uffd: Uffd) -> FaultMsg:
@@ -90,7 +72,8 @@ def run_guest(npages: int, thread_id: bool, kick_every: int) -> GuestRun:
             msgs.append(first)
             if kick_every and i % kick_every == 0:
                 # only a thread asleep in the fault is taken out of it by the signal
-                _await(f"the vCPU sleeps in handle_userfault (page {i})", lambda: _wchan(tid) == "handle_userfault")
+                assert wait_for(lambda: read_wchan(tid) == "handle_userfault", WAIT_S), \
+                    f"the vCPU does not sleep in handle_userfault (page {i}): {read_wchan(tid)!r}"
                 w.kick(0)
                 again = _read_one(uffd)
                 msgs.append(again)
@@ -106,16 +89,6 @@ def run_guest(npages: int, thread_id: bool, kick_every: int) -> GuestRun:
         uffd.close()
         guest_ram.close()
         content.close()
-
-
-def _in_one_interval(src, run: Callable[[], GuestRun]) -> tuple[GuestRun, Reading, dict]:
-    """(run(), the probes' reading of its interval, their debug-counter deltas)."""
-    src.collect()   # everything before belongs to the previous interval
-    before = src.debug_counters()
-    truth = run()
-    r = src.collect()
-    after = src.debug_counters()
-    return truth, r, {k: after[k] - before[k] for k in after if after[k] != before[k]}
 
 
 @pytest.mark.timeout(60)
@@ -134,7 +107,7 @@ def test_every_uffd_message_a_vcpu_waited_for_is_one_stall(follow_all, thread_id
     the kick's wake-up is judged "not uffd" and that wait is not counted (the README's
     "What counts as a stall" says so). Its second wait, on the same page, is."""
     npages = 48
-    truth, r, races = _in_one_interval(follow_all, lambda: run_guest(npages, thread_id, kick_every))
+    truth, r, races = in_one_interval(follow_all, lambda: run_guest(npages, thread_id, kick_every))
     want_kicked = -(-npages // kick_every) if kick_every else 0
     assert truth.kicked == want_kicked and len(truth.msgs) == npages + want_kicked
     mine = [m for m in truth.msgs if m.ptid == truth.tid] if thread_id else truth.msgs

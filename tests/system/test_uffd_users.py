@@ -19,15 +19,10 @@ import pytest
 from pctop.sources.readings import Reading
 from pctop.stats import Memory, build_sample, merge_readings
 from tests.conftest import ROOT
-from tests.helpers.probes import assert_same_count, build_program, run_toucher, threads_of, uffd_of
+from tests.helpers.probes import assert_same_count, build_program, debug_delta, in_one_interval, run_toucher, threads_of, uffd_of
 from tests.helpers.procs import LineReader, killpg
 
 pytestmark = pytest.mark.bpf
-
-
-def _debug_delta(src, before: dict) -> dict:
-    after = src.debug_counters()
-    return {k: after[k] - before[k] for k in after if after[k] != before[k]}
 
 
 @pytest.mark.parametrize("minor", [False, True], ids=["missing", "minor"])
@@ -41,7 +36,7 @@ def test_a_spinning_handler_that_wakes_the_thread_before_it_leaves_its_cpu(follo
     race happened; it is timing-dependent and may be 0 in a run)."""
     before = follow_all.debug_counters()
     truth, r = run_toucher(follow_all, toucher, "-t", "1", "-p", "16384", "-S", *(["-M"] if minor else []))
-    races = _debug_delta(follow_all, before)
+    races = debug_delta(follow_all, before)
     (t,) = truth["touchers"]
     tf = threads_of(r, truth["pid"]).get(t["tid"])
     assert tf is not None and t["faults"] == 16384
@@ -62,12 +57,10 @@ def scenarios(tmp_path_factory) -> Path:
 def run_scenario(src, prog: Path, *args: str) -> tuple[dict, Reading, dict]:
     """Run one scenario to completion inside one interval of `src`: (its truth, the
     probes' reading, the probes' debug-counter deltas)."""
-    src.collect()
-    before = src.debug_counters()
-    p = subprocess.run([str(prog), *args], capture_output=True, text=True, timeout=60)
+    p, r, races = in_one_interval(src, lambda: subprocess.run([str(prog), *args], capture_output=True, text=True,
+                                                             timeout=60))
     assert p.returncode == 0, p.stderr
-    r = src.collect()
-    return json.loads(p.stdout), r, _debug_delta(src, before)
+    return json.loads(p.stdout), r, races
 
 
 def test_a_child_forked_with_event_fork_is_followed_from_its_first_fault(follow_all, scenarios):

@@ -30,7 +30,7 @@ import pytest
 
 from pctop.hist import bucket_index
 from tests.conftest import ROOT
-from tests.helpers.probes import assert_same_count, need_ebpf
+from tests.helpers.probes import assert_same_count, in_one_interval, need_ebpf
 from tests.helpers.procs import LineReader, engine_request, killpg
 
 pytestmark = pytest.mark.bpf
@@ -80,12 +80,9 @@ def _observe(probes, strategy: str, stream: bool, latency_us: int) -> EngineObse
     _need_kvm()
     bg = ["--bandwidth", STREAM_BW] if stream else ["--no-background"]
     bg += ["--latency", str(latency_us)]
-    probes.collect()  # what came before belongs to another interval
-    before = probes.debug_counters()
-    p = subprocess.run([sys.executable, "-m", "pctop", "demo", "--headless", "--json", "--strategy", strategy,
-                        *ENGINE_ARGS, *bg], capture_output=True, text=True, timeout=120, cwd=ROOT)
-    r = probes.collect()
-    after = probes.debug_counters()
+    p, r, races = in_one_interval(probes, lambda: subprocess.run(
+        [sys.executable, "-m", "pctop", "demo", "--headless", "--json", "--strategy", strategy, *ENGINE_ARGS, *bg],
+        capture_output=True, text=True, timeout=120, cwd=ROOT))
     assert p.returncode == 0, p.stderr[-2000:]
     start, *_, summary = (json.loads(line) for line in p.stdout.splitlines())
     assert summary["type"] == "summary" and summary["ok"], summary.get("errors")
@@ -97,8 +94,7 @@ def _observe(probes, strategy: str, stream: bool, latency_us: int) -> EngineObse
         assert v["tid"] in threads, f"vCPU {v['vcpu']} (thread {v['tid']}) not seen; saw {sorted(threads)}"
         assert (ids[v["tid"]].vcpu, ids[v["tid"]].how) == (v["vcpu"], "kvm_create_vcpu")
         vcpus.append((v, threads[v["tid"]]))
-    return EngineObserved(summary, vcpus, [u for u in r.uffds if u.pid == pid],
-                          {k: after[k] - before[k] for k in after})
+    return EngineObserved(summary, vcpus, [u for u in r.uffds if u.pid == pid], races)
 
 
 @pytest.mark.kvm

@@ -16,6 +16,7 @@ import pytest
 from pctop.engine import guest as g
 from pctop.engine.uffd import AnonMemory, Uffd
 from pctop.engine.workload import KvmWorkload, ThreadWorkload, WorkloadError
+from tests.helpers.procs import read_wchan, wait_for
 
 PAGE = 4096
 HAVE_KVM = os.access("/dev/kvm", os.R_OK | os.W_OK)
@@ -45,20 +46,6 @@ def prefilled():
         ctypes.memmove(mem.addr + i * PAGE, header(i), 64)
     yield mem
     mem.close()
-
-
-def read_wchan(tid: int) -> str:
-    with open(f"/proc/self/task/{tid}/wchan") as f:
-        return f.read()
-
-
-def wait_for(condition, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.001)
-    return True
 
 
 def read_data(mem: AnonMemory) -> bytes:
