@@ -85,6 +85,28 @@ static __always_inline void note_pending(struct pending_fault *p, u64 page, u32 
         p->tid[i] = 0;
 }
 
+/* tid faults on `page`: among that page's faulters (pending_addr). */
+static __always_inline void add_faulter(u64 page, u32 tid, u32 tgid)
+{
+    u32 slot = page_slot(page);
+    struct pending_fault *p = pending_addr.lookup(&slot);
+    if (p)
+        note_pending(p, page, tid, tgid);
+}
+
+/* A uffd wake-up (or install) reached the thread now: still on its CPU, its end
+ * is decided by what it does next (sched_switch, running_now); off it, it waits
+ * for a CPU. */
+static __always_inline void uffd_woken(struct tstate *t, int on_cpu, u64 now)
+{
+    if (on_cpu) {
+        t->early_wake_ts = now;
+    } else {
+        t->wake_ts = now;
+        t->phase = PH_WOKEN;
+    }
+}
+
 static __always_inline int on_page_fault(u64 addr)
 {
     u64 id = bpf_get_current_pid_tgid();
@@ -115,10 +137,7 @@ static __always_inline int on_page_fault(u64 addr)
     t->phase = PH_FAULTED;
     t->fault_ts = bpf_ktime_get_ns();
     t->addr = page;
-    u32 slot = page_slot(page);
-    struct pending_fault *p = pending_addr.lookup(&slot);
-    if (p)
-        note_pending(p, page, tid, tgid);
+    add_faulter(page, tid, tgid);
     return 0;
 }
 
@@ -301,12 +320,7 @@ TRACEPOINT_PROBE(sched, sched_waking)
         }
         return 0;
     }
-    if (on_cpu) {
-        t->early_wake_ts = bpf_ktime_get_ns();
-    } else {
-        t->wake_ts = bpf_ktime_get_ns();
-        t->phase = PH_WOKEN;
-    }
+    uffd_woken(t, on_cpu, bpf_ktime_get_ns());
     if (!t->read_ts && !t->addr && io->read_ts) { /* (the range was read above) */
         t->read_ts = io->read_ts;
         dbg_inc(DBG_READ_VIA_COPY);
@@ -364,12 +378,7 @@ static __always_inline void installed_unwoken(struct inflight *io)
         if (!now)
             now = bpf_ktime_get_ns();
         dbg_inc(DBG_INSTALLED_UNWOKEN);
-        if (t->phase == PH_FAULTED) {
-            t->early_wake_ts = now;
-        } else {
-            t->phase = PH_WOKEN;
-            t->wake_ts = now;
-        }
+        uffd_woken(t, t->phase == PH_FAULTED, now);
     }
 }
 

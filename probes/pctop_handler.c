@@ -115,10 +115,7 @@ static __always_inline void match_msg(u64 now, u64 addr, u32 ptid)
                 /* the message names the page it waits for (a weak fault's first
                  * address): among the page's faulters, for installed_unwoken */
                 t->addr = page;
-                u32 slot = page_slot(page);
-                struct pending_fault *p = pending_addr.lookup(&slot);
-                if (p)
-                    note_pending(p, page, ptid, t->tgid);
+                add_faulter(page, ptid, t->tgid);
             }
             dbg_inc(DBG_MSG_BY_PTID);
             return;
