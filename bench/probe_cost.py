@@ -60,7 +60,9 @@ if p.returncode:
     sys.exit("the engine failed: " + p.stderr.strip()[-300:])
 faults = json.loads(p.stdout.splitlines()[-1])["faults_total"]
 per = {k: after[k][1] - before.get(k, (0, 0))[1] for k in after}
-print(json.dumps({"faults": faults, "ns": {k: v for k, v in per.items() if v}}))
+hits = {k: after[k][0] - before.get(k, (0, 0))[0] for k in after}
+print(json.dumps({"faults": faults, "ns": {k: v for k, v in per.items() if v},
+                  "hits": {k: hits[k] for k, v in per.items() if v}}))
 """
 
 
@@ -112,19 +114,23 @@ def main() -> None:
     for t, ms in results.items():
         per_fault = [sum(m["ns"].values()) / m["faults"] for m in ms]
         progs: dict[str, list[float]] = {}
+        hits: dict[str, list[float]] = {}
         for m in ms:
             for k, v in m["ns"].items():
                 progs.setdefault(k, []).append(v / m["faults"])
+                hits.setdefault(k, []).append(m.get("hits", {}).get(k, 0) / m["faults"])
         summary[t] = {"median_ns_per_fault": statistics.median(per_fault), "runs": per_fault,
-                      "programs": {k: statistics.median(v) for k, v in sorted(progs.items())}}
+                      "programs": {k: statistics.median(v) for k, v in sorted(progs.items())},
+                      "hits_per_fault": {k: statistics.median(v) for k, v in sorted(hits.items())}}
     if a.json:
         print(json.dumps(summary))
         return
     for t, s in summary.items():
         print(f"{t}: {s['median_ns_per_fault']:.0f} ns per fault (median of {len(s['runs'])}: "
               + ", ".join(f"{x:.0f}" for x in s["runs"]) + ")")
+        print(f"    {'program':<40} {'ns/fault':>8} {'hits/fault':>10}")
         for k, v in sorted(s["programs"].items(), key=lambda kv: -kv[1]):
-            print(f"    {k:<40} {v:7.0f}")
+            print(f"    {k:<40} {v:8.0f} {s['hits_per_fault'].get(k, 0):10.2f}")
 
 
 if __name__ == "__main__":

@@ -54,7 +54,9 @@ Smoke tool: `python -m pctop.sources.ebpf --help`.
 from __future__ import annotations
 
 import ctypes as ct
+import itertools
 import os
+import platform
 import time
 from pathlib import Path
 
@@ -152,14 +154,39 @@ def probe_cflags(paths: HostPaths = DEFAULT) -> list[str]:
     return [f"-D{macro}" for tp, macro in OPTIONAL_MACROS.items() if tracepoint_exists(tp, paths)]
 
 
+# read()'s arguments come from the saved user registers at its exit where the kernel
+# has bpf_get_current_task_btf (5.11, needs its BTF) and bpf_task_pt_regs (5.15); the
+# probes then leave sys_enter_read alone (probes/pctop_handler.c, read_at_exit).
+TASK_PT_REGS = "-DHAVE_TASK_PT_REGS"
+TASK_PT_REGS_SINCE = (5, 15)
+
+
+def kernel_version(release: str) -> tuple[int, int] | None:
+    """"6.18.44-fc-v1300" -> (6, 18); None if the release does not start with two numbers."""
+    parts = release.split(".", 2)
+    try:
+        return int(parts[0]), int("".join(itertools.takewhile(str.isdigit, parts[1])))
+    except (IndexError, ValueError):
+        return None
+
+
+def task_pt_regs_usable(paths: HostPaths = DEFAULT, release: str | None = None) -> bool:
+    """Can the probes read a syscall's saved registers (kernel BTF, 5.15 or later)?"""
+    version = kernel_version(release or platform.release())
+    return version is not None and version >= TASK_PT_REGS_SINCE and os.path.isfile(probe_build.btf_file(paths))
+
+
 class EbpfSource:
     """Source protocol (pctop.sources.readings.Source) over the eBPF probes."""
 
     name = "ebpf"
 
     def __init__(self, pids: list[int] | None = None, follow_all: bool = False, *,
-                 page_map: bool = False, comm: str | None = None, paths: HostPaths = DEFAULT) -> None:
-        """comm: also follow every process that execs with this name, from its exec."""
+                 page_map: bool = False, comm: str | None = None, reads_at_exit: bool | None = None,
+                 paths: HostPaths = DEFAULT) -> None:
+        """comm: also follow every process that execs with this name, from its exec.
+        reads_at_exit: read read()'s arguments from its exit's saved registers (None: where
+        the kernel can, task_pt_regs_usable); False keeps the sys_enter_read probe."""
         self.paths = paths
         self.follow_all = follow_all
         self.comm = comm
@@ -174,6 +201,7 @@ class EbpfSource:
         self._events: list[str] = []
         self.startup_s: float | None = None  # compile + load + attach, measured by start()
         self.built_with: probe_build.Way | None = None  # how start() got the kernel's types
+        self.reads_at_exit = reads_at_exit  # start() sets what it used
         self.attached: tuple[str, ...] = ()
 
     # ---- life cycle -----------------------------------------------------------------------
@@ -185,7 +213,10 @@ class EbpfSource:
         from bcc import BPF  # the one place bcc is imported
 
         t0 = time.monotonic()
-        self._bpf = self._compile(BPF, probe_text(), probe_cflags(self.paths))
+        cflags = probe_cflags(self.paths)
+        if self.reads_at_exit is None:
+            self.reads_at_exit = task_pt_regs_usable(self.paths)
+        self._bpf = self._compile(BPF, probe_text(), cflags + [TASK_PT_REGS] if self.reads_at_exit else cflags)
         parser = self._bpf.load_func(b"parse_uffd_msgs", BPF.TRACEPOINT)
         self._bpf[b"msg_parser"][ct.c_int(0)] = ct.c_int(parser.fd)
         self.startup_s = time.monotonic() - t0
@@ -211,7 +242,16 @@ class EbpfSource:
             try:
                 flags = probe_build.prepare(way, text, cflags, self.paths)
                 with probe_build.kernel_source(way):
-                    bpf = BPF(text=text.encode(), cflags=flags)
+                    try:
+                        bpf = BPF(text=text.encode(), cflags=flags)
+                    except Exception:
+                        if TASK_PT_REGS not in flags:
+                            raise
+                        # a kernel that refuses the register helpers: read()'s entry probe then
+                        bpf = BPF(text=text.encode(), cflags=[f for f in flags if f != TASK_PT_REGS])
+                        self.reads_at_exit = False
+                        self._events.append("probes read read()'s arguments at its entry: "
+                                            "this kernel refused bpf_task_pt_regs")
             except Exception as e:  # bcc raises a bare Exception when clang fails
                 failed.append(f"{way.name}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
                 continue

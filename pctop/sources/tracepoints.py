@@ -14,6 +14,10 @@ the vCPU's sleep instead. kvm_exit (VMX/SVM) gives a followed vCPU thread its
 index (vcpu_id) and marks an EPT-violation / NPF exit as a fault start.
 """
 
+# Needed only where the kernel lacks bpf_task_pt_regs: elsewhere the probes take
+# read()'s fd and buffer from its exit's saved registers (EbpfSource.reads_at_exit).
+READ_ENTRY = "syscalls:sys_enter_read"
+
 REQUIRED: tuple[str, ...] = (
     "exceptions:page_fault_user",
     "exceptions:page_fault_kernel",
@@ -22,7 +26,7 @@ REQUIRED: tuple[str, ...] = (
     "sched:sched_process_exit",
     "syscalls:sys_enter_ioctl",
     "syscalls:sys_exit_ioctl",
-    "syscalls:sys_enter_read",
+    READ_ENTRY,
     "syscalls:sys_exit_read",
     "syscalls:sys_exit_userfaultfd",
 )

@@ -18,7 +18,16 @@ import sys
 import pytest
 
 from pctop.hostpaths import HostPaths
-from pctop.sources.ebpf import HINT_SLOTS, TARGET_SLOT_GONE, EbpfSource, ebpf_unavailable_reason, exit_name, probe_cflags
+from pctop.sources.ebpf import (
+    HINT_SLOTS,
+    TARGET_SLOT_GONE,
+    EbpfSource,
+    ebpf_unavailable_reason,
+    exit_name,
+    kernel_version,
+    probe_cflags,
+    task_pt_regs_usable,
+)
 from pctop.sources.readings import HIST_BUCKETS, Reading, ThreadFaults
 from tests.helpers.probes import (
     assert_same_count,
@@ -51,6 +60,23 @@ def test_missing_tracefs_is_named_and_optional_probes_are_left_out(tmp_path):
     why = ebpf_unavailable_reason(paths)
     assert why is not None and why.split(":")[0] in ("tracefs", "bcc", "privilege")
     assert probe_cflags(paths) == []
+
+
+@pytest.mark.parametrize("release, version", [("6.18.44-fc-v1300", (6, 18)), ("5.15.0-91-generic", (5, 15)),
+                                              ("6.1rc7", (6, 1)), ("4.19.0", (4, 19)), ("weird", None), ("6", None)])
+def test_kernel_version_reads_the_first_two_numbers_of_a_release(release, version):
+    assert kernel_version(release) == version
+
+
+def test_registers_at_exit_need_the_kernels_btf_and_5_15(tmp_path):
+    """bpf_task_pt_regs came in 5.15, and bpf_get_current_task_btf needs the kernel's BTF."""
+    paths = HostPaths(sys=str(tmp_path))
+    btf = tmp_path / "kernel" / "btf" / "vmlinux"
+    assert not task_pt_regs_usable(paths, "6.18.44")  # no BTF
+    btf.parent.mkdir(parents=True)
+    btf.write_bytes(b"\x9f\xeb")
+    assert task_pt_regs_usable(paths, "6.18.44") and task_pt_regs_usable(paths, "5.15.0")
+    assert not task_pt_regs_usable(paths, "5.14.21") and not task_pt_regs_usable(paths, "weird")
 
 
 # ---- fixtures ------------------------------------------------------------------------------
@@ -321,8 +347,11 @@ def test_every_tracepoint_tracefs_has_is_attached(by_pid):
     and kvm:kvm_page_fault never fire under PVM (KVM without VMX/SVM, as here), so on this machine only their
     compiling and attaching can be checked, not what they do on a VMX/SVM host."""
     from pctop.sources.ebpf import tracepoint_exists
-    from pctop.sources.tracepoints import OPTIONAL, REQUIRED
+    from pctop.sources.tracepoints import OPTIONAL, READ_ENTRY, REQUIRED
 
     attached = {tp.decode() if isinstance(tp, bytes) else tp for tp in by_pid._bpf.tracepoint_fds}
     expected = set(REQUIRED) | {tp for tp in OPTIONAL if tracepoint_exists(tp)}
+    if by_pid.reads_at_exit:  # read()'s arguments come from its exit: one tracepoint per read
+        expected.discard(READ_ENTRY)
+        assert READ_ENTRY not in attached
     assert expected <= attached, sorted(expected - attached)

@@ -16,13 +16,35 @@ from pathlib import Path
 
 import pytest
 
+from pctop.sources.ebpf import task_pt_regs_usable
 from pctop.sources.readings import Reading
 from pctop.stats import Memory, build_sample, merge_readings
 from tests.conftest import ROOT
-from tests.helpers.probes import assert_same_count, build_program, debug_delta, in_one_interval, run_toucher, threads_of, uffd_of
+from tests.helpers.probes import (
+    assert_same_count,
+    build_program,
+    debug_delta,
+    in_one_interval,
+    run_toucher,
+    running_probes,
+    threads_of,
+    uffd_of,
+)
 from tests.helpers.procs import LineReader, killpg
 
 pytestmark = pytest.mark.bpf
+
+
+@pytest.fixture(scope="module", params=[True, False], ids=["args-at-exit", "args-at-entry"])
+def follow_all(request):
+    """Every test here runs against both ways the probes learn a read()'s fd and buffer:
+    from its exit's saved registers (where the kernel has bpf_task_pt_regs, as here) and
+    from its entry probe (older kernels, or one without BTF)."""
+    if request.param and not task_pt_regs_usable():
+        pytest.skip("no bpf_task_pt_regs on this kernel (needs 5.15 and /sys/kernel/btf/vmlinux)")
+    with running_probes(None, follow_all=True, reads_at_exit=request.param) as src:
+        assert src.reads_at_exit == request.param, src._events  # the kernel did not refuse it
+        yield src
 
 
 @pytest.mark.parametrize("minor", [False, True], ids=["missing", "minor"])
