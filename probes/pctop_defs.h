@@ -158,22 +158,28 @@ struct tstate {
     u64 sleep_ts;
     u64 read_ts;   /* when a handler read its message, 0 = not (yet) read */
     u64 wake_ts;
-    u64 efault_ts; /* KVM_RUN returned EFAULT (vCPU-exit mode), waiting for re-entry */
     u64 early_wake_ts; /* a uffd wake-up came while it still looked on CPU */
     u32 tgid;
-    s32 vcpu;      /* -1 unknown */
-    u32 cpu;       /* 1 + the CPU it last ran on, 0 = unknown */
+    u16 cpu;       /* 1 + the CPU it last ran on, 0 = unknown (MAX_CPUS fits) */
     u8 phase;
+    u8 reader_known; /* a handler read one of its messages: the uffd's reader is known */
+    /* Above: what a fault's every event reads, in the slot's first cache line
+     * with its owner. Below: KVM_RUN's, read in vCPU-exit mode or by a sleep
+     * outside a fault. */
+    u64 efault_ts; /* KVM_RUN returned EFAULT (vCPU-exit mode), waiting for re-entry */
+    s32 vcpu;      /* -1 unknown */
     u8 in_run;     /* inside KVM_RUN (a sleep there may be a GUP-path uffd fault) */
     u8 efault_open; /* efault_ts set inside KVM_RUN; its sys_exit moves it to the return */
-    u8 reader_known; /* a handler read one of its messages: the uffd's reader is known */
+    u16 pad;
 };
 
 /* A thread's state in its tid's array slot (tstate_slots). */
 struct tstate_slot {
     u64 owner; /* tid holding the slot, 0 = free */
     struct tstate t;
+    u64 pad[6]; /* to two whole lines (LINE_ARRAY) */
 };
+_Static_assert(sizeof(struct tstate_slot) == 128, "tstate_slot: two cache lines");
 
 /* The threads that faulted on a page, oldest first (the kernel hands out a
  * uffd's messages oldest first), for messages without a thread id. */
@@ -213,6 +219,7 @@ struct inflight_slot {
     u64 owner;
     struct inflight io;
 };
+_Static_assert(sizeof(struct inflight_slot) == 64, "inflight_slot: one cache line");
 
 struct tkey {
     u32 tid;

@@ -3,6 +3,12 @@
  * See pctop.bpf.c for the life of a fault these serve. */
 
 BPF_ARRAY(config, u64, CFG_SLOTS);
+/* Arrays whose elements are sized in cache lines. A plain array's values start
+ * where the kernel's struct bpf_array ends (312 bytes in, 56 mod 64, on 6.18),
+ * so a 64-byte element spans two lines and shares each with a neighbour; an
+ * mmapable array's values start on a page (bench/RESULTS.md, #17). */
+#define LINE_ARRAY(name, type, n) BPF_F_TABLE("array", int, type, name, n, BPF_F_MMAPABLE)
+
 /* The thread each CPU switched to last: tells whether a thread that looks on
  * CPU has left it in a switch perf did not deliver (see back_on_cpu). Written
  * on every context switch, read from other CPUs: one cache line per CPU, or
@@ -12,7 +18,7 @@ struct cpu_cur_line {
     u32 tid;
     u32 pad[15];
 };
-BPF_ARRAY(cpu_cur, struct cpu_cur_line, MAX_CPUS);
+LINE_ARRAY(cpu_cur, struct cpu_cur_line, MAX_CPUS);
 /* per CPU: bumped on every fault by whichever CPU sees it; user space sums */
 BPF_PERCPU_ARRAY(dbg, u64, DBG_SLOTS);
 BPF_HASH(targets, u32, u32, 4096);
@@ -236,7 +242,7 @@ static __always_inline int followed(u32 tgid, int adopt_it)
  * whose slot another live tid holds keeps its state in the hash map instead, as do
  * the in-flight ioctls and reads (below); `spilled` counts those hash entries so the
  * common case never hashes. */
-BPF_ARRAY(tstate_slots, struct tstate_slot, HINT_SLOTS);
+LINE_ARRAY(tstate_slots, struct tstate_slot, HINT_SLOTS);
 #define SPILL_INFLIGHT 0
 #define SPILL_TSTATE 1
 BPF_ARRAY(spilled, s64, 2);
@@ -538,7 +544,7 @@ static __always_inline void page_map_mark(u32 tgid, s32 fd, u64 start, u64 bytes
  * thread: in an array slot by tid
  * (no hash bucket lock, which costs ~0.1 us a take on these VMs, on every uffd read
  * and ioctl); the hash map holds the rare thread whose slot another tid holds. */
-BPF_ARRAY(inflight_slots, struct inflight_slot, HINT_SLOTS);
+LINE_ARRAY(inflight_slots, struct inflight_slot, HINT_SLOTS);
 BPF_HASH(inflight, u32, struct inflight, 16384);
 
 /* The calling thread's in-flight syscall: its slot if free or already its own (a
