@@ -332,3 +332,30 @@ def test_a_btf_build_that_fails_gives_way_to_stand_in_headers(tmp_path):
     assert src.built_with.name == pb.STAND_IN
     assert events[0].startswith("probes did not build with BTF: "), events
     assert events[1].startswith("probes built with stand-in headers: "), events
+
+
+@pytest.mark.bpf
+def test_a_kernel_that_refuses_the_register_helpers_gets_the_read_entry_probe(monkeypatch):
+    """Where the verifier refuses bpf_task_pt_regs (a kernel that has BTF but not the
+    helper, as before 5.15), start() builds again without it and reads read()'s arguments
+    at its entry. Such a kernel cannot exist here; a compile error when the probes ask for
+    the helpers stands in for the verifier's refusal."""
+    need_ebpf()
+    from pctop.sources import ebpf
+    from pctop.sources.tracepoints import READ_ENTRY
+
+    if not ebpf.task_pt_regs_usable():
+        pytest.skip("no bpf_task_pt_regs on this kernel (needs 5.15 and /sys/kernel/btf/vmlinux)")
+    text = ebpf.probe_text()
+    monkeypatch.setattr(ebpf, "probe_text",
+                        lambda: '#ifdef HAVE_TASK_PT_REGS\n#error "refused"\n#endif\n' + text)
+    src = ebpf.EbpfSource([])
+    src.start()
+    try:
+        attached = {tp.decode() if isinstance(tp, bytes) else tp for tp in src._bpf.tracepoint_fds}
+        events = src.collect().events
+    finally:
+        src.close()
+    assert src.reads_at_exit is False
+    assert READ_ENTRY in attached
+    assert any(e.startswith("probes read read()'s arguments at its entry") for e in events), events
