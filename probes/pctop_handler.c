@@ -80,9 +80,8 @@ static __always_inline u32 read_kind(u64 id, s32 fd, u64 buf, struct inflight *i
  * tracepoint per read() of the host instead of two, and no in-flight slot
  * (bench/RESULTS.md, #17). The loader defines HAVE_TASK_PT_REGS where the kernel
  * has bpf_get_current_task_btf and bpf_task_pt_regs (BTF, 5.15+). */
-static __always_inline u32 read_at_exit(struct inflight *io)
+static __always_inline u32 read_at_exit(u64 id, struct inflight *io)
 {
-    u64 id = bpf_get_current_pid_tgid();
     struct pt_regs *regs = (struct pt_regs *)bpf_task_pt_regs(bpf_get_current_task_btf());
     return read_kind(id, (s32)regs->di, regs->si, io);
 }
@@ -207,10 +206,11 @@ int parse_uffd_msgs(void *ctx)
 
 TRACEPOINT_PROBE(syscalls, sys_exit_read)
 {
-    u32 tid = (u32)bpf_get_current_pid_tgid();
+    u64 id = bpf_get_current_pid_tgid();
+    u32 tid = (u32)id;
     struct inflight rs;
 #ifdef HAVE_TASK_PT_REGS
-    if (!read_at_exit(&rs))
+    if (!read_at_exit(id, &rs))
         return 0;
 #else
     if (!take_inflight(tid, &rs))

@@ -541,9 +541,9 @@ static __always_inline void page_map_mark(u32 tgid, s32 fd, u64 start, u64 bytes
 /* ---------------------------------------------------------------- in-flight slots */
 
 /* In-flight uffd/KVM ioctls and (without HAVE_TASK_PT_REGS) uffd read()s, per
- * thread: in an array slot by tid
- * (no hash bucket lock, which costs ~0.1 us a take on these VMs, on every uffd read
- * and ioctl); the hash map holds the rare thread whose slot another tid holds. */
+ * thread: in an array slot by tid (no hash bucket lock, which costs ~0.1 us a
+ * take on these VMs, on every uffd read and ioctl); the hash map holds the rare
+ * thread whose slot another tid holds. */
 LINE_ARRAY(inflight_slots, struct inflight_slot, HINT_SLOTS);
 BPF_HASH(inflight, u32, struct inflight, 16384);
 

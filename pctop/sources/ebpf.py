@@ -156,7 +156,8 @@ def probe_cflags(paths: HostPaths = DEFAULT) -> list[str]:
 
 # read()'s arguments come from the saved user registers at its exit where the kernel
 # has bpf_get_current_task_btf (5.11, needs its BTF) and bpf_task_pt_regs (5.15); the
-# probes then leave sys_enter_read alone (probes/pctop_handler.c, read_at_exit).
+# probes then leave sys_enter_read alone (probes/pctop_handler.c, read_at_exit, which
+# names x86-64's registers).
 TASK_PT_REGS = "-DHAVE_TASK_PT_REGS"
 TASK_PT_REGS_SINCE = (5, 15)
 
@@ -170,10 +171,12 @@ def kernel_version(release: str) -> tuple[int, int] | None:
         return None
 
 
-def task_pt_regs_usable(paths: HostPaths = DEFAULT, release: str | None = None) -> bool:
-    """Can the probes read a syscall's saved registers (kernel BTF, 5.15 or later)?"""
+def task_pt_regs_usable(paths: HostPaths = DEFAULT, release: str | None = None,
+                        machine: str | None = None) -> bool:
+    """Can the probes read a syscall's saved registers (x86-64, kernel BTF, 5.15 or later)?"""
     version = kernel_version(release or platform.release())
-    return version is not None and version >= TASK_PT_REGS_SINCE and os.path.isfile(probe_build.btf_file(paths))
+    return ((machine or platform.machine()) == "x86_64" and version is not None
+            and version >= TASK_PT_REGS_SINCE and os.path.isfile(probe_build.btf_file(paths)))
 
 
 class EbpfSource:

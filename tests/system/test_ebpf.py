@@ -75,8 +75,9 @@ def test_registers_at_exit_need_the_kernels_btf_and_5_15(tmp_path):
     assert not task_pt_regs_usable(paths, "6.18.44")  # no BTF
     btf.parent.mkdir(parents=True)
     btf.write_bytes(b"\x9f\xeb")
-    assert task_pt_regs_usable(paths, "6.18.44") and task_pt_regs_usable(paths, "5.15.0")
+    assert task_pt_regs_usable(paths, "6.18.44", "x86_64") and task_pt_regs_usable(paths, "5.15.0", "x86_64")
     assert not task_pt_regs_usable(paths, "5.14.21") and not task_pt_regs_usable(paths, "weird")
+    assert not task_pt_regs_usable(paths, "6.18.44", machine="aarch64")  # the probes name x86-64's registers
 
 
 # ---- fixtures ------------------------------------------------------------------------------
