@@ -70,6 +70,17 @@ def check_kprobes(paths: HostPaths = DEFAULT) -> CheckResult:
                        required=False)
 
 
+def check_read_probe(paths: HostPaths = DEFAULT) -> CheckResult:
+    """How the probes learn a uffd read()'s fd and buffer: one tracepoint per read() of the
+    host, or two (probes/pctop_handler.c, read_at_exit)."""
+    if probe_build.task_pt_regs_usable(paths):
+        how = "traced at its exit only (its arguments from the saved registers, bpf_task_pt_regs)"
+    else:
+        how = ("traced at its entry and exit (taking its arguments at the exit needs bpf_task_pt_regs: "
+               "x86-64, kernel BTF, 5.15 or later)")
+    return CheckResult("read() probe", INFO, how, required=False)
+
+
 def _kvm_vendor(paths: HostPaths) -> str:
     flags = set()
     for line in (_read(paths.proc_path("cpuinfo")) or "").splitlines():
@@ -208,7 +219,7 @@ def check_netem(paths: HostPaths = DEFAULT) -> CheckResult:
 
 CHECKS: list[Callable[[HostPaths], CheckResult | list[CheckResult]]] = [
     check_kernel, check_privilege, check_bcc, check_probe_build, check_tracefs, check_debugfs,
-    check_tracepoints, check_kprobes, check_kvm, check_userfaultfd, check_qemu, check_netem,
+    check_tracepoints, check_read_probe, check_kprobes, check_kvm, check_userfaultfd, check_qemu, check_netem,
 ]
 
 

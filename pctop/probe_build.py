@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import itertools
 import os
 import platform
 import re
@@ -435,3 +436,28 @@ def prepare(way: Way, text: str, cflags: list[str], paths: HostPaths = DEFAULT) 
         raise BuildError(f"cannot use {tree}: {e.strerror}") from None
     _trial_build(tree, text, flags)
     return flags
+
+
+# read()'s arguments come from the saved user registers at its exit where the kernel
+# has bpf_get_current_task_btf (5.11, needs its BTF) and bpf_task_pt_regs (5.15); the
+# probes then leave sys_enter_read alone (probes/pctop_handler.c, read_at_exit, which
+# names x86-64's registers).
+TASK_PT_REGS = "-DHAVE_TASK_PT_REGS"
+TASK_PT_REGS_SINCE = (5, 15)
+
+
+def kernel_version(release: str) -> tuple[int, int] | None:
+    """"6.18.44-fc-v1300" -> (6, 18); None if the release does not start with two numbers."""
+    parts = release.split(".", 2)
+    try:
+        return int(parts[0]), int("".join(itertools.takewhile(str.isdigit, parts[1])))
+    except (IndexError, ValueError):
+        return None
+
+
+def task_pt_regs_usable(paths: HostPaths = DEFAULT, release: str | None = None,
+                        machine: str | None = None) -> bool:
+    """Can the probes read a syscall's saved registers (x86-64, kernel BTF, 5.15 or later)?"""
+    version = kernel_version(release or platform.release())
+    return ((machine or platform.machine()) == "x86_64" and version is not None
+            and version >= TASK_PT_REGS_SINCE and os.path.isfile(btf_file(paths)))

@@ -54,9 +54,7 @@ Smoke tool: `python -m pctop.sources.ebpf --help`.
 from __future__ import annotations
 
 import ctypes as ct
-import itertools
 import os
-import platform
 import time
 from pathlib import Path
 
@@ -154,31 +152,6 @@ def probe_cflags(paths: HostPaths = DEFAULT) -> list[str]:
     return [f"-D{macro}" for tp, macro in OPTIONAL_MACROS.items() if tracepoint_exists(tp, paths)]
 
 
-# read()'s arguments come from the saved user registers at its exit where the kernel
-# has bpf_get_current_task_btf (5.11, needs its BTF) and bpf_task_pt_regs (5.15); the
-# probes then leave sys_enter_read alone (probes/pctop_handler.c, read_at_exit, which
-# names x86-64's registers).
-TASK_PT_REGS = "-DHAVE_TASK_PT_REGS"
-TASK_PT_REGS_SINCE = (5, 15)
-
-
-def kernel_version(release: str) -> tuple[int, int] | None:
-    """"6.18.44-fc-v1300" -> (6, 18); None if the release does not start with two numbers."""
-    parts = release.split(".", 2)
-    try:
-        return int(parts[0]), int("".join(itertools.takewhile(str.isdigit, parts[1])))
-    except (IndexError, ValueError):
-        return None
-
-
-def task_pt_regs_usable(paths: HostPaths = DEFAULT, release: str | None = None,
-                        machine: str | None = None) -> bool:
-    """Can the probes read a syscall's saved registers (x86-64, kernel BTF, 5.15 or later)?"""
-    version = kernel_version(release or platform.release())
-    return ((machine or platform.machine()) == "x86_64" and version is not None
-            and version >= TASK_PT_REGS_SINCE and os.path.isfile(probe_build.btf_file(paths)))
-
-
 class EbpfSource:
     """Source protocol (pctop.sources.readings.Source) over the eBPF probes."""
 
@@ -189,7 +162,7 @@ class EbpfSource:
                  paths: HostPaths = DEFAULT) -> None:
         """comm: also follow every process that execs with this name, from its exec.
         reads_at_exit: read read()'s arguments from its exit's saved registers (None: where
-        the kernel can, task_pt_regs_usable); False keeps the sys_enter_read probe."""
+        the kernel can, probe_build.task_pt_regs_usable); False keeps the sys_enter_read probe."""
         self.paths = paths
         self.follow_all = follow_all
         self.comm = comm
@@ -218,8 +191,8 @@ class EbpfSource:
         t0 = time.monotonic()
         cflags = probe_cflags(self.paths)
         if self.reads_at_exit is None:
-            self.reads_at_exit = task_pt_regs_usable(self.paths)
-        self._bpf = self._compile(BPF, probe_text(), cflags + [TASK_PT_REGS] if self.reads_at_exit else cflags)
+            self.reads_at_exit = probe_build.task_pt_regs_usable(self.paths)
+        self._bpf = self._compile(BPF, probe_text(), cflags + [probe_build.TASK_PT_REGS] if self.reads_at_exit else cflags)
         parser = self._bpf.load_func(b"parse_uffd_msgs", BPF.TRACEPOINT)
         self._bpf[b"msg_parser"][ct.c_int(0)] = ct.c_int(parser.fd)
         self.startup_s = time.monotonic() - t0
@@ -248,10 +221,10 @@ class EbpfSource:
                     try:
                         bpf = BPF(text=text.encode(), cflags=flags)
                     except Exception:
-                        if TASK_PT_REGS not in flags:
+                        if probe_build.TASK_PT_REGS not in flags:
                             raise
                         # a kernel that refuses the register helpers: read()'s entry probe then
-                        bpf = BPF(text=text.encode(), cflags=[f for f in flags if f != TASK_PT_REGS])
+                        bpf = BPF(text=text.encode(), cflags=[f for f in flags if f != probe_build.TASK_PT_REGS])
                         self.reads_at_exit = False
                         self._events.append("probes read read()'s arguments at its entry: "
                                             "this kernel refused bpf_task_pt_regs")

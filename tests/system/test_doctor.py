@@ -62,6 +62,17 @@ def test_every_required_tracepoint_is_listed_by_name():
         assert name in tp.detail
 
 
+def test_doctor_says_how_read_is_traced(tmp_path):
+    """One tracepoint per read() where bpf_task_pt_regs can be used, two elsewhere."""
+    from pctop import probe_build
+
+    here = d.check_read_probe()
+    assert here.status == "INFO"
+    assert here.detail.startswith("traced at its exit only") == probe_build.task_pt_regs_usable()
+    no_btf = d.check_read_probe(HostPaths(sys=str(tmp_path)))
+    assert no_btf.detail.startswith("traced at its entry and exit") and "kernel BTF" in no_btf.detail
+
+
 def test_dropped_capabilities_give_the_fix_and_exit_1():
     need_root()
     if not shutil.which("capsh"):

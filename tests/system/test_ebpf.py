@@ -24,9 +24,7 @@ from pctop.sources.ebpf import (
     EbpfSource,
     ebpf_unavailable_reason,
     exit_name,
-    kernel_version,
     probe_cflags,
-    task_pt_regs_usable,
 )
 from pctop.sources.readings import HIST_BUCKETS, Reading, ThreadFaults
 from tests.helpers.probes import (
@@ -60,24 +58,6 @@ def test_missing_tracefs_is_named_and_optional_probes_are_left_out(tmp_path):
     why = ebpf_unavailable_reason(paths)
     assert why is not None and why.split(":")[0] in ("tracefs", "bcc", "privilege")
     assert probe_cflags(paths) == []
-
-
-@pytest.mark.parametrize("release, version", [("6.18.44-fc-v1300", (6, 18)), ("5.15.0-91-generic", (5, 15)),
-                                              ("6.1rc7", (6, 1)), ("4.19.0", (4, 19)), ("weird", None), ("6", None)])
-def test_kernel_version_reads_the_first_two_numbers_of_a_release(release, version):
-    assert kernel_version(release) == version
-
-
-def test_registers_at_exit_need_the_kernels_btf_and_5_15(tmp_path):
-    """bpf_task_pt_regs came in 5.15, and bpf_get_current_task_btf needs the kernel's BTF."""
-    paths = HostPaths(sys=str(tmp_path))
-    btf = tmp_path / "kernel" / "btf" / "vmlinux"
-    assert not task_pt_regs_usable(paths, "6.18.44")  # no BTF
-    btf.parent.mkdir(parents=True)
-    btf.write_bytes(b"\x9f\xeb")
-    assert task_pt_regs_usable(paths, "6.18.44", "x86_64") and task_pt_regs_usable(paths, "5.15.0", "x86_64")
-    assert not task_pt_regs_usable(paths, "5.14.21") and not task_pt_regs_usable(paths, "weird")
-    assert not task_pt_regs_usable(paths, "6.18.44", machine="aarch64")  # the probes name x86-64's registers
 
 
 # ---- fixtures ------------------------------------------------------------------------------

@@ -344,7 +344,7 @@ def test_a_kernel_that_refuses_the_register_helpers_gets_the_read_entry_probe(mo
     from pctop.sources import ebpf
     from pctop.sources.tracepoints import READ_ENTRY
 
-    if not ebpf.task_pt_regs_usable():
+    if not pb.task_pt_regs_usable():
         pytest.skip("no bpf_task_pt_regs on this kernel (needs 5.15 and /sys/kernel/btf/vmlinux)")
     text = ebpf.probe_text()
     monkeypatch.setattr(ebpf, "probe_text",
@@ -359,3 +359,21 @@ def test_a_kernel_that_refuses_the_register_helpers_gets_the_read_entry_probe(mo
     assert src.reads_at_exit is False
     assert READ_ENTRY in attached
     assert any(e.startswith("probes read read()'s arguments at its entry") for e in events), events
+
+
+@pytest.mark.parametrize("release, version", [("6.18.44-fc-v1300", (6, 18)), ("5.15.0-91-generic", (5, 15)),
+                                              ("6.1rc7", (6, 1)), ("4.19.0", (4, 19)), ("weird", None), ("6", None)])
+def test_kernel_version_reads_the_first_two_numbers_of_a_release(release, version):
+    assert pb.kernel_version(release) == version
+
+
+def test_registers_at_exit_need_the_kernels_btf_and_5_15(tmp_path):
+    """bpf_task_pt_regs came in 5.15, and bpf_get_current_task_btf needs the kernel's BTF."""
+    paths = HostPaths(sys=str(tmp_path))
+    btf = tmp_path / "kernel" / "btf" / "vmlinux"
+    assert not pb.task_pt_regs_usable(paths, "6.18.44")  # no BTF
+    btf.parent.mkdir(parents=True)
+    btf.write_bytes(b"\x9f\xeb")
+    assert pb.task_pt_regs_usable(paths, "6.18.44", "x86_64") and pb.task_pt_regs_usable(paths, "5.15.0", "x86_64")
+    assert not pb.task_pt_regs_usable(paths, "5.14.21") and not pb.task_pt_regs_usable(paths, "weird")
+    assert not pb.task_pt_regs_usable(paths, "6.18.44", machine="aarch64")  # the probes name x86-64's registers

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from pctop.sources.ebpf import task_pt_regs_usable
+from pctop.probe_build import task_pt_regs_usable
 from pctop.sources.readings import Reading
 from pctop.stats import Memory, build_sample, merge_readings
 from tests.conftest import ROOT
