@@ -28,7 +28,9 @@ kernel names.
 
 The first BTF build of a probe text is tried in a child process (bcc 0.26
 crashes the process it runs in after a fatal compiler error); if it fails,
-the caller goes on to the next way instead of dying.
+the caller goes on to the next way instead of dying. load() tries the ways in
+turn; it also decides, from the kernel, whether a read() is traced at its exit
+only (task_pt_regs_usable).
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ import subprocess
 import tempfile
 import time
 from contextlib import contextmanager
-from typing import Iterator, NamedTuple
+from typing import Any, Iterator, NamedTuple
 
 from pctop.hostpaths import DEFAULT, HostPaths
 
@@ -53,7 +55,8 @@ STALE_TMP_S = 600  # a generation older than this was killed half-way; its folde
 
 
 class BuildError(RuntimeError):
-    """The BTF include tree could not be made; the message says why, in one line."""
+    """The probes, or the BTF include tree they need, could not be built; the message
+    says why, in one line."""
 
 
 class Way(NamedTuple):
@@ -461,3 +464,42 @@ def task_pt_regs_usable(paths: HostPaths = DEFAULT, release: str | None = None,
     version = kernel_version(release or platform.release())
     return ((machine or platform.machine()) == "x86_64" and version is not None
             and version >= TASK_PT_REGS_SINCE and os.path.isfile(btf_file(paths)))
+
+
+class Built(NamedTuple):
+    bpf: Any  # the loaded bcc.BPF
+    way: Way
+    reads_at_exit: bool  # built with TASK_PT_REGS
+    events: tuple[str, ...]  # what the build tried and chose, one line each
+
+
+def load(BPF, text: str, cflags: list[str], paths: HostPaths = DEFAULT) -> Built:
+    """Compile and load the probes with bcc's BPF class the best way this host offers; a
+    way that fails gives way to the next, so stand-in headers stay the last resort. A build
+    with TASK_PT_REGS that fails is tried once more without it (a kernel whose verifier
+    refuses those helpers). Raises BuildError when no way builds."""
+    failed: list[str] = []
+    for way in ways(paths):
+        refused = False
+        try:
+            flags = prepare(way, text, cflags, paths)
+            with kernel_source(way):
+                try:
+                    bpf = BPF(text=text.encode(), cflags=flags)
+                except Exception:
+                    if TASK_PT_REGS not in flags:
+                        raise
+                    flags = [f for f in flags if f != TASK_PT_REGS]
+                    bpf = BPF(text=text.encode(), cflags=flags)
+                    refused = True
+        except Exception as e:  # bcc raises a bare Exception when clang fails
+            failed.append(f"{way.name}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+            continue
+        if way.name == BTF:  # its detail no longer says "at the first start"
+            way = btf_way(paths) or way
+        events = [f"probes did not build with {f}" for f in failed]
+        if refused:
+            events.append("probes read read()'s arguments at its entry: this kernel refused bpf_task_pt_regs")
+        events.append(f"probes built with {way.name}: {way.detail}")
+        return Built(bpf, way, TASK_PT_REGS in flags, tuple(events))
+    raise BuildError("probes did not build: " + ("; ".join(failed) or "no kernel headers or BTF"))

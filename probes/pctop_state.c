@@ -481,63 +481,6 @@ static __always_inline void running_now(u32 tid, struct tstate *t)
     }
 }
 
-/* ---------------------------------------------------------------- page map */
-
-static __always_inline void page_map_lost(struct uf_stats *s, u64 pages)
-{
-    __sync_fetch_and_add(&s->page_map_lost, pages);
-    u32 slot = DBG_PAGE_MAP_LOST;
-    u64 *v = dbg.lookup(&slot);
-    if (v)
-        *v += pages;
-}
-
-/* Record the pages of one install [start, start + bytes) of uffd (tgid, fd):
- * OR their bits into the page-map words (atomically: installs on one uffd run
- * on several CPUs at once). An install of more than PAGE_MAP_MAX_WORDS words
- * is kept as one span. Pages that find the map full are counted, not lost
- * silently. Only called with CFG_PAGE_MAP on. */
-static __always_inline void page_map_mark(u32 tgid, s32 fd, u64 start, u64 bytes, struct uf_stats *s)
-{
-    u64 first = start >> 12, n = bytes >> 12;
-    if (!n)
-        return;
-    u64 last = first + n - 1;
-    u64 w0 = first >> 6, w1 = last >> 6;
-    u32 epoch = (u32)cfg(CFG_EPOCH);
-    if (w1 - w0 >= PAGE_MAP_MAX_WORDS) {
-        struct span_key sk = {.tgid = tgid, .fd = fd, .epoch = epoch, .start = first << 12};
-        u64 len = n << 12;
-        u64 *old = page_spans.lookup(&sk);
-        if (old) {
-            if (*old < len)
-                *old = len;
-        } else if (page_spans.update(&sk, &len) != 0) {
-            page_map_lost(s, n);
-        }
-        return;
-    }
-    _Pragma("clang loop unroll(disable)")
-    for (u32 i = 0; i < PAGE_MAP_MAX_WORDS; i++) {
-        u64 w = w0 + i;
-        if (w > w1)
-            break;
-        u64 lo = w == w0 ? (first & 63) : 0;
-        u64 hi = w == w1 ? (last & 63) : 63;
-        u64 mask = (hi == 63 ? ~0ULL : (1ULL << (hi + 1)) - 1) & ~((1ULL << lo) - 1);
-        struct pm_key k = {.tgid = tgid, .fd = fd, .epoch = epoch, .word = w};
-        u64 *v = page_map.lookup(&k);
-        if (!v && page_map.insert(&k, &mask) == 0)
-            continue;
-        if (!v)
-            v = page_map.lookup(&k); /* another CPU inserted it first */
-        if (v)
-            __sync_fetch_and_or(v, mask);
-        else
-            page_map_lost(s, hi - lo + 1);
-    }
-}
-
 /* ---------------------------------------------------------------- in-flight slots */
 
 /* In-flight uffd/KVM ioctls and (without HAVE_TASK_PT_REGS) uffd read()s, per

@@ -44,8 +44,8 @@ fault by page address, and for vCPU faults with no host address (VMX,
 PVM native guests) by the first page of the COPY that resolves it.
 
 How bcc gets the kernel's types (own headers, BTF, stand-in headers) is
-picked in pctop/probe_build.py; start() keeps the way in built_with and says
-it in the first reading's events.
+picked, and the probes loaded, in pctop/probe_build.py; start() keeps the way in
+built_with and says it in the first reading's events.
 
 Importing this module does not import bcc; start() does.
 Smoke tool: `python -m pctop.sources.ebpf --help`.
@@ -192,7 +192,13 @@ class EbpfSource:
         cflags = probe_cflags(self.paths)
         if self.reads_at_exit is None:
             self.reads_at_exit = probe_build.task_pt_regs_usable(self.paths)
-        self._bpf = self._compile(BPF, probe_text(), cflags + [probe_build.TASK_PT_REGS] if self.reads_at_exit else cflags)
+        try:
+            built = probe_build.load(BPF, probe_text(), cflags + [probe_build.TASK_PT_REGS]
+                                     if self.reads_at_exit else cflags, self.paths)
+        except probe_build.BuildError as e:
+            raise EbpfUnavailable(str(e)) from None
+        self._bpf, self.built_with, self.reads_at_exit = built.bpf, built.way, built.reads_at_exit
+        self._events.extend(built.events)
         parser = self._bpf.load_func(b"parse_uffd_msgs", BPF.TRACEPOINT)
         self._bpf[b"msg_parser"][ct.c_int(0)] = ct.c_int(parser.fd)
         self.startup_s = time.monotonic() - t0
@@ -209,35 +215,6 @@ class EbpfSource:
             self._set_config(CFG_FOLLOW_COMM, 1)
         for pid in self._initial:
             self.add_pid(pid)
-
-    def _compile(self, BPF, text: str, cflags: list[str]):
-        """Compile and load the probes the best way this host offers (pctop.probe_build);
-        a way that fails gives way to the next, so stand-in headers stay the last resort."""
-        failed: list[str] = []
-        for way in probe_build.ways(self.paths):
-            try:
-                flags = probe_build.prepare(way, text, cflags, self.paths)
-                with probe_build.kernel_source(way):
-                    try:
-                        bpf = BPF(text=text.encode(), cflags=flags)
-                    except Exception:
-                        if probe_build.TASK_PT_REGS not in flags:
-                            raise
-                        # a kernel that refuses the register helpers: read()'s entry probe then
-                        bpf = BPF(text=text.encode(), cflags=[f for f in flags if f != probe_build.TASK_PT_REGS])
-                        self.reads_at_exit = False
-                        self._events.append("probes read read()'s arguments at its entry: "
-                                            "this kernel refused bpf_task_pt_regs")
-            except Exception as e:  # bcc raises a bare Exception when clang fails
-                failed.append(f"{way.name}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
-                continue
-            if way.name == probe_build.BTF:  # its detail no longer says "at the first start"
-                way = probe_build.btf_way(self.paths) or way
-            self.built_with = way
-            self._events.extend(f"probes did not build with {f}" for f in failed)
-            self._events.append(f"probes built with {way.name}: {way.detail}")
-            return bpf
-        raise EbpfUnavailable("probes did not build: " + ("; ".join(failed) or "no kernel headers or BTF"))
 
     def close(self) -> None:
         if self._bpf is not None:
