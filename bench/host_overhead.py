@@ -6,10 +6,10 @@ Tracepoints fire for every process: while the probes are attached, every page fa
 context switch, wake-up, read() and ioctl() on the host runs the tracepoint machinery
 and a program that turns it away. Two small C programs (bench/programs/, built here with
 gcc) time that, neither of them followed: a page-fault loop (ns per fault) and a pipe
-ping-pong between two processes (ns per round trip). The probes (EbpfSource following
-nothing, as `pctop monitor -p PID` for some other PID) are attached and detached between
-runs without recompiling, ABBA; each pair's on/off time is a ratio, reported as a median
-with its distribution-free 95 % interval (bench/median_ci.py).
+ping-pong between two processes (ns per round trip), across CPUs and pinned to one. The
+probes (EbpfSource following nothing, as `pctop monitor -p PID` for some other PID) are
+attached and detached between runs without recompiling, ABBA; each pair's on/off time is
+a ratio, reported as a median with its distribution-free 95 % interval (bench/median_ci.py).
 """
 
 from __future__ import annotations
@@ -31,9 +31,12 @@ sys.path.insert(0, ROOT)
 from bench.median_ci import median_ci  # noqa: E402
 from bench.toggle import ToggledProbes, abba_pairs, require_ebpf  # noqa: E402
 
-PROGRAMS = {  # name -> (source, argument, what one unit is)
-    "fault_loop": ("fault_loop.c", "6", "page fault"),
-    "pipe_pingpong": ("pipe_pingpong.c", "50000", "round trip"),
+PROGRAMS = {  # name -> (source, argument, what one unit is, CPU list to pin it to or None)
+    "fault_loop": ("fault_loop.c", "6", "page fault", None),
+    "pipe_pingpong": ("pipe_pingpong.c", "50000", "round trip", None),
+    # both processes on one CPU: a round trip is a few us instead of ~40 (the cross-CPU
+    # wake-up), so what each tracepoint hit costs shows
+    "pipe_pingpong_1cpu": ("pipe_pingpong.c", "200000", "round trip", "0"),
 }
 
 
@@ -42,10 +45,11 @@ def build(out_dir: str) -> dict[str, list[str]]:
     if gcc is None:
         raise SystemExit("host_overhead: gcc is needed to build bench/programs/*.c")
     cmds = {}
-    for name, (src, arg, _) in PROGRAMS.items():
-        out = os.path.join(out_dir, name)
-        subprocess.run([gcc, "-O2", "-o", out, os.path.join(ROOT, "bench", "programs", src)], check=True)
-        cmds[name] = [out, arg]
+    for name, (src, arg, _, cpus) in PROGRAMS.items():
+        out = os.path.join(out_dir, src.removesuffix(".c"))
+        if not os.path.exists(out):
+            subprocess.run([gcc, "-O2", "-o", out, os.path.join(ROOT, "bench", "programs", src)], check=True)
+        cmds[name] = (["taskset", "-c", cpus] if cpus else []) + [out, arg]
     return cmds
 
 
