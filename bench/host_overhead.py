@@ -1,6 +1,6 @@
 """What pctop costs the rest of the host: processes it does not follow, while it runs.
 
-    .venv/bin/python bench/host_overhead.py [--pairs 20] [--json]
+    .venv/bin/python bench/host_overhead.py [--pairs 20] [--floor] [--json]
 
 Tracepoints fire for every process: while the probes are attached, every page fault,
 context switch, wake-up, read() and ioctl() on the host runs the tracepoint machinery
@@ -10,6 +10,8 @@ ping-pong between two processes (ns per round trip), across CPUs and pinned to o
 probes (EbpfSource following nothing, as `pctop monitor -p PID` for some other PID) are
 attached and detached between runs without recompiling, ABBA; each pair's on/off time is
 a ratio, reported as a median with its distribution-free 95 % interval (bench/median_ci.py).
+--floor adds the same pairs for empty programs on the same tracepoints (bench/toggle.py
+EmptyProbes): what the tracepoint machinery costs before any probe logic runs.
 """
 
 from __future__ import annotations
@@ -64,7 +66,10 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pairs", type=int, default=20, help="off/on pairs per program")
     ap.add_argument("--json", action="store_true", help="one JSON object instead of text")
+    ap.add_argument("--floor", action="store_true",
+                    help="also empty programs on the same tracepoints (what the tracepoints cost alone)")
     a = ap.parse_args()
+    from bench.toggle import EmptyProbes
     from pctop.sources.ebpf import EbpfSource
 
     require_ebpf("host_overhead")
@@ -73,17 +78,26 @@ def main() -> int:
     src = EbpfSource(None)  # follows nothing: everything it sees is turned away
     src.start()
     probes = ToggledProbes(src)
+    columns = [("", probes)]
     out = {}
     try:
+        if a.floor:
+            columns.append((" (floor)", EmptyProbes(probes.tracepoints)))
         for name, cmd in cmds.items():
-            pairs = abba_pairs(probes, a.pairs, lambda: ns_per_unit(cmd), f"{name} ns, ")
-            ci = median_ci([on / off for off, on in pairs])
-            out[name] = {"unit": PROGRAMS[name][2], "ns_off": round(statistics.median(off for off, _ in pairs)),
-                         "ns_on": round(statistics.median(on for _, on in pairs)),
-                         "ratios": [round(on / off, 3) for off, on in pairs],
-                         "median_ratio": round(ci.median, 3), "ci95": [round(ci.low, 3), round(ci.high, 3)],
-                         "ci_confidence": round(ci.confidence, 3)}
+            for suffix, toggled in columns:
+                for _, other in columns:  # only the column measured may be attached
+                    other.set(False)
+                pairs = abba_pairs(toggled, a.pairs, lambda: ns_per_unit(cmd), f"{name}{suffix} ns, ")
+                ci = median_ci([on / off for off, on in pairs])
+                out[name + suffix] = {
+                    "unit": PROGRAMS[name][2], "ns_off": round(statistics.median(off for off, _ in pairs)),
+                    "ns_on": round(statistics.median(on for _, on in pairs)),
+                    "ratios": [round(on / off, 3) for off, on in pairs],
+                    "median_ratio": round(ci.median, 3), "ci95": [round(ci.low, 3), round(ci.high, 3)],
+                    "ci_confidence": round(ci.confidence, 3)}
     finally:
+        for _, toggled in columns[1:]:
+            toggled.close()
         src.close()
         tmp.cleanup()
     result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "host": platform.node(),
