@@ -14,6 +14,7 @@ from typing import TypeVar
 
 import pytest
 
+from pctop.probe_build import task_pt_regs_usable
 from pctop.sources.ebpf import EbpfSource, ebpf_unavailable_reason
 from pctop.sources.readings import Reading, ThreadFaults, UffdCounters
 from tests.conftest import ROOT
@@ -26,6 +27,12 @@ def need_ebpf() -> None:
     why = ebpf_unavailable_reason()
     if why:
         pytest.skip(f"eBPF unavailable: {why}")
+
+
+def need_task_pt_regs() -> None:
+    """Skip where the probes cannot take read()'s arguments at its exit."""
+    if not task_pt_regs_usable():
+        pytest.skip("no bpf_task_pt_regs for the probes here (needs x86-64, kernel 5.15 and /sys/kernel/btf/vmlinux)")
 
 
 @contextmanager

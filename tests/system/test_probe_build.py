@@ -25,7 +25,7 @@ import pytest
 from pctop import probe_build as pb
 from pctop.hostpaths import HostPaths
 from tests.conftest import ROOT, need_root
-from tests.helpers.probes import need_ebpf
+from tests.helpers.probes import need_ebpf, need_task_pt_regs
 
 REAL_BTF = "/sys/kernel/btf/vmlinux"
 
@@ -344,8 +344,7 @@ def test_a_kernel_that_refuses_the_register_helpers_gets_the_read_entry_probe(mo
     from pctop.sources import ebpf
     from pctop.sources.tracepoints import READ_ENTRY
 
-    if not pb.task_pt_regs_usable():
-        pytest.skip("no bpf_task_pt_regs on this kernel (needs 5.15 and /sys/kernel/btf/vmlinux)")
+    need_task_pt_regs()
     text = ebpf.probe_text()
     monkeypatch.setattr(ebpf, "probe_text",
                         lambda: '#ifdef HAVE_TASK_PT_REGS\n#error "refused"\n#endif\n' + text)

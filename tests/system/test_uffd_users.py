@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 
-from pctop.probe_build import task_pt_regs_usable
 from pctop.sources.readings import Reading
 from pctop.stats import Memory, build_sample, merge_readings
 from tests.conftest import ROOT
@@ -25,6 +24,7 @@ from tests.helpers.probes import (
     build_program,
     debug_delta,
     in_one_interval,
+    need_task_pt_regs,
     run_toucher,
     running_probes,
     threads_of,
@@ -40,8 +40,8 @@ def follow_all(request):
     """Every test here runs against both ways the probes learn a read()'s fd and buffer:
     from its exit's saved registers (where the kernel has bpf_task_pt_regs, as here) and
     from its entry probe (older kernels, or one without BTF)."""
-    if request.param and not task_pt_regs_usable():
-        pytest.skip("no bpf_task_pt_regs on this kernel (needs 5.15 and /sys/kernel/btf/vmlinux)")
+    if request.param:
+        need_task_pt_regs()
     with running_probes(None, follow_all=True, reads_at_exit=request.param) as src:
         assert src.reads_at_exit == request.param, src._events  # the kernel did not refuse it
         yield src
