@@ -165,8 +165,10 @@ static __always_inline void match_msg(u64 now, u64 addr, u32 ptid)
      * read time for the COPY that will resolve this page */
     struct page_time *pt = read_pages.lookup(&slot);
     if (pt) {
-        pt->page = page;
-        pt->ts = now;
+        pt->ts = now; /* before the page, which lets an ioctl take it */
+        u64 was = pt->page;
+        if (was != page && __sync_val_compare_and_swap(&pt->page, was, page) == was && !was)
+            read_pages_add(1);
     }
     dbg_inc(DBG_MSG_UNMATCHED);
 }

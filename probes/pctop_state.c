@@ -47,6 +47,22 @@ BPF_ARRAY(pending_addr, struct pending_fault, PENDING_SLOTS);
  * the resolving ioctl of that page: direct-mapped by page number like
  * pending_addr, since both ends run once per such fault. */
 BPF_ARRAY(read_pages, struct page_time, PENDING_SLOTS);
+/* How many read_pages slots hold a read time no ioctl took yet. Where every
+ * message finds its thread (thread ids, or strong faults matched by address)
+ * it stays 0, and a resolving ioctl skips its lookup: a random slot of a 1 MiB
+ * array, ~70 ns a fault here (bench/RESULTS.md, #17). A stale slot (its page
+ * was installed by a range that started elsewhere) keeps it above 0, which
+ * only costs the lookup again. Changed only by whoever wins the slot's
+ * compare-and-swap, so it never counts a slot twice. */
+BPF_ARRAY(read_pages_held, s64, 1);
+
+static __always_inline void read_pages_add(s64 delta)
+{
+    u32 zero = 0;
+    s64 *n = read_pages_held.lookup(&zero);
+    if (n)
+        __sync_fetch_and_add(n, delta);
+}
 
 /* The slot of a 4 KiB-aligned page in those two direct-mapped arrays. */
 static __always_inline u32 page_slot(u64 page)
@@ -537,12 +553,19 @@ static __always_inline void resolve_range(struct inflight *io)
         io->wakes = !(mode & (UFFDIO_WP_MODE_WP | UFFDIO_WP_MODE_DONTWAKE));
     else
         io->wakes = !(mode & UFFDIO_MODE_DONTWAKE);
+    u32 zero = 0;
+    s64 *held = read_pages_held.lookup(&zero);
+    if (!held || *held <= 0)
+        return;
     u64 page = io->start & PAGE_MASK_4K;
     u32 slot = page_slot(page);
     struct page_time *pt = read_pages.lookup(&slot);
     if (pt && pt->page == page) {
-        io->read_ts = pt->ts;
-        pt->page = 0;
+        u64 ts = pt->ts;
+        if (__sync_val_compare_and_swap(&pt->page, page, 0) == page) {
+            io->read_ts = ts;
+            read_pages_add(-1);
+        }
     }
 }
 
