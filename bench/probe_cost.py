@@ -1,6 +1,6 @@
 """Probe program time per engine fault (bpf_stats), for several source trees side by side.
 
-    .venv/bin/python bench/probe_cost.py [--tree DIR ...] [--floor] [--rounds 6] [--strategy uffd] [--json]
+    .venv/bin/python bench/probe_cost.py [--tree DIR ...] [--floor] [--skeleton] [--rounds 6] [--strategy uffd] [--json]
 
 As root. Each round runs, for every tree in turn (the order alternates between
 rounds, so drift on a shared machine falls on both alike), one measurement in a
@@ -14,7 +14,10 @@ working tree with nothing (one column). To compare with an older commit:
 --floor adds a column measured the same way: a program that only returns 0 on each
 tracepoint the first tree's probes attach (bench/toggle.py EmptyProbes), i.e. what the
 kernel's tracepoint and BPF machinery (and bpf_stats' own clock reads) cost per engine
-fault before any probe logic runs.
+fault before any probe logic runs. --skeleton adds bench/skeleton_probes.c on the same
+tracepoints: the least work any design does to time each fault (a slot lookup per hit,
+the clocks, the user reads, a stall's statistics), with the number of stalls it counted,
+so that it is seen to follow every fault. Both load from the first tree's bench/.
 """
 
 from __future__ import annotations
@@ -35,25 +38,26 @@ BPF_STATS = "/proc/sys/kernel/bpf_stats_enabled"
 MEASURE = r"""
 import json, subprocess, sys
 from pctop.sources.ebpf import EbpfSource
-strategy, floor = sys.argv[1], sys.argv[2:] == ["floor"]
+strategy, mode = sys.argv[1], (sys.argv[2:] or ["probes"])[0]
 src = EbpfSource(None, follow_all=True)
 src.start()
-if floor:  # the same tracepoints, empty programs: their names and fds stand in for the probes'
+if mode != "probes":  # the same tracepoints: their names and fds stand in for the probes'
     sys.path.insert(0, "bench")
-    from toggle import EmptyProbes
+    from toggle import EmptyProbes, SkeletonProbes
     tps = [tp.decode() if isinstance(tp, bytes) else tp for tp in src._bpf.tracepoint_fds]
     src.close()
-    src = EmptyProbes(tps)
+    src = EmptyProbes(tps) if mode == "floor" else SkeletonProbes(tps)
     src.set(True)
     src.prog_stats = lambda: EbpfSource.prog_stats(src)
 try:
-    if not floor:
+    if mode == "probes":
         src.collect()
     before = src.prog_stats()
     p = subprocess.run([sys.executable, "-m", "pctop", "demo", "--headless", "--json", "--strategy", strategy,
                         "--workload", "kvm", "--vcpus", "2", "--memory", "32M", "--pattern", "random",
                         "--control", "", "--no-background"], capture_output=True, text=True, timeout=300)
     after = src.prog_stats()
+    counted = src.counted() if mode == "skeleton" else None
 finally:
     src.close()
 if p.returncode:
@@ -62,17 +66,18 @@ faults = json.loads(p.stdout.splitlines()[-1])["faults_total"]
 per = {k: after[k][1] - before.get(k, (0, 0))[1] for k in after}
 hits = {k: after[k][0] - before.get(k, (0, 0))[0] for k in after}
 print(json.dumps({"faults": faults, "ns": {k: v for k, v in per.items() if v},
-                  "hits": {k: hits[k] for k, v in per.items() if v}}))
+                  "hits": {k: hits[k] for k, v in per.items() if v}, "counted": counted}))
 """
 
 
 FLOOR = "floor (empty programs)"
+SKELETON = "skeleton (least work, bench/skeleton_probes.c)"
 
 
-def measure(tree: str, strategy: str, floor: bool = False) -> dict:
+def measure(tree: str, strategy: str, mode: str = "probes") -> dict:
     env = dict(os.environ, PYTHONPATH=tree)
     env.pop("PCTOP_PROBES", None)
-    p = subprocess.run([sys.executable, "-c", MEASURE, strategy] + (["floor"] if floor else []),
+    p = subprocess.run([sys.executable, "-c", MEASURE, strategy, mode],
                        capture_output=True, text=True, cwd=tree, env=env, timeout=600)
     if p.returncode:
         raise SystemExit(f"probe_cost: {tree}: {p.stderr.strip().splitlines()[-1:]}")
@@ -85,6 +90,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--strategy", default="uffd", choices=["uffd", "sharded", "vcpu-exit"])
     ap.add_argument("--floor", action="store_true", help="add empty programs on the same tracepoints")
+    ap.add_argument("--skeleton", action="store_true",
+                    help="add bench/skeleton_probes.c, the least work per fault, on the same tracepoints")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     if a.rounds < 1:
@@ -96,17 +103,19 @@ def main() -> None:
     print(f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {platform.node()}, {os.cpu_count()} CPUs, "
           f"kernel {platform.release()}, strategy {a.strategy}", file=sys.stderr)
     old_stats = open(BPF_STATS).read().strip()
-    columns = trees + ([FLOOR] if a.floor else [])
+    columns = trees + ([FLOOR] if a.floor else []) + ([SKELETON] if a.skeleton else [])
     results: dict[str, list[dict]] = {t: [] for t in columns}
     try:
         with open(BPF_STATS, "w") as f:
             f.write("1")
         for r in range(a.rounds):
             for t in (columns if r % 2 == 0 else columns[::-1]):
-                m = measure(trees[0], a.strategy, floor=True) if t == FLOOR else measure(t, a.strategy)
+                m = measure(trees[0], a.strategy, {FLOOR: "floor", SKELETON: "skeleton"}.get(t, "probes")
+                            ) if t in (FLOOR, SKELETON) else measure(t, a.strategy)
                 results[t].append(m)
+                counted = f", it counted {m['counted']}" if m.get("counted") else ""
                 print(f"[{r + 1}/{a.rounds}] {t}: {sum(m['ns'].values()) / m['faults']:.0f} ns/fault "
-                      f"({m['faults']} faults)", file=sys.stderr, flush=True)
+                      f"({m['faults']} faults{counted})", file=sys.stderr, flush=True)
     finally:
         with open(BPF_STATS, "w") as f:
             f.write(old_stats)

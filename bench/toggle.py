@@ -9,6 +9,7 @@ probe logic runs. No tracepoint-based design can cost less.
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Callable
 
@@ -83,3 +84,31 @@ class EmptyProbes(ToggledProbes):
 
     def close(self) -> None:
         self._bpf.cleanup()
+
+
+class SkeletonProbes(EmptyProbes):
+    """bench/skeleton_probes.c (the least work per fault, #17) where it has a program, and
+    `return 0` on the rest of `tracepoints`, so that the same tracepoints fire."""
+
+    def __init__(self, tracepoints: list[str]) -> None:
+        from bcc import BPF
+
+        here = os.path.dirname(os.path.abspath(__file__))
+        with open(os.path.join(here, "skeleton_probes.c")) as f:
+            text = f.read()
+        with open(os.path.join(here, "..", "probes", "pctop_state.c")) as f:
+            state = f.read()
+        start = state.index("static __always_inline u32 hist_bucket(")
+        text = text.replace("HIST_BUCKET_FN", state[start:state.index("\n}\n", start) + 3])
+        text += "".join(f"TRACEPOINT_PROBE({tp.split(':')[0]}, {tp.split(':')[1]}) {{ return 0; }}\n"
+                        for tp in tracepoints
+                        if f"TRACEPOINT_PROBE({tp.split(':')[0]}, {tp.split(':')[1]})" not in text)
+        self._bpf = BPF(text=text.encode())
+        self.tracepoints = _names(self._bpf.tracepoint_fds)
+        self.attached = True
+        self.set(False)
+
+    def counted(self) -> dict[str, int]:
+        """What it followed: stalls ended and resolving ioctls seen, summed over CPUs."""
+        done = self._bpf["done"]
+        return {name: sum(done[done.Key(i)]) for i, name in enumerate(("stalls", "resolves"))}
