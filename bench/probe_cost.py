@@ -72,6 +72,7 @@ print(json.dumps({"faults": faults, "ns": {k: v for k, v in per.items() if v},
 
 FLOOR = "floor (empty programs)"
 SKELETON = "skeleton (least work, bench/skeleton_probes.c)"
+MODES = {FLOOR: "floor", SKELETON: "skeleton"}  # columns measured with the first tree's tracepoints
 
 
 def measure(tree: str, strategy: str, mode: str = "probes") -> dict:
@@ -110,8 +111,7 @@ def main() -> None:
             f.write("1")
         for r in range(a.rounds):
             for t in (columns if r % 2 == 0 else columns[::-1]):
-                m = measure(trees[0], a.strategy, {FLOOR: "floor", SKELETON: "skeleton"}.get(t, "probes")
-                            ) if t in (FLOOR, SKELETON) else measure(t, a.strategy)
+                m = measure(trees[0], a.strategy, MODES[t]) if t in MODES else measure(t, a.strategy)
                 results[t].append(m)
                 counted = f", it counted {m['counted']}" if m.get("counted") else ""
                 print(f"[{r + 1}/{a.rounds}] {t}: {sum(m['ns'].values()) / m['faults']:.0f} ns/fault "
