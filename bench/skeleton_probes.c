@@ -10,25 +10,12 @@
  * registration, several faulters per page, lost-switch and early-wake
  * recovery, per-interval statistics (its sums only grow), read counts and the
  * page map, separate handler processes, vCPU indices, KVM_RUN exits,
- * fork/close/dup of uffds, spill-over maps for colliding slots. It counts its stalls (`done`) so the benchmark can check
- * that it did follow every fault. Constants as in probes/pctop_defs.h. */
-#include <uapi/linux/ptrace.h>
-
+ * fork/close/dup of uffds, spill-over maps for colliding slots. It counts its
+ * stalls (`done`) so the benchmark can check that it did follow every fault.
+ *
+ * bench/toggle.py SkeletonProbes puts probes/pctop_defs.h before it: the
+ * constants and the uffd_msg layout are the probes' own. */
 #define SLOTS 65536
-#define HIST_BUCKETS 24
-#define UFFD_MSG_SIZE 32
-#define UFFD_EVENT_PAGEFAULT 0x12
-#define PAGE_MASK_4K (~0xfffULL)
-#define IOC_TYPE_UFFD 0xAA
-#define UFFDIO_REGISTER 0xc020aa00
-#define NR_WAKE 0x02
-#define NR_POISON 0x08
-#define PH_NONE 0
-#define PH_FAULTED 1
-#define PH_SLEEPING 2
-#define PH_WOKEN 3
-#define IO_RESOLVE 1
-#define IO_REGISTER 2
 #define ARRAY(name, type, n) BPF_F_TABLE("array", int, type, name, n, BPF_F_MMAPABLE)
 
 struct thread {             /* 256 bytes: state, then statistics */
@@ -185,7 +172,7 @@ TRACEPOINT_PROBE(sched, sched_waking)
     u32 waker = (u32)bpf_get_current_pid_tgid();
     u32 k = slot(waker);
     struct io *io = ios.lookup(&k);
-    if (!io || io->owner != waker || io->kind != IO_RESOLVE)
+    if (!io || io->owner != waker || io->kind != IO_UFFD_RESOLVE)
         return 0;
     if (!t->read_ts) { /* a message matched by no thread: by the ioctl's first page */
         u64 dst = 0;
@@ -218,7 +205,8 @@ TRACEPOINT_PROBE(syscalls, sys_enter_ioctl)
     if (u)
         *u = key;
     u32 nr = cmd & 0xff;
-    u32 kind = cmd == UFFDIO_REGISTER ? IO_REGISTER : nr >= NR_WAKE && nr <= NR_POISON ? IO_RESOLVE : 0;
+    u32 kind = cmd == UFFDIO_REGISTER ? IO_UFFD_REGISTER
+             : nr >= UFFDIO_NR_WAKE && nr <= UFFDIO_NR_POISON ? IO_UFFD_RESOLVE : 0;
     if (!kind)
         return 0;
     u32 ik = slot(tid);
@@ -240,7 +228,7 @@ TRACEPOINT_PROBE(syscalls, sys_exit_ioctl)
     if (!io || io->owner != (u32)id)
         return 0;
     io->owner = 0;
-    if (io->kind == IO_REGISTER && args->ret == 0) {
+    if (io->kind == IO_UFFD_REGISTER && args->ret == 0) {
         u64 r[2] = {};
         bpf_probe_read_user(r, sizeof(r), (void *)io->arg);
         u32 tk = slot(id >> 32);
@@ -250,7 +238,7 @@ TRACEPOINT_PROBE(syscalls, sys_exit_ioctl)
             rg->start = r[0];
             rg->end = r[0] + r[1];
         }
-    } else if (io->kind == IO_RESOLVE) {
+    } else if (io->kind == IO_UFFD_RESOLVE) {
         u64 r[3] = {}; /* dst, src, len of a uffdio_copy */
         bpf_probe_read_user(r, sizeof(r), (void *)io->arg);
         u32 uk = slot(((id >> 32) << 6) + (u32)io->fd);
@@ -303,7 +291,7 @@ TRACEPOINT_PROBE(syscalls, sys_exit_read)
     for (int i = 0; i < 4; i++) {
         if ((i + 1) * UFFD_MSG_SIZE > ret)
             break;
-        struct { u8 event; u8 r1; u16 r2; u32 r3; u64 flags, address; u32 ptid, pad; } m = {};
+        struct uffd_msg_head m = {};
         if (bpf_probe_read_user(&m, sizeof(m), (void *)(buf + i * UFFD_MSG_SIZE)))
             break;
         if (m.event == UFFD_EVENT_PAGEFAULT)

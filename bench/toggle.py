@@ -72,11 +72,14 @@ class ToggledProbes:
 class EmptyProbes(ToggledProbes):
     """`return 0` on each of `tracepoints` (category:event), loaded detached."""
 
-    def __init__(self, tracepoints: list[str]) -> None:
+    def __init__(self, tracepoints: list[str], text: str = "") -> None:
+        """text: programs of its own, which take the place of `return 0` on their tracepoints."""
         from bcc import BPF
 
-        text = "".join(f"TRACEPOINT_PROBE({tp.split(':')[0]}, {tp.split(':')[1]}) {{ return 0; }}\n"
-                       for tp in tracepoints)
+        for tp in tracepoints:
+            probe = "TRACEPOINT_PROBE({}, {})".format(*tp.split(":"))
+            if probe not in text:
+                text += probe + " { return 0; }\n"
         self._bpf = BPF(text=text.encode())  # bcc attaches TRACEPOINT_PROBEs on load
         self.tracepoints = _names(self._bpf.tracepoint_fds)
         self.attached = True
@@ -91,22 +94,16 @@ class SkeletonProbes(EmptyProbes):
     `return 0` on the rest of `tracepoints`, so that the same tracepoints fire."""
 
     def __init__(self, tracepoints: list[str]) -> None:
-        from bcc import BPF
-
-        here = os.path.dirname(os.path.abspath(__file__))
-        with open(os.path.join(here, "skeleton_probes.c")) as f:
-            text = f.read()
-        with open(os.path.join(here, "..", "probes", "pctop_state.c")) as f:
+        probes = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "probes")
+        with open(os.path.join(probes, "pctop_defs.h")) as f:
+            defs = f.read()
+        with open(os.path.join(probes, "pctop_state.c")) as f:
             state = f.read()
+        with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "skeleton_probes.c")) as f:
+            text = f.read()
         start = state.index("static __always_inline u32 hist_bucket(")
         text = text.replace("HIST_BUCKET_FN", state[start:state.index("\n}\n", start) + 3])
-        text += "".join(f"TRACEPOINT_PROBE({tp.split(':')[0]}, {tp.split(':')[1]}) {{ return 0; }}\n"
-                        for tp in tracepoints
-                        if f"TRACEPOINT_PROBE({tp.split(':')[0]}, {tp.split(':')[1]})" not in text)
-        self._bpf = BPF(text=text.encode())
-        self.tracepoints = _names(self._bpf.tracepoint_fds)
-        self.attached = True
-        self.set(False)
+        super().__init__(tracepoints, defs + text)
 
     def counted(self) -> dict[str, int]:
         """What it followed: stalls ended and resolving ioctls seen, summed over CPUs."""
