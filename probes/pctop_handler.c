@@ -272,10 +272,7 @@ TRACEPOINT_PROBE(syscalls, sys_exit_read)
 static __always_inline void page_map_lost(struct uf_stats *s, u64 pages)
 {
     __sync_fetch_and_add(&s->page_map_lost, pages);
-    u32 slot = DBG_PAGE_MAP_LOST;
-    u64 *v = dbg.lookup(&slot);
-    if (v)
-        *v += pages;
+    dbg_add(DBG_PAGE_MAP_LOST, pages);
 }
 
 /* Record the pages of one install [start, start + bytes) of uffd (tgid, fd):

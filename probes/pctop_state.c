@@ -167,11 +167,16 @@ static __always_inline u64 cfg(u32 slot)
     return v ? *v : 0;
 }
 
-static __always_inline void dbg_inc(u32 slot)
+static __always_inline void dbg_add(u32 slot, u64 n)
 {
     u64 *v = dbg.lookup(&slot);
     if (v)
-        *v += 1; /* this CPU's copy, and programs do not nest on one CPU */
+        *v += n; /* this CPU's copy, and programs do not nest on one CPU */
+}
+
+static __always_inline void dbg_inc(u32 slot)
+{
+    dbg_add(slot, 1);
 }
 
 /* floor(log2(us)), bucket 0 also takes < 2 us; clamped to the last bucket. */
